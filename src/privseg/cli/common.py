@@ -1,0 +1,86 @@
+"""Shared CLI plumbing: user-error handling, config loading, rich progress."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from privseg.config import Config
+from privseg.errors import PrivsegError
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file.", exists=False)
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a config field: section.field=value (repeatable)."
+)
+
+
+def user_errors(fn: F) -> F:
+    """Print PrivsegError messages in red and exit 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrivsegError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_config(path: Path | None, overrides: list[str] | None, **changes: Any) -> Config:
+    """Config from TOML + ``--set`` overrides + typed CLI options (None = keep)."""
+    cfg = Config.load(path, overrides or [])
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return cfg.replace(**changes) if changes else cfg
+
+
+@contextlib.contextmanager
+def progress_bar(transient: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(description, completed, total)`` callback drawn as a rich progress bar."""
+    bar = Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(description: str, completed: int, total: int) -> None:
+        key = description.split(":")[0]
+        if key not in tasks:
+            tasks[key] = bar.add_task(description, total=total)
+        bar.update(tasks[key], description=description, completed=completed, total=total)
+
+    with bar:
+        yield update
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )

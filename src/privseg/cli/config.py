@@ -1,0 +1,18 @@
+"""`privseg config show`: print the resolved configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from privseg.cli.common import ConfigOption, SetOption, console, load_config, user_errors
+
+app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+
+
+@app.command("show")
+@user_errors
+def show(config: Path | None = ConfigOption, set_: list[str] | None = SetOption) -> None:
+    """Print the resolved config (defaults + file + overrides) as TOML."""
+    console.print(load_config(config, set_).to_toml(), markup=False, highlight=False)

@@ -1,0 +1,50 @@
+"""`privseg run`: the whole study (the README's first Quick start command)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from privseg.cli.common import (
+    ConfigOption,
+    SetOption,
+    console,
+    load_config,
+    progress_bar,
+    user_errors,
+)
+
+
+@user_errors
+def run(
+    data: Path = typer.Option(..., "--data", "-d", help="MSD task folder or prepared cache."),
+    out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny grid (about a minute)."),
+    config: Path | None = ConfigOption,
+    set_: list[str] | None = SetOption,
+) -> None:
+    """Run central, local-only, federated and federated-DP training plus the attack; report."""
+    from privseg.study.runner import quick_preset, run_study
+
+    cfg = load_config(config, set_)
+    if quick:
+        cfg = quick_preset(cfg)
+    with progress_bar() as progress:
+        study = run_study(cfg, data=data, out=out, progress=progress,
+                          on_setting=lambda s: console.log(s))
+    table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
+    for col in ("setting", "Dice", "epsilon (max site)", "s / round or epoch"):
+        table.add_column(col)
+    for r in study["runs"]:
+        eps = r.get("epsilon_max")
+        secs = r.get("seconds_per_round") or r.get("seconds_per_epoch")
+        table.add_row(r["label"], f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
+                      "–" if eps is None else f"{eps:.2f}", f"{secs:.2f}" if secs else "–")
+    console.print(table)
+    console.print(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)

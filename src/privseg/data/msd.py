@@ -1,0 +1,209 @@
+"""Read Medical Segmentation Decathlon task folders (``dataset.json``, ``imagesTr``, ``labelsTr``).
+
+Every problem a user can cause (missing files, bad JSON, mismatched image/label, corrupt NIfTI)
+raises :class:`~privseg.errors.DataError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+
+from privseg.errors import DataError
+from privseg.io import write_json
+
+DATASET_JSON = "dataset.json"
+NIFTI_SUFFIX = ".nii.gz"
+# Voxel-to-world matrices of an image and its label may differ by float noise from the writer.
+AFFINE_ATOL = 1e-3
+_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case of a task: an image and its label file."""
+
+    case_id: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class MSDTask:
+    """A validated task folder; ``labels`` maps label value to name (0 = background)."""
+
+    root: Path
+    name: str
+    labels: dict[int, str]
+    cases: list[Case]
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Volume:
+    """One case in canonical RAS orientation: ``image`` float32 HU and ``label`` uint8, [X, Y, Z]."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def case_id_of(path: str | Path) -> str:
+    """``imagesTr/liver_7.nii.gz`` -> ``liver_7``."""
+    name = Path(path).name
+    return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else Path(name).stem
+
+
+def read_task(root: str | Path) -> MSDTask:
+    """Read and check ``dataset.json`` and that every listed image and label file exists."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"task folder {root} does not exist (expected an MSD task folder)")
+    meta = _read_dataset_json(root / DATASET_JSON)
+    labels = _parse_labels(meta.get("labels"), root / DATASET_JSON)
+    cases = [_parse_case(root, entry, i) for i, entry in enumerate(meta["training"])]
+    if not cases:
+        raise DataError(f"{root / DATASET_JSON}: 'training' is empty; expected at least one case")
+    ids = [c.case_id for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise DataError(f"{root / DATASET_JSON}: 'training' lists case ids twice: {dupes}")
+    name = str(meta.get("name") or root.name)
+    return MSDTask(root=root, name=name, labels=labels, cases=cases, meta=meta)
+
+
+def _read_dataset_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: an MSD task folder needs a dataset.json")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object at the top level")
+    if not isinstance(meta.get("training"), list):
+        raise DataError(
+            f"{path}: field 'training' is missing or not a list; expected "
+            '[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]'
+        )
+    return meta
+
+
+def _parse_labels(raw: Any, path: Path) -> dict[int, str]:
+    if raw is None:
+        return {0: "background", 1: "foreground"}
+    try:
+        return {int(k): str(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{path}: field 'labels' = {raw!r} is invalid; expected {{\"0\": \"background\", ...}}"
+        ) from exc
+
+
+def _parse_case(root: Path, entry: Any, index: int) -> Case:
+    where = f"{root / DATASET_JSON}: training[{index}]"
+    if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
+        raise DataError(f"{where} = {entry!r}: expected an object with keys 'image' and 'label'")
+    image, label = root / str(entry["image"]), root / str(entry["label"])
+    if not image.is_file():
+        raise DataError(f"{where}: image file {image} does not exist (its label is {label})")
+    if not label.is_file():
+        raise DataError(f"{where}: label file {label} does not exist (image {image} has no label)")
+    return Case(case_id=case_id_of(image), image=image, label=label)
+
+
+def _open(path: Path) -> nib.Nifti1Image:
+    try:
+        img = nib.load(path)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is not a readable NIfTI file: {exc}") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) != 3:
+        raise DataError(f"{path}: expected a 3D NIfTI volume, got {type(img).__name__} {img.shape}")
+    return img
+
+
+def _data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    try:
+        return img.get_fdata(dtype=np.float32)
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
+
+
+def load_image(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """A CT volume as float32 HU [X, Y, Z] in canonical RAS, with the canonical image (affine)."""
+    path = Path(path)
+    img = nib.as_closest_canonical(_open(path))
+    return _data(img, path), img
+
+
+def load_case(case: Case) -> Volume:
+    """Load image and label, checking that they share shape and affine and labels are integers."""
+    raw_img, raw_lab = _open(case.image), _open(case.label)
+    if raw_img.shape != raw_lab.shape:
+        raise DataError(
+            f"{case.label}: shape {raw_lab.shape} does not match image {case.image} {raw_img.shape}"
+        )
+    if not np.allclose(raw_img.affine, raw_lab.affine, atol=AFFINE_ATOL):
+        raise DataError(
+            f"{case.label}: affine does not match image {case.image} (tolerance {AFFINE_ATOL}):\n"
+            f"label\n{np.round(raw_lab.affine, 4)}\nimage\n{np.round(raw_img.affine, 4)}"
+        )
+    img, lab = nib.as_closest_canonical(raw_img), nib.as_closest_canonical(raw_lab)
+    image = _data(img, case.image)
+    label = _label_data(lab, case.label)
+    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
+    return Volume(case.case_id, image, label, img.affine.copy(), spacing)  # type: ignore[arg-type]
+
+
+def _label_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    data = _data(img, path)
+    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+        raise DataError(f"{path}: label values must be integers (found non-integer values)")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DataError(
+            f"{path}: label values must be integers in 0..255, found {data.min():g}..{data.max():g}"
+        )
+    return data.astype(np.uint8)
+
+
+def write_dataset_json(
+    root: Path,
+    *,
+    name: str,
+    labels: dict[int, str],
+    case_ids: list[str],
+    description: str = "",
+    reference: str = "",
+    licence: str = "",
+) -> None:
+    """Write a ``dataset.json`` that ``monai.apps.DecathlonDataset`` accepts."""
+    write_json(
+        root / DATASET_JSON,
+        {
+            "name": name,
+            "description": description,
+            "reference": reference,
+            "licence": licence,
+            "release": "1.0",
+            "tensorImageSize": "3D",
+            "modality": {"0": "CT"},
+            "labels": {str(k): v for k, v in sorted(labels.items())},
+            "numTraining": len(case_ids),
+            "numTest": 0,
+            "training": [
+                {"image": f"./imagesTr/{c}{NIFTI_SUFFIX}", "label": f"./labelsTr/{c}{NIFTI_SUFFIX}"}
+                for c in case_ids
+            ],
+            "test": [],
+        },
+    )

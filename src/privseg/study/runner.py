@@ -1,0 +1,165 @@
+"""`privseg run`: the paper's experiment grid on one dataset, resumable, with a report.
+
+Each setting (central, local-only, federated, federated with DP at each epsilon, the attack)
+is one ordinary training run in ``OUT/runs/<key>/``. A setting whose ``results.json`` exists
+is skipped when the study is re-run with the same ``--out``, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from privseg import __version__
+from privseg.config import Config
+from privseg.io import atomic_write_text, read_json, write_json
+from privseg.training.run import machine_info, resolve_cache, train
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+def quick_preset(cfg: Config) -> Config:
+    """A tiny grid for tests and smoke runs (about a minute on 2 cores)."""
+    return cfg.replace(**{
+        "data.resolution": 32, "train.epochs": 1, "train.batch_size": 8,
+        "federated.rounds": 2, "federated.local_steps": 2,
+        "attack.iterations": 60, "attack.restarts": 1, "attack.targets": 2,
+        "attack.audit_trials": 50, "study.epsilons": [8.0],
+        "model.features": 8,
+    })
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the grid: a training mode with or without DP at one target epsilon."""
+
+    key: str
+    label: str
+    setting: str
+    mode: str
+    dp: bool
+    epsilon: float | None = None
+
+    def config(self, base: Config) -> Config:
+        changes: dict[str, Any] = {"privacy.enabled": self.dp}
+        if self.dp:
+            changes["privacy.target_epsilon"] = self.epsilon
+            changes["privacy.noise_multiplier"] = None
+        return base.replace(**changes)
+
+
+def grid(cfg: Config) -> list[Setting]:
+    """The settings `privseg run` executes, in order, from ``study.settings``/``epsilons``."""
+    wanted = set(cfg.study.settings)
+    out: list[Setting] = []
+    if "central" in wanted:
+        out.append(Setting("central", "Centralised", "central", "central", False))
+    if "local" in wanted:
+        out.append(Setting("local", "Local only", "local", "local", False))
+    if "federated" in wanted:
+        out.append(Setting("federated", "Federated", "federated", "federated", False))
+    if "federated_dp" in wanted:
+        for eps in sorted(cfg.study.epsilons):
+            out.append(Setting(f"federated_dp_eps{eps:g}", f"Federated DP (ε={eps:g})",
+                               "federated_dp", "federated", True, eps))
+    return out
+
+
+def run_study(
+    cfg: Config,
+    *,
+    data: Path,
+    out: Path,
+    progress: Progress | None = None,
+    on_setting: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every setting of the grid (skipping finished ones), the attack, then the report."""
+    progress = progress or (lambda d, c, t: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    atomic_write_text(out / "config.toml", cfg.to_toml())
+    cache = resolve_cache(data, cfg, out / "cache", progress)
+    settings = grid(cfg)
+    runs: list[dict[str, Any]] = []
+    for i, setting in enumerate(settings, 1):
+        if on_setting:
+            on_setting(f"[{i}/{len(settings)}] {setting.label}")
+        runs.append(_run_setting(setting, cfg, cache, out / "runs" / setting.key, progress))
+    attacks, audits = [], []
+    if "attack" in cfg.study.settings:
+        if on_setting:
+            on_setting("attack: gradient inversion and audit")
+        attacks, audits = _run_attack(cfg, cache, out / "attack", progress)
+    study = {
+        "privseg_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "data": _data_summary(cache, data, cfg),
+        "config": cfg.to_dict(),
+        "wall_seconds": time.perf_counter() - started,
+        "runs": runs,
+        "attack": attacks,
+        "audit": audits,
+        "threat_model": attacks[0].get("threat_model", {}) if attacks else {},
+    }
+    write_json(out / "results.json", study)
+    from privseg.report.render import write_report
+
+    write_report(study, out)
+    return study
+
+
+def _run_setting(setting: Setting, base: Config, cache: Any, run_dir: Path,
+                 progress: Progress) -> dict[str, Any]:
+    done = run_dir / "results.json"
+    if done.is_file():
+        log.info("skipping %s: %s exists", setting.key, done)
+        results = read_json(done)
+    else:
+        cfg = setting.config(base)
+        results = train(cfg, data=Path(cache.root), out=run_dir, mode=setting.mode,  # type: ignore[arg-type]
+                        progress=progress)
+    results.update({"setting": setting.setting, "label": setting.label,
+                    "target_epsilon": setting.epsilon, "run_dir": str(run_dir)})
+    return results
+
+
+def _run_attack(cfg: Config, cache: Any, out: Path, progress: Progress
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Attack one site's update without DP and with DP at the largest study epsilon."""
+    from privseg.attack.runner import run_attack_study
+
+    done = out / "attack_results.json"
+    if done.is_file():
+        saved = read_json(done)
+        return saved["attack"], saved["audit"]
+    checkpoint = out.parent / "runs" / "federated" / "checkpoint.pt"
+    attacks, audits = run_attack_study(
+        cfg, cache=cache, checkpoint=checkpoint if checkpoint.is_file() else None,
+        out_dir=out, epsilons=[None, max(cfg.study.epsilons)], progress=progress,
+    )
+    write_json(done, {"attack": attacks, "audit": audits})
+    return attacks, audits
+
+
+def _data_summary(cache: Any, data: Path, cfg: Config) -> dict[str, Any]:
+    sites = []
+    for s in cache.sites:
+        splits = {k: cache.split(s, k) for k in ("train", "val", "test")}
+        sites.append({
+            "name": s,
+            "n_train": len(splits["train"]), "n_val": len(splits["val"]),
+            "n_test": len(splits["test"]),
+            "patients_train": len(set(splits["train"].patient.tolist())),
+            "patients_test": len(set(splits["test"].patient.tolist())),
+        })
+    return {"source": str(data), "cache_dir": str(cache.root), "sites": sites,
+            "resolution": cfg.data.resolution}

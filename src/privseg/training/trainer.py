@@ -1,0 +1,242 @@
+"""The one site trainer: central, local-only and federated training all run through it.
+
+A :class:`SiteTrainer` owns one site's training split, a model, an optimizer and (with DP) the
+site's :class:`~privseg.privacy.engine.SitePrivacy`. It knows nothing about Flower: the
+federated client only adapts messages to :meth:`SiteTrainer.fit` / :meth:`SiteTrainer.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from privseg.config import Config
+from privseg.evaluation.evaluate import evaluate_split
+from privseg.models import build_model
+from privseg.training.losses import DiceBCELoss
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]
+"""Called as ``callback(completed_steps, total_steps)`` during :meth:`SiteTrainer.fit`."""
+
+
+def steps_per_epoch(n_units: int, batch_size: int) -> int:
+    """Optimizer steps that visit each record once on average (Poisson or shuffled batches)."""
+    return max(1, math.ceil(n_units / batch_size))
+
+
+def privacy_units(split: Any, unit: str) -> np.ndarray:
+    """Unit id per training slice: the slice itself, or the patient it belongs to."""
+    if unit == "patient":
+        return np.asarray(split.patient, dtype=np.int64)
+    return np.arange(len(split), dtype=np.int64)
+
+
+def expected_batch_size(cfg: Config, units: np.ndarray) -> int:
+    """Records per batch: ``train.batch_size``, capped by the number of units at the site."""
+    n_units = len(np.unique(units)) if len(units) else 0
+    return max(1, min(cfg.train.batch_size, n_units))
+
+
+class SiteTrainer:
+    """Train and evaluate one model on one site's data; the same code in every mode."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        name: str,
+        train: Any,
+        val: Any = None,
+        test: Any = None,
+        privacy: Any = None,
+        planned_steps: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.train_split = train
+        self.splits = {"train": train, "val": val, "test": test}
+        self.privacy = privacy
+        self.model: nn.Module = build_model(cfg.model)
+        self.loss_fn = DiceBCELoss()
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.planned_steps = planned_steps
+        self.steps_done = 0
+        # Non-private batches follow the experiment seed (reproducible); DP batches come from
+        # the privacy engine's OS-entropy sampler, never from this seed.
+        self._rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+        self._batches: Iterator[np.ndarray] = iter(())
+
+    # ---- facts ---------------------------------------------------------------------------
+    @property
+    def num_examples(self) -> int:
+        """Training slices at this site (the FedAvg weight)."""
+        return len(self.train_split)
+
+    def privacy_summary(self) -> dict[str, Any] | None:
+        return self.privacy.summary() if self.privacy is not None else None
+
+    # ---- training --------------------------------------------------------------------------
+    def fit(
+        self,
+        state_dict: dict[str, torch.Tensor] | None,
+        steps: int,
+        *,
+        run_id: str = "",
+        global_state: dict[str, torch.Tensor] | None = None,
+        on_step: StepCallback | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Run ``steps`` optimizer steps from ``state_dict``; return new weights and metrics.
+
+        With DP the steps are reserved in the site's ledger *before* training starts
+        (raising ``PrivacyBudgetExceeded`` if they would overspend the budget), so a crash at
+        any point can only over-count the privacy spent.
+        """
+        if self.num_examples == 0:
+            from privseg.errors import DataError
+
+            raise DataError(f"site {self.name!r} has no training slices")
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict)
+        if self.privacy is not None:
+            self.privacy.reserve(steps)
+        mu = self.cfg.federated.proximal_mu if global_state is not None else 0.0
+        self.model.train()
+        started = time.perf_counter()
+        losses: list[float] = []
+        for i in range(steps):
+            self._set_lr()
+            self.optimizer.zero_grad(set_to_none=True)
+            losses.append(self._gradient_step())
+            if mu > 0 and global_state is not None:
+                # FedProx: the proximal gradient uses no data, so adding it after the DP noise
+                # costs no privacy (a proximal loss term would be wiped out by DP-SGD).
+                for pname, p in self.model.named_parameters():
+                    if p.grad is not None and pname in global_state:
+                        p.grad.add_(p.detach() - global_state[pname].to(p.dtype), alpha=mu)
+            self.optimizer.step()
+            self.steps_done += 1
+            if on_step is not None:
+                on_step(i + 1, steps)
+        seconds = time.perf_counter() - started
+        metrics: dict[str, float] = {
+            "train_loss": float(np.nanmean(losses)) if losses else math.nan,
+            "num_examples": float(self.num_examples),
+            "steps": float(steps),
+            "seconds": seconds,
+            "epsilon": float(self.privacy.epsilon()) if self.privacy is not None else 0.0,
+        }
+        return self.state_dict(), metrics
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the weights (safe to send or keep while training goes on)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _set_lr(self) -> None:
+        lr = self.cfg.train.lr
+        if self.cfg.train.lr_schedule == "cosine" and self.planned_steps:
+            progress = min(self.steps_done / self.planned_steps, 1.0)
+            lr = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _gradient_step(self) -> float:
+        split = self.train_split
+        if self.privacy is not None:
+            idx, groups = self.privacy.sample_batch()
+            images, labels = self._load(split, idx)
+            stats = self.privacy.step_gradients(
+                self.model, self.loss_fn, images, labels, torch.as_tensor(groups)
+            )
+            return float(stats.get("loss", math.nan))
+        idx = self._next_batch()
+        images, labels = self._load(split, idx)
+        loss = self.loss_fn(self.model(images), labels).mean()
+        loss.backward()
+        return float(loss.detach())
+
+    def _next_batch(self) -> np.ndarray:
+        batch = next(self._batches, None)
+        if batch is None:
+            order = self._rng.permutation(self.num_examples)
+            bs = self.cfg.train.batch_size
+            self._batches = iter([order[i : i + bs] for i in range(0, len(order), bs)])
+            batch = next(self._batches)
+        return batch
+
+    @staticmethod
+    def _load(split: Any, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        sorted_idx = idx[order]  # memory-mapped reads are faster in file order
+        images = np.asarray(split.images[sorted_idx], dtype=np.float32)[inverse]
+        labels = np.asarray(split.labels[sorted_idx], dtype=np.float32)[inverse]
+        return torch.from_numpy(images)[:, None], torch.from_numpy(labels)[:, None]
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(
+        self, state_dict: dict[str, torch.Tensor] | None = None, split: str | Any = "val"
+    ) -> dict[str, Any]:
+        """Dice per patient volume of the given weights on a split (by name, or a split)."""
+        data = self.splits.get(split) if isinstance(split, str) else split
+        if state_dict is not None:
+            self.model.load_state_dict(state_dict)
+        if data is None:
+            return {"dice": math.nan, "dice_sd": math.nan, "n_patients": 0, "patients": []}
+        return evaluate_split(self.model, data)
+
+
+def build_site_trainer(
+    cfg: Config,
+    cache_dir: Path,
+    site: str,
+    *,
+    ledger_path: Path | None,
+    planned_steps: int,
+    run_id: str,
+) -> SiteTrainer:
+    """Open one site's cached splits and build its trainer (and privacy engine when DP is on)."""
+    from privseg.data.cache import SliceCache
+
+    cache = SliceCache.open(cache_dir)
+    train = cache.split(site, "train")
+    privacy = None
+    if cfg.privacy.enabled:
+        if ledger_path is None:
+            raise ValueError("a DP site needs a ledger path")
+        privacy = make_site_privacy(
+            cfg, site=site, train=train, planned_steps=planned_steps,
+            ledger_path=ledger_path, run_id=run_id,
+        )
+    return SiteTrainer(
+        cfg, name=site, train=train, val=cache.split(site, "val"), test=cache.split(site, "test"),
+        privacy=privacy, planned_steps=planned_steps,
+    )
+
+
+def make_site_privacy(
+    cfg: Config, *, site: str, train: Any, planned_steps: int, ledger_path: Path, run_id: str
+) -> Any:
+    """The site's DP-SGD engine, its noise calibrated once for all ``planned_steps``."""
+    from privseg.privacy.engine import SitePrivacy
+
+    units = privacy_units(train, cfg.privacy.unit)
+    return SitePrivacy(
+        cfg.privacy, site=site, units=units,
+        expected_batch_size=expected_batch_size(cfg, units), planned_steps=planned_steps,
+        ledger_path=ledger_path, run_id=run_id,
+    )
