@@ -85,3 +85,12 @@ def test_override_parsing():
 
 def test_written_toml_is_parseable():
     assert tomllib.loads(Config().to_toml())["privacy"]["delta"] == 1e-5
+
+
+def test_unset_optional_fields_survive_dict_and_toml_round_trips(tmp_path):
+    cfg = Config().replace(**{"privacy.noise_multiplier": 1.0, "privacy.target_epsilon": None})
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    loaded = Config.load(path)
+    assert loaded.privacy.target_epsilon is None and loaded.privacy.noise_multiplier == 1.0

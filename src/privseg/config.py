@@ -230,10 +230,11 @@ class Config:
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _drop_none(dataclasses.asdict(self))
+        return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+        """TOML has no null: an unset optional field is written as the string "none"."""
+        return dumps_toml(_none_to_string(self.to_dict()))
 
 
 # ---- overrides ---------------------------------------------------------------------------
@@ -360,8 +361,9 @@ def _check_bounds(name: str, shown: Any, v: float, meta: Any) -> None:
 
 
 # ---- TOML output (stdlib has a reader only) ----------------------------------------------
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+def _none_to_string(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_none_to_string(v) if isinstance(v, dict) else "none" if v is None else v)
+            for k, v in d.items()}
 
 
 def _toml_value(v: Any) -> str:

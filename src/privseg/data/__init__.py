@@ -1,0 +1,24 @@
+"""MSD reader, phantom generator, preprocessing, site partitions, slice cache and Dataset."""
+
+from privseg.data.cache import SliceCache, SliceSplit, prepare_cache
+from privseg.data.dataset import SliceDataset
+from privseg.data.msd import Case, MSDTask, Volume, load_case, load_image, read_task
+from privseg.data.phantom import synth_task
+from privseg.data.preprocess import image_to_model_input, mask_to_image_space, window
+
+__all__ = [
+    "Case",
+    "MSDTask",
+    "SliceCache",
+    "SliceDataset",
+    "SliceSplit",
+    "Volume",
+    "image_to_model_input",
+    "load_case",
+    "load_image",
+    "mask_to_image_space",
+    "prepare_cache",
+    "read_task",
+    "synth_task",
+    "window",
+]

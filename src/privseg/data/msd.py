@@ -49,7 +49,7 @@ class MSDTask:
 
 @dataclass
 class Volume:
-    """One case in canonical RAS orientation: ``image`` float32 HU and ``label`` uint8, [X, Y, Z]."""
+    """One case in canonical RAS: ``image`` float32 HU and ``label`` uint8, both [X, Y, Z]."""
 
     case_id: str
     image: np.ndarray
@@ -106,7 +106,7 @@ def _parse_labels(raw: Any, path: Path) -> dict[int, str]:
         return {int(k): str(v) for k, v in dict(raw).items()}
     except (TypeError, ValueError) as exc:
         raise DataError(
-            f"{path}: field 'labels' = {raw!r} is invalid; expected {{\"0\": \"background\", ...}}"
+            f'{path}: field \'labels\' = {raw!r} is invalid; expected {{"0": "background", ...}}'
         ) from exc
 
 
@@ -166,8 +166,11 @@ def load_case(case: Case) -> Volume:
 
 
 def _label_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
-    data = _data(img, path)
-    if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+    try:
+        data = np.asanyarray(img.dataobj)  # keeps an integer on-disk type: no float round trip
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
+    if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))):
         raise DataError(f"{path}: label values must be integers (found non-integer values)")
     if data.size and (data.min() < 0 or data.max() > 255):
         raise DataError(

@@ -29,15 +29,19 @@ def map_labels(label: np.ndarray, keep: Sequence[int] = ()) -> np.ndarray:
 
 
 def _resize(stack: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """Resize a [Z, H, W] stack in-plane; bilinear with antialiasing for images, nearest for masks."""
+    """Resize a [Z, H, W] stack in-plane: antialiased bilinear for images, nearest for masks."""
     if stack.shape[1:] == size:
         return stack
-    t = torch.from_numpy(np.ascontiguousarray(stack))[:, None]
-    if mode == "nearest":
-        out = F.interpolate(t.float(), size=size, mode="nearest-exact")
-        return out[:, 0].numpy().astype(stack.dtype)
+    if mode == "nearest":  # torch's "nearest-exact": the source pixel under each target centre
+        rows, cols = (_nearest_index(n, m) for n, m in zip(stack.shape[1:], size, strict=True))
+        return stack[:, rows][:, :, cols]
+    t = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
     out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     return out[:, 0].numpy()
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
 def image_to_model_input(image_hu: np.ndarray, cfg: DataConfig) -> np.ndarray:

@@ -75,8 +75,10 @@ def assign_sites(
         sites = _from_mapping(ids, n_sites, mapping)
     elif partition in ("iid", "non-iid"):
         order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-        sizes = _iid_sizes(len(ids), n_sites) if partition == "iid" else _skewed_sizes(
-            len(ids), n_sites, seed
+        sizes = (
+            _iid_sizes(len(ids), n_sites)
+            if partition == "iid"
+            else _skewed_sizes(len(ids), n_sites, seed)
         )
         bounds = np.cumsum([0, *sizes])
         sites = {
@@ -123,7 +125,7 @@ def _skewed_sizes(n: int, k: int, seed: int) -> list[int]:
 
 
 def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
-    """(train, val, test) patient counts: test >= 1, val >= 1 when asked and possible, train >= 1."""
+    """(train, val, test) patient counts: test >= 1, val >= 1 when asked and possible."""
     n_test = max(1, round(n * test_fraction))
     n_val = max(1, round(n * val_fraction)) if val_fraction > 0 and n >= 3 else 0
     n_val = min(n_val, max(0, n - n_test - 1))
@@ -141,7 +143,7 @@ def split_patients(
             f"site {site!r} has {n} patient(s): at least 2 are needed for a non-empty train and "
             f"test split (test_fraction {test_fraction:g} -> {n_test} test, {n_train} train)"
         )
-    rng = np.random.default_rng([seed, _stable_hash(site)])
+    rng = np.random.default_rng([seed, stable_hash(site)])
     order = [sorted(patients)[i] for i in rng.permutation(n)]
     return {
         "train": sorted(order[:n_train]),
@@ -154,11 +156,11 @@ def site_intensity(sites: Sequence[str], seed: int) -> dict[str, tuple[float, fl
     """Per-site (scale, offset HU), seeded: the scanner shift a non-IID partition simulates."""
     out = {}
     for site in sites:
-        rng = np.random.default_rng([seed, _stable_hash(site), 11])
+        rng = np.random.default_rng([seed, stable_hash(site), 11])
         out[site] = (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-30.0, 30.0)))
     return out
 
 
-def _stable_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
     """A seed from a string that does not change between runs (unlike ``hash``)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")

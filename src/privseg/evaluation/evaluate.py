@@ -34,10 +34,10 @@ def predict_volume(
     device = param.device if param is not None else torch.device("cpu")
     out = np.zeros(images.shape, dtype=bool)
     for start in range(0, len(images), batch_size):
-        chunk = np.asarray(images[start:start + batch_size], dtype=np.float32)
+        chunk = np.asarray(images[start : start + batch_size], dtype=np.float32)
         x = torch.from_numpy(chunk)[:, None].to(device)
         prob = torch.sigmoid(model(x).float())
-        out[start:start + len(chunk)] = (prob[:, 0] > threshold).cpu().numpy()
+        out[start : start + len(chunk)] = (prob[:, 0] > threshold).cpu().numpy()
     return out
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 
 class ConvNormELU(nn.Module):
-    """Conv (no bias: the norm's shift replaces it) -> GroupNorm -> ELU, as the paper's ConvBnElu."""
+    """Conv (bias-free: the norm shifts) -> GroupNorm -> ELU, the paper's ConvBnElu."""
 
     def __init__(
         self,
@@ -54,7 +54,12 @@ class ConvNormELU(nn.Module):
         else:
             raise ValueError(f"kernel_size={kernel_size}, stride={stride} is not used by MoNet")
         self.conv = nn.Conv2d(
-            in_ch, out_ch, kernel_size, stride=stride, padding=padding, dilation=dilation,
+            in_ch,
+            out_ch,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
             bias=False,
         )
         self.norm = nn.GroupNorm(groups, out_ch)
@@ -150,7 +155,8 @@ class MoNet(nn.Module):
             skips.append(x)
             x = down(x)
         x = self.bottleneck(self.bottleneck_stem(x))
-        for up, fuse, block, skip in zip(self.ups, self.fuse, self.dec, reversed(skips),
-                                         strict=True):
+        for up, fuse, block, skip in zip(
+            self.ups, self.fuse, self.dec, reversed(skips), strict=True
+        ):
             x = block(fuse(torch.cat([skip, up(x)], dim=1)))
         return self.head(x)

@@ -58,6 +58,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                 f"{cfg.name} (model.features = {cfg.features} -> {cfg.features * m} channels)"
             )
     if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"model.dropout = {cfg.dropout!r} is invalid: allowed values are >= 0.0 "
-                          "and < 1.0")
+        raise ConfigError(
+            f"model.dropout = {cfg.dropout!r} is invalid: allowed values are >= 0.0 and < 1.0"
+        )
     return builder(cfg)

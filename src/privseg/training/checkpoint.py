@@ -25,10 +25,10 @@ _OPACUS_PREFIX = "_module."
 
 def _plain(value: Any, name: str) -> Any:
     """Convert ``extra`` values to types ``weights_only`` loading accepts, or fail naming them."""
+    if isinstance(value, np.generic):  # before float: np.float64 subclasses float
+        return value.item()
     if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):
@@ -37,8 +37,10 @@ def _plain(value: Any, name: str) -> Any:
         return {str(k): _plain(v, f"{name}.{k}") for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v, f"{name}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(f"checkpoint extra {name} has type {type(value).__name__}, which cannot be "
-                    "stored safely; use numbers, strings, lists, dicts or tensors")
+    raise TypeError(
+        f"checkpoint extra {name} has type {type(value).__name__}, which cannot be "
+        "stored safely; use numbers, strings, lists, dicts or tensors"
+    )
 
 
 def save_checkpoint(
@@ -51,7 +53,7 @@ def save_checkpoint(
     path = Path(path)
     keys = list(state_dict)
     if keys and all(k.startswith(_OPACUS_PREFIX) for k in keys):
-        state_dict = {k[len(_OPACUS_PREFIX):]: v for k, v in state_dict.items()}
+        state_dict = {k[len(_OPACUS_PREFIX) :]: v for k, v in state_dict.items()}
     payload = {
         "format": FORMAT,
         "model": dataclasses.asdict(cfg.model),

@@ -1,0 +1,316 @@
+"""Inverting Gradients: reconstruct a site's CT slices from the update the server receives.
+
+Geiping, Bauermeister, Dröge, Moeller, "Inverting Gradients - How easy is it to break privacy
+in federated learning?", NeurIPS 2020. Dummy images are optimised so that the update they would
+produce matches the observed one in cosine similarity (over all parameter tensors at once),
+with a total-variation prior, a [0, 1] box constraint, Adam on the *sign* of the gradient, a
+step-decayed learning rate and several restarts; the winning restart is chosen by the matching
+loss alone, which the attacker can compute (never by a distance to the private truth).
+
+Two sides live here and never share inputs: :func:`simulate_site_update` is the *victim*
+(it holds the private slices and returns only a :class:`ServerPayload`), :func:`reconstruct`
+is the *attacker* (it takes only the payload, the threat model and its own configuration; the
+label mask only in the worst-case ``mask="given"`` mode).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from privseg.attack.threat import ServerPayload, ThreatModel
+from privseg.config import AttackConfig
+from privseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, torch.Tensor]
+#: The box constraint: [0, 1] is the HU window the model sees.
+BOX = (0.0, 1.0)
+
+
+@dataclass
+class Reconstruction:
+    """The attacker's output: images ``[B,1,R,R]`` in [0, 1], masks ``[B,1,R,R]`` in {0, 1}."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    matching_loss: float
+    prior: torch.Tensor
+    restart_losses: list[float] = field(default_factory=list)
+
+
+# ---- shared differentiable pieces -------------------------------------------------------
+def trainable(model: nn.Module) -> Params:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _gradient(
+    model: nn.Module,
+    params: Params,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    *,
+    clip: float | None,
+    create_graph: bool,
+) -> list[torch.Tensor]:
+    """Gradient of the batch-mean loss; with ``clip``, the DP-SGD view: per-sample gradients
+    clipped to ``clip`` and averaged over the (expected) batch size, without the noise."""
+    values = list(params.values())
+
+    def grad_of(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        loss = loss_fn(functional_call(model, params, (x,)), y).mean()
+        gs = torch.autograd.grad(loss, values, create_graph=create_graph, allow_unused=True)
+        return [torch.zeros_like(v) if g is None else g for v, g in zip(values, gs, strict=True)]
+
+    if clip is None:
+        return grad_of(images, labels)
+    total = [torch.zeros_like(v) for v in values]
+    for i in range(images.shape[0]):
+        g = grad_of(images[i : i + 1], labels[i : i + 1])
+        norm = torch.sqrt(sum((t * t).sum() for t in g) + 1e-12)
+        factor = torch.clamp(clip / norm, max=1.0)
+        total = [a + factor * t for a, t in zip(total, g, strict=True)]
+    return [t / images.shape[0] for t in total]
+
+
+def unrolled_update(
+    model: nn.Module,
+    params0: Params,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    loss_fn: nn.Module,
+    threat: ThreatModel,
+    *,
+    create_graph: bool,
+) -> list[torch.Tensor]:
+    """``w0 - w_k`` after ``threat.local_steps`` SGD steps on the whole batch, as a function of
+    the data (``torch.func.functional_call`` keeps the global model untouched)."""
+    clip = threat.clip_norm if threat.dp and threat.dp_aware else None
+    params = dict(params0)
+    for _ in range(threat.local_steps):
+        grads = _gradient(model, params, images, labels, loss_fn, clip=clip,
+                          create_graph=create_graph)
+        params = {n: p - threat.lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
+    return [params0[n] - params[n] for n in params0]
+
+
+def cosine_loss(update: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+    """``1 - <u, t> / (|u| |t|)`` over all parameter tensors concatenated (Geiping's 'sim')."""
+    dot = sum((u * t).sum() for u, t in zip(update, target, strict=True))
+    nu = sum((u * u).sum() for u in update)
+    nt = sum((t * t).sum() for t in target)
+    return 1.0 - dot / (torch.sqrt(nu) * torch.sqrt(nt) + 1e-12)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Anisotropic TV (mean absolute neighbour difference), the image prior of the paper."""
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+# ---- victim side ------------------------------------------------------------------------
+def simulate_site_update(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    threat: ThreatModel,
+    *,
+    loss_fn: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+) -> ServerPayload:
+    """The site: ``threat.local_steps`` SGD steps on its private batch (with the project's real
+    DP-SGD step under T3), returning only what the server would receive.
+
+    The model runs in eval mode (no dropout sampling), so the forward pass is deterministic and
+    the attacker can replay it exactly: the attacker's best case.
+    """
+    loss_fn = loss_fn if loss_fn is not None else default_loss()
+    images, labels = _as_batch(images), _as_batch(labels).float()
+    if images.shape[0] != threat.batch_size:
+        raise ConfigError(
+            f"batch of {images.shape[0]} slices does not match the threat's B = "
+            f"{threat.batch_size}"
+        )
+    global_model = copy.deepcopy(model).eval()
+    local = copy.deepcopy(global_model)
+    params = trainable(local)
+    w0 = {n: p.detach().clone() for n, p in params.items()}
+    step = dp_gradient_fn(threat, generator) if threat.dp else None
+    for _ in range(threat.local_steps):
+        for p in params.values():
+            p.grad = None
+        if step is None:
+            loss_fn(local(images), labels).mean().backward()
+        else:
+            step(local, loss_fn, images, labels, torch.arange(images.shape[0]))
+        with torch.no_grad():
+            for p in params.values():
+                if p.grad is not None:
+                    p -= threat.lr * p.grad
+    update = {n: (w0[n] - p.detach()).clone() for n, p in params.items()}
+    return ServerPayload(model=global_model, loss_fn=loss_fn, update=update,
+                         num_samples=images.shape[0])
+
+
+DPStep = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+def dp_gradient_fn(threat: ThreatModel, generator: torch.Generator | None = None,
+                   expected_batch_size: int | None = None) -> DPStep:
+    """The project's DP-SGD gradient (``privseg.privacy.dp_sgd.DPGradient``); a reference
+    clip + noise implementation only while that module is not installed (logged)."""
+    assert threat.clip_norm is not None and threat.noise_multiplier is not None
+    batch = expected_batch_size or threat.batch_size
+    try:
+        from privseg.privacy.dp_sgd import DPGradient
+    except ModuleNotFoundError as exc:
+        if exc.name != "privseg.privacy.dp_sgd":
+            raise
+        log.warning("privseg.privacy.dp_sgd is missing: using the attack's reference DP step")
+        return _ReferenceDPGradient(max_grad_norm=threat.clip_norm,
+                                    noise_multiplier=threat.noise_multiplier,
+                                    expected_batch_size=batch, generator=generator)
+    return DPGradient(max_grad_norm=threat.clip_norm, noise_multiplier=threat.noise_multiplier,
+                      expected_batch_size=batch)
+
+
+class _ReferenceDPGradient:
+    """Per-sample clip to C, sum, add N(0, (sigma C)^2), divide by the expected batch size."""
+
+    def __init__(self, *, max_grad_norm: float, noise_multiplier: float,
+                 expected_batch_size: int, generator: torch.Generator | None = None) -> None:
+        self.c, self.sigma, self.b = max_grad_norm, noise_multiplier, expected_batch_size
+        self.generator = generator
+
+    def __call__(self, model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
+                 labels: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = [torch.zeros_like(p) for p in params]
+        for i in range(images.shape[0]):
+            loss = loss_fn(model(images[i : i + 1]), labels[i : i + 1]).sum()
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)]
+            norm = math.sqrt(sum(float((g * g).sum()) for g in gs))
+            f = min(1.0, self.c / (norm + 1e-6))
+            total = [t + f * g for t, g in zip(total, gs, strict=True)]
+        for p, t in zip(params, total, strict=True):
+            noise = torch.randn(p.shape, generator=self.generator) * (self.sigma * self.c)
+            p.grad = (t + noise) / self.b
+        return {}
+
+
+def default_loss() -> nn.Module:
+    from privseg.training.losses import DiceBCELoss
+
+    return DiceBCELoss()
+
+
+def _as_batch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
+    if t.dim() == 3:
+        t = t[:, None]
+    return t
+
+
+# ---- attacker side ----------------------------------------------------------------------
+def reconstruct(
+    payload: ServerPayload,
+    threat: ThreatModel,
+    cfg: AttackConfig,
+    *,
+    mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Reconstruction:
+    """Invert ``payload.update`` into ``threat.batch_size`` slices (Geiping et al. 2020).
+
+    Sees only server-side information. ``mask`` (the true label masks) is accepted only in the
+    ``given`` mask mode, the stated worst case; in ``joint`` mode mask logits are optimised
+    with the images, in ``predicted`` mode the global model's own prediction on the current
+    dummy is used as the label.
+    """
+    if threat.mask == "given" and mask is None:
+        raise ConfigError("mask mode 'given' needs the label masks (the worst-case assumption)")
+    if threat.mask != "given" and mask is not None:
+        raise ConfigError(f"mask mode {threat.mask!r}: the attacker must not be given the masks")
+    model = payload.model.eval()
+    params0 = {n: p.detach().clone().requires_grad_(True) for n, p in payload.model.named_parameters()
+               if n in payload.update}
+    target = [payload.update[n].detach() for n in params0]
+    shape = (threat.batch_size, 1, threat.resolution, threat.resolution)
+    given = _as_batch(mask).float() if mask is not None else None
+    best: Reconstruction | None = None
+    losses = []
+    for _ in range(cfg.restarts):
+        rec = _one_restart(model, params0, target, payload.loss_fn, threat, cfg, shape, given,
+                           generator)
+        losses.append(rec.matching_loss)
+        if best is None or rec.matching_loss < best.matching_loss:
+            best = rec
+    assert best is not None
+    best.restart_losses = losses
+    return best
+
+
+def _labels(model: nn.Module, params0: Params, x: torch.Tensor, mode: str,
+            given: torch.Tensor | None, mask_logits: torch.Tensor | None) -> torch.Tensor:
+    if mode == "given":
+        assert given is not None
+        return given
+    if mode == "joint":
+        assert mask_logits is not None
+        return torch.sigmoid(mask_logits)
+    with torch.no_grad():
+        return (functional_call(model, params0, (x.detach(),)) > 0).float()
+
+
+def _one_restart(
+    model: nn.Module,
+    params0: Params,
+    target: list[torch.Tensor],
+    loss_fn: nn.Module,
+    threat: ThreatModel,
+    cfg: AttackConfig,
+    shape: tuple[int, ...],
+    given: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> Reconstruction:
+    x = torch.rand(shape, generator=generator).requires_grad_(True)
+    prior = x.detach().clone()
+    variables = [x]
+    mask_logits = None
+    if threat.mask == "joint":
+        mask_logits = (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True)
+        variables.append(mask_logits)
+    opt = torch.optim.Adam(variables, lr=cfg.lr)
+    n = cfg.iterations
+    milestones = sorted({max(1, int(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    for _ in range(n):
+        labels = _labels(model, params0, x, threat.mask, given, mask_logits)
+        update = unrolled_update(model, params0, x, labels, loss_fn, threat, create_graph=True)
+        loss = cosine_loss(update, target) + cfg.tv_weight * total_variation(x)
+        grads = torch.autograd.grad(loss, variables)
+        for v, g in zip(variables, grads, strict=True):
+            v.grad = g.sign()  # signed gradients: robust to the wildly scaled 2nd-order gradient
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            x.clamp_(*BOX)
+    labels = _labels(model, params0, x, threat.mask, given, mask_logits)
+    update = unrolled_update(model, params0, x.detach(), labels.detach(), loss_fn, threat,
+                             create_graph=False)
+    match = float(cosine_loss(update, target))
+    masks = (labels.detach() > 0.5).float()
+    return Reconstruction(images=x.detach().clone(), masks=masks, matching_loss=match,
+                          prior=prior)

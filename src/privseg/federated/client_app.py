@@ -1,0 +1,190 @@
+"""The site side: a Flower ClientApp that only adapts messages to a :class:`SiteTrainer`.
+
+The same handlers run in one-machine simulation (site chosen by the node's ``partition-id``)
+and in deployment (site named in the SuperNode's ``--node-config``). The trainer is kept
+between rounds in a module-level cache keyed by ``(run_id, site)``; the site's privacy ledger
+file, not this cache, is the record of the privacy spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from privseg.config import Config
+from privseg.errors import DataError, PrivacyBudgetExceeded
+from privseg.federated import messages as M
+from privseg.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where one site's data, privacy ledger and local report live."""
+
+    site: str
+    data_dir: Path
+    out_dir: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.out_dir / "ledgers" / f"{self.site}.sqlite"
+
+    @property
+    def report(self) -> Path:
+        """The site-local test report (per-patient results never leave the site)."""
+        return self.out_dir / "sites" / f"{self.site}.json"
+
+
+def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
+    """Resolve the site from the node config (deployment) or its partition id (simulation)."""
+    conf = {**defaults, **node_config}
+    site = conf.get("site")
+    if not site and "partition-id" in conf and conf.get("sites"):
+        sites = str(conf["sites"]).split(",")
+        site = sites[int(conf["partition-id"])]
+    if not site or not conf.get("data-dir"):
+        raise DataError(
+            "this SuperNode has no site: start it with --node-config "
+            "\"site='NAME' data-dir='CACHE_DIR' out-dir='DIR'\" (privseg site does this)"
+        )
+    data_dir = Path(str(conf["data-dir"]))
+    out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
+    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir)
+
+
+TrainerFactory = Callable[..., Any]
+"""``factory(cfg, settings, *, planned_steps, run_id) -> SiteTrainer``."""
+
+
+def default_trainer_factory(
+    cfg: Config, settings: SiteSettings, *, planned_steps: int, run_id: str
+) -> Any:
+    """Build the real :class:`~privseg.training.trainer.SiteTrainer` of one site."""
+    from privseg.training.trainer import build_site_trainer
+
+    if not settings.data_dir.is_dir():
+        raise DataError(f"site {settings.site!r}: data folder {settings.data_dir} does not exist")
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    return build_site_trainer(
+        cfg, settings.data_dir, settings.site, ledger_path=settings.ledger,
+        planned_steps=planned_steps, run_id=run_id,
+    )
+
+
+_TRAINERS: dict[tuple[str, str], tuple[str, Any]] = {}
+
+
+def get_trainer(
+    config: Mapping[str, Any], settings: SiteSettings, factory: TrainerFactory
+) -> tuple[Config, Any]:
+    """The site's trainer for this run, built once and reused across rounds."""
+    toml = str(config[M.CFG_TOML])
+    run_id = str(config[M.CFG_RUN_ID])
+    key = (run_id, settings.site)
+    cached = _TRAINERS.get(key)
+    cfg = Config.from_dict(tomllib.loads(toml))
+    if cached is None or cached[0] != toml:
+        trainer = factory(
+            cfg, settings, planned_steps=int(config[M.CFG_PLANNED_STEPS]), run_id=run_id
+        )
+        _TRAINERS[key] = (toml, trainer)
+    return cfg, _TRAINERS[key][1]
+
+
+def handle_train(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """Train from the global weights; reply with new weights and scalar metrics only."""
+    config = msg.content[M.CONFIG]
+    cfg, trainer = get_trainer(config, settings, factory)
+    state = msg.content[M.ARRAYS].to_torch_state_dict()
+    global_state = state if cfg.federated.strategy == "fedprox" else None
+    try:
+        new_state, metrics = trainer.fit(
+            state, int(config[M.CFG_LOCAL_STEPS]), run_id=str(config[M.CFG_RUN_ID]),
+            global_state=global_state,
+        )
+    except PrivacyBudgetExceeded as exc:
+        log.warning("site %s declines round %s: %s", settings.site, config.get(M.CFG_ROUND), exc)
+        summary = trainer.privacy_summary() or {}
+        declined = {M.DECLINED: 1.0, M.NUM_EXAMPLES: trainer.num_examples,
+                    M.EPSILON: summary.get("epsilon", math.nan), M.STEPS: 0.0,
+                    M.TRAIN_LOSS: math.nan, M.SECONDS: 0.0}
+        return Message(M.site_reply(settings.site, declined, M.TRAIN_KEYS, None), reply_to=msg)
+    if set(new_state) != set(state):
+        raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
+    out = {
+        M.TRAIN_LOSS: metrics.get("train_loss", math.nan),
+        M.NUM_EXAMPLES: trainer.num_examples,
+        M.STEPS: metrics.get("steps", 0.0),
+        M.EPSILON: metrics.get("epsilon", 0.0),
+        M.SECONDS: metrics.get("seconds", math.nan),
+        M.DECLINED: 0.0,
+    }
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in new_state.items()})
+    return Message(M.site_reply(settings.site, out, M.TRAIN_KEYS, arrays), reply_to=msg)
+
+
+def handle_evaluate(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """Dice of the global weights on a local split; only scalars go back.
+
+    On the final test evaluation the site also writes its full report (per-patient results,
+    privacy summary) to its own folder; that file stays at the site.
+    """
+    config = msg.content[M.CONFIG]
+    cfg, trainer = get_trainer(config, settings, factory)
+    split = str(config.get(M.CFG_SPLIT, "val"))
+    result = trainer.evaluate(msg.content[M.ARRAYS].to_torch_state_dict(), split)
+    out: dict[str, Any] = {
+        M.DICE: result.get("dice"),
+        M.DICE_SD: result.get("dice_sd"),
+        M.HD95: result.get("hd95"),
+        M.N_PATIENTS: result.get("n_patients", len(result.get("patients", []))),
+    }
+    out[M.NUM_EXAMPLES] = out[M.N_PATIENTS]
+    if int(config.get(M.CFG_FINAL, 0)):
+        privacy = trainer.privacy_summary()
+        for key in M.PRIVACY_SCALARS:
+            out[key] = (privacy or {}).get(key, 0.0 if key == M.EPSILON else math.nan)
+        write_json(settings.report, {
+            "site": settings.site, "split": split, "n_train": trainer.num_examples,
+            "run_id": str(config[M.CFG_RUN_ID]), "test": result, "privacy": privacy,
+        })
+    return Message(M.site_reply(settings.site, out, M.EVAL_KEYS, None), reply_to=msg)
+
+
+def make_client_app(
+    defaults: Mapping[str, Any] | None = None, trainer_factory: TrainerFactory | None = None
+) -> ClientApp:
+    """A ClientApp; ``defaults`` fill node-config keys (simulation passes the site list)."""
+    defaults = dict(defaults or {})
+    factory = trainer_factory or default_trainer_factory
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, site_settings(context.node_config, defaults), factory)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, site_settings(context.node_config, defaults), factory)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,94 @@
+"""What travels between the server and a site: record keys, config keys, metric keys.
+
+A site's reply carries exactly three things: the model weights (an ``ArrayRecord`` whose keys
+are the model's ``state_dict`` keys), scalar metrics (a ``MetricRecord`` whose keys are listed
+below) and the site's public name (a ``ConfigRecord``, so the server can report per site).
+Nothing else ever leaves a site: per-patient results stay in the site's own report file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# ---- record keys (FedAvg's defaults for arrays and config) ---------------------------------
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"  # ConfigRecord {"name": site name} in replies
+
+# ---- config keys sent by the server ---------------------------------------------------------
+CFG_TOML = "privseg-config"  # the run's Config as TOML
+CFG_RUN_ID = "run-id"
+CFG_LOCAL_STEPS = "local-steps"
+CFG_PLANNED_STEPS = "planned-steps"
+CFG_ROUND = "server-round"  # set by Flower's strategies; we pass the absolute round
+CFG_SPLIT = "split"  # evaluate: "val" or "test"
+CFG_FINAL = "final"  # evaluate: 1 on the final test evaluation (the site writes its report)
+CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+
+# ---- metric keys sent by a site ------------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # training slices (the FedAvg weight)
+TRAIN_LOSS = "train_loss"
+STEPS = "steps"
+EPSILON = "epsilon"  # cumulative over all rounds of this site, from its ledger
+SECONDS = "seconds"
+DECLINED = "declined"  # 1.0: the site refused the round (privacy budget exhausted)
+DICE = "dice"
+DICE_SD = "dice_sd"
+HD95 = "hd95"
+N_PATIENTS = "n_patients"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise_multiplier"
+SAMPLE_RATE = "sample_rate"
+CLIP_NORM = "clip_norm"
+AGG_WEIGHT = "agg-weight"  # added by the server before averaging, never sent by a site
+
+TRAIN_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED})
+PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
+EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *PRIVACY_SCALARS})
+
+
+def scalar(value: Any) -> float:
+    """A metric value as a float (``None`` and non-numbers become NaN)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out
+
+
+def metric_record(values: Mapping[str, Any], allowed: frozenset[str]) -> MetricRecord:
+    """A MetricRecord of the allowed keys only, every value a float scalar."""
+    unknown = set(values) - allowed
+    if unknown:
+        raise ValueError(f"metric keys {sorted(unknown)} may not leave a site")
+    return MetricRecord({k: scalar(v) for k, v in values.items()})
+
+
+def site_reply(
+    site: str, metrics: Mapping[str, Any], allowed: frozenset[str], arrays: ArrayRecord | None
+) -> RecordDict:
+    """The content of a site's reply: weights (optional), scalar metrics, the site's name."""
+    content: dict[str, Any] = {
+        METRICS: metric_record(metrics, allowed),
+        SITE: ConfigRecord({"name": site}),
+    }
+    if arrays is not None:
+        content[ARRAYS] = arrays
+    return RecordDict(content)
+
+
+def reply_site(content: RecordDict) -> str:
+    """The site name of a reply ("?" when absent)."""
+    rec = content.config_records.get(SITE)
+    return str(rec["name"]) if rec is not None and "name" in rec else "?"
+
+
+def reply_metrics(content: RecordDict) -> dict[str, float]:
+    """The scalar metrics of a reply as a plain dict."""
+    rec = content.metric_records.get(METRICS)
+    return {k: float(v) for k, v in rec.items()} if rec is not None else {}  # type: ignore[arg-type]

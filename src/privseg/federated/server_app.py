@@ -1,0 +1,310 @@
+"""The server side: a Flower ServerApp that runs rounds, checkpoints them and can resume.
+
+We drive Flower's strategy round by round ourselves (instead of ``strategy.start``) so that
+rounds keep their absolute number after a resume, every round is checkpointed atomically, and
+the run stops with a clear message when fewer than ``federated.min_sites`` sites take part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from privseg.config import Config
+from privseg.errors import CheckpointError, FederationError
+from privseg.federated import messages as M
+from privseg.federated.strategy import (
+    SiteAggregation,
+    load_strategy_state,
+    make_strategy,
+    nanmean,
+    strategy_state,
+)
+from privseg.io import atomic_torch_save, write_json
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "federated_state.pt"
+STATUS_FILE = "federation_status.json"
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server needs; parsed once from the engine's config at the boundary."""
+
+    cfg: Config
+    out_dir: Path
+    run_id: str
+    resume: bool = False
+    progress: Progress | None = None
+    node_wait: float | None = None  # seconds to wait for min_sites (default: round_timeout)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
+        """Deployment: ``flwr run ... --run-config`` carries the config TOML and the out dir."""
+        try:
+            cfg = Config.from_dict(tomllib.loads(str(run_config[M.CFG_TOML])))
+            return cls(cfg=cfg, out_dir=Path(str(run_config["out-dir"])),
+                       run_id=str(run_config[M.CFG_RUN_ID]),
+                       resume=bool(run_config.get("resume", False)))
+        except KeyError as exc:
+            raise FederationError(f"the run config lacks {exc.args[0]!r}") from None
+
+
+def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The round-0 global model (seeded, so simulation and deployment start alike)."""
+    from privseg.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    return {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
+
+
+def wait_for_sites(grid: Grid, n: int, timeout: float) -> list[int]:
+    """Node ids once ``n`` are connected; FederationError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= n:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of the {n} sites needed (federated.min_sites) are connected "
+                f"after {timeout:g} s; stopping"
+            )
+        time.sleep(0.5)
+
+
+# ---- checkpoint ------------------------------------------------------------------------------
+def save_state(out_dir: Path, *, cfg: Config, rnd: int, arrays: ArrayRecord,
+               history: list[dict[str, Any]], strategy: SiteAggregation, run_id: str) -> None:
+    """Global model + round + history + server-optimizer state, atomically."""
+    opt = {name: {k: torch.from_numpy(np.array(v)) for k, v in d.items()}
+           for name, d in strategy_state(strategy).items()}
+    atomic_torch_save({
+        "format": "privseg-federated-state/1", "round": rnd, "run_id": run_id,
+        "config": cfg.to_toml(), "state_dict": arrays.to_torch_state_dict(),
+        "history": history, "strategy": opt,
+    }, out_dir / STATE_FILE)
+    write_json(out_dir / "history.json", history)
+
+
+def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The last completed round's state, or None when there is none to resume."""
+    path = out_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to start over") from exc
+    old = Config.from_dict(tomllib.loads(saved["config"]))
+    if old.model != cfg.model or old.federated.strategy != cfg.federated.strategy:
+        raise CheckpointError(
+            f"{path} was written for another model or strategy; use a new --out folder"
+        )
+    return saved
+
+
+# ---- the rounds ------------------------------------------------------------------------------
+def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
+    """Run (or resume) all rounds, then the final test evaluation at every site.
+
+    Raises FederationError (and records it in ``federation_status.json``) when fewer than
+    ``federated.min_sites`` sites connect or train in a round.
+    """
+    try:
+        return _run_rounds(grid, s)
+    except FederationError as exc:
+        state = s.out_dir / STATE_FILE
+        done = int(torch.load(state, weights_only=True)["round"]) if state.is_file() else 0
+        _write_status(s.out_dir, "stopped", done, str(exc))
+        raise
+
+
+def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
+    cfg, fed = s.cfg, s.cfg.federated
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    strategy = make_strategy(cfg)
+    saved = load_state(s.out_dir, cfg) if s.resume else None
+    if saved is not None:
+        start, history = int(saved["round"]), list(saved["history"])
+        arrays = ArrayRecord(saved["state_dict"])
+        load_strategy_state(strategy, {k: {n: t.numpy() for n, t in d.items()}
+                                       for k, d in saved["strategy"].items()})
+        log.info("resuming after round %d of %d", start, fed.rounds)
+    else:
+        start, history, arrays = 0, [], ArrayRecord(initial_state(cfg))
+    base = {M.CFG_TOML: cfg.to_toml(), M.CFG_RUN_ID: s.run_id,
+            M.CFG_LOCAL_STEPS: fed.local_steps, M.CFG_PLANNED_STEPS: fed.rounds * fed.local_steps}
+    wait = s.node_wait if s.node_wait is not None else fed.round_timeout
+    n_train: dict[str, int] = {}
+    for rnd in range(start + 1, fed.rounds + 1):
+        t0 = time.perf_counter()
+        wait_for_sites(grid, fed.min_sites, wait)
+        replies = grid.send_and_receive(
+            strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid),
+            timeout=fed.round_timeout,
+        )
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        report = strategy.last_train
+        for name in report.declined:
+            log.warning("round %d: site %s declined (privacy budget exhausted)", rnd, name)
+        for reason in report.failed:
+            log.warning("round %d: a site failed: %s", rnd, reason)
+        if new_arrays is None or len(report.contributors) < fed.min_sites:
+            message = (
+                f"round {rnd}: only {len(report.contributors)} site(s) trained "
+                f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
+                f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
+                f"{len(report.failed)}. Stopped after round {rnd - 1}; the last global model is "
+                f"in {s.out_dir / STATE_FILE}")
+            raise FederationError(message)
+        arrays = new_arrays
+        n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
+        strategy.aggregate_evaluate(rnd, grid.send_and_receive(
+            strategy.configure_evaluate(rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}),
+                                        grid),
+            timeout=fed.round_timeout,
+        ))
+        val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
+        entry = {
+            "round": rnd,
+            "train_loss": report.train_loss(fed.weighted),
+            "val_dice": nanmean(val.values()),
+            "val_dice_sites": val,
+            "epsilon_max": report.epsilon_max,
+            "epsilon_sites": {k: v.get(M.EPSILON, math.nan) for k, v in report.sites.items()},
+            "sites": sorted(report.contributors),
+            "declined": sorted(report.declined),
+            "failed": len(report.failed),
+            "seconds": time.perf_counter() - t0,
+        }
+        history.append(entry)
+        save_state(s.out_dir, cfg=cfg, rnd=rnd, arrays=arrays, history=history,
+                   strategy=strategy, run_id=s.run_id)
+        _write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
+        if s.progress is not None:
+            s.progress(entry)
+    # Final: the last global model on every site's test split, evaluated at the site.
+    wait_for_sites(grid, fed.min_sites, wait)
+    strategy.aggregate_evaluate(fed.rounds + 1, grid.send_and_receive(
+        strategy.configure_evaluate(
+            fed.rounds + 1, arrays,
+            ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1}), grid),
+        timeout=fed.round_timeout,
+    ))
+    _write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
+    return {"state_dict": arrays.to_torch_state_dict(), "history": history,
+            "test": dict(strategy.last_evaluate), "n_train": n_train}
+
+
+def _write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
+    write_json(out_dir / STATUS_FILE, {"status": status, "round": rnd, "message": message})
+
+
+# ---- results.json ----------------------------------------------------------------------------
+PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm",
+                "accountant")
+
+
+def build_results(cfg: Config, summary: dict[str, Any], *, reports: dict[str, dict] | None = None,
+                  wall_seconds: float) -> dict[str, Any]:
+    """The ``results.json`` dict; ``reports`` (site-local files) add per-patient results."""
+    reports = reports or {}
+    dp = cfg.privacy.enabled
+    sites = []
+    for name in sorted(set(summary["test"]) | set(reports)):
+        scal = summary["test"].get(name, {})
+        rep = reports.get(name, {})
+        test = rep.get("test", scal)
+        privacy = rep.get("privacy") or {k: scal.get(k) for k in PRIVACY_KEYS if k in scal}
+        if dp:
+            privacy.setdefault("accountant", cfg.privacy.accountant)
+        entry = {
+            "name": name,
+            "n_train": rep.get("n_train", summary["n_train"].get(name)),
+            "dice": _f(test.get("dice")), "dice_sd": _f(test.get("dice_sd")),
+            "hd95": _f(test.get("hd95")), "patients": test.get("patients", []),
+        }
+        for key in PRIVACY_KEYS:
+            entry[key] = privacy.get(key) if dp else None
+        sites.append(entry)
+    pooled = [p["dice"] for s in sites for p in s["patients"]]
+    dice = pooled or [s["dice"] for s in sites]
+    eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
+    history = summary["history"]
+    fed = cfg.federated
+    return {
+        "mode": "federated",
+        "dp": dp,
+        "unit": cfg.privacy.unit if dp else None,
+        "target_epsilon": cfg.privacy.target_epsilon if dp else None,
+        "sites": sites,
+        "dice_mean": nanmean(dice),
+        "dice_sd": float(np.nanstd(dice)) if dice else math.nan,
+        "epsilon_max": max(eps) if eps else None,
+        "history": history,
+        "seconds_per_epoch": None,
+        "seconds_per_round": float(np.mean([h["seconds"] for h in history])) if history else None,
+        "wall_seconds": wall_seconds,
+        "strategy": fed.strategy,
+        "rounds": fed.rounds,
+        "local_steps": fed.local_steps,
+    }
+
+
+def _f(v: Any) -> float:
+    return M.scalar(v)
+
+
+def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str) -> None:
+    """The final global model as a privseg checkpoint (``predict`` reads it)."""
+    from privseg.training.checkpoint import save_checkpoint
+
+    save_checkpoint(out_dir / "checkpoint.pt", summary["state_dict"], cfg, mode="federated",
+                    run_id=run_id, rounds=len(summary["history"]))
+
+
+# ---- ServerApps ------------------------------------------------------------------------------
+def make_server_app(settings: ServerSettings,
+                    on_done: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+    """A ServerApp bound to ``settings`` (simulation); ``on_done`` receives the summary."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_server(grid, settings)
+        if on_done is not None:
+            on_done(summary)
+
+    return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment: settings from the run config; writes results.json and checkpoint.pt."""
+    from privseg.io import atomic_write_text
+
+    settings = ServerSettings.from_run_config(dict(context.run_config))
+    started = time.perf_counter()
+    atomic_write_text(settings.out_dir / "config.toml", settings.cfg.to_toml())
+    summary = run_server(grid, settings)
+    results = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)
+    results["run_id"] = settings.run_id
+    save_final(settings.out_dir, settings.cfg, summary, settings.run_id)
+    write_json(settings.out_dir / "results.json", results)

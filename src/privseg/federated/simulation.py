@@ -1,0 +1,117 @@
+"""All sites on one machine through Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from privseg.config import Config
+from privseg.errors import DataError, FederationError
+from privseg.federated.client_app import TrainerFactory, make_client_app
+from privseg.federated.server_app import (
+    Progress,
+    ServerSettings,
+    build_results,
+    make_server_app,
+    save_final,
+)
+from privseg.io import read_json
+
+log = logging.getLogger(__name__)
+
+
+def backend_config(cpus: int | None = None) -> dict[str, Any]:
+    """One Ray actor that uses ``cpus`` cores: sites train one after another, each with
+    every core, and a site's trainer stays in that one process between rounds."""
+    cpus = max(1, cpus or os.cpu_count() or 1)
+    return {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error",
+                      "log_to_driver": False, "include_dashboard": False},
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        flwr_log.setLevel(level)
+
+
+def run_federated(
+    cfg: Config,
+    *,
+    cache_dir: Path,
+    out_dir: Path,
+    run_id: str,
+    resume: bool = False,
+    progress: Progress | None = None,
+    sites: list[str] | None = None,
+    trainer_factory: TrainerFactory | None = None,
+    cpus: int | None = None,
+) -> dict[str, Any]:
+    """Run the federation in simulation; return the ``results.json`` dict.
+
+    Each site's ledger is ``out_dir/ledgers/<site>.sqlite`` and its local test report
+    ``out_dir/sites/<site>.json`` (what a real site would keep to itself).
+    ``sites`` and ``trainer_factory`` replace the slice cache and the real trainer in tests.
+    """
+    from flwr.simulation import run_simulation
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if sites is None:
+        from privseg.data.cache import SliceCache
+
+        sites = list(SliceCache.open(cache_dir).sites)
+    if len(sites) < cfg.federated.min_sites:
+        raise DataError(
+            f"{len(sites)} site(s) in {cache_dir} but federated.min_sites = "
+            f"{cfg.federated.min_sites}"
+        )
+    if not resume:
+        for name in sites:  # a fresh run must not read last run's reports
+            (out_dir / "sites" / f"{name}.json").unlink(missing_ok=True)
+    done: dict[str, Any] = {}
+    settings = ServerSettings(cfg=cfg, out_dir=out_dir, run_id=run_id, resume=resume,
+                              progress=progress, node_wait=60.0)
+    client = make_client_app(
+        {"sites": ",".join(sites), "data-dir": str(cache_dir), "out-dir": str(out_dir)},
+        trainer_factory,
+    )
+    with _quiet():
+        try:
+            run_simulation(
+                server_app=make_server_app(settings, on_done=done.update),
+                client_app=client,
+                num_supernodes=len(sites),
+                backend_config=backend_config(cpus),  # type: ignore[arg-type]
+            )
+        except FederationError:
+            raise
+        except RuntimeError as exc:
+            raise FederationError(f"the simulation failed: {exc}") from exc
+    if not done:
+        raise FederationError("the simulation ended without a result (see the log above)")
+    reports = {}
+    for name in sites:
+        path = out_dir / "sites" / f"{name}.json"
+        if path.is_file():
+            reports[name] = read_json(path)
+    results = build_results(cfg, done, reports=reports,
+                            wall_seconds=time.perf_counter() - started)
+    save_final(out_dir, cfg, done, run_id)
+    return results

@@ -1,0 +1,159 @@
+"""Flower's FedAvg / FedProx / FedAdam, made aware of sites, declines and privacy.
+
+Flower's strategies average every numeric metric; an epsilon must never be averaged. These
+subclasses keep each site's metrics, report the MAX epsilon, skip sites that declined a round
+(privacy budget exhausted) or failed, and weight by training slices or equally (the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from privseg.config import Config
+from privseg.federated import messages as M
+
+
+@dataclass
+class TrainRound:
+    """What one training round brought back, site by site."""
+
+    sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    contributors: list[str] = field(default_factory=list)
+    declined: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    @property
+    def epsilon_max(self) -> float:
+        """The largest cumulative epsilon over every site that answered (never an average)."""
+        eps = [m[M.EPSILON] for m in self.sites.values() if not math.isnan(m.get(M.EPSILON, 0))]
+        return max(eps) if eps else 0.0
+
+    def train_loss(self, weighted: bool) -> float:
+        rows = [self.sites[s] for s in self.contributors]
+        w = np.array([r[M.NUM_EXAMPLES] if weighted else 1.0 for r in rows], dtype=float)
+        loss = np.array([r[M.TRAIN_LOSS] for r in rows], dtype=float)
+        ok = ~np.isnan(loss)
+        return float(np.average(loss[ok], weights=w[ok])) if ok.any() and w[ok].sum() else math.nan
+
+
+def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    return MetricRecord()
+
+
+def nanmean(values: Iterable[float]) -> float:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else math.nan
+
+
+class SiteAggregation(Strategy):
+    """Mixin placed before a Flower strategy: per-site bookkeeping around its aggregation."""
+
+    weighted: bool = True
+    last_train: TrainRound
+    last_evaluate: dict[str, dict[str, float]]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = TrainRound()
+        usable: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                report.failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                continue
+            site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
+            report.sites[site] = metrics
+            if metrics.get(M.DECLINED, 0.0) >= 1.0 or not msg.content.array_records:
+                report.declined.append(site)
+                continue
+            weight = metrics[M.NUM_EXAMPLES] if self.weighted else 1.0
+            msg.content[M.METRICS][M.AGG_WEIGHT] = float(weight)
+            usable.append(msg)
+            report.contributors.append(site)
+        self.last_train = report
+        if not usable:
+            return None, None
+        arrays, _ = super().aggregate_train(server_round, usable)  # type: ignore[safe-super]
+        summary = MetricRecord({
+            M.TRAIN_LOSS: report.train_loss(self.weighted),
+            M.EPSILON: report.epsilon_max,
+            "sites": float(len(report.contributors)),
+        })
+        return arrays, summary
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        per_site: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            if not msg.has_error():
+                per_site[M.reply_site(msg.content)] = M.reply_metrics(msg.content)
+        self.last_evaluate = per_site
+        if not per_site:
+            return None
+        return MetricRecord({
+            M.DICE: nanmean(m.get(M.DICE, math.nan) for m in per_site.values()),
+            "sites": float(len(per_site)),
+        })
+
+
+class SiteFedAvg(SiteAggregation, FedAvg):
+    """FedAvg (McMahan et al. 2017), per-site aware."""
+
+
+class SiteFedProx(SiteAggregation, FedProx):
+    """FedProx: the server side is FedAvg; sites add mu (w - w_global) to their gradient."""
+
+
+class SiteFedAdam(SiteAggregation, FedAdam):
+    """FedAdam (Reddi et al. 2021): Adam on the averaged update at the server."""
+
+
+def make_strategy(cfg: Config) -> SiteAggregation:
+    """The strategy named by ``cfg.federated.strategy``."""
+    fed = cfg.federated
+    common: dict[str, Any] = dict(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+        weighted_by_key=M.AGG_WEIGHT, train_metrics_aggr_fn=_no_metrics,
+        evaluate_metrics_aggr_fn=_no_metrics,
+    )
+    strategy: SiteAggregation
+    if fed.strategy == "fedavg":
+        strategy = SiteFedAvg(**common)
+    elif fed.strategy == "fedprox":
+        strategy = SiteFedProx(proximal_mu=fed.proximal_mu, **common)
+    elif fed.strategy == "fedadam":
+        strategy = SiteFedAdam(eta=fed.server_lr, eta_l=cfg.train.lr, **common)
+    else:  # pragma: no cover - the config validates the name
+        raise ValueError(f"federated.strategy = {fed.strategy!r} is not supported")
+    strategy.weighted = fed.weighted
+    strategy.last_train = TrainRound()
+    strategy.last_evaluate = {}
+    return strategy
+
+
+_OPT_STATE = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """Server-optimizer moments (FedAdam) to checkpoint; empty for FedAvg/FedProx."""
+    out = {}
+    for name in _OPT_STATE:
+        value = getattr(strategy, name, None)
+        if value:
+            out[name] = {k: np.asarray(v) for k, v in value.items()}
+    return out
+
+
+def load_strategy_state(strategy: Strategy, state: dict[str, dict[str, Any]]) -> None:
+    for name, value in state.items():
+        if name in _OPT_STATE and hasattr(strategy, name):
+            setattr(strategy, name, {k: np.asarray(v) for k, v in value.items()})

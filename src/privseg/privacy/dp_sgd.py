@@ -1,0 +1,226 @@
+"""The DP-SGD gradient: per-unit clipping, one Gaussian noise draw per batch, Poisson sampling.
+
+A privacy *unit* is one slice or all slices of one patient. Each unit's gradient (its slices'
+per-sample losses summed) is clipped to norm C with Opacus's exact clip factor, the clipped
+gradients are summed, N(0, (sigma*C)^2) noise is added once per coordinate, and the result is
+divided by the expected batch size (Poisson sampling: the real size is random and private).
+Two interchangeable per-unit gradient paths give identical results:
+``"loop"`` (one backward per unit; fastest and leanest on CPU) and ``"opacus"`` (hooks).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+GRAD_PATHS = ("loop", "opacus")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def secure_generator() -> torch.Generator:
+    """A CPU torch generator seeded from OS entropy, never from the experiment seed.
+
+    The seed is secret, so the noise cannot be replayed by whoever knows the config. This is
+    not Opacus's ``secure_mode`` (that needs ``torchcsprng``, which cannot be installed here,
+    and also hardens against floating-point attacks on the Gaussian sampler).
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
+class PoissonUnitSampler:
+    """Each step includes each unit independently with probability ``sample_rate``."""
+
+    def __init__(
+        self, units: np.ndarray, *, sample_rate: float, rng: np.random.Generator | None = None
+    ) -> None:
+        units = np.asarray(units)
+        if units.ndim != 1:
+            raise ValueError(f"units must be a 1-D array of unit ids per slice, got {units.shape}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate = {sample_rate!r} is invalid: must be in (0, 1]")
+        self.unit_ids, self._unit_of_slice = np.unique(units, return_inverse=True)
+        self.n_units = len(self.unit_ids)
+        self.sample_rate = float(sample_rate)
+        # OS entropy: the batch composition is part of what DP hides.
+        self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slice indices of the selected units, group id 0..k-1 of each such slice)."""
+        chosen = self.rng.random(self.n_units) < self.sample_rate
+        idx = np.flatnonzero(chosen[self._unit_of_slice])
+        relabel = np.cumsum(chosen) - 1
+        return idx.astype(np.int64), relabel[self._unit_of_slice[idx]].astype(np.int64)
+
+
+def _dense_groups(groups: Any, n: int) -> tuple[torch.Tensor, int]:
+    """Any unit ids per slice -> contiguous ids 0..k-1 (as a LongTensor) and k."""
+    g = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have one unit id per slice ({n}), got shape {g.shape}")
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long), 0
+    ids, inv = np.unique(g, return_inverse=True)
+    return torch.as_tensor(inv.reshape(-1), dtype=torch.long), len(ids)
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's ``clip_and_accumulate`` factor, verbatim: min(1, C / (norm + 1e-6))."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+class DPGradient:
+    """Computes one DP-SGD gradient into ``p.grad`` of every trainable parameter."""
+
+    def __init__(
+        self,
+        *,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        grad_path: str = "loop",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm = {max_grad_norm!r} is invalid: must be > 0")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier = {noise_multiplier!r} is invalid: must be >= 0")
+        if not expected_batch_size > 0:
+            raise ValueError(
+                f"expected_batch_size = {expected_batch_size!r} is invalid: must be > 0"
+            )
+        if grad_path not in GRAD_PATHS:
+            raise ValueError(f"grad_path = {grad_path!r} is invalid: allowed {GRAD_PATHS}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.grad_path = grad_path
+        self.generator = generator if generator is not None else secure_generator()
+
+    def __call__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: Any,
+    ) -> dict[str, float]:
+        """Leave the clipped, noised, averaged gradient in ``p.grad``; return batch stats.
+
+        ``loss_fn(logits, target)`` must return one loss per slice (never coupling slices).
+        ``groups`` gives the unit id of each slice (any ids; slices of a unit share one).
+        """
+        params = [p for p in model.parameters() if p.requires_grad]
+        group_t, k = _dense_groups(groups, len(images))
+        if k == 0:
+            summed = [torch.zeros_like(p) for p in params]
+            loss, norms = float("nan"), torch.zeros(0)
+        elif self.grad_path == "loop":
+            summed, loss, norms = self._loop(model, params, loss_fn, images, labels, group_t, k)
+        else:
+            summed, loss, norms = self._opacus(model, params, loss_fn, images, labels, group_t, k)
+        std = self.noise_multiplier * self.max_grad_norm
+        for p, s in zip(params, summed, strict=True):
+            p.grad = (s + self._noise(std, s)) / self.expected_batch_size
+        clipped = float((norms > self.max_grad_norm).double().mean()) if k else 0.0
+        return {"loss": loss, "units": k, "clipped_fraction": clipped}
+
+    def _noise(self, std: float, ref: torch.Tensor) -> torch.Tensor:
+        """Opacus's ``_generate_noise`` (non-secure branch), in the reference's dtype."""
+        if std == 0:
+            return torch.zeros_like(ref)
+        noise = torch.normal(
+            mean=0.0,
+            std=std,
+            size=ref.shape,
+            generator=self.generator,
+            dtype=ref.dtype,
+            device=self.generator.device,
+        )
+        return noise.to(ref.device)
+
+    # ---- per-unit gradient paths -------------------------------------------------------
+    def _loop(
+        self,
+        model: nn.Module,
+        params: Sequence[torch.Tensor],
+        loss_fn: LossFn,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        k: int,
+    ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
+        """One forward/backward per unit: no per-sample tensors, so little memory."""
+        summed = [torch.zeros_like(p) for p in params]
+        norms = torch.empty(k, dtype=torch.float64)
+        total = 0.0
+        for u in range(k):
+            sel = torch.nonzero(groups == u).flatten().to(images.device)
+            per_sample = loss_fn(model(images[sel]), labels[sel])
+            total += float(per_sample.detach().sum())
+            grads = torch.autograd.grad(per_sample.sum(), params, allow_unused=True)
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+            ]
+            norm = torch.stack([g.reshape(-1).norm(2) for g in grads]).norm(2)
+            norms[u] = norm.detach().double().cpu()
+            factor = clip_factors(norm, self.max_grad_norm)
+            for s, g in zip(summed, grads, strict=True):
+                s.add_(g, alpha=float(factor))
+        return summed, total / len(images), norms
+
+    def _opacus(
+        self,
+        model: nn.Module,
+        params: Sequence[torch.Tensor],
+        loss_fn: LossFn,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        k: int,
+    ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
+        """One batched pass with Opacus hooks, wrapped for this call only: the hooks and
+        per-sample attributes are removed afterwards, so the caller's model is left as it was
+        (same parameter tensors; ``p.grad`` is overwritten by the caller)."""
+        from opacus import GradSampleModule
+
+        saved = [p.grad for p in params]
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        try:
+            per_sample = loss_fn(gsm(images), labels)
+            loss = float(per_sample.detach().mean())
+            per_sample.sum().backward()
+            grouped = []
+            for p in params:
+                gs = getattr(p, "grad_sample", None)
+                if gs is None:
+                    gs = torch.zeros((len(images), *p.shape), dtype=p.dtype, device=p.device)
+                acc = torch.zeros((k, *p.shape), dtype=gs.dtype, device=gs.device)
+                grouped.append(acc.index_add_(0, groups.to(gs.device), gs))
+        finally:
+            gsm.remove_hooks()
+            _strip_opacus_attrs(model)
+            for p, g in zip(params, saved, strict=True):
+                p.grad = g
+        per_param = [g.reshape(k, -1).norm(2, dim=-1) for g in grouped]
+        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
+        factors = clip_factors(norms, self.max_grad_norm)
+        summed = [torch.einsum("i,i...", factors.to(g.dtype), g) for g in grouped]
+        return summed, loss, norms.detach().double().cpu()
+
+
+def _strip_opacus_attrs(model: nn.Module) -> None:
+    for p in model.parameters():
+        for name in ("grad_sample", "_current_grad_sample", "_forward_counter"):
+            if hasattr(p, name):
+                delattr(p, name)
+    for m in model.modules():
+        for name in ("activations", "max_batch_len", "autograd_grad_sample_hooks"):
+            if name in m.__dict__:
+                delattr(m, name)

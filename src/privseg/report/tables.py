@@ -1,0 +1,360 @@
+"""Tables of a study report, built from ``results.json`` only and rendered as Markdown or HTML.
+
+Every builder takes plain dictionaries (the study schema) and returns a :class:`Table` of
+already formatted strings, so Markdown and HTML show exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING = "–"
+"""Shown for None, NaN and absent values, so a gap is never mistaken for a zero."""
+
+SETTING_ORDER = ("central", "local", "federated", "federated_dp")
+
+
+@dataclass
+class Table:
+    """Headers plus rows of display strings; the first column is a row label."""
+
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    caption: str = ""
+
+    def numeric_columns(self) -> list[bool]:
+        """Columns whose every shown cell starts like a number: right-aligned, others left."""
+
+        def numeric(cell: str) -> bool:
+            return cell == MISSING or bool(_NUMBER.match(cell))
+
+        return [
+            i > 0 and all(numeric(r[i]) for r in self.rows if i < len(r))
+            for i in range(len(self.headers))
+        ]
+
+    def to_markdown(self) -> str:
+        def line(cells: list[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        rule = "|" + "|".join("--:" if n else ":--" for n in self.numeric_columns()) + "|"
+        out = [line(self.headers), rule, *[line(r) for r in self.rows]]
+        if self.caption:
+            out += ["", f"*{self.caption}*"]
+        return "\n".join(out)
+
+    def to_html(self) -> str:
+        cls = [' class="num"' if n else "" for n in self.numeric_columns()]
+        head = "".join(
+            f"<th{c}>{html.escape(h)}</th>" for c, h in zip(cls, self.headers, strict=True)
+        )
+        body = "".join(
+            "<tr>"
+            + "".join(f"<td{c}>{html.escape(v)}</td>" for c, v in zip(cls, row, strict=False))
+            + "</tr>"
+            for row in self.rows
+        )
+        cap = f"<caption>{html.escape(self.caption)}</caption>" if self.caption else ""
+        return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_NUMBER = re.compile(r"^[-+]?(\d|\.\d)")
+
+
+# ---- number formatting --------------------------------------------------------------------
+def is_num(x: Any) -> bool:
+    """True for a finite int/float (bools excluded): the values we may compute with."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    """Format a number, or MISSING for None / NaN / inf / non-numbers."""
+    if not is_num(x):
+        return MISSING if x is None or isinstance(x, int | float) else str(x)
+    return format(x, spec)
+
+
+def fmt_pm(mean: Any, sd: Any, spec: str = ".3f") -> str:
+    """``mean ± sd``; only the mean when the spread is unknown."""
+    if not is_num(mean):
+        return MISSING
+    return f"{mean:{spec}} ± {sd:{spec}}" if is_num(sd) else format(mean, spec)
+
+
+def fmt_eps(x: Any) -> str:
+    return fmt(x, ".3g")
+
+
+def fmt_bool(x: Any, yes: str = "yes", no: str = "no") -> str:
+    return MISSING if x is None else (yes if x else no)
+
+
+def fmt_seconds(x: Any) -> str:
+    """Seconds as ``1 h 02 min``, ``3 min 05 s`` or ``12.3 s``."""
+    if not is_num(x):
+        return MISSING
+    if x >= 3600:
+        return f"{int(x // 3600)} h {int(x % 3600 // 60):02d} min"
+    if x >= 60:
+        return f"{int(x // 60)} min {int(x % 60):02d} s"
+    return f"{x:.1f} s"
+
+
+def fmt_value(v: Any) -> str:
+    """Any config / threat-model value as short text."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return fmt(v, "g")
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(fmt_value(i) for i in v) + "]"
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {fmt_value(i)}" for k, i in v.items())
+    return MISSING if v is None else str(v)
+
+
+# ---- study helpers ------------------------------------------------------------------------
+def run_label(run: dict[str, Any]) -> str:
+    return str(run.get("label") or run.get("setting") or run.get("mode") or "run")
+
+
+def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs in the paper's order (central, local, federated, DP by increasing epsilon)."""
+
+    def key(r: dict[str, Any]) -> tuple[int, float]:
+        s = r.get("setting")
+        rank = SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER)
+        return rank, run_epsilon(r) if is_num(run_epsilon(r)) else math.inf
+
+    return sorted(runs, key=key)
+
+
+def run_epsilon(run: dict[str, Any]) -> float | None:
+    """Epsilon actually spent by a DP run (the worst site), else its target."""
+    for k in ("epsilon_max", "target_epsilon"):
+        if is_num(run.get(k)):
+            return float(run[k])
+    return None
+
+
+def site_names(runs: list[dict[str, Any]]) -> list[str]:
+    """Every site seen in any run, in first-seen order."""
+    names: list[str] = []
+    for r in runs:
+        for s in r.get("sites") or []:
+            if s.get("name") not in names:
+                names.append(s.get("name"))
+    return names
+
+
+def time_per_unit(run: dict[str, Any]) -> tuple[float | None, str]:
+    """(seconds, "round"|"epoch") for a run: federated runs by round, others by epoch."""
+    for key, unit in (("seconds_per_round", "round"), ("seconds_per_epoch", "epoch")):
+        if is_num(run.get(key)):
+            return float(run[key]), unit
+    return None, "round" if run.get("mode") == "federated" else "epoch"
+
+
+def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The non-private run of the same mode: what a DP run's cost is measured against."""
+    for r in runs:
+        if not r.get("dp") and r.get("mode") == run.get("mode"):
+            return r
+    return None
+
+
+# ---- table builders -----------------------------------------------------------------------
+def dice_table(runs: list[dict[str, Any]]) -> Table:
+    """Dice mean ± sd over test patient volumes per site and overall, one row per setting."""
+    names = site_names(runs)
+    t = Table(["Setting", *names, "Overall", "HD95 (voxels)"])
+    for r in sorted_runs(runs):
+        by_site = {s.get("name"): s for s in r.get("sites") or []}
+        cells = [
+            fmt_pm(by_site[n].get("dice"), by_site[n].get("dice_sd")) if n in by_site else MISSING
+            for n in names
+        ]
+        hd = [s.get("hd95") for s in by_site.values() if is_num(s.get("hd95"))]
+        t.rows.append(
+            [
+                run_label(r),
+                *cells,
+                fmt_pm(r.get("dice_mean"), r.get("dice_sd")),
+                fmt(sum(hd) / len(hd), ".1f") if hd else MISSING,
+            ]
+        )
+    return t
+
+
+def cross_site_table(run: dict[str, Any]) -> Table | None:
+    """Local-only models scored on every site's test split (rows: trained at; cols: tested at)."""
+    sites = run.get("sites") or []
+    if not any(s.get("cross") for s in sites):
+        return None
+    names = [s.get("name") for s in sites]
+    t = Table(["Trained at \\ tested at", *names])
+    for s in sites:
+        cross = s.get("cross") or {}
+        t.rows.append(
+            [
+                str(s.get("name")),
+                *[fmt(s.get("dice")) if n == s.get("name") else fmt(cross.get(n)) for n in names],
+            ]
+        )
+    return t
+
+
+def dp_cost_table(runs: list[dict[str, Any]]) -> Table | None:
+    """Seconds per round (or epoch) of each DP run next to its non-private twin and the ratio."""
+    t = Table(["Setting", "Per", "Seconds (DP)", "Seconds (non-private)", "Ratio DP / non-DP"])
+    for r in sorted_runs(runs):
+        if not r.get("dp"):
+            continue
+        sec, unit = time_per_unit(r)
+        base = baseline_for(r, runs)
+        base_sec = time_per_unit(base)[0] if base else None
+        ratio = sec / base_sec if is_num(sec) and is_num(base_sec) and base_sec > 0 else None
+        t.rows.append(
+            [
+                run_label(r),
+                unit,
+                fmt(sec, ".2f"),
+                fmt(base_sec, ".2f"),
+                f"{ratio:.2f}×" if ratio is not None else MISSING,
+            ]
+        )
+    return t if t.rows else None
+
+
+def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
+    """Per-site privacy spent in each DP setting, with every parameter that determines it."""
+    t = Table(
+        [
+            "Setting",
+            "Site",
+            "ε spent",
+            "Target ε",
+            "δ",
+            "σ (noise)",
+            "q (sample rate)",
+            "Steps",
+            "Clip C",
+            "Accountant",
+            "Unit",
+        ]
+    )
+    for r in sorted_runs(runs):
+        if not r.get("dp"):
+            continue
+        for s in r.get("sites") or []:
+            t.rows.append(
+                [
+                    run_label(r),
+                    str(s.get("name")),
+                    fmt_eps(s.get("epsilon")),
+                    fmt_eps(r.get("target_epsilon")),
+                    fmt(s.get("delta"), ".1e"),
+                    fmt(s.get("noise_multiplier"), ".3g"),
+                    fmt(s.get("sample_rate"), ".3g"),
+                    fmt(s.get("steps"), ".0f"),
+                    fmt(s.get("clip_norm"), ".3g"),
+                    fmt_value(s.get("accountant")),
+                    fmt_value(r.get("unit")),
+                ]
+            )
+    return t if t.rows else None
+
+
+def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> Table:
+    """Attack metrics next to the two baselines that say whether a reconstruction means much."""
+    t = Table(
+        [
+            "Attack",
+            "Threat",
+            "DP",
+            "ε",
+            "Batch",
+            "Mask",
+            "PSNR median (dB)",
+            "SSIM median",
+            "Re-identified",
+            "Prior PSNR (dB)",
+            "Chance PSNR (dB)",
+            "Reconstructed?",
+        ]
+    )
+    for a, ok in zip(attacks, verdicts, strict=True):
+        rate = a.get("reidentification_rate")
+        t.rows.append(
+            [
+                str(a.get("label", "attack")),
+                fmt_value(a.get("threat")),
+                fmt_bool(a.get("dp")),
+                fmt_eps(a.get("epsilon")),
+                fmt_value(a.get("batch_size")),
+                fmt_value(a.get("mask_mode")),
+                fmt(a.get("psnr_median"), ".1f"),
+                fmt(a.get("ssim_median"), ".3f"),
+                f"{rate:.0%}" if is_num(rate) else MISSING,
+                fmt(a.get("prior_psnr_median"), ".1f"),
+                fmt(a.get("chance_psnr_median"), ".1f"),
+                fmt_bool(ok),
+            ]
+        )
+    return t
+
+
+def audit_table(audits: list[dict[str, Any]]) -> Table:
+    """Empirical membership audit: observed success rate against the rate that ε allows."""
+    t = Table(["ε", "δ", "Trials", "Candidates", "Success rate", "Bound from ε", "Held"])
+    for a in audits:
+        t.rows.append(
+            [
+                fmt_eps(a.get("epsilon")),
+                fmt(a.get("delta"), ".1e"),
+                fmt_value(a.get("trials")),
+                fmt_value(a.get("candidates")),
+                fmt(a.get("success_rate"), ".4g"),
+                fmt(a.get("bound"), ".4g"),
+                fmt_bool(a.get("held"), "yes", "NO"),
+            ]
+        )
+    return t
+
+
+def key_value_table(d: dict[str, Any], headers: tuple[str, str] = ("Item", "Value")) -> Table:
+    """Nested dicts flattened to ``a.b`` keys."""
+    t = Table(list(headers))
+
+    def walk(prefix: str, obj: dict[str, Any]) -> None:
+        for k, v in obj.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                walk(f"{name}.", v)
+            else:
+                t.rows.append([name, fmt_value(v)])
+
+    walk("", d)
+    return t
+
+
+def data_table(sites: list[dict[str, Any]]) -> Table:
+    """Slices and patients per site and split."""
+    t = Table(
+        ["Site", "Train slices", "Val slices", "Test slices", "Train patients", "Test patients"]
+    )
+    for s in sites:
+        t.rows.append(
+            [
+                str(s.get("name")),
+                *[
+                    fmt_value(s.get(k))
+                    for k in ("n_train", "n_val", "n_test", "patients_train", "patients_test")
+                ],
+            ]
+        )
+    return t

@@ -1,0 +1,56 @@
+"""Flower's simulation engine (Ray) end to end, with fake site trainers (fast to train)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from test_federated_unit import SIZES, fake_factory, small_cfg
+
+from privseg.errors import FederationError
+from privseg.federated.simulation import run_federated
+from privseg.io import read_json
+
+
+@pytest.mark.slow
+def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3, round_timeout=120.0)
+    events: list[dict] = []
+    t0 = time.perf_counter()
+    results = run_federated(
+        cfg, cache_dir=tmp_path / "cache", out_dir=tmp_path / "run", run_id="sim1",
+        progress=events.append, sites=["a", "b", "tight"], trainer_factory=fake_factory,
+    )
+    print(f"simulation: {time.perf_counter() - t0:.1f} s")
+    assert [e["round"] for e in events] == [1, 2, 3]
+    assert results["mode"] == "federated" and results["rounds"] == 3
+    assert [h["declined"] for h in results["history"]] == [[], ["tight"], ["tight"]]
+    sites = {s["name"]: s for s in results["sites"]}
+    assert set(sites) == {"a", "b", "tight"}
+    for name, site in sites.items():  # per-site epsilon is what the site's ledger says
+        ledger = read_json(tmp_path / "run" / "ledgers" / f"{name}.sqlite")
+        assert site["epsilon"] == pytest.approx(ledger["epsilon"])
+        assert site["n_train"] == SIZES[name]
+        assert len(site["patients"]) == 2 and site["accountant"] == cfg.privacy.accountant
+    assert results["epsilon_max"] == pytest.approx(0.9)
+    assert results["history"][-1]["epsilon_max"] == pytest.approx(0.9)
+    assert sites["a"]["dice"] == pytest.approx(0.51)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+    # resume after the last round: nothing retrained, the same history comes back
+    again = run_federated(
+        cfg.replace(**{"federated.rounds": 4}), cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "run", run_id="sim2", resume=True, sites=["a", "b", "tight"],
+        trainer_factory=fake_factory,
+    )
+    assert [h["round"] for h in again["history"]] == [1, 2, 3, 4]
+    assert read_json(tmp_path / "run" / "ledgers" / "a.sqlite")["steps"] == 12
+
+
+@pytest.mark.slow
+def test_simulation_stops_when_too_few_sites_remain(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=2, min_sites=2, round_timeout=120.0)
+    with pytest.raises(FederationError, match="min_sites"):
+        run_federated(cfg, cache_dir=tmp_path, out_dir=tmp_path / "run", run_id="s",
+                      sites=["a", "tight"], trainer_factory=fake_factory)

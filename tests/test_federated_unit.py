@@ -1,0 +1,368 @@
+"""Fast tests of the Flower adapters with a fake SiteTrainer (no Ray, no network)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from privseg.config import Config
+from privseg.errors import FederationError, PrivacyBudgetExceeded
+from privseg.federated import client_app as ca
+from privseg.federated import messages as M
+from privseg.federated.server_app import STATE_FILE, ServerSettings, initial_state, run_server
+from privseg.federated.strategy import load_strategy_state, make_strategy, strategy_state
+from privseg.io import read_json, write_json
+
+# ---- a fake SiteTrainer with exactly the lead's interface ------------------------------------
+SIZES = {"a": 10, "b": 30, "c": 20, "tight": 5}
+DELTAS = {"a": 1.0, "b": 2.0, "c": 3.0, "tight": 4.0}
+DICE = {"a": 0.5, "b": 0.7, "c": 0.9, "tight": 0.1}
+
+
+class FakeTrainer:
+    """Adds a per-site constant to every float weight; a JSON file plays the ledger."""
+
+    def __init__(self, cfg: Config, *, name: str, ledger: Path, budget_steps: int | None) -> None:
+        self.cfg, self.name, self.ledger, self.budget_steps = cfg, name, ledger, budget_steps
+        self.global_states: list[Any] = []
+
+    @property
+    def num_examples(self) -> int:
+        return SIZES[self.name]
+
+    def _spent(self) -> int:
+        return int(read_json(self.ledger)["steps"]) if self.ledger.is_file() else 0
+
+    def epsilon(self) -> float:
+        return 0.1 * self._spent() if self.cfg.privacy.enabled else 0.0
+
+    def fit(self, state_dict, steps, *, run_id, global_state=None):
+        spent = self._spent()
+        if self.budget_steps is not None and spent + steps > self.budget_steps:
+            raise PrivacyBudgetExceeded(f"{self.name}: {spent} + {steps} > {self.budget_steps}")
+        write_json(self.ledger, {"steps": spent + steps, "epsilon": 0.1 * (spent + steps)})
+        self.global_states.append(global_state)
+        d = DELTAS[self.name]
+        new = {k: (v + d if v.is_floating_point() else v.clone()) for k, v in state_dict.items()}
+        return new, {
+            "train_loss": d,
+            "num_examples": float(self.num_examples),
+            "steps": float(steps),
+            "epsilon": self.epsilon(),
+            "seconds": 0.01,
+        }
+
+    def evaluate(self, state_dict, split="val"):
+        dice = DICE[self.name] + (0.01 if split == "test" else 0.0)
+        return {
+            "dice": dice,
+            "dice_sd": 0.0,
+            "hd95": 2.0,
+            "n_patients": 2,
+            "patients": [{"id": f"{self.name}-{i}", "dice": dice, "hd95": 2.0} for i in range(2)],
+        }
+
+    def privacy_summary(self):
+        if not self.cfg.privacy.enabled:
+            return None
+        return {
+            "epsilon": self.epsilon(),
+            "delta": 1e-5,
+            "noise_multiplier": 1.1,
+            "sample_rate": 0.1,
+            "steps": self._spent(),
+            "clip_norm": 1.0,
+            "accountant": self.cfg.privacy.accountant,
+        }
+
+
+BUILT: list[str] = []
+
+
+def fake_factory(cfg: Config, settings: ca.SiteSettings, *, planned_steps: int, run_id: str):
+    """Site 'tight' can afford exactly one round of local steps."""
+    BUILT.append(settings.site)
+    budget = cfg.federated.local_steps if settings.site == "tight" else None
+    return FakeTrainer(cfg, name=settings.site, ledger=settings.ledger, budget_steps=budget)
+
+
+def small_cfg(**fed: Any) -> Config:
+    return Config.from_dict(
+        {
+            "model": {"features": 4, "groups": 1},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0},
+            "federated": {
+                "rounds": 2,
+                "local_steps": 3,
+                "min_sites": 2,
+                "round_timeout": 5.0,
+                **fed,
+            },
+        }
+    )
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    """Messages need a task identity (Flower sets it inside a run)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    ca._TRAINERS.clear()
+    BUILT.clear()
+    yield
+    ca._TRAINERS.clear()
+
+
+# ---- an in-process Grid: node i is site SITES[i] ---------------------------------------------
+class FakeGrid(Grid):
+    def __init__(self, sites: list[str], out: Path, fail_round: int | None = None) -> None:
+        self.sites = {i + 1: s for i, s in enumerate(sites)}
+        self.out, self.fail_round, self.sent = out, fail_round, 0
+
+    def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def set_run(self, run: Any) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            rnd = int(msg.content[M.CONFIG].get(M.CFG_ROUND, 0))
+            if self.fail_round is not None and rnd == self.fail_round:
+                raise RuntimeError("server crash")
+            settings = ca.SiteSettings(self.sites[msg.metadata.dst_node_id], self.out, self.out)
+            handler = (
+                ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
+            )
+            replies.append(handler(msg, settings, fake_factory))
+        return replies
+
+
+def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) -> Message:
+    config = ConfigRecord(
+        {
+            M.CFG_TOML: cfg.to_toml(),
+            M.CFG_RUN_ID: "r1",
+            M.CFG_LOCAL_STEPS: 3,
+            M.CFG_PLANNED_STEPS: 6,
+            M.CFG_ROUND: 1,
+        }
+    )
+    return Message(
+        RecordDict({M.ARRAYS: ArrayRecord(state), M.CONFIG: config}),
+        dst_node_id=node,
+        message_type="train",
+    )
+
+
+def state() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(2, 3), "b": torch.zeros(3), "n": torch.tensor(7)}
+
+
+# ---- what leaves a site ----------------------------------------------------------------------
+def test_train_reply_carries_only_weights_scalars_and_name(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    reply = ca.handle_train(train_message(small_cfg(), state()), settings, fake_factory)
+    content = reply.content
+    assert not reply.has_error()
+    assert set(content.array_records) == {M.ARRAYS}
+    assert set(content[M.ARRAYS].keys()) == set(state())
+    assert set(content.metric_records) == {M.METRICS}
+    metrics = content[M.METRICS]
+    assert set(metrics) <= M.TRAIN_KEYS
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert set(content.config_records) == {M.SITE}
+    assert dict(content[M.SITE]) == {"name": "a"}
+    new = content[M.ARRAYS].to_torch_state_dict()
+    assert torch.equal(new["w"], torch.ones(2, 3)) and int(new["n"]) == 7
+    assert metrics[M.NUM_EXAMPLES] == SIZES["a"] and metrics[M.EPSILON] == pytest.approx(0.3)
+
+
+def test_eval_reply_is_scalar_and_report_stays_local(tmp_path: Path) -> None:
+    cfg = small_cfg()
+    msg = train_message(cfg, state())
+    msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
+    msg.content[M.CONFIG][M.CFG_FINAL] = 1
+    settings = ca.SiteSettings("b", tmp_path, tmp_path / "site-b")
+    reply = ca.handle_evaluate(msg, settings, fake_factory)
+    assert not reply.content.array_records
+    assert set(reply.content[M.METRICS]) <= M.EVAL_KEYS
+    assert reply.content[M.METRICS][M.DICE] == pytest.approx(0.71)
+    report = read_json(settings.report)
+    assert report["test"]["patients"][0]["id"] == "b-0"  # per-patient results: site folder only
+
+
+def test_trainer_is_built_once_per_run_and_site(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    cfg = small_cfg()
+    for _ in range(3):
+        ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    assert BUILT == ["a"]
+    assert read_json(settings.ledger)["steps"] == 9
+
+
+def test_declined_site_sends_no_weights(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("tight", tmp_path, tmp_path)
+    cfg = small_cfg()
+    first = ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    second = ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    assert first.content[M.METRICS][M.DECLINED] == 0.0
+    assert not second.has_error() and not second.content.array_records
+    assert second.content[M.METRICS][M.DECLINED] == 1.0
+    assert second.content[M.METRICS][M.EPSILON] == pytest.approx(0.3)
+
+
+def test_fedprox_passes_the_global_weights(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    ca.handle_train(train_message(small_cfg(strategy="fedprox"), state()), settings, fake_factory)
+    trainer = next(iter(ca._TRAINERS.values()))[1]
+    assert torch.equal(trainer.global_states[-1]["w"], torch.zeros(2, 3))
+    ca._TRAINERS.clear()
+    ca.handle_train(train_message(small_cfg(), state()), settings, fake_factory)
+    assert next(iter(ca._TRAINERS.values()))[1].global_states[-1] is None
+
+
+def test_site_settings_from_partition_or_node_config(tmp_path: Path) -> None:
+    sim = ca.site_settings(
+        {"partition-id": 1, "num-partitions": 2},
+        {"sites": "a,b", "data-dir": "/d", "out-dir": "/o"},
+    )
+    assert sim.site == "b" and sim.ledger == Path("/o/ledgers/b.sqlite")
+    dep = ca.site_settings({"site": "x", "data-dir": "/d", "out-dir": "/o"}, {})
+    assert dep.report == Path("/o/sites/x.json")
+    with pytest.raises(Exception, match="no site"):
+        ca.site_settings({}, {})
+
+
+# ---- aggregation -------------------------------------------------------------------------------
+def _replies(cfg: Config, sites: list[str], tmp_path: Path) -> list[Message]:
+    return [
+        ca.handle_train(
+            train_message(cfg, state(), node=i + 1),
+            ca.SiteSettings(s, tmp_path, tmp_path),
+            fake_factory,
+        )
+        for i, s in enumerate(sites)
+    ]
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fedavg_weights_and_epsilon_max(tmp_path: Path, weighted: bool) -> None:
+    cfg = small_cfg(weighted=weighted)
+    strategy = make_strategy(cfg)
+    replies = _replies(cfg, ["a", "b"], tmp_path)
+    # a third site fails: its error must not stop the round
+    replies.append(Message(Error(code=1, reason="boom"), reply_to=train_message(cfg, state(), 3)))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    w = arrays.to_torch_state_dict()["w"]
+    expected = (10 * 1.0 + 30 * 2.0) / 40 if weighted else 1.5
+    assert torch.allclose(w, torch.full((2, 3), expected))
+    assert metrics[M.EPSILON] == pytest.approx(0.3)  # max, equal here; never averaged
+    assert strategy.last_train.contributors == ["a", "b"] and len(strategy.last_train.failed) == 1
+
+
+def test_epsilon_is_max_not_mean(tmp_path: Path) -> None:
+    cfg = small_cfg()
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    for _ in range(3):  # site a has spent 9 steps, site b will have spent 3
+        ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    strategy = make_strategy(cfg)
+    strategy.aggregate_train(1, _replies(cfg, ["a", "b"], tmp_path))
+    assert strategy.last_train.epsilon_max == pytest.approx(1.2)
+    assert strategy.last_train.sites["b"][M.EPSILON] == pytest.approx(0.3)
+
+
+def test_declined_replies_are_left_out(tmp_path: Path) -> None:
+    cfg = small_cfg()
+    _replies(cfg, ["tight"], tmp_path)  # spends its whole budget
+    strategy = make_strategy(cfg)
+    arrays, _ = strategy.aggregate_train(2, _replies(cfg, ["a", "tight", "b"], tmp_path))
+    assert strategy.last_train.declined == ["tight"]
+    assert torch.allclose(arrays.to_torch_state_dict()["b"], torch.full((3,), 70 / 40))
+
+
+def test_fedadam_state_round_trips(tmp_path: Path) -> None:
+    cfg = small_cfg(strategy="fedadam")
+    strategy = make_strategy(cfg)
+    msgs = list(
+        strategy.configure_train(
+            1, ArrayRecord(state()), ConfigRecord(), FakeGrid(["a", "b"], tmp_path)
+        )
+    )
+    assert len(msgs) == 2
+    strategy.aggregate_train(1, _replies(cfg, ["a", "b"], tmp_path))
+    saved = strategy_state(strategy)
+    assert set(saved) == {"m_t", "v_t"}
+    other = make_strategy(cfg)
+    load_strategy_state(other, saved)
+    assert all((other.m_t[k] == v).all() for k, v in saved["m_t"].items())
+
+
+# ---- the server loop: checkpoints, resume, dropout ----------------------------------------
+def test_run_server_checkpoints_and_resumes(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    with pytest.raises(RuntimeError, match="server crash"):
+        run_server(FakeGrid(["a", "b"], tmp_path, fail_round=3), s)
+    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    assert saved["round"] == 2 and [h["round"] for h in saved["history"]] == [1, 2]
+    s.resume = True
+    events: list[dict] = []
+    s.progress = events.append
+    summary = run_server(FakeGrid(["a", "b"], tmp_path), s)
+    assert [h["round"] for h in summary["history"]] == [1, 2, 3]
+    assert [e["round"] for e in events] == [3]
+    # every round moved each weight by the weighted mean delta (10*1 + 30*2) / 40 = 1.75
+    init = initial_state(cfg)
+    key = next(k for k, v in init.items() if v.is_floating_point())
+    assert torch.allclose(summary["state_dict"][key], init[key] + 3 * 1.75, atol=1e-5)
+    assert summary["test"]["a"][M.DICE] == pytest.approx(0.51)
+    assert summary["history"][-1]["epsilon_max"] == pytest.approx(0.9)
+    assert summary["history"][-1]["val_dice_sites"] == {"a": 0.5, "b": 0.7}
+
+
+def test_round_with_too_few_sites_stops_cleanly(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    with pytest.raises(FederationError, match="min_sites"):
+        run_server(FakeGrid(["a", "tight"], tmp_path), s)
+    status = read_json(tmp_path / "run" / "federation_status.json")
+    assert status["status"] == "stopped" and status["round"] == 1
+    assert "tight" in status["message"]
+
+
+def test_enough_sites_continue_without_the_declined_one(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    summary = run_server(FakeGrid(["a", "b", "tight"], tmp_path), s)
+    assert [h["declined"] for h in summary["history"]] == [[], ["tight"], ["tight"]]
+    assert summary["history"][1]["sites"] == ["a", "b"]
+    assert math.isclose(summary["history"][2]["epsilon_sites"]["tight"], 0.3)
+
+
+def test_missing_sites_time_out(tmp_path: Path) -> None:
+    cfg = small_cfg(min_sites=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1", node_wait=0.2)
+    with pytest.raises(FederationError, match="only 2 of the 3 sites"):
+        run_server(FakeGrid(["a", "b"], tmp_path), s)

@@ -1,0 +1,324 @@
+"""The study report: every file written, self-contained HTML, claims that follow the numbers."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from privseg.report import figures
+from privseg.report.render import (
+    SECTIONS,
+    SLICE_CAVEAT,
+    attack_reconstructs,
+    summarise,
+    write_report,
+)
+from privseg.report.tables import MISSING, fmt_pm
+
+PNG = b"\x89PNG\r\n\x1a\n"
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def _site(
+    name: str,
+    dice: float,
+    *,
+    dp: bool,
+    eps: float | None = None,
+    cross: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": name,
+        "n_train": 300 + 10 * SITES.index(name),
+        "dice": dice,
+        "dice_sd": 0.041,
+        "hd95": 4.5 + SITES.index(name),
+        "patients": [
+            {"id": f"{name}-{i}", "dice": dice + 0.01 * (i - 1), "hd95": 4.0} for i in range(3)
+        ],
+        "epsilon": eps * 0.97 if dp and eps else None,
+        "delta": 1e-5 if dp else None,
+        "noise_multiplier": 1.7 / eps if dp and eps else None,
+        "sample_rate": 0.0267 if dp else None,
+        "steps": 120 if dp else None,
+        "clip_norm": 1.0 if dp else None,
+        "accountant": "prv" if dp else None,
+    }
+    if cross is not None:
+        entry["cross"] = cross
+    return entry
+
+
+def _history(key: str, n: int, top: float, *, dp: bool) -> list[dict[str, Any]]:
+    return [
+        {
+            key: i + 1,
+            "train_loss": 1.0 / (i + 1),
+            "val_dice": top * (i + 1) / n,
+            "val_dice_sites": {s: top * (i + 1) / n - 0.01 * j for j, s in enumerate(SITES)},
+            "epsilon_max": (i + 1) / n if dp else None,
+            "seconds": 2.0,
+        }
+        for i in range(n)
+    ]
+
+
+def _run(
+    setting: str,
+    label: str,
+    mode: str,
+    dice: list[float],
+    *,
+    dp: bool = False,
+    eps: float | None = None,
+    sec: float = 1.25,
+    cross: bool = False,
+) -> dict[str, Any]:
+    sites = [
+        _site(s, d, dp=dp, eps=eps, cross={o: d - 0.2 for o in SITES if o != s} if cross else None)
+        for s, d in zip(SITES, dice, strict=True)
+    ]
+    fed = mode == "federated"
+    return {
+        "setting": setting,
+        "label": label,
+        "mode": mode,
+        "dp": dp,
+        "unit": "slice" if dp else None,
+        "target_epsilon": eps,
+        "sites": sites,
+        "dice_mean": sum(dice) / len(dice),
+        "dice_sd": 0.052,
+        "epsilon_max": eps * 0.97 if dp and eps else None,
+        "history": _history("round" if fed else "epoch", 4, max(dice), dp=dp),
+        "seconds_per_round": sec if fed else None,
+        "seconds_per_epoch": None if fed else sec,
+        "wall_seconds": sec * 10,
+    }
+
+
+@pytest.fixture(scope="module")
+def grid_png(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real PNG standing in for an attack's reconstruction grid (drawn once per module)."""
+    path = tmp_path_factory.mktemp("grid") / "grid.png"
+    return figures.plot_learning_curve([], path, "grid stand-in").read_bytes()
+
+
+@pytest.fixture
+def study(tmp_path: Path, grid_png: bytes) -> dict[str, Any]:
+    runs = [
+        _run("central", "Centralised", "central", [0.912, 0.898, 0.905], sec=3.5),
+        _run("local", "Local only", "local", [0.801, 0.774, 0.792], sec=1.1, cross=True),
+        _run("federated", "Federated", "federated", [0.874, 0.861, 0.869], sec=1.25),
+    ]
+    for eps, base in ((1.0, 0.61), (3.0, 0.72), (8.0, 0.80)):
+        runs.append(
+            _run(
+                "federated_dp",
+                f"Federated DP (ε={eps:g})",
+                "federated",
+                [base, base - 0.013, base + 0.007],
+                dp=True,
+                eps=eps,
+                sec=4.75,
+            )
+        )
+    tm = {
+        "attacker": "honest-but-curious server",
+        "sees": "one site's update",
+        "knows": {"labels": True, "architecture": True},
+    }
+    attack = [
+        {
+            "label": "No DP",
+            "threat": "T1",
+            "dp": False,
+            "epsilon": None,
+            "batch_size": 1,
+            "psnr_median": 27.4,
+            "ssim_median": 0.812,
+            "reidentification_rate": 0.9,
+            "prior_psnr_median": 13.2,
+            "chance_psnr_median": 11.8,
+            "mask_mode": "given",
+            "threat_model": tm,
+            "grid_png": "attack/grid_nodp.png",
+        },
+        {
+            "label": "DP ε=8",
+            "threat": "T1",
+            "dp": True,
+            "epsilon": 8.0,
+            "batch_size": 1,
+            "psnr_median": 12.9,
+            "ssim_median": 0.104,
+            "reidentification_rate": 0.1,
+            "prior_psnr_median": 13.2,
+            "chance_psnr_median": 11.8,
+            "mask_mode": "given",
+            "threat_model": tm,
+            "grid_png": str(tmp_path / "grid_dp.png"),
+        },
+    ]
+    (tmp_path / "study" / "attack").mkdir(parents=True)
+    (tmp_path / "study" / "attack" / "grid_nodp.png").write_bytes(grid_png)  # relative path
+    (tmp_path / "grid_dp.png").write_bytes(grid_png)  # absolute path
+    return {
+        "privseg_version": "0.1.0",
+        "created": "2026-11-27T02:00:00+00:00",
+        "machine": {
+            "cpu": "x86_64",
+            "cores": 2,
+            "torch_threads": 2,
+            "python": "3.11.2",
+            "torch": "2.13.0",
+            "opacus": "1.6.0",
+            "flwr": "1.42.0",
+        },
+        "data": {
+            "source": "phantom",
+            "cache_dir": "/tmp/cache",
+            "resolution": 64,
+            "sites": [
+                {
+                    "name": s,
+                    "n_train": 300,
+                    "n_val": 60,
+                    "n_test": 70,
+                    "patients_train": 6,
+                    "patients_test": 2,
+                }
+                for s in SITES
+            ],
+        },
+        "config": {
+            "seed": 0,
+            "data": {"resolution": 64, "hu_window": [-150.0, 200.0]},
+            "privacy": {"enabled": False, "delta": 1e-5, "accountant": "prv"},
+            "study": {"epsilons": [1.0, 3.0, 8.0]},
+        },
+        "wall_seconds": 3725.0,
+        "runs": runs,
+        "attack": attack,
+        "audit": [
+            {
+                "trials": 200,
+                "success_rate": 0.58,
+                "bound": 0.9997,
+                "held": True,
+                "epsilon": 8.0,
+                "delta": 1e-5,
+                "candidates": 2,
+            }
+        ],
+        "threat_model": tm,
+    }
+
+
+def test_full_report_writes_every_file_with_sections_and_numbers(study, tmp_path):
+    out = tmp_path / "study"
+    paths = write_report(study, out)
+    for name in ("privacy_utility", "learning_curves", "dp_cost", "attack_1", "attack_2"):
+        png = paths[name].read_bytes()
+        assert paths[name].parent == out / "figures"
+        assert png.startswith(PNG) and len(png) > 5_000, name
+    md = (out / "report.md").read_text()
+    for title in SECTIONS.values():
+        assert f"## {title}" in md
+    headings = [md.index(f"## {t}") for t in SECTIONS.values()]
+    assert headings == sorted(headings), "sections out of order"
+    central = study["runs"][0]
+    assert fmt_pm(central["sites"][0]["dice"], central["sites"][0]["dice_sd"]) in md
+    assert fmt_pm(central["dice_mean"], central["dice_sd"]) in md
+    assert "0.601" in md  # local site-a model on site-b (cross-site matrix)
+    assert "3.80×" in md  # 4.75 s / 1.25 s per round
+    assert "27.4" in md and "13.2" in md  # attack PSNR and its prior baseline
+    assert "0.58" in md and "0.9997" in md  # audit success rate and bound
+    assert SLICE_CAVEAT in md
+    assert "honest-but-curious server" in md
+    assert "resolution = 64" in md  # the config as TOML
+    assert "1 h 02 min" in md  # wall time
+    assert "figures/privacy_utility.png" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5
+    assert 'src="http' not in html and "<link" not in html and "<script" not in html
+    assert SECTIONS["attack"] in html
+
+
+def test_summary_follows_the_numbers(study):
+    text = summarise(study)
+    assert "Centralised" in text and "0.905 ± 0.052" in text
+    assert "0.608 at ε = 0.97" in text  # DP Dice at the spent epsilon
+    assert "26.0 points lower at ε = 0.97" in text  # 0.868 - 0.608, non-private federated
+    assert "3.8×" in text
+    assert "reconstructed training slices from non-private updates" in text
+    assert "With DP it failed" in text
+    assert "audit held" in text
+
+
+def test_summary_does_not_claim_dp_helps_when_attack_still_works(study):
+    broken = copy.deepcopy(study)
+    broken["attack"][1]["psnr_median"] = 26.0
+    broken["audit"][0].update(held=False, success_rate=0.999, bound=0.95)
+    text = summarise(broken)
+    assert "did not prevent reconstruction" in text
+    assert "failed at" not in text and "With DP it failed" not in text
+    assert "FAILED" in text
+
+
+def test_summary_when_attack_fails_even_without_dp(study):
+    weak = copy.deepcopy(study)
+    weak["attack"][0]["psnr_median"] = 14.0
+    text = summarise(weak)
+    assert "did not reconstruct training slices beyond the baselines even without DP" in text
+    assert "With DP it failed" not in text
+
+
+def test_central_only_study_gets_notes_not_crashes(study, tmp_path):
+    only = {k: v for k, v in study.items() if k not in ("attack", "audit", "threat_model")}
+    only["runs"] = [study["runs"][0]]
+    only["runs"][0]["sites"][1]["dice"] = math.nan
+    only["runs"][0]["sites"][1]["dice_sd"] = None
+    paths = write_report(only, tmp_path / "central")
+    assert set(paths) == {"learning_curves", "markdown", "html"}
+    md = paths["markdown"].read_text()
+    for title in SECTIONS.values():
+        assert f"## {title}" in md
+    assert md.count("Not in this study") >= 5
+    assert f"| {MISSING} |" in md
+    assert "No DP run" in md and "No gradient-inversion attack" in md
+    assert "nan" not in md.lower().replace("nanmean", "")
+
+
+def test_empty_study_still_renders(tmp_path):
+    paths = write_report({}, tmp_path)
+    assert "This study contains no training runs." in paths["markdown"].read_text()
+    assert paths["html"].read_text().startswith("<!DOCTYPE html>")
+
+
+def test_missing_attack_grid_is_a_note(study, tmp_path):
+    study["attack"][0]["grid_png"] = "nowhere/grid.png"
+    study["runs"] = []
+    paths = write_report(study, tmp_path / "study")
+    assert "attack_2" in paths
+    assert "not found at nowhere/grid.png" in paths["markdown"].read_text()
+
+
+def test_plot_learning_curve_for_a_single_run(tmp_path):
+    hist = _history("epoch", 5, 0.9, dp=False)
+    hist[2]["val_dice"] = None
+    path = figures.plot_learning_curve(hist, tmp_path / "run" / "learning_curve.png", "central")
+    data = path.read_bytes()
+    assert data.startswith(PNG) and len(data) > 5_000
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_attack_verdict_needs_a_margin_over_the_best_baseline():
+    base = {"prior_psnr_median": 13.0, "chance_psnr_median": 15.0}
+    assert attack_reconstructs({**base, "psnr_median": 18.5}) is True
+    assert attack_reconstructs({**base, "psnr_median": 17.0}) is False  # < 3 dB over 15.0
+    assert attack_reconstructs({"psnr_median": 30.0}) is None  # no baseline: no verdict
