@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from privseg.errors import DataError
 from privseg.io import atomic_write_bytes
 
 
@@ -21,12 +20,9 @@ def predict_volume(checkpoint: Path, image: Path, out: Path, *, batch_size: int 
     from privseg.training.checkpoint import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
-    array, img = load_image(image)
-    if array.ndim != 3:
-        raise DataError(f"{image}: expected a 3D CT volume, got an array of shape {array.shape}")
     # Predict in the canonical (RAS) frame the model was trained in, then map back.
-    canonical = nib.as_closest_canonical(img)
-    hu = np.asarray(canonical.dataobj, dtype=np.float32)
+    hu, canonical = load_image(image)  # validated: a readable 3D NIfTI
+    img = nib.load(image)
     slices = image_to_model_input(hu, cfg.data)
     model.eval()
     preds = []

@@ -17,7 +17,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
-from privseg.data.sites import SITE_MAP_FILE, site_names
+from privseg.data.sites import SITE_MAP_FILE, site_name
 from privseg.errors import ConfigError, DataError
 from privseg.io import atomic_directory, write_json
 
@@ -76,7 +76,7 @@ def scanner(index: int, seed: int) -> Scanner:
     rng = np.random.default_rng([seed, 1000, index])
     ladder = (0, 1, -1, 2, -2)[index % 5] * 12.0
     return Scanner(
-        name=site_names(index + 1)[index],
+        name=site_name(index),
         hu_scale=float(rng.uniform(0.94, 1.06)),
         hu_offset=ladder + float(rng.uniform(-4.0, 4.0)),
         noise=float(rng.uniform(8.0, 24.0)),

@@ -22,8 +22,12 @@ SITE_MAP_FILE = "sites.json"
 MIN_SITE_PATIENTS = 3
 
 
+def site_name(index: int) -> str:
+    return f"site-{index}"
+
+
 def site_names(n_sites: int) -> list[str]:
-    return [f"site-{i}" for i in range(n_sites)]
+    return [site_name(i) for i in range(n_sites)]
 
 
 def load_site_map(path: str | Path) -> dict[str, str]:

@@ -41,7 +41,7 @@ def backend_config(cpus: int | None = None) -> dict[str, Any]:
 def _quiet() -> Iterator[None]:
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)
+    flwr_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -7,6 +7,7 @@ so the spent budget is always derived from the durable record, never from a runn
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -15,6 +16,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from privseg.errors import ConfigError
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+# Beyond this the update is noise; it also bounds the search (accounting at huge sigma is slow).
+MAX_NOISE_MULTIPLIER = 200.0
 
 Release = tuple[float, float, int]
 
@@ -79,6 +82,25 @@ def calibrate_noise(
         raise ConfigError(f"planned steps = {steps} is invalid: must be > 0 to calibrate noise")
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate = {sample_rate!r} is invalid: must be in (0, 1]")
+    with warnings.catch_warnings():
+        # the RDP search probes huge sigmas where the largest alpha is optimal: not news
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return _calibrate(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def _calibrate(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    floor = epsilon(
+        [(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta=delta, accountant=accountant
+    )
+    if floor > target_epsilon:
+        raise ConfigError(
+            f"privacy.target_epsilon = {target_epsilon!r} is unreachable with delta={delta:g}, "
+            f"sample rate {sample_rate:.4g} and {steps} steps: even noise multiplier "
+            f"{MAX_NOISE_MULTIPLIER:g} spends epsilon {floor:.4g}; raise the target or train "
+            "fewer steps"
+        )
     try:
         sigma = float(
             get_noise_multiplier(

@@ -118,7 +118,14 @@ def plot_learning_curve(
                 ax2.grid(False)
                 lines = ax.get_legend_handles_labels()
                 lines2 = ax2.get_legend_handles_labels()
-                ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right")
+                ax.legend(
+                    lines[0] + lines2[0],
+                    lines[1] + lines2[1],
+                    loc="upper center",
+                    bbox_to_anchor=(0.5, -0.16),
+                    ncols=3,
+                    frameon=False,
+                )  # below the axes: rising Dice and falling loss leave no free corner
             else:
                 ax.legend(loc="lower right")
         ax.set_title(title)

@@ -320,8 +320,8 @@ def _build(study: dict[str, Any], out_dir: Path, written: dict[str, Path]) -> li
     if runs:
         t = dice_table(runs)
         t.caption = (
-            "Test Dice, mean ± sd over patient volumes; HD95 is the mean over sites, "
-            "in voxels of the model grid."
+            "Test Dice, mean ± sd over patient volumes; Local only: each site's own model on "
+            "its own test split. HD95 is the mean over sites, in voxels of the model grid."
         )
         b.append(t)
         local = next((r for r in runs if r.get("mode") == "local"), None)
