@@ -285,7 +285,11 @@ def _one_restart(
     given: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> Reconstruction:
-    x = torch.rand(shape, generator=generator).requires_grad_(True)
+    import os
+    if os.environ.get("INIT") == "const":
+        x = (0.5 + 0.01 * torch.randn(shape, generator=generator)).requires_grad_(True)
+    else:
+        x = torch.rand(shape, generator=generator).requires_grad_(True)
     prior = x.detach().clone()
     variables = [x]
     mask_logits = None

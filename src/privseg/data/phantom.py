@@ -291,8 +291,10 @@ def _anatomy(rng: np.random.Generator, x, y, z, organ: str) -> np.ndarray:
     t[_ellipsoid(x, y, z, (-18, ys + rv + 10, 0), (11, 11, inf)) < 1] = AORTA
     t[(_ellipsoid(x, y, z, (24, ys + rv + 8, 0), (13, 9, inf)) < 1) & (u < 0.85)] = IVC
     _spine(rng, t, x, y, z, ys, rv)
-    target = _organ_mask(t, LIVER if organ == "liver" else PANCREAS)
-    _lesions(rng, t, x, y, z, target, count=rng.poisson(1.3))
+    if organ == "liver":
+        _lesions(rng, t, x, y, z, _organ_mask(t, LIVER), count=rng.poisson(1.3), radius=18.0)
+    else:  # one small tumour in about half of the pancreases
+        _lesions(rng, t, x, y, z, _organ_mask(t, PANCREAS), count=rng.poisson(0.6), radius=9.0)
     return t
 
 
@@ -371,13 +373,13 @@ def _spine(rng, t, x, y, z, ys, rv) -> None:
     t[np.broadcast_to(process, t.shape)] = BONE
 
 
-def _lesions(rng, t, x, y, z, organ: np.ndarray, count: int) -> None:
+def _lesions(rng, t, x, y, z, organ: np.ndarray, count: int, radius: float) -> None:
     """Hypodense lesions centred on random organ voxels, kept inside the organ."""
     inside = np.flatnonzero(organ)
     shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
     for _ in range(min(count, len(inside))):
         i, j, k = np.unravel_index(rng.choice(inside), shape)
         centre = (x.flat[i], y.flat[j], z.flat[k])
-        radius = rng.uniform(5.0, 18.0)
-        lesion = _ellipsoid(x, y, z, centre, (radius, radius * rng.uniform(0.7, 1.3), radius))
+        r = rng.uniform(4.0, radius)
+        lesion = _ellipsoid(x, y, z, centre, (r, r * rng.uniform(0.7, 1.3), r))
         t[(lesion < 1) & organ] = LESION

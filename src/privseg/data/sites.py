@@ -65,14 +65,17 @@ def assign_sites(
     n_sites: int,
     partition: str,
     seed: int,
-    mapping: dict[str, str] | None = None,
+    mapping: dict[str, str] | str | Path | None = None,
 ) -> dict[str, list[str]]:
     """Site name -> sorted patient ids.
 
-    ``partition``: "mapping" (use ``mapping``), "iid" (seeded, equal sizes) or "non-iid" (seeded,
-    unequal Dirichlet sizes, each site keeping at least ``MIN_SITE_PATIENTS`` when possible).
+    ``partition``: "mapping" (``mapping``: a dict, or a JSON/CSV file), "iid" (seeded, equal
+    sizes) or "non-iid" (seeded, unequal Dirichlet sizes, each site keeping at least
+    ``MIN_SITE_PATIENTS`` when possible).
     """
     ids = sorted(case_ids)
+    if isinstance(mapping, str | Path):
+        mapping = load_site_map(mapping)
     if partition == "mapping":
         if mapping is None:
             raise DataError("partition 'mapping' needs a site map (data.site_map or sites.json)")

@@ -11,6 +11,7 @@ Two interchangeable per-unit gradient paths give identical results:
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -195,7 +196,10 @@ class DPGradient:
         try:
             per_sample = loss_fn(gsm(images), labels)
             loss = float(per_sample.detach().mean())
-            per_sample.sum().backward()
+            with warnings.catch_warnings():
+                # images never require grad, so Opacus's full backward hooks always say so
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                per_sample.sum().backward()
             grouped = []
             for p in params:
                 gs = getattr(p, "grad_sample", None)

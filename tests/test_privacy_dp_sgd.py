@@ -1,0 +1,256 @@
+"""DP-SGD gradient: clipping, noise, loop == opacus == naive reference, empty batches, sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from privseg.privacy.dp_sgd import DPGradient, PoissonUnitSampler, secure_generator
+
+
+class TinyNet(nn.Module):
+    """A tiny conv segmenter with GroupNorm (per-sample: no batch coupling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))
+
+
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
+
+
+def zero_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.0 * logits.sum((1, 2, 3))
+
+
+def make_batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64)
+    labels = (torch.rand(n, 1, 8, 8, generator=g, dtype=torch.float64) > 0.6).double()
+    return images, labels
+
+
+def make_model(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().double()
+
+
+def unit_grads(model, images, labels, groups) -> list[list[torch.Tensor]]:
+    """Naive micro-batch reference: one separate backward per unit, summed slice losses."""
+    out = []
+    for u in np.unique(groups):
+        model.zero_grad()
+        sel = torch.as_tensor(np.flatnonzero(groups == u))
+        per_sample_loss(model(images[sel]), labels[sel]).sum().backward()
+        out.append([p.grad.detach().clone() for p in model.parameters()])
+    model.zero_grad()
+    return out
+
+
+def flat_norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.cat([g.reshape(-1) for g in grads]).norm())
+
+
+def reference(model, images, labels, groups, *, clip: float, expected: float) -> list[torch.Tensor]:
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for grads in unit_grads(model, images, labels, groups):
+        factor = min(1.0, clip / (flat_norm(grads) + 1e-6))
+        for t, g in zip(total, grads, strict=True):
+            t += factor * g
+    return [t / expected for t in total]
+
+
+def dp_grads(model, path, images, labels, groups, *, clip, sigma=0.0, expected=1.0, gen=None):
+    dp = DPGradient(
+        max_grad_norm=clip,
+        noise_multiplier=sigma,
+        expected_batch_size=expected,
+        grad_path=path,
+        generator=gen,
+    )
+    stats = dp(model, per_sample_loss, images, labels, groups)
+    return [p.grad.detach().clone() for p in model.parameters()], stats
+
+
+GROUPINGS = {
+    "slice": np.arange(10),
+    "patient": np.array([7, 3, 7, 1, 3, 3, 9, 7, 1, 4]),  # 5 patients, interleaved, non-dense ids
+}
+
+
+@pytest.mark.parametrize("unit", list(GROUPINGS))
+@pytest.mark.parametrize("path", ["loop", "opacus"])
+def test_paths_match_naive_reference(unit: str, path: str) -> None:
+    model = make_model()
+    images, labels = make_batch(10)
+    groups = GROUPINGS[unit]
+    norms = [flat_norm(g) for g in unit_grads(model, images, labels, groups)]
+    clip = float(np.median(norms))  # some units clipped, some not
+    assert min(norms) < clip < max(norms) or min(norms) == clip
+    ref = reference(model, images, labels, groups, clip=clip, expected=4.0)
+    got, stats = dp_grads(model, path, images, labels, groups, clip=clip, expected=4.0)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-8)
+    assert stats["units"] == len(np.unique(groups))
+    expected_loss = float(per_sample_loss(model(images), labels).mean().detach())
+    assert stats["loss"] == pytest.approx(expected_loss, rel=1e-10)
+    assert stats["clipped_fraction"] == pytest.approx(np.mean(np.array(norms) > clip))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_loop_equals_opacus_dp_optimizer() -> None:
+    """Slice units, no noise: our gradient is exactly Opacus's DPOptimizer gradient."""
+    images, labels = make_batch(6, seed=1)
+    model = make_model(1)
+    ours, _ = dp_grads(model, "loop", images, labels, np.arange(6), clip=0.05, expected=5.0)
+    gsm = GradSampleModule(make_model(1), loss_reduction="sum")
+    opt = DPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.05,
+        expected_batch_size=5,
+        loss_reduction="mean",
+    )
+    # loss_reduction "mean": Opacus divides the clipped sum by expected_batch_size.
+    gsm_loss = per_sample_loss(gsm(images), labels).sum()
+    gsm_loss.backward()
+    opt.pre_step()
+    for o, p in zip(ours, gsm.parameters(), strict=True):
+        torch.testing.assert_close(o, p.grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["loop", "opacus"])
+def test_each_unit_clipped_to_c_and_small_untouched(path: str) -> None:
+    model = make_model(2)
+    images, labels = make_batch(8, seed=2)
+    groups = np.array([0, 0, 1, 2, 2, 2, 3, 4])
+    raw = unit_grads(model, images, labels, groups)
+    clip = 0.3 * min(flat_norm(g) for g in raw)  # every unit is clipped
+    for u in np.unique(groups):
+        sel = np.flatnonzero(groups == u)
+        got, stats = dp_grads(model, path, images[sel], labels[sel], groups[sel], clip=clip)
+        assert flat_norm(got) <= clip * (1 + 1e-9)
+        assert flat_norm(got) == pytest.approx(clip, rel=1e-5)  # clipped *to* C
+        assert stats["clipped_fraction"] == 1.0
+    got, _ = dp_grads(model, path, images, labels, groups, clip=clip)
+    assert flat_norm(got) <= 5 * clip * (1 + 1e-9)
+    # a huge C leaves the gradients untouched: the sum of the raw unit gradients
+    got, stats = dp_grads(model, path, images, labels, groups, clip=1e6, expected=8.0)
+    for i, g in enumerate(got):
+        torch.testing.assert_close(g, sum(r[i] for r in raw) / 8.0, rtol=0, atol=1e-12)
+    assert stats["clipped_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("path", ["loop", "opacus"])
+def test_noise_std_and_mean(path: str) -> None:
+    sigma, clip, expected = 1.5, 0.8, 4.0
+    model = make_model(3)
+    images, labels = make_batch(3, seed=3)
+    dp = DPGradient(
+        max_grad_norm=clip,
+        noise_multiplier=sigma,
+        expected_batch_size=expected,
+        grad_path=path,
+        generator=torch.Generator().manual_seed(0),
+    )
+    draws = []
+    for _ in range(120 if path == "loop" else 60):
+        dp(model, zero_loss, images, labels, np.arange(3))
+        draws.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    x = torch.stack(draws)
+    want = sigma * clip / expected
+    assert float(x.std()) == pytest.approx(want, rel=0.04)
+    assert abs(float(x.mean())) < 4 * want / x.numel() ** 0.5
+    # one independent draw per coordinate: coordinates are uncorrelated
+    c = torch.corrcoef(x[:, :2].T)[0, 1]
+    assert abs(float(c)) < 0.35
+
+
+@pytest.mark.parametrize("path", ["loop", "opacus"])
+def test_empty_batch_is_pure_noise(path: str) -> None:
+    model = make_model(4)
+    images, labels = make_batch(0)
+    dp = DPGradient(
+        max_grad_norm=2.0,
+        noise_multiplier=1.0,
+        expected_batch_size=5.0,
+        grad_path=path,
+        generator=torch.Generator().manual_seed(1),
+    )
+    stats = dp(model, per_sample_loss, images, labels, np.zeros(0, dtype=np.int64))
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert stats["units"] == 0
+    assert float(g.abs().min()) > 0  # every coordinate got noise
+    assert float(g.std()) == pytest.approx(2.0 * 1.0 / 5.0, rel=0.25)  # ~90 coordinates
+    # the same generator state gives exactly noise / expected
+    gen = torch.Generator().manual_seed(1)
+    noise = [
+        torch.normal(0.0, 2.0, size=p.shape, generator=gen, dtype=torch.float64) / 5.0
+        for p in model.parameters()
+    ]
+    torch.testing.assert_close(g, torch.cat([n.reshape(-1) for n in noise]), rtol=0, atol=1e-15)
+
+
+def test_opacus_path_leaves_model_untouched() -> None:
+    model = make_model(5)
+    params = list(model.parameters())
+    images, labels = make_batch(4, seed=5)
+    for _ in range(2):  # a second call must not be refused as a double wrap
+        dp_grads(model, "opacus", images, labels, np.arange(4), clip=1.0)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+        assert not hasattr(m, "activations") and not hasattr(m, "autograd_grad_sample_hooks")
+    for p in params:
+        assert not hasattr(p, "grad_sample") and not hasattr(p, "_forward_counter")
+    # the model is still plain: ordinary training works and Opacus can wrap it again
+    per_sample_loss(model(images), labels).mean().backward()
+    GradSampleModule(model).remove_hooks()
+
+
+def test_secure_generator_is_not_reproducible() -> None:
+    a = torch.normal(0.0, 1.0, size=(4,), generator=secure_generator())
+    b = torch.normal(0.0, 1.0, size=(4,), generator=secure_generator())
+    assert not torch.equal(a, b)
+
+
+def test_poisson_sampler_slices() -> None:
+    n, q = 400, 0.05
+    sampler = PoissonUnitSampler(np.arange(n), sample_rate=q)
+    sizes = []
+    for _ in range(1000):
+        idx, groups = sampler.sample()
+        sizes.append(len(idx))
+        assert np.array_equal(groups, np.arange(len(idx)))
+    # mean q*n = 20, sd of the mean sqrt(n q (1-q) / 1000) ~ 0.14
+    assert np.mean(sizes) == pytest.approx(q * n, abs=0.7)
+    assert np.var(sizes) == pytest.approx(n * q * (1 - q), rel=0.2)
+
+
+def test_poisson_sampler_patients_whole() -> None:
+    rng = np.random.default_rng(0)
+    patients = rng.integers(0, 60, size=900)  # unit id per slice, unordered
+    sampler = PoissonUnitSampler(patients, sample_rate=0.1)
+    counts = []
+    for _ in range(400):
+        idx, groups = sampler.sample()
+        chosen = np.unique(patients[idx])
+        counts.append(len(chosen))
+        # every slice of every selected patient, and nothing else
+        assert np.array_equal(np.sort(idx), np.flatnonzero(np.isin(patients, chosen)))
+        # one dense group id per patient
+        assert np.array_equal(np.unique(groups), np.arange(len(chosen)))
+        for g in np.unique(groups):
+            assert len(np.unique(patients[idx[groups == g]])) == 1
+    assert np.mean(counts) == pytest.approx(6.0, abs=0.5)
