@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_federated_unit import SIZES, fake_factory, small_cfg
 
 from privseg.errors import FederationError
 from privseg.federated.simulation import run_federated
 from privseg.io import read_json
+from test_federated_unit import SIZES, fake_factory, small_cfg
 
 
 @pytest.mark.slow
@@ -22,7 +22,8 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
         cfg, cache_dir=tmp_path / "cache", out_dir=tmp_path / "run", run_id="sim1",
         progress=events.append, sites=["a", "b", "tight"], trainer_factory=fake_factory,
     )
-    print(f"simulation: {time.perf_counter() - t0:.1f} s", [h["seconds"] for h in results["history"]])
+    print(f"simulation: {time.perf_counter() - t0:.1f} s",
+          [h["seconds"] for h in results["history"]])
     assert [e["round"] for e in events] == [1, 2, 3]
     assert results["mode"] == "federated" and results["rounds"] == 3
     assert [h["declined"] for h in results["history"]] == [[], ["tight"], ["tight"]]

@@ -254,3 +254,33 @@ def test_poisson_sampler_patients_whole() -> None:
         for g in np.unique(groups):
             assert len(np.unique(patients[idx[groups == g]])) == 1
     assert np.mean(counts) == pytest.approx(6.0, abs=0.5)
+
+
+@pytest.mark.parametrize("name", ["unet", "monet"])
+def test_paths_agree_on_project_models(name: str) -> None:
+    """Both paths on the real networks (float64, 16x16, patient units), no noise."""
+    models = pytest.importorskip("privseg.models")
+    from privseg.config import ModelConfig
+
+    torch.manual_seed(0)
+    model = models.build_model(ModelConfig(name=name, features=4, groups=2)).double()
+    g = torch.Generator().manual_seed(6)
+    images = torch.rand(5, 1, 16, 16, generator=g, dtype=torch.float64)
+    labels = (images > 0.6).double()
+    groups = np.array([0, 1, 0, 2, 1])
+    assert model.training  # Opacus hooks capture activations only in train mode
+    got = {}
+    for path in ("loop", "opacus"):
+        got[path], _ = dp_grads(model, path, images, labels, groups, clip=0.01, expected=3.0)
+    for a, b in zip(got["loop"], got["opacus"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert flat_norm(got["loop"]) <= 3 * 0.01 / 3.0 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("path", ["loop", "opacus"])
+def test_batchnorm_refused(path: str) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)).double()
+    images, labels = make_batch(2)
+    dp = DPGradient(max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=2, grad_path=path)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        dp(model, per_sample_loss, images, labels[:, :, :, :], np.arange(2))

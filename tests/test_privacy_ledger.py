@@ -78,17 +78,18 @@ def test_corrupt_ledger_is_refused(tmp_path: Path, content: str) -> None:
         path.write_bytes(b"this is not sqlite" * 100)
     elif content == "truncated":
         good = tmp_path / "good.sqlite"
-        ledger = PrivacyLedger(good)
-        for _ in range(200):
-            ledger.record(
-                site="a",
-                run_id="r",
-                noise_multiplier=1.0,
-                sample_rate=0.1,
-                steps=5,
-                note="x" * 200,
-                **KW,
-            )
+        PrivacyLedger(good).record(
+            site="a", run_id="r", noise_multiplier=1.0, sample_rate=0.1, steps=5, **KW
+        )
+        con = sqlite3.connect(good)  # bulk rows in one transaction (fsync per record is slow)
+        con.executemany(
+            "INSERT INTO releases (time, site, run_id, unit, noise_multiplier, sample_rate, "
+            "steps, accountant, delta, note) VALUES ('t', 'a', 'r', 'slice', 1, 0.1, 5, 'rdp', "
+            "1e-5, ?)",
+            [("x" * 200,)] * 300,
+        )
+        con.commit()
+        con.close()
         data = good.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     else:

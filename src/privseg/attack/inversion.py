@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -98,8 +97,9 @@ def unrolled_update(
     clip = threat.clip_norm if threat.dp and threat.dp_aware else None
     params = dict(params0)
     for _ in range(threat.local_steps):
-        grads = _gradient(model, params, images, labels, loss_fn, clip=clip,
-                          create_graph=create_graph)
+        grads = _gradient(
+            model, params, images, labels, loss_fn, clip=clip, create_graph=create_graph
+        )
         params = {n: p - threat.lr * g for (n, p), g in zip(params.items(), grads, strict=True)}
     return [params0[n] - params[n] for n in params0]
 
@@ -132,18 +132,18 @@ def simulate_site_update(
     """The site: ``threat.local_steps`` SGD steps on its private batch (with the project's real
     DP-SGD step under T3), returning only what the server would receive.
 
-    The model runs in eval mode (no dropout sampling), so the forward pass is deterministic and
-    the attacker can replay it exactly: the attacker's best case.
+    The site trains in train mode; the attacker replays in eval mode. Both are the same
+    function for the project's models unless ``model.dropout > 0`` (GroupNorm has no running
+    statistics), in which case the site's dropout masks are a secret the attacker lacks.
     """
     loss_fn = loss_fn if loss_fn is not None else default_loss()
     images, labels = _as_batch(images), _as_batch(labels).float()
     if images.shape[0] != threat.batch_size:
         raise ConfigError(
-            f"batch of {images.shape[0]} slices does not match the threat's B = "
-            f"{threat.batch_size}"
+            f"batch of {images.shape[0]} slices does not match the threat's B = {threat.batch_size}"
         )
     global_model = copy.deepcopy(model).eval()
-    local = copy.deepcopy(global_model)
+    local = copy.deepcopy(global_model).train()
     params = trainable(local)
     w0 = {n: p.detach().clone() for n, p in params.items()}
     step = dp_gradient_fn(threat, generator) if threat.dp else None
@@ -159,55 +159,33 @@ def simulate_site_update(
                 if p.grad is not None:
                     p -= threat.lr * p.grad
     update = {n: (w0[n] - p.detach()).clone() for n, p in params.items()}
-    return ServerPayload(model=global_model, loss_fn=loss_fn, update=update,
-                         num_samples=images.shape[0])
+    return ServerPayload(
+        model=global_model, loss_fn=loss_fn, update=update, num_samples=images.shape[0]
+    )
 
 
 DPStep = Callable[[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
-def dp_gradient_fn(threat: ThreatModel, generator: torch.Generator | None = None,
-                   expected_batch_size: int | None = None) -> DPStep:
-    """The project's DP-SGD gradient (``privseg.privacy.dp_sgd.DPGradient``); a reference
-    clip + noise implementation only while that module is not installed (logged)."""
+def dp_gradient_fn(
+    threat: ThreatModel,
+    generator: torch.Generator | None = None,
+    expected_batch_size: int | None = None,
+) -> DPStep:
+    """The project's own DP-SGD gradient (clip, sum, noise, divide), as the site runs it.
+
+    A seeded ``generator`` makes the *simulated* site reproducible; real sites draw their
+    noise from OS entropy.
+    """
+    from privseg.privacy.dp_sgd import DPGradient
+
     assert threat.clip_norm is not None and threat.noise_multiplier is not None
-    batch = expected_batch_size or threat.batch_size
-    try:
-        from privseg.privacy.dp_sgd import DPGradient
-    except ModuleNotFoundError as exc:
-        if exc.name != "privseg.privacy.dp_sgd":
-            raise
-        log.warning("privseg.privacy.dp_sgd is missing: using the attack's reference DP step")
-        return _ReferenceDPGradient(max_grad_norm=threat.clip_norm,
-                                    noise_multiplier=threat.noise_multiplier,
-                                    expected_batch_size=batch, generator=generator)
-    return DPGradient(max_grad_norm=threat.clip_norm, noise_multiplier=threat.noise_multiplier,
-                      expected_batch_size=batch)
-
-
-class _ReferenceDPGradient:
-    """Per-sample clip to C, sum, add N(0, (sigma C)^2), divide by the expected batch size."""
-
-    def __init__(self, *, max_grad_norm: float, noise_multiplier: float,
-                 expected_batch_size: int, generator: torch.Generator | None = None) -> None:
-        self.c, self.sigma, self.b = max_grad_norm, noise_multiplier, expected_batch_size
-        self.generator = generator
-
-    def __call__(self, model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
-                 labels: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        total = [torch.zeros_like(p) for p in params]
-        for i in range(images.shape[0]):
-            loss = loss_fn(model(images[i : i + 1]), labels[i : i + 1]).sum()
-            gs = torch.autograd.grad(loss, params, allow_unused=True)
-            gs = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)]
-            norm = math.sqrt(sum(float((g * g).sum()) for g in gs))
-            f = min(1.0, self.c / (norm + 1e-6))
-            total = [t + f * g for t, g in zip(total, gs, strict=True)]
-        for p, t in zip(params, total, strict=True):
-            noise = torch.randn(p.shape, generator=self.generator) * (self.sigma * self.c)
-            p.grad = (t + noise) / self.b
-        return {}
+    return DPGradient(
+        max_grad_norm=threat.clip_norm,
+        noise_multiplier=threat.noise_multiplier,
+        expected_batch_size=expected_batch_size or threat.batch_size,
+        generator=generator,
+    )
 
 
 def default_loss() -> nn.Module:
@@ -244,16 +222,20 @@ def reconstruct(
     if threat.mask != "given" and mask is not None:
         raise ConfigError(f"mask mode {threat.mask!r}: the attacker must not be given the masks")
     model = payload.model.eval()
-    params0 = {n: p.detach().clone().requires_grad_(True) for n, p in payload.model.named_parameters()
-               if n in payload.update}
+    params0 = {
+        n: p.detach().clone().requires_grad_(True)
+        for n, p in model.named_parameters()
+        if n in payload.update
+    }
     target = [payload.update[n].detach() for n in params0]
     shape = (threat.batch_size, 1, threat.resolution, threat.resolution)
     given = _as_batch(mask).float() if mask is not None else None
     best: Reconstruction | None = None
     losses = []
     for _ in range(cfg.restarts):
-        rec = _one_restart(model, params0, target, payload.loss_fn, threat, cfg, shape, given,
-                           generator)
+        rec = _one_restart(
+            model, params0, target, payload.loss_fn, threat, cfg, shape, given, generator
+        )
         losses.append(rec.matching_loss)
         if best is None or rec.matching_loss < best.matching_loss:
             best = rec
@@ -262,8 +244,14 @@ def reconstruct(
     return best
 
 
-def _labels(model: nn.Module, params0: Params, x: torch.Tensor, mode: str,
-            given: torch.Tensor | None, mask_logits: torch.Tensor | None) -> torch.Tensor:
+def _labels(
+    model: nn.Module,
+    params0: Params,
+    x: torch.Tensor,
+    mode: str,
+    given: torch.Tensor | None,
+    mask_logits: torch.Tensor | None,
+) -> torch.Tensor:
     if mode == "given":
         assert given is not None
         return given
@@ -285,11 +273,7 @@ def _one_restart(
     given: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> Reconstruction:
-    import os
-    if os.environ.get("INIT") == "const":
-        x = (0.5 + 0.01 * torch.randn(shape, generator=generator)).requires_grad_(True)
-    else:
-        x = torch.rand(shape, generator=generator).requires_grad_(True)
+    x = torch.rand(shape, generator=generator).requires_grad_(True)
     prior = x.detach().clone()
     variables = [x]
     mask_logits = None
@@ -312,9 +296,9 @@ def _one_restart(
         with torch.no_grad():
             x.clamp_(*BOX)
     labels = _labels(model, params0, x, threat.mask, given, mask_logits)
-    update = unrolled_update(model, params0, x.detach(), labels.detach(), loss_fn, threat,
-                             create_graph=False)
-    match = float(cosine_loss(update, target))
+    update = unrolled_update(
+        model, params0, x.detach(), labels.detach(), loss_fn, threat, create_graph=False
+    )
+    match = float(cosine_loss(update, target).detach())
     masks = (labels.detach() > 0.5).float()
-    return Reconstruction(images=x.detach().clone(), masks=masks, matching_loss=match,
-                          prior=prior)
+    return Reconstruction(images=x.detach().clone(), masks=masks, matching_loss=match, prior=prior)

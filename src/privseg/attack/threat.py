@@ -131,33 +131,39 @@ class ThreatModel:
         cls,
         cfg: Config,
         *,
-        noise_multiplier: float | None = None,
-        epsilon: float | None = None,
-        sample_rate: float | None = None,
-        accounted_steps: int | None = None,
+        dp: dict[str, Any] | None = None,
+        local_steps: int | None = None,
         num_samples: int | None = None,
     ) -> ThreatModel:
-        """The threat for ``cfg.attack`` against a site trained with ``cfg`` (lr, steps, C)."""
+        """The threat of ``cfg.attack`` against a site trained with ``cfg`` (lr, local steps).
+
+        ``dp`` (keys ``noise_multiplier``, ``clip_norm``, optional ``epsilon``, ``delta``,
+        ``sample_rate``, ``steps``) turns the threat into T3. T3 takes one local step unless
+        ``local_steps`` says otherwise (T3 = T1 or T2 under DP-SGD).
+        """
         a: AttackConfig = cfg.attack
-        k = 1 if a.threat == "T1" else cfg.federated.local_steps
-        if a.threat == "T2":
-            k = max(2, k)
-        dp = a.threat == "T3"
+        threat = "T3" if dp is not None else a.threat
+        if threat == "T3" and dp is None:
+            raise ConfigError("threat T3 needs the DP setting (noise multiplier, clip norm)")
+        if local_steps is None:
+            multi = a.threat == "T2"  # T2, or T3 built on T2 (dp given with attack.threat T2)
+            local_steps = max(2, cfg.federated.local_steps) if multi else 1
+        d = dp or {}
         return cls(
-            threat=a.threat,
+            threat=threat,
             batch_size=a.batch_size,
-            local_steps=k,
+            local_steps=local_steps,
             lr=cfg.train.lr,
             mask=a.mask,
             resolution=cfg.data.resolution,
             architecture=cfg.model.name,
             num_samples=num_samples if num_samples is not None else a.batch_size,
-            clip_norm=cfg.privacy.max_grad_norm if dp else None,
-            noise_multiplier=noise_multiplier if dp else None,
-            epsilon=epsilon if dp else None,
-            delta=cfg.privacy.delta if dp else None,
-            sample_rate=sample_rate if dp else None,
-            accounted_steps=accounted_steps if dp else None,
+            clip_norm=d.get("clip_norm", cfg.privacy.max_grad_norm) if dp is not None else None,
+            noise_multiplier=d.get("noise_multiplier"),
+            epsilon=d.get("epsilon"),
+            delta=d.get("delta", cfg.privacy.delta) if dp is not None else None,
+            sample_rate=d.get("sample_rate"),
+            accounted_steps=d.get("steps"),
         )
 
 

@@ -34,6 +34,7 @@ class SiteSettings:
     site: str
     data_dir: Path
     out_dir: Path
+    worker: Path | None = None  # socket of a long-lived site worker (deployment)
 
     @property
     def ledger(self) -> Path:
@@ -59,7 +60,8 @@ def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -
         )
     data_dir = Path(str(conf["data-dir"]))
     out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
-    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir)
+    worker = Path(str(conf["worker"])) if conf.get("worker") else None
+    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker)
 
 
 TrainerFactory = Callable[..., Any]
@@ -104,13 +106,13 @@ def get_trainer(
     return cfg, _TRAINERS[key][1]
 
 
-def handle_train(
-    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
-) -> Message:
-    """Train from the global weights; reply with new weights and scalar metrics only."""
-    config = msg.content[M.CONFIG]
+# ---- the site's work, independent of Flower (also run by the deployment worker) -------------
+def site_train(
+    config: Mapping[str, Any], state: dict[str, Any], settings: SiteSettings,
+    factory: TrainerFactory = default_trainer_factory,
+) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """Train from the global weights; ``(None, metrics)`` when the site declines the round."""
     cfg, trainer = get_trainer(config, settings, factory)
-    state = msg.content[M.ARRAYS].to_torch_state_dict()
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
         new_state, metrics = trainer.fit(
@@ -120,13 +122,12 @@ def handle_train(
     except PrivacyBudgetExceeded as exc:
         log.warning("site %s declines round %s: %s", settings.site, config.get(M.CFG_ROUND), exc)
         summary = trainer.privacy_summary() or {}
-        declined = {M.DECLINED: 1.0, M.NUM_EXAMPLES: trainer.num_examples,
-                    M.EPSILON: summary.get("epsilon", math.nan), M.STEPS: 0.0,
-                    M.TRAIN_LOSS: math.nan, M.SECONDS: 0.0}
-        return Message(M.site_reply(settings.site, declined, M.TRAIN_KEYS, None), reply_to=msg)
+        return None, {M.DECLINED: 1.0, M.NUM_EXAMPLES: trainer.num_examples,
+                      M.EPSILON: summary.get("epsilon", math.nan), M.STEPS: 0.0,
+                      M.TRAIN_LOSS: math.nan, M.SECONDS: 0.0}
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
-    out = {
+    return new_state, {
         M.TRAIN_LOSS: metrics.get("train_loss", math.nan),
         M.NUM_EXAMPLES: trainer.num_examples,
         M.STEPS: metrics.get("steps", 0.0),
@@ -134,22 +135,20 @@ def handle_train(
         M.SECONDS: metrics.get("seconds", math.nan),
         M.DECLINED: 0.0,
     }
-    arrays = ArrayRecord({k: v.detach().cpu() for k, v in new_state.items()})
-    return Message(M.site_reply(settings.site, out, M.TRAIN_KEYS, arrays), reply_to=msg)
 
 
-def handle_evaluate(
-    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
-) -> Message:
-    """Dice of the global weights on a local split; only scalars go back.
+def site_evaluate(
+    config: Mapping[str, Any], state: dict[str, Any], settings: SiteSettings,
+    factory: TrainerFactory = default_trainer_factory,
+) -> dict[str, float]:
+    """Dice of the global weights on a local split (scalars only).
 
     On the final test evaluation the site also writes its full report (per-patient results,
     privacy summary) to its own folder; that file stays at the site.
     """
-    config = msg.content[M.CONFIG]
-    cfg, trainer = get_trainer(config, settings, factory)
+    _, trainer = get_trainer(config, settings, factory)
     split = str(config.get(M.CFG_SPLIT, "val"))
-    result = trainer.evaluate(msg.content[M.ARRAYS].to_torch_state_dict(), split)
+    result = trainer.evaluate(state, split)
     out: dict[str, Any] = {
         M.DICE: result.get("dice"),
         M.DICE_SD: result.get("dice_sd"),
@@ -165,7 +164,46 @@ def handle_evaluate(
             "site": settings.site, "split": split, "n_train": trainer.num_examples,
             "run_id": str(config[M.CFG_RUN_ID]), "test": result, "privacy": privacy,
         })
-    return Message(M.site_reply(settings.site, out, M.EVAL_KEYS, None), reply_to=msg)
+    return {k: M.scalar(v) for k, v in out.items()}
+
+
+# ---- message adapters -----------------------------------------------------------------------
+def _state(arrays: ArrayRecord, settings: SiteSettings) -> dict[str, Any]:
+    """Weights as torch tensors, or as numpy arrays when a worker (with torch) takes them."""
+    if settings.worker is not None:
+        return {k: a.numpy() for k, a in arrays.items()}
+    return dict(arrays.to_torch_state_dict())
+
+
+def handle_train(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """Train from the global weights; reply with new weights and scalar metrics only."""
+    config = dict(msg.content[M.CONFIG])
+    state = _state(msg.content[M.ARRAYS], settings)
+    if settings.worker is not None:
+        from privseg.federated.worker import call_worker
+
+        new_state, metrics = call_worker(settings.worker, "train", config, state)
+    else:
+        new_state, metrics = site_train(config, state, settings, factory)
+    arrays = None if new_state is None else M.array_record(new_state)
+    return Message(M.site_reply(settings.site, metrics, M.TRAIN_KEYS, arrays), reply_to=msg)
+
+
+def handle_evaluate(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """Evaluate the global weights at the site; reply with scalar metrics only."""
+    config = dict(msg.content[M.CONFIG])
+    state = _state(msg.content[M.ARRAYS], settings)
+    if settings.worker is not None:
+        from privseg.federated.worker import call_worker
+
+        _, metrics = call_worker(settings.worker, "evaluate", config, state)
+    else:
+        metrics = site_evaluate(config, state, settings, factory)
+    return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None), reply_to=msg)
 
 
 def make_client_app(

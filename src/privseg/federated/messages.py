@@ -12,7 +12,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 # ---- record keys (FedAvg's defaults for arrays and config) ---------------------------------
 ARRAYS = "arrays"
@@ -67,6 +68,16 @@ def metric_record(values: Mapping[str, Any], allowed: frozenset[str]) -> MetricR
     if unknown:
         raise ValueError(f"metric keys {sorted(unknown)} may not leave a site")
     return MetricRecord({k: scalar(v) for k, v in values.items()})
+
+
+def array_record(state: Mapping[str, Any]) -> ArrayRecord:
+    """Weights (torch tensors or numpy arrays) as an ArrayRecord, keys unchanged."""
+    out = {}
+    for key, value in state.items():
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        out[key] = Array(np.asarray(value, order="C"))
+    return ArrayRecord(out)
 
 
 def site_reply(

@@ -6,6 +6,7 @@ so the spent budget is always derived from the durable record, never from a runn
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -61,6 +62,12 @@ def epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> flo
         return 0.0
     if any(s <= 0 for s, _, _ in merged):
         return math.inf
+    return _epsilon(tuple(sorted(merged)), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(merged: tuple[Release, ...], delta: float, accountant: str) -> float:
+    """Pure, hence cached: a site asks for the same ledger's epsilon many times."""
     acc = ACCOUNTANTS[accountant]()
     acc.history = list(merged)
     return float(acc.get_epsilon(delta=delta))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class DPGradient:
         self.expected_batch_size = float(expected_batch_size)
         self.grad_path = grad_path
         self.generator = generator if generator is not None else secure_generator()
+        self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def __call__(
         self,
@@ -117,6 +119,7 @@ class DPGradient:
         ``loss_fn(logits, target)`` must return one loss per slice (never coupling slices).
         ``groups`` gives the unit id of each slice (any ids; slices of a unit share one).
         """
+        self._validate(model)
         params = [p for p in model.parameters() if p.requires_grad]
         group_t, k = _dense_groups(groups, len(images))
         if k == 0:
@@ -131,6 +134,17 @@ class DPGradient:
             p.grad = (s + self._noise(std, s)) / self.expected_batch_size
         clipped = float((norms > self.max_grad_norm).double().mean()) if k else 0.0
         return {"loss": loss, "units": k, "clipped_fraction": clipped}
+
+    def _validate(self, model: nn.Module) -> None:
+        """Refuse layers that couple samples (BatchNorm...): clipping would not bound a unit."""
+        if model in self._validated:
+            return
+        from opacus.validators import ModuleValidator
+
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ValueError(f"model is not DP-SGD ready: {'; '.join(str(e) for e in errors[:3])}")
+        self._validated.add(model)
 
     def _noise(self, std: float, ref: torch.Tensor) -> torch.Tensor:
         """Opacus's ``_generate_noise`` (non-secure branch), in the reference's dtype."""
@@ -191,6 +205,11 @@ class DPGradient:
         (same parameter tensors; ``p.grad`` is overwritten by the caller)."""
         from opacus import GradSampleModule
 
+        if not model.training:
+            raise ValueError(
+                "grad_path 'opacus' needs model.train(): Opacus hooks only "
+                "capture activations in training mode"
+            )
         saved = [p.grad for p in params]
         gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         try:

@@ -1,0 +1,226 @@
+"""Benchmark (issue 7): cost of one DP-SGD optimizer step vs the fastest non-private step.
+
+Variants, all one optimizer step on one batch of ``--batch`` slices (slice units):
+  plain     batched forward/backward
+  micro4/8  the same gradient, accumulated over micro-batches of 4 / 8 slices
+  dp-loop   DPGradient(grad_path="loop") + step   (per-unit backward passes)
+  dp-opacus DPGradient(grad_path="opacus") + step (Opacus hooks, one batched pass)
+
+Time: variants interleaved round-robin in one process, median after warm-up.
+Memory: each variant alone in a fresh subprocess; extra peak RSS = the kernel's peak-RSS mark
+(VmHWM, reset via /proc/self/clear_refs once model and data are built) minus RSS at that point,
+so imports and weights are not counted (falls back to ru_maxrss where the reset is refused).
+
+    OMP_NUM_THREADS=1 python bench/dp_step.py --resolution 64 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NONPRIVATE = ("plain", "micro4", "micro8")
+PRIVATE = ("dp-loop", "dp-opacus")
+VARIANTS = NONPRIVATE + PRIVATE
+
+
+def build(model_name: str, features: int) -> nn.Module:
+    from privseg.config import ModelConfig
+    from privseg.models import build_model
+
+    return build_model(ModelConfig(name=model_name, features=features))
+
+
+def loss_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    try:
+        from privseg.training.losses import DiceBCELoss
+
+        return DiceBCELoss()
+    except ImportError:  # pragma: no cover - fallback while losses are being written
+
+        def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(
+                (1, 2, 3)
+            )
+
+        return bce
+
+
+def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
+    """A closure doing one full optimizer step of ``variant`` on a fixed synthetic batch."""
+    from privseg.config import PrivacyConfig
+    from privseg.privacy.dp_sgd import DPGradient
+
+    torch.manual_seed(0)
+    model = build(args.model, args.features)
+    loss_fn = loss_function()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    r, b = args.resolution, args.batch
+    images = torch.rand(b, 1, r, r)
+    labels = (torch.rand(b, 1, r, r) > 0.7).float()
+    groups = torch.arange(b)
+
+    if variant in PRIVATE:
+        dp = DPGradient(
+            max_grad_norm=PrivacyConfig().max_grad_norm,
+            noise_multiplier=1.0,
+            expected_batch_size=b,
+            grad_path=variant.removeprefix("dp-"),
+        )
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            dp(model, loss_fn, images, labels, groups)
+            opt.step()
+
+        return step
+
+    micro = b if variant == "plain" else int(variant.removeprefix("micro"))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for i in range(0, b, micro):
+            loss = loss_fn(model(images[i : i + micro]), labels[i : i + micro]).sum() / b
+            loss.backward()
+        opt.step()
+
+    return step
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return float(line.split()[1]) / 1024.0  # kB
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) so import/build peaks are not counted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(variant: str, args: argparse.Namespace) -> None:
+    """Run in a fresh process: print the extra peak RSS (MB) of a few steps of ``variant``."""
+    import gc
+
+    step = make_step(variant, args)
+    gc.collect()
+    if _reset_peak():
+        base, method = _status_mb("VmRSS"), "VmHWM after clear_refs"
+    else:  # ru_maxrss cannot be reset: import peaks may hide the step's own memory
+        base, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, "ru_maxrss"
+    for _ in range(2):
+        step()
+    peak = (
+        _status_mb("VmHWM")
+        if method.startswith("VmHWM")
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    )
+    print(
+        json.dumps({"variant": variant, "extra_mb": peak - base, "base_mb": base, "method": method})
+    )
+
+
+def measure_memory(variant: str, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--child", variant, *child_args(args)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["extra_mb"])
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model", args.model, "--features", str(args.features), "--batch", str(args.batch),
+        "--threads", str(args.threads), "--resolution", str(args.resolution),
+    ]  # fmt: skip
+
+
+def bench_resolution(args: argparse.Namespace) -> dict:
+    steps = {v: make_step(v, args) for v in VARIANTS}
+    for _ in range(args.warmup):
+        for v in VARIANTS:
+            steps[v]()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v in VARIANTS:  # interleaved: load changes hit every variant alike
+            t = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - t)
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    mem = {v: measure_memory(v, args) for v in VARIANTS} if not args.no_memory else {}
+    fastest = min(NONPRIVATE, key=med.__getitem__)
+    return {"resolution": args.resolution, "median_s": med, "extra_peak_mb": mem,
+            "fastest_nonprivate": fastest}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="unet")
+    ap.add_argument("--features", type=int, default=16)
+    ap.add_argument("--resolution", type=int, nargs="+", default=[64])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        args.resolution = args.resolution[0]
+        memory_child(args.child, args)
+        return
+
+    from privseg.config import PrivacyConfig
+
+    default_path = "dp-" + PrivacyConfig().grad_path
+    results = []
+    resolutions = list(args.resolution)
+    for res in resolutions:
+        args.resolution = res
+        results.append(bench_resolution(args))
+    print(f"model={args.model} batch={args.batch} threads={args.threads} repeats={args.repeats}")
+    print(f"{'res':>5} {'variant':>10} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
+    for r in results:
+        base = r["median_s"][r["fastest_nonprivate"]]
+        for v in VARIANTS:
+            mem = r["extra_peak_mb"].get(v, float("nan"))
+            mark = " *" if v == r["fastest_nonprivate"] else ""
+            print(f"{r['resolution']:>5} {v:>10} {r['median_s'][v]:>9.3f} "
+                  f"{r['median_s'][v] / base:>9.2f} {mem:>9.1f}{mark}")  # fmt: skip
+    last = results[-1]
+    fast = last["fastest_nonprivate"]
+    mem = last["extra_peak_mb"]
+    summary = {
+        "model": args.model,
+        "resolution": last["resolution"],
+        "batch": args.batch,
+        "threads": args.threads,
+        "default_path": default_path.removeprefix("dp-"),
+        "fastest_nonprivate": fast,
+        "time_ratio": last["median_s"][default_path] / last["median_s"][fast],
+        "time_ratio_opacus": last["median_s"]["dp-opacus"] / last["median_s"][fast],
+        "memory_ratio": (mem[default_path] / mem[fast]) if mem and mem[fast] > 0 else None,
+        "memory_ratio_opacus": (mem["dp-opacus"] / mem[fast]) if mem and mem[fast] > 0 else None,
+        "results": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Seconds per federated round for the same local work: plain loop, Flower simulation, and a
+loopback deployment (SuperLink + one SuperNode per site, TLS, separate processes).
+
+    python bench/federation.py [--rounds 3] [--local-steps 5] [--sites 3] [--resolution 32]
+
+The last line is JSON with ``simulation_overhead`` (simulation s/round over plain s/round,
+minus 1) and ``deployment_seconds_per_round_overhead`` (deployment s/round minus plain).
+Rounds after the first are "steady"; the first round also pays process start and imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+import torch
+
+from privseg.config import Config
+from privseg.data.cache import SliceCache, prepare_cache
+from privseg.data.phantom import synth_task
+from privseg.federated.certs import make_certs
+from privseg.federated.deployment import free_port
+from privseg.federated.server_app import initial_state
+from privseg.federated.simulation import run_federated
+from privseg.training.trainer import build_site_trainer
+
+CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    return Config.from_dict({
+        "data": {"resolution": args.resolution, "sites": args.sites},
+        "model": {"features": 8, "groups": 2},
+        "train": {"batch_size": 8, "threads": args.threads},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+        "federated": {"rounds": args.rounds, "local_steps": args.local_steps,
+                      "min_sites": args.sites, "round_timeout": 600.0},
+    })
+
+
+def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
+    """The same rounds with no engine: fit every site, average, validate every site."""
+    fed = cfg.federated
+    sites = SliceCache.open(cache).sites
+    trainers = [build_site_trainer(cfg, cache, s, ledger_path=out / f"{s}.sqlite",
+                                   planned_steps=fed.rounds * fed.local_steps, run_id="plain")
+                for s in sites]
+    state = initial_state(cfg)
+    seconds = []
+    for _ in range(fed.rounds):
+        t0 = time.perf_counter()
+        states, weights = [], []
+        for trainer in trainers:
+            new, _ = trainer.fit(state, fed.local_steps, run_id="plain")
+            states.append(new)
+            weights.append(trainer.num_examples)
+        total = sum(weights)
+        state = {k: sum(s[k].float() * w / total for s, w in zip(states, weights, strict=True))
+                 .to(state[k].dtype) for k in state}
+        for trainer in trainers:
+            trainer.evaluate(state, "val")
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def deployment(cfg: Config, cache: Path, root: Path) -> list[float]:
+    sites = SliceCache.open(cache).sites
+    certs = root / "certs"
+    make_certs(certs, sites)
+    cfg_file = root / "cfg.toml"
+    cfg_file.write_text(cfg.to_toml())
+    port, run = free_port(), root / "deploy"
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [*CLI, "server", "--config", str(cfg_file), "--out", str(run), "--port", str(port),
+             "--certs", str(certs)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True))
+        for site in sites:
+            procs.append(subprocess.Popen(
+                [*CLI, "site", "--data", str(cache), "--site", site, "--server",
+                 f"127.0.0.1:{port}", "--certs", str(certs), "--out", str(root / site),
+                 "--timeout", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True))
+        if procs[0].wait(1800):
+            raise SystemExit("the deployment run failed; see " + str(run / "logs"))
+        return [h["seconds"] for h in json.loads((run / "results.json").read_text())["history"]]
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            proc.wait()
+
+
+def summary(name: str, seconds: list[float]) -> dict[str, float]:
+    steady = seconds[1:] or seconds
+    row = {"first": seconds[0], "steady": mean(steady), "mean": mean(seconds)}
+    print(f"{name:11s} first round {row['first']:6.2f} s, later rounds {row['steady']:6.2f} s, "
+          f"mean {row['mean']:6.2f} s", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-deployment", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = make_config(args)
+    with tempfile.TemporaryDirectory(prefix="privseg-bench-") as tmp:
+        root = Path(tmp)
+        task = synth_task(root / "task", sites=args.sites, patients_per_site=4,
+                          size=args.resolution, slices=8)
+        cache = prepare_cache(task, root / "cache", cfg.data, seed=0).root
+        rows = {"plain": summary("plain", plain(cfg, Path(cache), root / "plain"))}
+        sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
+        rows["simulation"] = summary("simulation", [h["seconds"] for h in sim["history"]])
+        if not args.skip_deployment:
+            rows["deployment"] = summary("deployment", deployment(cfg, Path(cache), root))
+    base = rows["plain"]["steady"]
+    out = {
+        "rounds": args.rounds, "local_steps": args.local_steps, "sites": args.sites,
+        "seconds_per_round": {k: v["steady"] for k, v in rows.items()},
+        "first_round_seconds": {k: v["first"] for k, v in rows.items()},
+        "simulation_overhead": rows["simulation"]["steady"] / base - 1.0,
+        "deployment_seconds_per_round_overhead": (
+            rows["deployment"]["steady"] - base if "deployment" in rows else None),
+    }
+    print(f"overhead: simulation {out['simulation_overhead']:+.0%} per round, deployment "
+          f"{out['deployment_seconds_per_round_overhead'] or float('nan'):+.2f} s per round")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,462 @@
+"""Run the gradient-inversion attack and the audit on a trained model; write the results.
+
+The runner is the only place that holds both the private slices and the attacker: it plays
+the site (``simulate_site_update``), hands the server's view to the attacker (``reconstruct``),
+and scores the result against the truth afterwards (``metrics.score``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from privseg.attack import metrics
+from privseg.attack.audit import audit_model
+from privseg.attack.inversion import default_loss, reconstruct, simulate_site_update
+from privseg.attack.threat import ThreatModel
+from privseg.config import Config
+from privseg.errors import DataError
+from privseg.io import atomic_write_bytes, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+GALLERY_OTHERS = 15
+CHANCE_SLICES = 8
+
+
+def _no_progress(description: str, completed: int, total: int) -> None:
+    return None
+
+
+# ---- DP setting of a site -----------------------------------------------------------------
+def dp_setting(
+    cfg: Config,
+    *,
+    n_train: int,
+    epsilon: float | None = None,
+    site_row: dict[str, Any] | None = None,
+    federated: bool = True,
+) -> dict[str, Any]:
+    """The site's DP-SGD parameters: the run's own (``site_row`` from results.json) when it
+    was private and no other ``epsilon`` is asked for, else sigma calibrated for ``epsilon``
+    (default ``privacy.target_epsilon``) at the run's sample rate and planned steps."""
+    from privseg.privacy.accounting import calibrate_noise
+
+    row = site_row or {}
+    if epsilon is None and row.get("noise_multiplier"):
+        return {
+            "noise_multiplier": float(row["noise_multiplier"]),
+            "clip_norm": float(row.get("clip_norm") or cfg.privacy.max_grad_norm),
+            "epsilon": row.get("epsilon"),
+            "delta": float(row.get("delta") or cfg.privacy.delta),
+            "sample_rate": row.get("sample_rate"),
+            "steps": row.get("steps"),
+            "source": "run",
+        }
+    eps = float(epsilon if epsilon is not None else (cfg.privacy.target_epsilon or 8.0))
+    batch = max(1, min(cfg.train.batch_size, n_train))
+    q = float(row.get("sample_rate") or batch / max(n_train, 1))
+    if row.get("steps"):
+        steps = int(row["steps"])
+    elif federated:
+        steps = cfg.federated.rounds * cfg.federated.local_steps
+    else:
+        steps = cfg.train.epochs * math.ceil(n_train / batch)
+    sigma = calibrate_noise(
+        target_epsilon=eps,
+        delta=cfg.privacy.delta,
+        sample_rate=q,
+        steps=steps,
+        accountant=cfg.privacy.accountant,
+    )
+    return {
+        "noise_multiplier": sigma,
+        "clip_norm": cfg.privacy.max_grad_norm,
+        "epsilon": eps,
+        "delta": cfg.privacy.delta,
+        "sample_rate": q,
+        "steps": steps,
+        "source": "calibrated",
+    }
+
+
+# ---- the attack on a model and a site's slices ---------------------------------------------
+def _pick_targets(n: int, targets: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    need = targets * batch
+    if n < need + 1:
+        raise DataError(
+            f"the site has {n} training slices; the attack needs more than "
+            f"{need} ({targets} targets x batch {batch})"
+        )
+    order = rng.permutation(n)[:need]
+    return [order[i * batch : (i + 1) * batch] for i in range(targets)]
+
+
+def _others(
+    i: int, patients: np.ndarray | None, n: int, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``k`` slices of other patients than slice ``i``'s (other slices when none are known)."""
+    if patients is not None:
+        pool = np.flatnonzero(patients != patients[i])
+        if len(pool) == 0:
+            pool = np.setdiff1d(np.arange(n), [i])
+    else:
+        pool = np.setdiff1d(np.arange(n), [i])
+    return rng.choice(pool, size=min(k, len(pool)), replace=False)
+
+
+def run_attack_on_model(
+    model: nn.Module,
+    images: Any,
+    labels: Any,
+    *,
+    threat: ThreatModel | None = None,
+    cfg: Config,
+    dp: dict[str, Any] | None = None,
+    patients: Any = None,
+    seed: int | None = None,
+    loss_fn: nn.Module | None = None,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """Attack ``cfg.attack.targets`` batches drawn from ``images``/``labels`` (a site's training
+    slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_setting`) makes it T3.
+
+    With ``out_dir``, writes ``attack.json`` and ``attack.png`` there. Seeded by ``seed``
+    (default ``cfg.seed``): target choice, the attacker's initial dummies, the site's DP noise
+    while the project's DP step is a stand-in.
+    """
+    progress = progress or _no_progress
+    seed = cfg.seed if seed is None else seed
+    loss_fn = loss_fn if loss_fn is not None else default_loss()
+    x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    y_all = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+    pats = None if patients is None else np.asarray(patients)
+    n = len(x_all)
+    if threat is None:
+        threat = ThreatModel.from_config(cfg, dp=dp, num_samples=cfg.attack.batch_size)
+    if threat.resolution != x_all.shape[-1]:
+        threat = ThreatModel(**{**_fields(threat), "resolution": int(x_all.shape[-1])})
+    rng = np.random.default_rng([seed, 7])
+    batches = _pick_targets(n, cfg.attack.targets, threat.batch_size, rng)
+    victim_gen = torch.Generator().manual_seed(seed + 1)
+    attacker_gen = torch.Generator().manual_seed(seed + 2)
+    rows: list[dict[str, Any]] = []
+    shown: list[tuple[np.ndarray, np.ndarray]] = []
+    started = time.perf_counter()
+    for t, idx in enumerate(batches):
+        progress(f"attack{label}: target {t + 1}/{len(batches)}", t, len(batches))
+        x, y = x_all[idx][:, None], y_all[idx][:, None]
+        payload = simulate_site_update(model, x, y, threat, loss_fn=loss_fn, generator=victim_gen)
+        rec = reconstruct(
+            payload,
+            threat,
+            cfg.attack,
+            mask=y if threat.mask == "given" else None,
+            generator=attacker_gen,
+        )
+        chance = [x_all[_others(int(i), pats, n, CHANCE_SLICES, rng)] for i in idx]
+        galleries = []
+        for i in idx:
+            others = _others(int(i), pats, n, GALLERY_OTHERS, rng)
+            gal = torch.cat([x_all[int(i)][None], x_all[others]])
+            galleries.append((0, gal))
+        scored = metrics.score(
+            rec.images,
+            x,
+            prior=rec.prior,
+            chance=chance,
+            galleries=galleries,
+            recon_masks=rec.masks if threat.mask != "given" else None,
+            target_masks=y if threat.mask != "given" else None,
+            matching_loss=rec.matching_loss,
+        )
+        perm = metrics.match(rec.images, x)
+        for row, i in zip(scored, idx, strict=True):
+            row.update(
+                {
+                    "batch": t,
+                    "slice_index": int(i),
+                    "patient": None if pats is None else int(pats[int(i)]),
+                    "restart_losses": rec.restart_losses,
+                }
+            )
+        rows.extend(scored)
+        for b in range(len(idx)):
+            shown.append((x[b, 0].numpy(), rec.images[int(perm[b]), 0].numpy()))
+    progress(f"attack{label}: done", len(batches), len(batches))
+    summary = metrics.summarise(rows)
+    result: dict[str, Any] = {
+        "threat": threat.threat,
+        "dp": threat.dp,
+        "epsilon": threat.epsilon if threat.dp else None,
+        "noise_multiplier": threat.noise_multiplier,
+        "batch_size": threat.batch_size,
+        "mask_mode": threat.mask,
+        "local_steps": threat.local_steps,
+        **summary,
+        "iterations": cfg.attack.iterations,
+        "restarts": cfg.attack.restarts,
+        "attack_lr": cfg.attack.lr,
+        "tv_weight": cfg.attack.tv_weight,
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+        "threat_model": threat.to_dict(),
+        "dp_setting": dp,
+        "targets": rows,
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_json(out_dir / "attack.json", result)
+        atomic_write_bytes(out_dir / "attack.png", _grid_png(shown, result))
+    return result
+
+
+def _fields(threat: ThreatModel) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(threat, f.name) for f in dataclasses.fields(threat)}
+
+
+def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]], result: dict[str, Any]) -> bytes:
+    """Originals (top row) over their matched reconstructions (bottom row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = pairs[:8]
+    cols = max(1, len(pairs))
+    fig, axes = plt.subplots(2, cols, figsize=(max(4.5, 1.9 * cols), 4.6), squeeze=False)
+    for c, (orig, rec) in enumerate(pairs):
+        for r, img in enumerate((orig, rec)):
+            axes[r][c].imshow(img, cmap="gray", vmin=0.0, vmax=1.0)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[0][c].set_title(f"target {c}", fontsize=8)
+        row = result["targets"][c] if c < len(result["targets"]) else {}
+        if row:
+            axes[1][c].set_title(f"{row['psnr']:.1f} dB / {row['ssim']:.2f}", fontsize=8)
+    axes[0][0].set_ylabel("original")
+    axes[1][0].set_ylabel("reconstruction")
+    eps = result.get("epsilon")
+    setting = "no DP" if not result["dp"] else f"DP-SGD ε={eps:g}" if eps else "DP-SGD"
+    fig.suptitle(
+        f"{result['threat']} B={result['batch_size']} mask={result['mask_mode']}, {setting}\n"
+        f"PSNR median {result['psnr_median']:.1f} dB "
+        f"(chance {result['chance_psnr_median']:.1f}, prior {result['prior_psnr_median']:.1f})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---- run folders ---------------------------------------------------------------------------
+def _load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], Any]:
+    from privseg.data.cache import SliceCache
+    from privseg.training.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run folder {run_dir} does not exist")
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        raise DataError(f"{results_path} does not exist: is {run_dir} a finished run?")
+    cfg = Config.load(run_dir / "config.toml")
+    model, _, _ = load_checkpoint(run_dir / "checkpoint.pt")
+    results = read_json(results_path)
+    cache_dir = results.get("cache_dir")
+    if not cache_dir:
+        raise DataError(f"{results_path} has no 'cache_dir': cannot find the site's slices")
+    cache = SliceCache.open(Path(cache_dir))
+    if site not in cache.sites:
+        raise DataError(f"site {site!r} is not in {cache_dir}; sites: {', '.join(cache.sites)}")
+    return model, cfg, results, cache.split(site, "train")
+
+
+def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
+    for row in results.get("sites") or []:
+        if row.get("name") == site:
+            return row
+    return {}
+
+
+def run_attack(
+    run_dir: Path,
+    *,
+    site: str,
+    threat: str | None = None,
+    batch_size: int | None = None,
+    iterations: int | None = None,
+    restarts: int | None = None,
+    mask: str | None = None,
+    targets: int | None = None,
+    epsilon: float | None = None,
+    overrides: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
+
+    ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
+    private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
+    """
+    model, cfg, results, split = _load_run(run_dir, site)
+    changes = {
+        "attack.threat": threat,
+        "attack.batch_size": batch_size,
+        "attack.iterations": iterations,
+        "attack.restarts": restarts,
+        "attack.mask": mask,
+        "attack.targets": targets,
+    }
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    if overrides:
+        from privseg.config import apply_override
+
+        raw = cfg.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        cfg = Config.from_dict(raw)
+    dp = None
+    if cfg.attack.threat == "T3" or epsilon is not None:
+        dp = dp_setting(
+            cfg,
+            n_train=len(split),
+            epsilon=epsilon,
+            site_row=_site_row(results, site),
+            federated=results.get("mode") == "federated",
+        )
+    result = run_attack_on_model(
+        model,
+        split.images,
+        split.labels,
+        cfg=cfg,
+        dp=dp,
+        patients=split.patient,
+        out_dir=Path(run_dir) / "attack",
+        progress=progress,
+    )
+    result["site"] = site
+    write_json(Path(run_dir) / "attack" / "attack.json", result)
+    return result
+
+
+def run_audit(
+    run_dir: Path,
+    *,
+    site: str,
+    trials: int | None = None,
+    candidates: int | None = None,
+    epsilon: float | None = None,
+) -> dict[str, Any]:
+    """The K-way identification audit on ``site``; writes ``RUN_DIR/attack/audit.json``.
+
+    The run's own DP noise when it was private (or sigma for ``epsilon``); a non-private run
+    is audited without noise (reported epsilon = infinity, bound 1).
+    """
+    model, cfg, results, split = _load_run(run_dir, site)
+    row = _site_row(results, site)
+    dp = None
+    if epsilon is not None or row.get("noise_multiplier"):
+        dp = dp_setting(
+            cfg,
+            n_train=len(split),
+            epsilon=epsilon,
+            site_row=row,
+            federated=results.get("mode") == "federated",
+        )
+    result = _audit(model, split, cfg, dp, trials=trials, candidates=candidates)
+    result["site"] = site
+    write_json(Path(run_dir) / "attack" / "audit.json", result)
+    return result
+
+
+def _audit(
+    model: nn.Module,
+    split: Any,
+    cfg: Config,
+    dp: dict[str, Any] | None,
+    *,
+    trials: int | None = None,
+    candidates: int | None = None,
+) -> dict[str, Any]:
+    return audit_model(
+        model,
+        split.images,
+        split.labels,
+        clip_norm=float(dp["clip_norm"]) if dp else cfg.privacy.max_grad_norm,
+        noise_multiplier=float(dp["noise_multiplier"]) if dp else 0.0,
+        epsilon=dp.get("epsilon") if dp else None,
+        delta=float(dp["delta"]) if dp else cfg.privacy.delta,
+        trials=trials or cfg.attack.audit_trials,
+        candidates=candidates or cfg.attack.audit_candidates,
+        seed=cfg.seed,
+        sample_rate=dp.get("sample_rate") if dp else None,
+        steps=dp.get("steps") if dp else None,
+    )
+
+
+def run_attack_study(
+    cfg: Config,
+    *,
+    cache: Any,
+    checkpoint: Path | None,
+    out_dir: Path,
+    epsilons: list[float | None],
+    site: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
+    epsilon (sigma calibrated for the federated setting); an audit for each. Writes
+    ``out_dir/<setting>/attack.json|png`` and ``audit.json``."""
+    from privseg.models import build_model
+    from privseg.training.checkpoint import load_checkpoint
+
+    site = site or cache.sites[0]
+    split = cache.split(site, "train")
+    if checkpoint is not None:
+        model, _, _ = load_checkpoint(checkpoint)
+        weights = str(checkpoint)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model).eval()
+        weights = "random initialisation (no federated checkpoint)"
+    if cfg.attack.threat == "T3":
+        cfg = cfg.replace(**{"attack.threat": "T1"})
+    attacks, audits = [], []
+    for eps in epsilons:
+        key = "no_dp" if eps is None else f"dp_eps{eps:g}"
+        dp = None if eps is None else dp_setting(cfg, n_train=len(split), epsilon=eps)
+        res = run_attack_on_model(
+            model,
+            split.images,
+            split.labels,
+            cfg=cfg,
+            dp=dp,
+            patients=split.patient,
+            out_dir=Path(out_dir) / key,
+            progress=progress,
+            label=f" ({key})",
+        )
+        res.update({"site": site, "setting": key, "weights": weights})
+        write_json(Path(out_dir) / key / "attack.json", res)
+        aud = _audit(model, split, cfg, dp)
+        aud.update({"site": site, "setting": key})
+        write_json(Path(out_dir) / key / "audit.json", aud)
+        attacks.append(res)
+        audits.append(aud)
+    return attacks, audits

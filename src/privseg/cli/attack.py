@@ -1,0 +1,148 @@
+"""`privseg attack` and `privseg audit`: gradient inversion and the empirical privacy audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from privseg.cli.common import console, user_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("attack")(attack)
+    app.command("audit")(audit)
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+@user_errors
+def attack(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (checkpoint, config)."),
+    site: str = typer.Option(..., "--site", help="Site whose update is attacked."),
+    threat: str | None = typer.Option(None, "--threat", help="T1 | T2 | T3"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Slices per update (1-32)."),
+    iterations: int | None = typer.Option(None, "--iterations", help="Optimiser iterations."),
+    restarts: int | None = typer.Option(None, "--restarts", help="Random restarts."),
+    mask: str | None = typer.Option(None, "--mask", help="given | joint | predicted"),
+    targets: int | None = typer.Option(None, "--targets", help="Attacked updates."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="Attack DP-SGD at this epsilon."),
+    output: str = typer.Option("table", "--format", help="table | json"),
+) -> None:
+    """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
+    from privseg.attack.runner import run_attack
+    from privseg.cli.common import progress_bar
+
+    with progress_bar(transient=True) as progress:
+        res = run_attack(
+            run_dir,
+            site=site,
+            threat=threat,
+            batch_size=batch_size,
+            iterations=iterations,
+            restarts=restarts,
+            mask=mask,
+            targets=targets,
+            epsilon=epsilon,
+            progress=progress,
+        )
+    if output == "json":
+        console.print_json(json.dumps({k: v for k, v in res.items() if k != "targets"}))
+        return
+    from privseg.attack.threat import ThreatModel
+
+    tm = ThreatModel(
+        **{
+            k: v
+            for k, v in res["threat_model"].items()
+            if k in ThreatModel.__dataclass_fields__ and k != "sees"
+        }
+    )
+    console.print(f"[bold]threat model[/] {tm.describe()}")
+    table = Table(
+        title=f"gradient inversion, {res['threat']}, "
+        + (
+            f"DP ε={res['epsilon']:g}"
+            if res["dp"] and res["epsilon"]
+            else "DP"
+            if res["dp"]
+            else "no DP"
+        )
+    )
+    for col in (
+        "target",
+        "PSNR",
+        "PSNR body",
+        "SSIM",
+        "prior PSNR",
+        "chance PSNR",
+        "re-id",
+        "match loss",
+    ):
+        table.add_column(col)
+    for r in res["targets"]:
+        table.add_row(
+            str(r["target"] + r["batch"] * res["batch_size"]),
+            _fmt(r["psnr"]),
+            _fmt(r["psnr_body"]),
+            _fmt(r["ssim"], ".3f"),
+            _fmt(r["prior_psnr"]),
+            _fmt(r["chance_psnr"]),
+            "yes" if r["reidentified"] else "no",
+            _fmt(r["matching_loss"], ".4f"),
+        )
+    table.add_row(
+        "median",
+        _fmt(res["psnr_median"]),
+        _fmt(res["psnr_body_median"]),
+        _fmt(res["ssim_median"], ".3f"),
+        _fmt(res["prior_psnr_median"]),
+        _fmt(res["chance_psnr_median"]),
+        f"{res['reidentification_rate']:.0%}",
+        _fmt(res["matching_loss_median"], ".4f"),
+    )
+    console.print(table)
+    console.print(f"wrote {run_dir}/attack/attack.json and attack.png")
+
+
+@user_errors
+def audit(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (checkpoint, config)."),
+    site: str = typer.Option(..., "--site", help="Site whose DP mechanism is audited."),
+    trials: int | None = typer.Option(None, "--trials", help="Games played."),
+    candidates: int | None = typer.Option(None, "--candidates", help="K candidates per game."),
+    epsilon: float | None = typer.Option(None, "--epsilon", help="Audit DP-SGD at this epsilon."),
+    output: str = typer.Option("table", "--format", help="table | json"),
+) -> None:
+    """Empirical K-way identification game against one DP-SGD release; write audit.json."""
+    from privseg.attack.runner import run_audit
+
+    res = run_audit(run_dir, site=site, trials=trials, candidates=candidates, epsilon=epsilon)
+    if output == "json":
+        console.print_json(json.dumps(res))
+        return
+    console.print(f"[bold]game[/] {res['mechanism']}; adjacency {res['adjacency']}")
+    table = Table(title=f"privacy audit, site {site}")
+    for col in ("trials", "K", "success", "95% CI", "bound (ε,δ)", "bound GDP", "held"):
+        table.add_column(col)
+    lo, hi = res["ci"]
+    table.add_row(
+        str(res["trials"]),
+        str(res["candidates"]),
+        f"{res['success_rate']:.3f}",
+        f"[{lo:.3f}, {hi:.3f}]",
+        f"{res['bound']:.3f}",
+        f"{res['bound_gdp']:.3f}",
+        "[green]yes[/]" if res["held"] else "[red]NO[/]",
+    )
+    console.print(table)
+    eps = "∞ (no DP)" if res["epsilon"] is None else f"{res['epsilon']:g}"
+    console.print(
+        f"ε = {eps}, δ = {res['delta']:g}, σ = {res['noise_multiplier']:.4g}, "
+        f"C = {res['clip_norm']:g}; wrote {run_dir}/attack/audit.json"
+    )

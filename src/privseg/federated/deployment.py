@@ -1,0 +1,380 @@
+"""Real multi-site deployment: a SuperLink at the server, a SuperNode at every site.
+
+``serve`` starts ``flower-superlink`` (TLS and SuperNode authentication by default), registers
+every site's public key, submits the run with ``flwr run`` and waits for it. ``join`` starts a
+site: its worker (torch and the trainer stay loaded between rounds) and ``flower-supernode``.
+Every process started here is stopped by process group when the call returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from privseg.config import Config
+from privseg.errors import DataError, FederationError
+from privseg.federated.certs import CertFiles
+from privseg.federated.server_app import STATUS_FILE
+from privseg.io import atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "privseg"
+APP_PYPROJECT = """\
+# The Flower App that `privseg server` submits with `flwr run`. It holds no code: both
+# components live in the installed privseg package, which the server and every site need.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "privseg-federation"
+version = "1.0.0"
+description = "privseg: DP-SGD CT segmentation across hospitals"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "privseg"
+
+[tool.flwr.app.components]
+serverapp = "privseg.federated.server_app:app"
+clientapp = "privseg.federated.client_app:app"
+
+[tool.flwr.app.config]
+privseg-config = ""
+run-id = ""
+out-dir = ""
+resume = false
+"""
+
+
+# ---- processes -------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (bind to port 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower's executables: this interpreter's bin first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def flower_bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else (shutil.which(name) or name)
+
+
+class Processes:
+    """Processes started in their own process group; ``stop()`` ends each group by its id."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+    def start(self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path
+              ) -> subprocess.Popen[bytes]:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "ab") as fh:
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs[name] = (proc, log_file)
+        atomic_write_text(log_file.with_suffix(".pid"), f"{proc.pid}\n")  # for manual cleanup
+        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        return proc
+
+    def tail(self, name: str, lines: int = 15) -> str:
+        _, log_file = self.procs[name]
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc, _ in self.procs.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc, _ in self.procs.values():
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # children (flwr-serverapp, ...) too
+            proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> Processes:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            if getattr(self, "_previous", None) is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds, so every started process group is stopped
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+# ---- server ----------------------------------------------------------------------------------
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_flower_home(home: Path, address: str, ca: Path | None) -> None:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection named ``privseg``."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f"address = {_toml_str(address)}"]
+    lines.append(f"root-certificates = {_toml_str(str(ca))}" if ca else "insecure = true")
+    atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
+
+
+def write_app(folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool) -> Path:
+    """The Flower App folder and its run-config file; returns the run-config path."""
+    atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
+    run_config = folder.parent / "run-config.toml"
+    atomic_write_text(run_config, "".join([
+        f"privseg-config = {_toml_str(cfg.to_toml())}\n",
+        f"run-id = {_toml_str(run_id)}\n",
+        f"out-dir = {_toml_str(str(out.resolve()))}\n",
+        f"resume = {'true' if resume else 'false'}\n",
+    ]))
+    return run_config
+
+
+def serve(
+    cfg: Config,
+    *,
+    out: Path,
+    port: int,
+    certs: Path | None,
+    insecure: bool = False,
+    host: str = "127.0.0.1",
+    resume: bool = False,
+    run_id: str | None = None,
+    echo: Callable[[str], None] | None = None,
+    startup_timeout: float = 60.0,
+) -> dict[str, Any]:
+    """Run the whole federation from the server side; return ``results.json``."""
+    out = Path(out).resolve()
+    files = CertFiles(Path(certs)) if certs else None
+    if not insecure:
+        if files is None:
+            raise FederationError("--certs DIR is required (or --insecure, for tests only)")
+        for path in (files.ca, files.server_cert, files.server_key):
+            if not path.is_file():
+                raise FederationError(f"{path} is missing: run `privseg certs {files.root}`")
+    else:
+        log.warning("INSECURE: the SuperLink runs without TLS; weights travel in clear text")
+    keys = files.site_public_keys() if files else {}
+    if not keys and not insecure:
+        raise FederationError(f"no site public keys in {files.root / 'sites' if files else '?'}")
+    if len(keys) and len(keys) < cfg.federated.min_sites:
+        raise FederationError(f"{len(keys)} site key(s) registered but federated.min_sites = "
+                              f"{cfg.federated.min_sites}")
+    run_id = run_id or uuid.uuid4().hex
+    home = out / ".flwr"
+    address = f"{host}:{port}"
+    write_flower_home(home, address, None if insecure else files.ca if files else None)
+    run_config = write_app(home / "app", cfg, run_id=run_id, out=out, resume=resume)
+    (out / STATUS_FILE).unlink(missing_ok=True)
+    env = flower_env(home)
+    argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if insecure:
+        argv.append("--insecure")
+    else:
+        assert files is not None
+        argv += ["--ssl-ca-certfile", str(files.ca), "--ssl-certfile", str(files.server_cert),
+                 "--ssl-keyfile", str(files.server_key)]
+    if keys:
+        argv.append("--enable-supernode-auth")
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    with Processes() as procs:
+        link = procs.start("superlink", argv, env=env, log_file=out / "logs" / "superlink.log")
+        if not wait_for_port(host, port, startup_timeout, link):
+            raise FederationError(f"the SuperLink did not start on {address}:\n"
+                                  f"{procs.tail('superlink')}")
+        for site, pub in keys.items():
+            res = subprocess.run(
+                [flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--name",
+                 site], env=env, capture_output=True, text=True, timeout=120)
+            if res.returncode:
+                raise FederationError(f"registering {site}'s key failed:\n{res.stdout}{res.stderr}")
+        echo(f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
+             f"{len(keys)} site key(s) registered; waiting for sites...")
+        with open(out / "logs" / "run.log", "a") as run_log:
+            proc = subprocess.Popen(
+                [flower_bin("flwr"), "run", str(home / "app"), CONNECTION, "--run-config",
+                 str(run_config), "--stream"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    run_log.write(line)
+                    run_log.flush()
+                    echo(line.rstrip())
+                    if _finished(out):
+                        break
+            finally:
+                _signal_group(proc, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+    status = read_json(out / STATUS_FILE) if (out / STATUS_FILE).is_file() else None
+    if status is None:
+        raise FederationError(f"the run ended without a result; see {out / 'logs'}")
+    if status["status"] != "completed":
+        raise FederationError(status["message"])
+    return read_json(out / "results.json")
+
+
+def _finished(out: Path) -> bool:
+    """The ServerApp has written its final status (completed, or stopped)."""
+    path = out / STATUS_FILE
+    if not path.is_file():
+        return False
+    status = read_json(path)["status"]
+    return status == "stopped" or (status == "completed" and (out / "results.json").is_file())
+
+
+# ---- site ------------------------------------------------------------------------------------
+def check_site_data(data: Path, site: str) -> None:
+    """Fail fast when the site's cache or its split is missing."""
+    from privseg.data.cache import SliceCache
+
+    data = Path(data)
+    if not (data / "manifest.json").is_file():
+        raise DataError(f"{data} is not a prepared slice cache (no manifest.json); run "
+                        "`privseg data prepare` at this site first")
+    sites = SliceCache.open(data).sites
+    if site not in sites:
+        raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
+
+
+@contextmanager
+def _socket_dir(out: Path) -> Iterator[Path]:
+    if len(str(out / "worker.sock")) < 100:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix="privseg-") as tmp:  # AF_UNIX paths are short
+        yield Path(tmp)
+
+
+def join(
+    *,
+    data: Path,
+    site: str,
+    server: str,
+    certs: Path | None,
+    insecure: bool = False,
+    out: Path | None = None,
+    timeout: float = 60.0,
+    worker: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
+    """Serve as site ``site`` until the server goes away; return the site's test report.
+
+    ``timeout``: how long the SuperNode tries to (re)connect before giving up, so an
+    unreachable server or a wrong certificate ends in an error, not a hang.
+    """
+    data = Path(data).resolve()
+    out = Path(out or Path.cwd() / f"privseg-{site}").resolve()
+    check_site_data(data, site)
+    files = CertFiles(Path(certs)) if certs else None
+    key = files.site_key(site) if files else None
+    if not insecure:
+        if files is None or not files.ca.is_file():
+            raise FederationError(f"the federation's ca.crt is missing in {certs}: copy it from "
+                                  "the server's certificate folder (or use --insecure for tests)")
+        if key is None or not key.is_file():
+            raise FederationError(f"this site's key {key} is missing: copy sites/{site}.key "
+                                  "from the server's certificate folder")
+    else:
+        log.warning("INSECURE: site %s connects without TLS", site)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "sites" / f"{site}.json"
+    started = time.time()
+    env = flower_env(out / ".flwr")
+    echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    with Processes() as procs, _socket_dir(out) as sock_dir:
+        node_config = f"site={_toml_str(site)} data-dir={_toml_str(str(data))} " \
+                      f"out-dir={_toml_str(str(out))}"
+        if worker:
+            address = sock_dir / "worker.sock"
+            procs.start("worker", [sys.executable, "-m", "privseg.federated.worker", "--site",
+                                   site, "--data", str(data), "--out", str(out), "--address",
+                                   str(address)], env=env, log_file=out / "logs" / "worker.log")
+            node_config += f" worker={_toml_str(str(address))}"
+        argv = [flower_bin("flower-supernode"), "--superlink", server,
+                "--max-wait-time", str(timeout), "--port", str(free_port()),
+                "--node-config", node_config]
+        argv += ["--insecure"] if insecure else ["--root-certificates", str(files.ca)]  # type: ignore[union-attr]
+        if key is not None and key.is_file():
+            argv += ["--auth-supernode-private-key", str(key)]
+        echo(f"site {site}: connecting to {server} ({'INSECURE' if insecure else 'TLS'})")
+        give_up = time.monotonic() + timeout
+        while True:
+            # A SuperNode exits at once when the server is not up yet or has not registered
+            # this site's key (exit 305), and after `timeout` s without the server: retry
+            # within the window, so sites may start before the server.
+            attempt = time.monotonic()
+            node = procs.start("supernode", argv, env=env,
+                               log_file=out / "logs" / "supernode.log")
+            code = node.wait()
+            if report.is_file() and report.stat().st_mtime >= started:
+                echo(f"site {site}: federation finished; local report in {report}")
+                return report
+            if time.monotonic() - attempt > timeout:  # it was connected: allow a reconnect
+                give_up = time.monotonic() + timeout
+            if time.monotonic() >= give_up:
+                break
+            time.sleep(2.0)
+        raise FederationError(
+            f"site {site}: no federation finished with the server at {server} (SuperNode exit "
+            f"{code}). Is the server running there, and does {certs} hold its ca.crt and this "
+            f"site's registered key? Gave up after {timeout:g} s without the server.\n"
+            f"{procs.tail('supernode')}"
+        )

@@ -1,0 +1,92 @@
+"""The K-way identification audit: the attacker wins without noise, stays within the bound."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from privseg.attack import audit
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _data(n: int = 16, r: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, r, r, generator=g)
+    return x, (x > 0.6).float()
+
+
+def test_without_noise_the_attacker_always_wins() -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    res = audit.audit_model(
+        Tiny(),
+        x,
+        y,
+        clip_norm=1.0,
+        noise_multiplier=0.0,
+        epsilon=None,
+        delta=1e-5,
+        trials=40,
+        candidates=4,
+    )
+    assert res["success_rate"] == 1.0 and res["bound"] == 1.0 and res["held"]
+    for key in (
+        "trials",
+        "success_rate",
+        "bound",
+        "held",
+        "epsilon",
+        "delta",
+        "candidates",
+        "noise_multiplier",
+        "clip_norm",
+    ):
+        assert key in res
+
+
+def test_with_noise_success_stays_within_the_bounds() -> None:
+    torch.manual_seed(0)
+    x, y = _data()
+    sigma = 4.0
+    res = audit.audit_model(
+        Tiny(),
+        x,
+        y,
+        clip_norm=1.0,
+        noise_multiplier=sigma,
+        epsilon=1.0,
+        delta=1e-5,
+        trials=120,
+        candidates=2,
+    )
+    assert res["held"] and res["held_gdp"]
+    assert res["ci"][0] <= res["bound_gaussian"] + 1e-9
+    assert abs(res["bound_gaussian"] - audit.stats.norm.cdf(1 / sigma)) < 1e-6
+
+
+def test_bounds_are_consistent() -> None:
+    assert audit.generic_bound(0.0, 0.0, 4) == pytest.approx(0.25)
+    assert audit.generic_bound(math.log(3), 0.0, 2) == pytest.approx(0.75)
+    assert audit.gdp_bound(0.0, 5) == pytest.approx(0.2)
+    assert audit.simplex_success(1e9, 3) == pytest.approx(1 / 3, abs=1e-6)
+    # the exact Gaussian bound is never above the generic f-DP one
+    for sigma in (0.5, 1.0, 2.0):
+        for k in (2, 5):
+            assert audit.simplex_success(sigma, k) <= audit.gdp_bound(2 / sigma, k) + 1e-9
+    # epsilon of one mu-GDP release: mu = 1 at delta 1e-5 is about 4.4 (Dong et al. 2019)
+    assert 3.5 < audit.gaussian_epsilon(1.0, 1e-5) < 5.0
+    lo, hi = audit.clopper_pearson(50, 100)
+    assert lo < 0.5 < hi

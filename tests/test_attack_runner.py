@@ -1,0 +1,127 @@
+"""The attack runner and CLI: result files and keys, DP settings, run folders, user errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from privseg.attack.runner import run_attack, run_attack_on_model, run_audit
+from privseg.config import Config
+from privseg.io import read_json, write_json
+from test_attack_inversion import R, TinySeg, phantom
+
+KEYS = (
+    "threat",
+    "dp",
+    "epsilon",
+    "batch_size",
+    "psnr_median",
+    "ssim_median",
+    "reidentification_rate",
+    "prior_psnr_median",
+    "chance_psnr_median",
+    "mask_mode",
+    "threat_model",
+    "targets",
+)
+
+
+def _cfg(**changes: object) -> Config:
+    base = {
+        "data.resolution": R,
+        "attack.iterations": 20,
+        "attack.restarts": 1,
+        "attack.targets": 2,
+        "attack.audit_trials": 20,
+    }
+    return Config().replace(**{**base, **changes})
+
+
+def test_run_attack_on_model_writes_json_and_png(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    x, y = phantom(24)
+    res = run_attack_on_model(
+        TinySeg(),
+        x[:, 0].numpy(),
+        y[:, 0].numpy(),
+        cfg=_cfg(),
+        patients=np.repeat(np.arange(12), 2),
+        out_dir=tmp_path,
+    )
+    assert all(k in res for k in KEYS)
+    assert res["threat"] == "T1" and res["epsilon"] is None and len(res["targets"]) == 2
+    assert res["targets"][0]["gallery_size"] >= 16
+    assert read_json(tmp_path / "attack.json")["threat"] == "T1"
+    assert (tmp_path / "attack.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dp_setting_makes_it_t3_with_epsilon(tmp_path: Path) -> None:
+    x, y = phantom(24)
+    dp = {"noise_multiplier": 1.5, "clip_norm": 1.0, "epsilon": 8.0, "delta": 1e-5}
+    res = run_attack_on_model(
+        TinySeg(),
+        x[:, 0],
+        y[:, 0],
+        cfg=_cfg(**{"attack.targets": 1, "attack.mask": "joint"}),
+        dp=dp,
+    )
+    assert res["threat"] == "T3" and res["dp"] and res["epsilon"] == 8.0
+    assert res["threat_model"]["noise_multiplier"] == 1.5
+    assert res["targets"][0]["mask_dice"] is not None
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished-looking run folder: a small phantom cache, a U-Net checkpoint, results."""
+    from privseg.data.cache import prepare_cache
+    from privseg.data.phantom import synth_task
+    from privseg.models import build_model
+    from privseg.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("attack_run")
+    cfg = _cfg(**{"data.sites": 2, "model.features": 4, "data.slice_policy": "all"})
+    task = synth_task(root / "task", sites=2, patients_per_site=4, size=32, slices=8, seed=0)
+    cache = prepare_cache(task, root / "cache", cfg.data, seed=0)
+    run = root / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(cfg.to_toml())
+    torch.manual_seed(0)
+    save_checkpoint(run / "checkpoint.pt", build_model(cfg.model).state_dict(), cfg)
+    write_json(
+        run / "results.json",
+        {
+            "cache_dir": str(cache.root),
+            "mode": "central",
+            "sites": [{"name": s} for s in cache.sites],
+        },
+    )
+    return run
+
+
+def test_run_attack_and_audit_on_a_run_folder(run_dir: Path) -> None:
+    site = read_json(run_dir / "results.json")["sites"][0]["name"]
+    res = run_attack(run_dir, site=site, iterations=5, targets=1)
+    assert res["site"] == site and (run_dir / "attack" / "attack.png").is_file()
+    dp = run_attack(run_dir, site=site, iterations=5, targets=1, epsilon=8.0)
+    assert dp["threat"] == "T3" and dp["epsilon"] == 8.0 and dp["noise_multiplier"] > 0
+    aud = run_audit(run_dir, site=site, trials=10, epsilon=8.0)
+    assert read_json(run_dir / "attack" / "audit.json")["trials"] == 10
+    assert aud["held"] and aud["noise_multiplier"] == dp["noise_multiplier"]
+
+
+def test_cli_user_errors_exit_2(run_dir: Path, tmp_path: Path) -> None:
+    from privseg.cli.app import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["attack", str(tmp_path / "missing"), "--site", "a"])
+    assert out.exit_code == 2 and "does not exist" in out.output
+    out = runner.invoke(app, ["attack", str(run_dir), "--site", "nowhere"])
+    assert out.exit_code == 2 and "sites:" in out.output
+    out = runner.invoke(app, ["attack", str(run_dir), "--site", "site-0", "--threat", "T9"])
+    assert out.exit_code == 2 and "attack.threat" in out.output
+    out = runner.invoke(app, ["audit", str(tmp_path / "missing"), "--site", "a"])
+    assert out.exit_code == 2

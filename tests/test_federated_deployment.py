@@ -1,0 +1,153 @@
+"""Real deployment on 127.0.0.1: `privseg server` + 3 `privseg site` processes, TLS, DP.
+
+Every process is started in its own process group and stopped by id in ``finally``; the
+processes those start (SuperLink, SuperNodes, site workers) leave pid files in logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from privseg.config import Config
+from privseg.federated.certs import make_certs
+from privseg.federated.deployment import free_port
+
+pytestmark = pytest.mark.slow
+
+SITES = ["site-0", "site-1", "site-2"]
+CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
+
+
+def _config(**fed: object) -> Config:
+    return Config.from_dict({
+        "data": {"resolution": 32, "sites": 3},
+        "model": {"features": 4, "groups": 1},
+        "train": {"batch_size": 4, "threads": 1},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+        "federated": {"rounds": 2, "local_steps": 2, "min_sites": 2, "round_timeout": 60.0,
+                      **fed},
+    })
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from privseg.data.cache import prepare_cache
+    from privseg.data.phantom import synth_task
+
+    root = tmp_path_factory.mktemp("fed-data")
+    cfg = _config()
+    task = synth_task(root / "task", sites=3, patients_per_site=4, size=32, slices=8)
+    prepare_cache(task, root / "cache", cfg.data, seed=0)
+    return root / "cache"
+
+
+class Cluster:
+    """Starts CLI processes; stops every process group it (or they) started."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.procs = root, {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"{name}.out", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([*CLI, *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.root / f"{name}.out").read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs[name]
+        _killpg(proc.pid, sig)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        for pid_file in self.root.rglob("logs/*.pid"):  # children a CLI process left behind
+            _killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_rounds(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.is_file() and len(json.loads(path.read_text() or "[]")) >= n:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{path} did not reach {n} rounds")
+
+
+def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = None) -> dict:
+    certs = tmp_path / "certs"
+    make_certs(certs, SITES)
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(cfg.to_toml())
+    port = free_port()
+    run = tmp_path / "run"
+    cluster = Cluster(tmp_path)
+    try:
+        server = cluster.start("server", "server", "--config", str(cfg_file), "--out", str(run),
+                               "--port", str(port), "--certs", str(certs))
+        for site in SITES:
+            cluster.start(site, "site", "--data", str(cache), "--site", site, "--server",
+                          f"127.0.0.1:{port}", "--certs", str(certs), "--out",
+                          str(tmp_path / site), "--timeout", "20")
+        if kill is not None:
+            _wait_rounds(run / "history.json", 1, server, 240)
+            cluster.stop(kill)
+        server.wait(420)
+        assert server.returncode == 0, cluster.output("server")
+        return json.loads((run / "results.json").read_text())
+    finally:
+        cluster.stop_all()
+
+
+def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
+    from privseg.privacy.ledger import PrivacyLedger
+
+    cfg = _config()
+    t0 = time.perf_counter()
+    results = _federation(tmp_path, cache, cfg)
+    print(f"deployment: {time.perf_counter() - t0:.1f} s, per round "
+          f"{[round(h['seconds'], 1) for h in results['history']]}")
+    assert [h["round"] for h in results["history"]] == [1, 2]
+    assert sorted(s["name"] for s in results["sites"]) == SITES
+    assert results["history"][-1]["sites"] == SITES
+    for site in results["sites"]:  # per-site epsilon is what the site's own ledger says
+        ledger = PrivacyLedger(tmp_path / site["name"] / "ledgers" / f"{site['name']}.sqlite")
+        eps = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        assert site["epsilon"] == pytest.approx(eps)
+        assert site["patients"] == []  # per-patient results stayed at the site
+        report = json.loads((tmp_path / site["name"] / "sites" / f"{site['name']}.json")
+                            .read_text())
+        assert report["test"]["patients"]
+    assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_a_site_dies_mid_run(tmp_path: Path, cache: Path) -> None:
+    cfg = _config(rounds=3, round_timeout=20.0)
+    results = _federation(tmp_path, cache, cfg, kill="site-2")
+    assert [h["round"] for h in results["history"]] == [1, 2, 3]
+    assert results["history"][0]["sites"] == SITES
+    assert results["history"][-1]["sites"] == ["site-0", "site-1"]
