@@ -11,6 +11,7 @@ Rounds after the first are "steady"; the first round also pays process start and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -88,17 +89,15 @@ def deployment(cfg: Config, cache: Path, root: Path) -> list[float]:
             procs.append(subprocess.Popen(
                 [*CLI, "site", "--data", str(cache), "--site", site, "--server",
                  f"127.0.0.1:{port}", "--certs", str(certs), "--out", str(root / site),
-                 "--timeout", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                 "--timeout", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
         if procs[0].wait(1800):
             raise SystemExit("the deployment run failed; see " + str(run / "logs"))
         return [h["seconds"] for h in json.loads((run / "results.json").read_text())["history"]]
     finally:
         for proc in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for proc in procs:
             proc.wait()
 

@@ -6,6 +6,7 @@ processes those start (SuperLink, SuperNodes, site workers) leave pid files in l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,10 +83,8 @@ class Cluster:
 
 
 def _killpg(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_rounds(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -111,7 +110,7 @@ def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = Non
         for site in SITES:
             cluster.start(site, "site", "--data", str(cache), "--site", site, "--server",
                           f"127.0.0.1:{port}", "--certs", str(certs), "--out",
-                          str(tmp_path / site), "--timeout", "20")
+                          str(tmp_path / site), "--timeout", "120")
         if kill is not None:
             _wait_rounds(run / "history.json", 1, server, 240)
             cluster.stop(kill)
@@ -146,8 +145,40 @@ def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
 
 
 def test_a_site_dies_mid_run(tmp_path: Path, cache: Path) -> None:
-    cfg = _config(rounds=3, round_timeout=20.0)
+    cfg = _config(rounds=3, round_timeout=45.0)
     results = _federation(tmp_path, cache, cfg, kill="site-2")
     assert [h["round"] for h in results["history"]] == [1, 2, 3]
     assert results["history"][0]["sites"] == SITES
     assert results["history"][-1]["sites"] == ["site-0", "site-1"]
+
+
+def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) -> None:
+    from privseg.errors import FederationError
+    from privseg.federated.deployment import join
+
+    certs = make_certs(tmp_path / "certs", ["site-0"])
+    t0 = time.monotonic()
+    with pytest.raises(FederationError, match="no federation finished"):
+        join(data=cache, site="site-0", server=f"127.0.0.1:{free_port()}", certs=certs.root,
+             out=tmp_path / "site", timeout=3, worker=False, echo=lambda _: None)
+    assert time.monotonic() - t0 < 90
+
+
+def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
+    from privseg.errors import FederationError
+    from privseg.federated.deployment import Processes, flower_bin, flower_env, join, wait_for_port
+
+    good = make_certs(tmp_path / "good", ["site-0"])
+    other = make_certs(tmp_path / "other", ["site-0"])  # another CA: the site cannot trust it
+    port = free_port()
+    with Processes() as procs:
+        link = procs.start("superlink", [
+            flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(good.ca), "--ssl-certfile", str(good.server_cert),
+            "--ssl-keyfile", str(good.server_key), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation"],
+            env=flower_env(tmp_path / ".flwr"), log_file=tmp_path / "logs" / "superlink.log")
+        assert wait_for_port("127.0.0.1", port, 60, link)
+        with pytest.raises(FederationError, match="ca.crt"):
+            join(data=cache, site="site-0", server=f"127.0.0.1:{port}", certs=other.root,
+                 out=tmp_path / "site", timeout=3, worker=False, echo=lambda _: None)

@@ -49,3 +49,30 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     assert read_json(tmp_path / "run" / "ledgers" / "a.sqlite")["steps"] == 12
     status = read_json(tmp_path / "run" / "federation_status.json")
     assert status["status"] == "stopped" and status["round"] == 3
+
+
+@pytest.mark.slow
+def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) -> None:
+    from privseg.config import Config
+    from privseg.data.cache import prepare_cache
+    from privseg.data.phantom import synth_task
+    from privseg.privacy.ledger import PrivacyLedger
+
+    cfg = Config.from_dict({
+        "data": {"resolution": 32, "sites": 2},
+        "model": {"features": 4, "groups": 1},
+        "train": {"batch_size": 4, "threads": 1},
+        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+        "federated": {"rounds": 2, "local_steps": 2, "min_sites": 2, "round_timeout": 300.0,
+                      "strategy": "fedprox"},
+    })
+    task = synth_task(tmp_path / "task", sites=2, patients_per_site=4, size=32, slices=8)
+    cache = prepare_cache(task, tmp_path / "cache", cfg.data, seed=0).root
+    results = run_federated(cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real")
+    assert [h["round"] for h in results["history"]] == [1, 2]
+    for site in results["sites"]:
+        ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"{site['name']}.sqlite")
+        eps = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        assert site["epsilon"] == pytest.approx(eps) and eps > 0
+        assert site["steps"] == 4 and site["patients"]
+    assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))

@@ -366,3 +366,12 @@ def test_missing_sites_time_out(tmp_path: Path) -> None:
     s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1", node_wait=0.2)
     with pytest.raises(FederationError, match="only 2 of the 3 sites"):
         run_server(FakeGrid(["a", "b"], tmp_path), s)
+
+
+def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> None:
+    from privseg.federated.server_app import wait_for_sites
+
+    grid = FakeGrid(["a", "b"], tmp_path)
+    assert len(wait_for_sites(grid, 2, timeout=0.2, want=3)) == 2  # waited, then settled
+    with pytest.raises(FederationError):
+        wait_for_sites(grid, 3, timeout=0.1)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
+from privseg.cli import attack as attack_cli
+from privseg.cli import budget as budget_cli
 from privseg.cli import config as config_cli
+from privseg.cli import data as data_cli
+from privseg.cli import federated as federated_cli
+from privseg.cli import predict as predict_cli
+from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
 
 app = typer.Typer(
@@ -20,17 +24,9 @@ app.add_typer(config_cli.app, name="config")
 app.command("train")(train_cli.train)
 
 # Subcommand groups whose modules own their registration (one module per subcommand group).
-for _name, _attr in (("data", "app"),):
-    _mod = importlib.import_module(f"privseg.cli.{_name}")
-    app.add_typer(getattr(_mod, _attr), name=_name)
-for _name in ("budget", "federated", "attack", "study", "predict"):
-    try:
-        _mod = importlib.import_module(f"privseg.cli.{_name}")
-    except ModuleNotFoundError as exc:  # pragma: no cover - while parts are being built
-        if exc.name != f"privseg.cli.{_name}":
-            raise
-        continue
-    _mod.register(app)
+app.add_typer(data_cli.app, name="data")
+for _module in (budget_cli, federated_cli, attack_cli, study_cli, predict_cli):
+    _module.register(app)
 
 
 def main() -> None:

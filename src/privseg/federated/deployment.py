@@ -60,6 +60,7 @@ privseg-config = ""
 run-id = ""
 out-dir = ""
 resume = false
+expected-sites = 0
 """
 
 
@@ -76,6 +77,7 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # default 1 s per message
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -167,7 +169,8 @@ def write_flower_home(home: Path, address: str, ca: Path | None) -> None:
     atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
 
 
-def write_app(folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool) -> Path:
+def write_app(folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool,
+              expected_sites: int = 0) -> Path:
     """The Flower App folder and its run-config file; returns the run-config path."""
     atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
     run_config = folder.parent / "run-config.toml"
@@ -176,6 +179,7 @@ def write_app(folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool
         f"run-id = {_toml_str(run_id)}\n",
         f"out-dir = {_toml_str(str(out.resolve()))}\n",
         f"resume = {'true' if resume else 'false'}\n",
+        f"expected-sites = {int(expected_sites)}\n",
     ]))
     return run_config
 
@@ -214,7 +218,8 @@ def serve(
     home = out / ".flwr"
     address = f"{host}:{port}"
     write_flower_home(home, address, None if insecure else files.ca if files else None)
-    run_config = write_app(home / "app", cfg, run_id=run_id, out=out, resume=resume)
+    run_config = write_app(home / "app", cfg, run_id=run_id, out=out, resume=resume,
+                           expected_sites=len(keys))
     (out / STATUS_FILE).unlink(missing_ok=True)
     env = flower_env(home)
     argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
@@ -233,12 +238,16 @@ def serve(
         if not wait_for_port(host, port, startup_timeout, link):
             raise FederationError(f"the SuperLink did not start on {address}:\n"
                                   f"{procs.tail('superlink')}")
-        for site, pub in keys.items():
-            res = subprocess.run(
+        registering = {  # in parallel: each `flwr` call pays its own start-up
+            site: subprocess.Popen(
                 [flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--name",
-                 site], env=env, capture_output=True, text=True, timeout=120)
-            if res.returncode:
-                raise FederationError(f"registering {site}'s key failed:\n{res.stdout}{res.stderr}")
+                 site], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for site, pub in keys.items()
+        }
+        for site, reg in registering.items():
+            output, _ = reg.communicate(timeout=120)
+            if reg.returncode:
+                raise FederationError(f"registering {site}'s key failed:\n{output}")
         echo(f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
              f"{len(keys)} site key(s) registered; waiting for sites...")
         with open(out / "logs" / "run.log", "a") as run_log:
@@ -266,8 +275,11 @@ def serve(
     status = read_json(out / STATUS_FILE) if (out / STATUS_FILE).is_file() else None
     if status is None:
         raise FederationError(f"the run ended without a result; see {out / 'logs'}")
-    if status["status"] != "completed":
+    if status["status"] == "stopped":
         raise FederationError(status["message"])
+    if status["status"] != "completed" or not (out / "results.json").is_file():
+        raise FederationError(f"the run failed after round {status['round']}; see "
+                              f"{out / 'logs' / 'run.log'}")
     return read_json(out / "results.json")
 
 
@@ -356,19 +368,21 @@ def join(
             argv += ["--auth-supernode-private-key", str(key)]
         echo(f"site {site}: connecting to {server} ({'INSECURE' if insecure else 'TLS'})")
         give_up = time.monotonic() + timeout
+        node_log = out / "logs" / "supernode.log"
         while True:
             # A SuperNode exits at once when the server is not up yet or has not registered
             # this site's key (exit 305), and after `timeout` s without the server: retry
             # within the window, so sites may start before the server.
-            attempt = time.monotonic()
-            node = procs.start("supernode", argv, env=env,
-                               log_file=out / "logs" / "supernode.log")
+            offset = node_log.stat().st_size if node_log.exists() else 0
+            node = procs.start("supernode", argv, env=env, log_file=node_log)
             code = node.wait()
             if report.is_file() and report.stat().st_mtime >= started:
                 echo(f"site {site}: federation finished; local report in {report}")
                 return report
-            if time.monotonic() - attempt > timeout:  # it was connected: allow a reconnect
-                give_up = time.monotonic() + timeout
+            with open(node_log, "rb") as fh:
+                fh.seek(offset)
+                if b"SuperNode ID" in fh.read():  # it was connected: allow a reconnect
+                    give_up = time.monotonic() + timeout
             if time.monotonic() >= give_up:
                 break
             time.sleep(2.0)

@@ -50,6 +50,7 @@ class ServerSettings:
     resume: bool = False
     progress: Progress | None = None
     node_wait: float | None = None  # seconds to wait for min_sites (default: round_timeout)
+    expected_sites: int = 0  # before the first round, wait (node_wait) for this many sites
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
@@ -58,7 +59,8 @@ class ServerSettings:
             cfg = Config.from_dict(tomllib.loads(str(run_config[M.CFG_TOML])))
             return cls(cfg=cfg, out_dir=Path(str(run_config["out-dir"])),
                        run_id=str(run_config[M.CFG_RUN_ID]),
-                       resume=bool(run_config.get("resume", False)))
+                       resume=bool(run_config.get("resume", False)),
+                       expected_sites=int(run_config.get("expected-sites", 0)))
         except KeyError as exc:
             raise FederationError(f"the run config lacks {exc.args[0]!r}") from None
 
@@ -71,14 +73,19 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
 
 
-def wait_for_sites(grid: Grid, n: int, timeout: float) -> list[int]:
-    """Node ids once ``n`` are connected; FederationError after ``timeout`` seconds."""
+def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[int]:
+    """Node ids once ``want`` (or, after ``timeout`` s, at least ``n``) are connected.
+
+    Raises FederationError when fewer than ``n`` are connected after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         nodes = list(grid.get_node_ids())
-        if len(nodes) >= n:
+        if len(nodes) >= max(n, want):
             return nodes
         if time.monotonic() > deadline:
+            if len(nodes) >= n:
+                return nodes
             raise FederationError(
                 f"only {len(nodes)} of the {n} sites needed (federated.min_sites) are connected "
                 f"after {timeout:g} s; stopping"
@@ -152,7 +159,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     n_train: dict[str, int] = {}
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
-        wait_for_sites(grid, fed.min_sites, wait)
+        wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
         replies = grid.send_and_receive(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid),
             timeout=fed.round_timeout,
