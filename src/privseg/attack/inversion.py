@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 Params = dict[str, torch.Tensor]
 #: The box constraint: [0, 1] is the HU window the model sees.
 BOX = (0.0, 1.0)
-SCALE_TO_BOX = False
 
 
 @dataclass
@@ -296,8 +295,6 @@ def _one_restart(
         sched.step()
         with torch.no_grad():
             x.clamp_(*BOX)
-            if SCALE_TO_BOX:
-                x.div_(x.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3))
     labels = _labels(model, params0, x, threat.mask, given, mask_logits)
     update = unrolled_update(
         model, params0, x.detach(), labels.detach(), loss_fn, threat, create_graph=False

@@ -71,7 +71,8 @@ def progress_bar(transient: bool = False) -> Iterator[Callable[[str, int, int], 
     tasks: dict[str, Any] = {}
 
     def update(description: str, completed: int, total: int) -> None:
-        key = description.split(":")[0]
+        # One bar per activity ("site-0: epoch 2/3", "slicing site-1/val"), updated in place.
+        key = (description.split(":")[0].split() or [""])[0]
         if key not in tasks:
             tasks[key] = bar.add_task(description, total=total)
         bar.update(tasks[key], description=description, completed=completed, total=total)

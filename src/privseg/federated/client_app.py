@@ -172,6 +172,8 @@ def _state(arrays: ArrayRecord, settings: SiteSettings) -> dict[str, Any]:
     """Weights as torch tensors, or as numpy arrays when a worker (with torch) takes them."""
     if settings.worker is not None:
         return {k: a.numpy() for k, a in arrays.items()}
+    import torch  # noqa: F401 - Flower's converter needs torch imported
+
     return dict(arrays.to_torch_state_dict())
 
 

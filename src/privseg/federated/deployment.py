@@ -386,9 +386,18 @@ def join(
             if time.monotonic() >= give_up:
                 break
             time.sleep(2.0)
+        tail = procs.tail("supernode")
+        if "CERTIFICATE_VERIFY_FAILED" in tail:
+            why = (f"TLS failed: the server's certificate does not verify against "
+                   f"{files.ca if files else 'the CA'} (another federation's ca.crt, or a "
+                   "server certificate without this host name: `privseg certs --host`)")
+        elif "Failed to activate SuperNode" in tail:
+            why = (f"the server refused this site: is {key} the key of site {site!r} that the "
+                   "server registered (its sites/*.pub)?")
+        else:
+            why = f"is the server running at {server}?"
         raise FederationError(
             f"site {site}: no federation finished with the server at {server} (SuperNode exit "
-            f"{code}). Is the server running there, and does {certs} hold its ca.crt and this "
-            f"site's registered key? Gave up after {timeout:g} s without the server.\n"
-            f"{procs.tail('supernode')}"
+            f"{code}, gave up after {timeout:g} s); {why}\nlast lines of "
+            f"{node_log}:\n{tail}"
         )

@@ -70,6 +70,7 @@ def run_federated(
     """
     from flwr.simulation import run_simulation
 
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiet; no GPUs used
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
