@@ -72,7 +72,7 @@ def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
     return seconds
 
 
-def deployment(cfg: Config, cache: Path, root: Path) -> list[float]:
+def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> list[float]:
     sites = SliceCache.open(cache).sites
     certs = root / "certs"
     make_certs(certs, sites)
@@ -89,8 +89,8 @@ def deployment(cfg: Config, cache: Path, root: Path) -> list[float]:
             procs.append(subprocess.Popen(
                 [*CLI, "site", "--data", str(cache), "--site", site, "--server",
                  f"127.0.0.1:{port}", "--certs", str(certs), "--out", str(root / site),
-                 "--timeout", "120"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True))
+                 "--timeout", "120", "--worker" if worker else "--no-worker"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         if procs[0].wait(1800):
             raise SystemExit("the deployment run failed; see " + str(run / "logs"))
         return [h["seconds"] for h in json.loads((run / "results.json").read_text())["history"]]
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-deployment", action="store_true")
+    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="sites rebuild torch and the trainer for every message")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = make_config(args)
@@ -127,21 +130,27 @@ def main() -> None:
                           size=args.resolution, slices=8)
         cache = prepare_cache(task, root / "cache", cfg.data, seed=0).root
         rows = {"plain": summary("plain", plain(cfg, Path(cache), root / "plain"))}
-        sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
-        rows["simulation"] = summary("simulation", [h["seconds"] for h in sim["history"]])
+        if not args.skip_simulation:
+            sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
+            rows["simulation"] = summary("simulation", [h["seconds"] for h in sim["history"]])
         if not args.skip_deployment:
-            rows["deployment"] = summary("deployment", deployment(cfg, Path(cache), root))
+            rows["deployment"] = summary("deployment", deployment(
+                cfg, Path(cache), root, worker=not args.no_worker))
     base = rows["plain"]["steady"]
     out = {
         "rounds": args.rounds, "local_steps": args.local_steps, "sites": args.sites,
         "seconds_per_round": {k: v["steady"] for k, v in rows.items()},
         "first_round_seconds": {k: v["first"] for k, v in rows.items()},
-        "simulation_overhead": rows["simulation"]["steady"] / base - 1.0,
+        "simulation_overhead": (
+            rows["simulation"]["steady"] / base - 1.0 if "simulation" in rows else None),
         "deployment_seconds_per_round_overhead": (
             rows["deployment"]["steady"] - base if "deployment" in rows else None),
     }
-    print(f"overhead: simulation {out['simulation_overhead']:+.0%} per round, deployment "
-          f"{out['deployment_seconds_per_round_overhead'] or float('nan'):+.2f} s per round")
+    sim_over = out["simulation_overhead"]
+    dep_over = out["deployment_seconds_per_round_overhead"]
+    print(f"overhead per round: simulation "
+          f"{'-' if sim_over is None else f'{sim_over:+.0%}'}, deployment "
+          f"{'-' if dep_over is None else f'{dep_over:+.2f} s'}")
     print(json.dumps(out))
 
 

@@ -122,9 +122,10 @@ def _identity():
 
 # ---- an in-process Grid: node i is site SITES[i] ---------------------------------------------
 class FakeGrid(Grid):
-    def __init__(self, sites: list[str], out: Path, fail_round: int | None = None) -> None:
+    def __init__(self, sites: list[str], out: Path, fail_round: int | None = None,
+                 dead_after: dict[str, int] | None = None) -> None:
         self.sites = {i + 1: s for i, s in enumerate(sites)}
-        self.out, self.fail_round, self.sent = out, fail_round, 0
+        self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
 
     def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
         raise NotImplementedError
@@ -151,7 +152,11 @@ class FakeGrid(Grid):
             rnd = int(msg.content[M.CONFIG].get(M.CFG_ROUND, 0))
             if self.fail_round is not None and rnd == self.fail_round:
                 raise RuntimeError("server crash")
-            settings = ca.SiteSettings(self.sites[msg.metadata.dst_node_id], self.out, self.out)
+            site = self.sites[msg.metadata.dst_node_id]
+            if rnd > self.dead_after.get(site, 10**9):
+                replies.append(Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg))
+                continue
+            settings = ca.SiteSettings(site, self.out, self.out)
             handler = (
                 ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
             )
@@ -375,3 +380,33 @@ def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> No
     assert len(wait_for_sites(grid, 2, timeout=0.2, want=3)) == 2  # waited, then settled
     with pytest.raises(FederationError):
         wait_for_sites(grid, 3, timeout=0.1)
+
+
+def test_a_site_that_drops_out_still_counts_in_epsilon_max(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3)
+    for _ in range(3):  # site a has already spent 9 steps elsewhere
+        ca.handle_train(train_message(cfg, state()), ca.SiteSettings("a", tmp_path, tmp_path),
+                        fake_factory)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    summary = run_server(FakeGrid(["a", "b", "c"], tmp_path, dead_after={"a": 1}), s)
+    last = summary["history"][-1]
+    assert last["sites"] == ["b", "c"] and last["failed"] == 1
+    assert last["epsilon_max"] == pytest.approx(1.2)  # a's, though a is gone
+    assert last["epsilon_sites"] == pytest.approx({"a": 1.2, "b": 0.9, "c": 0.9})
+    from privseg.federated.server_app import build_results
+
+    results = build_results(cfg, summary, wall_seconds=1.0)
+    gone = next(site for site in results["sites"] if site["name"] == "a")
+    assert not gone["completed"] and gone["epsilon"] == pytest.approx(1.2)
+    assert results["epsilon_max"] == pytest.approx(1.2)
+
+
+def test_site_enforces_its_own_privacy_settings(tmp_path: Path) -> None:
+    own = tmp_path / "site.toml"
+    own.write_text("[privacy]\nenabled = true\nnoise_multiplier = 2.0\n")
+    server_cfg = small_cfg().replace(**{"privacy.enabled": False})  # the server turns DP off
+    settings = ca.SiteSettings("a", tmp_path, tmp_path, privacy_config=own)
+    reply = ca.handle_train(train_message(server_cfg, state()), settings, fake_factory)
+    trainer = next(iter(ca._TRAINERS.values()))[1]
+    assert trainer.cfg.privacy.enabled and trainer.cfg.privacy.noise_multiplier == 2.0
+    assert reply.content[M.METRICS][M.EPSILON] > 0

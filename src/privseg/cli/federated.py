@@ -59,6 +59,8 @@ def site(
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     worker: bool = typer.Option(True, "--worker/--no-worker", help="Keep torch and the trainer "
                                 "loaded between rounds (a local worker process)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML whose [privacy] "
+                                       "section this site enforces (else the server's)."),
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
     from privseg.federated.deployment import join
@@ -67,7 +69,7 @@ def site(
         err_console.print("[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
                           "never use this across a network")
     report = join(data=data, site=name, server=server_address, certs=certs, insecure=insecure,
-                  out=out, timeout=timeout, worker=worker)
+                  out=out, timeout=timeout, worker=worker, privacy_config=config)
     console.print(f"site {name}: done; local report {report}")
 
 

@@ -8,6 +8,7 @@ file, not this cache, is the record of the privacy spent.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tomllib
@@ -35,6 +36,7 @@ class SiteSettings:
     data_dir: Path
     out_dir: Path
     worker: Path | None = None  # socket of a long-lived site worker (deployment)
+    privacy_config: Path | None = None  # the site's own [privacy] settings win over the server's
 
     @property
     def ledger(self) -> Path:
@@ -61,7 +63,9 @@ def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -
     data_dir = Path(str(conf["data-dir"]))
     out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
     worker = Path(str(conf["worker"])) if conf.get("worker") else None
-    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker)
+    privacy = Path(str(conf["privacy-config"])) if conf.get("privacy-config") else None
+    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker,
+                        privacy_config=privacy)
 
 
 TrainerFactory = Callable[..., Any]
@@ -98,6 +102,12 @@ def get_trainer(
     key = (run_id, settings.site)
     cached = _TRAINERS.get(key)
     cfg = Config.from_dict(tomllib.loads(toml))
+    if settings.privacy_config is not None:
+        own = Config.load(settings.privacy_config).privacy
+        if own != cfg.privacy and cached is None:
+            log.warning("site %s applies its own [privacy] settings from %s, not the server's",
+                        settings.site, settings.privacy_config)
+        cfg = dataclasses.replace(cfg, privacy=own)
     if cached is None or cached[0] != toml:
         trainer = factory(
             cfg, settings, planned_steps=int(config[M.CFG_PLANNED_STEPS]), run_id=run_id

@@ -220,7 +220,8 @@ def serve(
     write_flower_home(home, address, None if insecure else files.ca if files else None)
     run_config = write_app(home / "app", cfg, run_id=run_id, out=out, resume=resume,
                            expected_sites=len(keys))
-    (out / STATUS_FILE).unlink(missing_ok=True)
+    for stale in (STATUS_FILE, "results.json"):  # written anew when this run ends
+        (out / stale).unlink(missing_ok=True)
     env = flower_env(home)
     argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
@@ -325,16 +326,22 @@ def join(
     out: Path | None = None,
     timeout: float = 60.0,
     worker: bool = True,
+    privacy_config: Path | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Serve as site ``site`` until the server goes away; return the site's test report.
 
     ``timeout``: how long the SuperNode tries to (re)connect before giving up, so an
     unreachable server or a wrong certificate ends in an error, not a hang.
+    ``privacy_config``: a TOML file whose ``[privacy]`` section this site enforces, whatever
+    the server sends (the site, not the server, owns its privacy guarantee).
     """
     data = Path(data).resolve()
     out = Path(out or Path.cwd() / f"privseg-{site}").resolve()
     check_site_data(data, site)
+    if privacy_config is not None:
+        privacy_config = Path(privacy_config).resolve()
+        Config.load(privacy_config)  # fail now on a bad file
     files = CertFiles(Path(certs)) if certs else None
     key = files.site_key(site) if files else None
     if not insecure:
@@ -354,11 +361,15 @@ def join(
     with Processes() as procs, _socket_dir(out) as sock_dir:
         node_config = f"site={_toml_str(site)} data-dir={_toml_str(str(data))} " \
                       f"out-dir={_toml_str(str(out))}"
+        extra = ["--privacy-config", str(privacy_config)] if privacy_config else []
+        if privacy_config:
+            node_config += f" privacy-config={_toml_str(str(privacy_config))}"
         if worker:
             address = sock_dir / "worker.sock"
             procs.start("worker", [sys.executable, "-m", "privseg.federated.worker", "--site",
                                    site, "--data", str(data), "--out", str(out), "--address",
-                                   str(address)], env=env, log_file=out / "logs" / "worker.log")
+                                   str(address), *extra], env=env,
+                        log_file=out / "logs" / "worker.log")
             node_config += f" worker={_toml_str(str(address))}"
         argv = [flower_bin("flower-supernode"), "--superlink", server,
                 "--max-wait-time", str(timeout), "--port", str(free_port()),

@@ -156,7 +156,13 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     base = {M.CFG_TOML: cfg.to_toml(), M.CFG_RUN_ID: s.run_id,
             M.CFG_LOCAL_STEPS: fed.local_steps, M.CFG_PLANNED_STEPS: fed.rounds * fed.local_steps}
     wait = s.node_wait if s.node_wait is not None else fed.round_timeout
+    # Last known cumulative epsilon and training size of every site that ever answered: a
+    # site that drops out still counts in the maximum.
+    eps_known: dict[str, float] = {}
     n_train: dict[str, int] = {}
+    for old in history:
+        eps_known.update(old.get("epsilon_sites", {}))
+        n_train.update(old.get("n_train_sites", {}))
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
@@ -180,6 +186,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             raise FederationError(message)
         arrays = new_arrays
         n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
+        eps_known.update({k: v[M.EPSILON] for k, v in report.sites.items()
+                          if not math.isnan(v.get(M.EPSILON, math.nan))})
         strategy.aggregate_evaluate(rnd, grid.send_and_receive(
             strategy.configure_evaluate(rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}),
                                         grid),
@@ -191,8 +199,9 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "train_loss": report.train_loss(fed.weighted),
             "val_dice": nanmean(val.values()),
             "val_dice_sites": val,
-            "epsilon_max": report.epsilon_max,
-            "epsilon_sites": {k: v.get(M.EPSILON, math.nan) for k, v in report.sites.items()},
+            "epsilon_max": max(eps_known.values(), default=0.0),
+            "epsilon_sites": dict(eps_known),
+            "n_train_sites": dict(n_train),
             "sites": sorted(report.contributors),
             "declined": sorted(report.declined),
             "failed": len(report.failed),
@@ -231,19 +240,23 @@ def build_results(cfg: Config, summary: dict[str, Any], *, reports: dict[str, di
     """The ``results.json`` dict; ``reports`` (site-local files) add per-patient results."""
     reports = reports or {}
     dp = cfg.privacy.enabled
+    history = summary["history"]
+    last_eps = history[-1].get("epsilon_sites", {}) if history else {}
     sites = []
-    for name in sorted(set(summary["test"]) | set(reports)):
+    for name in sorted(set(summary["test"]) | set(reports) | set(last_eps)):
         scal = summary["test"].get(name, {})
         rep = reports.get(name, {})
         test = rep.get("test", scal)
         privacy = rep.get("privacy") or {k: scal.get(k) for k in PRIVACY_KEYS if k in scal}
         if dp:
+            privacy.setdefault("epsilon", last_eps.get(name))  # a site that dropped out
             privacy.setdefault("accountant", cfg.privacy.accountant)
         entry = {
             "name": name,
             "n_train": rep.get("n_train", summary["n_train"].get(name)),
             "dice": _f(test.get("dice")), "dice_sd": _f(test.get("dice_sd")),
             "hd95": _f(test.get("hd95")), "patients": test.get("patients", []),
+            "completed": name in summary["test"] or name in reports,
         }
         for key in PRIVACY_KEYS:
             entry[key] = privacy.get(key) if dp else None
@@ -251,7 +264,6 @@ def build_results(cfg: Config, summary: dict[str, Any], *, reports: dict[str, di
     pooled = [p["dice"] for s in sites for p in s["patients"]]
     dice = pooled or [s["dice"] for s in sites]
     eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
-    history = summary["history"]
     fed = cfg.federated
     return {
         "mode": "federated",

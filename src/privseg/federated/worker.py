@@ -115,9 +115,12 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--address", required=True, type=Path)
+    parser.add_argument("--privacy-config", type=Path, default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    serve(SiteSettings(args.site, args.data, args.out), args.address)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(SiteSettings(args.site, args.data, args.out, privacy_config=args.privacy_config),
+          args.address)
 
 
 if __name__ == "__main__":
