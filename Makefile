@@ -25,6 +25,7 @@ demo: setup
 test: setup
 	bash scripts/fetch_test_data.sh
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

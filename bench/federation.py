@@ -37,23 +37,37 @@ CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    return Config.from_dict({
-        "data": {"resolution": args.resolution, "sites": args.sites},
-        "model": {"features": 8, "groups": 2},
-        "train": {"batch_size": 8, "threads": args.threads},
-        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-        "federated": {"rounds": args.rounds, "local_steps": args.local_steps,
-                      "min_sites": args.sites, "round_timeout": 600.0},
-    })
+    return Config.from_dict(
+        {
+            "data": {"resolution": args.resolution, "sites": args.sites},
+            "model": {"features": 8, "groups": 2},
+            "train": {"batch_size": 8, "threads": args.threads},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+            "federated": {
+                "rounds": args.rounds,
+                "local_steps": args.local_steps,
+                "min_sites": args.sites,
+                "round_timeout": 600.0,
+            },
+        }
+    )
 
 
 def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
     """The same rounds with no engine: fit every site, average, validate every site."""
     fed = cfg.federated
     sites = SliceCache.open(cache).sites
-    trainers = [build_site_trainer(cfg, cache, s, ledger_path=out / f"{s}.sqlite",
-                                   planned_steps=fed.rounds * fed.local_steps, run_id="plain")
-                for s in sites]
+    trainers = [
+        build_site_trainer(
+            cfg,
+            cache,
+            s,
+            ledger_path=out / f"{s}.sqlite",
+            planned_steps=fed.rounds * fed.local_steps,
+            run_id="plain",
+        )
+        for s in sites
+    ]
     state = initial_state(cfg)
     seconds = []
     for _ in range(fed.rounds):
@@ -64,8 +78,12 @@ def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
             states.append(new)
             weights.append(trainer.num_examples)
         total = sum(weights)
-        state = {k: sum(s[k].float() * w / total for s, w in zip(states, weights, strict=True))
-                 .to(state[k].dtype) for k in state}
+        state = {
+            k: sum(s[k].float() * w / total for s, w in zip(states, weights, strict=True)).to(
+                state[k].dtype
+            )
+            for k in state
+        }
         for trainer in trainers:
             trainer.evaluate(state, "val")
         seconds.append(time.perf_counter() - t0)
@@ -81,16 +99,50 @@ def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> lis
     port, run = free_port(), root / "deploy"
     procs = []
     try:
-        procs.append(subprocess.Popen(
-            [*CLI, "server", "--config", str(cfg_file), "--out", str(run), "--port", str(port),
-             "--certs", str(certs)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    *CLI,
+                    "server",
+                    "--config",
+                    str(cfg_file),
+                    "--out",
+                    str(run),
+                    "--port",
+                    str(port),
+                    "--certs",
+                    str(certs),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         for site in sites:
-            procs.append(subprocess.Popen(
-                [*CLI, "site", "--data", str(cache), "--site", site, "--server",
-                 f"127.0.0.1:{port}", "--certs", str(certs), "--out", str(root / site),
-                 "--timeout", "120", "--worker" if worker else "--no-worker"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        *CLI,
+                        "site",
+                        "--data",
+                        str(cache),
+                        "--site",
+                        site,
+                        "--server",
+                        f"127.0.0.1:{port}",
+                        "--certs",
+                        str(certs),
+                        "--out",
+                        str(root / site),
+                        "--timeout",
+                        "120",
+                        "--worker" if worker else "--no-worker",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
         if procs[0].wait(1800):
             raise SystemExit("the deployment run failed; see " + str(run / "logs"))
         return [h["seconds"] for h in json.loads((run / "results.json").read_text())["history"]]
@@ -105,8 +157,11 @@ def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> lis
 def summary(name: str, seconds: list[float]) -> dict[str, float]:
     steady = seconds[1:] or seconds
     row = {"first": seconds[0], "steady": mean(steady), "mean": mean(seconds)}
-    print(f"{name:11s} first round {row['first']:6.2f} s, later rounds {row['steady']:6.2f} s, "
-          f"mean {row['mean']:6.2f} s", flush=True)
+    print(
+        f"{name:11s} first round {row['first']:6.2f} s, later rounds {row['steady']:6.2f} s, "
+        f"mean {row['mean']:6.2f} s",
+        flush=True,
+    )
     return row
 
 
@@ -119,38 +174,49 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-deployment", action="store_true")
     parser.add_argument("--skip-simulation", action="store_true")
-    parser.add_argument("--no-worker", action="store_true",
-                        help="sites rebuild torch and the trainer for every message")
+    parser.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="sites rebuild torch and the trainer for every message",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = make_config(args)
     with tempfile.TemporaryDirectory(prefix="privseg-bench-") as tmp:
         root = Path(tmp)
-        task = synth_task(root / "task", sites=args.sites, patients_per_site=4,
-                          size=args.resolution, slices=8)
+        task = synth_task(
+            root / "task", sites=args.sites, patients_per_site=4, size=args.resolution, slices=8
+        )
         cache = prepare_cache(task, root / "cache", cfg.data, seed=0).root
         rows = {"plain": summary("plain", plain(cfg, Path(cache), root / "plain"))}
         if not args.skip_simulation:
             sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
             rows["simulation"] = summary("simulation", [h["seconds"] for h in sim["history"]])
         if not args.skip_deployment:
-            rows["deployment"] = summary("deployment", deployment(
-                cfg, Path(cache), root, worker=not args.no_worker))
+            rows["deployment"] = summary(
+                "deployment", deployment(cfg, Path(cache), root, worker=not args.no_worker)
+            )
     base = rows["plain"]["steady"]
     out = {
-        "rounds": args.rounds, "local_steps": args.local_steps, "sites": args.sites,
+        "rounds": args.rounds,
+        "local_steps": args.local_steps,
+        "sites": args.sites,
         "seconds_per_round": {k: v["steady"] for k, v in rows.items()},
         "first_round_seconds": {k: v["first"] for k, v in rows.items()},
         "simulation_overhead": (
-            rows["simulation"]["steady"] / base - 1.0 if "simulation" in rows else None),
+            rows["simulation"]["steady"] / base - 1.0 if "simulation" in rows else None
+        ),
         "deployment_seconds_per_round_overhead": (
-            rows["deployment"]["steady"] - base if "deployment" in rows else None),
+            rows["deployment"]["steady"] - base if "deployment" in rows else None
+        ),
     }
     sim_over = out["simulation_overhead"]
     dep_over = out["deployment_seconds_per_round_overhead"]
-    print(f"overhead per round: simulation "
-          f"{'-' if sim_over is None else f'{sim_over:+.0%}'}, deployment "
-          f"{'-' if dep_over is None else f'{dep_over:+.2f} s'}")
+    print(
+        f"overhead per round: simulation "
+        f"{'-' if sim_over is None else f'{sim_over:+.0%}'}, deployment "
+        f"{'-' if dep_over is None else f'{dep_over:+.2f} s'}"
+    )
     print(json.dumps(out))
 
 

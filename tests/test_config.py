@@ -20,7 +20,7 @@ def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
 
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('seed = 3\n[train]\nlr = 0.01\n[privacy]\nenabled = true\n')
+    path.write_text("seed = 3\n[train]\nlr = 0.01\n[privacy]\nenabled = true\n")
     cfg = Config.load(path, ["train.lr=0.5", "model.name=monet", "study.epsilons=[2, 4]"])
     assert cfg.seed == 3
     assert cfg.train.lr == 0.5

@@ -47,12 +47,25 @@ def test_certs_command_and_refusal_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_server_without_certs_is_a_user_error(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["server", "--out", str(tmp_path / "run"), "--certs",
-                              str(tmp_path / "none")])
+    res = runner.invoke(
+        app, ["server", "--out", str(tmp_path / "run"), "--certs", str(tmp_path / "none")]
+    )
     assert res.exit_code == 2 and "privseg certs" in res.output
 
 
 def test_site_without_data_is_a_user_error(tmp_path: Path) -> None:
-    res = runner.invoke(app, ["site", "--data", str(tmp_path / "nodata"), "--site", "site-0",
-                              "--server", "127.0.0.1:1", "--certs", str(tmp_path)])
+    res = runner.invoke(
+        app,
+        [
+            "site",
+            "--data",
+            str(tmp_path / "nodata"),
+            "--site",
+            "site-0",
+            "--server",
+            "127.0.0.1:1",
+            "--certs",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 2 and "not a prepared slice cache" in res.output

@@ -28,14 +28,21 @@ CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
 
 
 def _config(**fed: object) -> Config:
-    return Config.from_dict({
-        "data": {"resolution": 32, "sites": 3},
-        "model": {"features": 4, "groups": 1},
-        "train": {"batch_size": 4, "threads": 1},
-        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-        "federated": {"rounds": 2, "local_steps": 2, "min_sites": 2, "round_timeout": 120.0,
-                      **fed},
-    })
+    return Config.from_dict(
+        {
+            "data": {"resolution": 32, "sites": 3},
+            "model": {"features": 4, "groups": 1},
+            "train": {"batch_size": 4, "threads": 1},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+            "federated": {
+                "rounds": 2,
+                "local_steps": 2,
+                "min_sites": 2,
+                "round_timeout": 120.0,
+                **fed,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +65,9 @@ class Cluster:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.out", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([*CLI, *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*CLI, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs[name] = proc
         return proc
 
@@ -105,12 +113,35 @@ def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = Non
     run = tmp_path / "run"
     cluster = Cluster(tmp_path)
     try:
-        server = cluster.start("server", "server", "--config", str(cfg_file), "--out", str(run),
-                               "--port", str(port), "--certs", str(certs))
+        server = cluster.start(
+            "server",
+            "server",
+            "--config",
+            str(cfg_file),
+            "--out",
+            str(run),
+            "--port",
+            str(port),
+            "--certs",
+            str(certs),
+        )
         for site in SITES:
-            cluster.start(site, "site", "--data", str(cache), "--site", site, "--server",
-                          f"127.0.0.1:{port}", "--certs", str(certs), "--out",
-                          str(tmp_path / site), "--timeout", "120")
+            cluster.start(
+                site,
+                "site",
+                "--data",
+                str(cache),
+                "--site",
+                site,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--certs",
+                str(certs),
+                "--out",
+                str(tmp_path / site),
+                "--timeout",
+                "120",
+            )
         if kill is not None:
             _wait_rounds(run / "history.json", 1, server, 240)
             cluster.stop(kill)
@@ -127,8 +158,10 @@ def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
     cfg = _config()
     t0 = time.perf_counter()
     results = _federation(tmp_path, cache, cfg)
-    print(f"deployment: {time.perf_counter() - t0:.1f} s, per round "
-          f"{[round(h['seconds'], 1) for h in results['history']]}")
+    print(
+        f"deployment: {time.perf_counter() - t0:.1f} s, per round "
+        f"{[round(h['seconds'], 1) for h in results['history']]}"
+    )
     assert [h["round"] for h in results["history"]] == [1, 2]
     assert sorted(s["name"] for s in results["sites"]) == SITES
     assert results["history"][-1]["sites"] == SITES
@@ -137,8 +170,9 @@ def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
         eps = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
         assert site["epsilon"] == pytest.approx(eps)
         assert site["patients"] == []  # per-patient results stayed at the site
-        report = json.loads((tmp_path / site["name"] / "sites" / f"{site['name']}.json")
-                            .read_text())
+        report = json.loads(
+            (tmp_path / site["name"] / "sites" / f"{site['name']}.json").read_text()
+        )
         assert report["test"]["patients"]
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
@@ -163,8 +197,16 @@ def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) 
     certs = make_certs(tmp_path / "certs", ["site-0"])
     t0 = time.monotonic()
     with pytest.raises(FederationError, match="no federation finished"):
-        join(data=cache, site="site-0", server=f"127.0.0.1:{free_port()}", certs=certs.root,
-             out=tmp_path / "site", timeout=3, worker=False, echo=lambda _: None)
+        join(
+            data=cache,
+            site="site-0",
+            server=f"127.0.0.1:{free_port()}",
+            certs=certs.root,
+            out=tmp_path / "site",
+            timeout=3,
+            worker=False,
+            echo=lambda _: None,
+        )
     assert time.monotonic() - t0 < 90
 
 
@@ -176,13 +218,35 @@ def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
     other = make_certs(tmp_path / "other", ["site-0"])  # another CA: the site cannot trust it
     port = free_port()
     with Processes() as procs:
-        link = procs.start("superlink", [
-            flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-ca-certfile", str(good.ca), "--ssl-certfile", str(good.server_cert),
-            "--ssl-keyfile", str(good.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation"],
-            env=flower_env(tmp_path / ".flwr"), log_file=tmp_path / "logs" / "superlink.log")
+        link = procs.start(
+            "superlink",
+            [
+                flower_bin("flower-superlink"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--ssl-ca-certfile",
+                str(good.ca),
+                "--ssl-certfile",
+                str(good.server_cert),
+                "--ssl-keyfile",
+                str(good.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            env=flower_env(tmp_path / ".flwr"),
+            log_file=tmp_path / "logs" / "superlink.log",
+        )
         assert wait_for_port("127.0.0.1", port, 60, link)
         with pytest.raises(FederationError, match="does not verify against"):
-            join(data=cache, site="site-0", server=f"127.0.0.1:{port}", certs=other.root,
-                 out=tmp_path / "site", timeout=3, worker=False, echo=lambda _: None)
+            join(
+                data=cache,
+                site="site-0",
+                server=f"127.0.0.1:{port}",
+                certs=other.root,
+                out=tmp_path / "site",
+                timeout=3,
+                worker=False,
+                echo=lambda _: None,
+            )

@@ -19,11 +19,17 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     events: list[dict] = []
     t0 = time.perf_counter()
     results = run_federated(
-        cfg, cache_dir=tmp_path / "cache", out_dir=tmp_path / "run", run_id="sim1",
-        progress=events.append, sites=["a", "b", "tight"], trainer_factory=fake_factory,
+        cfg,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "run",
+        run_id="sim1",
+        progress=events.append,
+        sites=["a", "b", "tight"],
+        trainer_factory=fake_factory,
     )
-    print(f"simulation: {time.perf_counter() - t0:.1f} s",
-          [h["seconds"] for h in results["history"]])
+    print(
+        f"simulation: {time.perf_counter() - t0:.1f} s", [h["seconds"] for h in results["history"]]
+    )
     assert [e["round"] for e in events] == [1, 2, 3]
     assert results["mode"] == "federated" and results["rounds"] == 3
     assert [h["declined"] for h in results["history"]] == [[], ["tight"], ["tight"]]
@@ -43,9 +49,15 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     # at a and b, tight declines, so the server stops cleanly and keeps round 3's model
     cfg4 = cfg.replace(**{"federated.rounds": 4, "federated.min_sites": 3})
     with pytest.raises(FederationError, match="round 4: only 2 site"):
-        run_federated(cfg4, cache_dir=tmp_path / "cache", out_dir=tmp_path / "run",
-                      run_id="sim2", resume=True, sites=["a", "b", "tight"],
-                      trainer_factory=fake_factory)
+        run_federated(
+            cfg4,
+            cache_dir=tmp_path / "cache",
+            out_dir=tmp_path / "run",
+            run_id="sim2",
+            resume=True,
+            sites=["a", "b", "tight"],
+            trainer_factory=fake_factory,
+        )
     assert read_json(tmp_path / "run" / "ledgers" / "a.sqlite")["steps"] == 12
     status = read_json(tmp_path / "run" / "federation_status.json")
     assert status["status"] == "stopped" and status["round"] == 3
@@ -58,14 +70,21 @@ def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) ->
     from privseg.data.phantom import synth_task
     from privseg.privacy.ledger import PrivacyLedger
 
-    cfg = Config.from_dict({
-        "data": {"resolution": 32, "sites": 2},
-        "model": {"features": 4, "groups": 1},
-        "train": {"batch_size": 4, "threads": 1},
-        "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-        "federated": {"rounds": 2, "local_steps": 2, "min_sites": 2, "round_timeout": 300.0,
-                      "strategy": "fedprox"},
-    })
+    cfg = Config.from_dict(
+        {
+            "data": {"resolution": 32, "sites": 2},
+            "model": {"features": 4, "groups": 1},
+            "train": {"batch_size": 4, "threads": 1},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+            "federated": {
+                "rounds": 2,
+                "local_steps": 2,
+                "min_sites": 2,
+                "round_timeout": 300.0,
+                "strategy": "fedprox",
+            },
+        }
+    )
     task = synth_task(tmp_path / "task", sites=2, patients_per_site=4, size=32, slices=8)
     cache = prepare_cache(task, tmp_path / "cache", cfg.data, seed=0).root
     results = run_federated(cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real")

@@ -122,8 +122,13 @@ def _identity():
 
 # ---- an in-process Grid: node i is site SITES[i] ---------------------------------------------
 class FakeGrid(Grid):
-    def __init__(self, sites: list[str], out: Path, fail_round: int | None = None,
-                 dead_after: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        sites: list[str],
+        out: Path,
+        fail_round: int | None = None,
+        dead_after: dict[str, int] | None = None,
+    ) -> None:
         self.sites = {i + 1: s for i, s in enumerate(sites)}
         self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
 
@@ -385,8 +390,9 @@ def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> No
 def test_a_site_that_drops_out_still_counts_in_epsilon_max(tmp_path: Path) -> None:
     cfg = small_cfg(rounds=3)
     for _ in range(3):  # site a has already spent 9 steps elsewhere
-        ca.handle_train(train_message(cfg, state()), ca.SiteSettings("a", tmp_path, tmp_path),
-                        fake_factory)
+        ca.handle_train(
+            train_message(cfg, state()), ca.SiteSettings("a", tmp_path, tmp_path), fake_factory
+        )
     s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
     summary = run_server(FakeGrid(["a", "b", "c"], tmp_path, dead_after={"a": 1}), s)
     last = summary["history"][-1]

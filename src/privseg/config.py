@@ -41,28 +41,45 @@ def _rule(**kwargs: Any) -> dict[str, Any]:
 class DataConfig:
     """How MSD volumes become per-site 2D slice caches."""
 
-    resolution: int = field(default=64, metadata=_rule(ge=16, le=1024, multiple_of=8,
-                            help="in-plane size in pixels (multiple of the model stride, 8)"))
-    hu_window: list[float] = field(default_factory=lambda: [-150.0, 200.0],
-                                   metadata=_rule(help="HU window [low, high] mapped to [0, 1]"))
-    labels: list[int] = field(default_factory=list,
-                              metadata=_rule(help="label values kept as foreground; [] = all > 0"))
-    slice_policy: SlicePolicy = field(default="foreground",
-                                      metadata=_rule(help="all slices, or foreground + some empty"))
-    empty_fraction: float = field(default=0.25, metadata=_rule(ge=0.0, le=10.0,
-                                  help="empty slices kept per foreground slice (policy foreground)"))
+    resolution: int = field(
+        default=64,
+        metadata=_rule(
+            ge=16,
+            le=1024,
+            multiple_of=8,
+            help="in-plane size in pixels (multiple of the model stride, 8)",
+        ),
+    )
+    hu_window: list[float] = field(
+        default_factory=lambda: [-150.0, 200.0],
+        metadata=_rule(help="HU window [low, high] mapped to [0, 1]"),
+    )
+    labels: list[int] = field(
+        default_factory=list, metadata=_rule(help="label values kept as foreground; [] = all > 0")
+    )
+    slice_policy: SlicePolicy = field(
+        default="foreground", metadata=_rule(help="all slices, or foreground + some empty")
+    )
+    empty_fraction: float = field(
+        default=0.25,
+        metadata=_rule(
+            ge=0.0, le=10.0, help="empty slices kept per foreground slice (policy foreground)"
+        ),
+    )
     val_fraction: float = field(default=0.2, metadata=_rule(ge=0.0, lt=1.0))
     test_fraction: float = field(default=0.2, metadata=_rule(gt=0.0, lt=1.0))
     sites: int = field(default=3, metadata=_rule(ge=1, le=64))
-    partition: Partition = field(default="auto", metadata=_rule(
-        help="auto: the task's site map if it has one, else iid"))
+    partition: Partition = field(
+        default="auto", metadata=_rule(help="auto: the task's site map if it has one, else iid")
+    )
     site_map: str = field(default="", metadata=_rule(help="JSON/CSV patient->site file"))
 
     def check(self) -> None:
         lo, hi = (self.hu_window + [math.nan, math.nan])[:2]
         if len(self.hu_window) != 2 or not lo < hi:
             raise ConfigError(
-                f"data.hu_window = {self.hu_window!r} is invalid: expected [low, high] with low < high"
+                f"data.hu_window = {self.hu_window!r} is invalid: "
+                "expected [low, high] with low < high"
             )
         if any(v <= 0 for v in self.labels):
             raise ConfigError(f"data.labels = {self.labels!r} is invalid: label values must be > 0")
@@ -79,8 +96,9 @@ class ModelConfig:
     """Which DP-ready 2D network to train."""
 
     name: ModelName = field(default="unet", metadata=_rule(help="unet or monet (the paper's)"))
-    features: int = field(default=16, metadata=_rule(ge=4, le=256, multiple_of=4,
-                          help="channels of the first level"))
+    features: int = field(
+        default=16, metadata=_rule(ge=4, le=256, multiple_of=4, help="channels of the first level")
+    )
     groups: int = field(default=4, metadata=_rule(ge=1, le=64, help="GroupNorm groups"))
     dropout: float = field(default=0.0, metadata=_rule(ge=0.0, lt=1.0))
 
@@ -96,10 +114,14 @@ class ModelConfig:
 class TrainConfig:
     """The local optimisation used by central, local-only and federated training."""
 
-    epochs: int = field(default=8, metadata=_rule(ge=1, le=10_000,
-                        help="passes over the data (central and local modes)"))
-    batch_size: int = field(default=16, metadata=_rule(ge=1, le=4096,
-                            help="(expected) batch size; with DP the Poisson mean"))
+    epochs: int = field(
+        default=8,
+        metadata=_rule(ge=1, le=10_000, help="passes over the data (central and local modes)"),
+    )
+    batch_size: int = field(
+        default=16,
+        metadata=_rule(ge=1, le=4096, help="(expected) batch size; with DP the Poisson mean"),
+    )
     lr: float = field(default=2e-3, metadata=_rule(gt=0.0, le=10.0))
     lr_schedule: LrSchedule = "cosine"
     weight_decay: float = field(default=0.0, metadata=_rule(ge=0.0, le=1.0))
@@ -111,17 +133,22 @@ class PrivacyConfig:
     """DP-SGD at each site. Exactly one of noise_multiplier / target_epsilon drives the noise."""
 
     enabled: bool = False
-    unit: PrivacyUnit = field(default="slice", metadata=_rule(
-        help="what one DP 'record' is: one slice (as the paper) or one patient"))
+    unit: PrivacyUnit = field(
+        default="slice",
+        metadata=_rule(help="what one DP 'record' is: one slice (as the paper) or one patient"),
+    )
     max_grad_norm: float = field(default=1.0, metadata=_rule(gt=0.0, le=1e6))
     noise_multiplier: float | None = field(default=None, metadata=_rule(ge=0.0, le=1e4))
     target_epsilon: float | None = field(default=8.0, metadata=_rule(gt=0.0, le=1e4))
     delta: float = field(default=1e-5, metadata=_rule(gt=0.0, lt=1.0))
     accountant: Accountant = "prv"
-    budget_epsilon: float | None = field(default=None, metadata=_rule(gt=0.0, le=1e4,
-                                         help="site budget over all runs; None = no budget"))
-    grad_path: GradPath = field(default="loop", metadata=_rule(
-        help="per-sample gradient implementation"))
+    budget_epsilon: float | None = field(
+        default=None,
+        metadata=_rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
+    )
+    grad_path: GradPath = field(
+        default="loop", metadata=_rule(help="per-sample gradient implementation")
+    )
 
     def check(self) -> None:
         if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
@@ -136,15 +163,19 @@ class FederatedConfig:
     """Flower federation: rounds, local work per round, aggregation."""
 
     rounds: int = field(default=10, metadata=_rule(ge=1, le=100_000))
-    local_steps: int = field(default=10, metadata=_rule(ge=1, le=100_000,
-                             help="optimizer steps per site per round"))
+    local_steps: int = field(
+        default=10, metadata=_rule(ge=1, le=100_000, help="optimizer steps per site per round")
+    )
     strategy: Strategy = "fedavg"
-    weighted: bool = field(default=True, metadata=_rule(
-        help="weight sites by sample count (false = the paper's plain mean)"))
+    weighted: bool = field(
+        default=True,
+        metadata=_rule(help="weight sites by sample count (false = the paper's plain mean)"),
+    )
     proximal_mu: float = field(default=0.01, metadata=_rule(ge=0.0, le=100.0))
     server_lr: float = field(default=0.01, metadata=_rule(gt=0.0, le=10.0))
-    min_sites: int = field(default=2, metadata=_rule(ge=1, le=1000,
-                           help="fewest sites a round may complete with"))
+    min_sites: int = field(
+        default=2, metadata=_rule(ge=1, le=1000, help="fewest sites a round may complete with")
+    )
     round_timeout: float = field(default=600.0, metadata=_rule(gt=0.0, le=86_400.0))
     secure_aggregation: bool = False
 
@@ -160,8 +191,10 @@ class AttackConfig:
     lr: float = field(default=0.1, metadata=_rule(gt=0.0, le=10.0))
     tv_weight: float = field(default=1e-4, metadata=_rule(ge=0.0, le=100.0))
     mask: MaskMode = "given"
-    targets: int = field(default=4, metadata=_rule(ge=1, le=10_000,
-                         help="number of attacked updates (one per target batch)"))
+    targets: int = field(
+        default=4,
+        metadata=_rule(ge=1, le=10_000, help="number of attacked updates (one per target batch)"),
+    )
     audit_trials: int = field(default=200, metadata=_rule(ge=1, le=1_000_000))
     audit_candidates: int = field(default=2, metadata=_rule(ge=2, le=1000))
 
@@ -172,7 +205,8 @@ class StudyConfig:
 
     epsilons: list[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
     settings: list[StudySetting] = field(
-        default_factory=lambda: ["central", "local", "federated", "federated_dp", "attack"])
+        default_factory=lambda: ["central", "local", "federated", "federated_dp", "attack"]
+    )
 
     def check(self) -> None:
         if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
@@ -346,8 +380,12 @@ def _validate(obj: Any, prefix: str) -> None:
 
 
 def _check_bounds(name: str, shown: Any, v: float, meta: Any) -> None:
-    rules = [("gt", lambda b: v > b, "> {}"), ("ge", lambda b: v >= b, ">= {}"),
-             ("lt", lambda b: v < b, "< {}"), ("le", lambda b: v <= b, "<= {}")]
+    rules = [
+        ("gt", lambda b: v > b, "> {}"),
+        ("ge", lambda b: v >= b, ">= {}"),
+        ("lt", lambda b: v < b, "< {}"),
+        ("le", lambda b: v <= b, "<= {}"),
+    ]
     allowed = " and ".join(fmt.format(meta[k]) for k, _, fmt in rules if k in meta)
     for key, ok, _ in rules:
         if key in meta and not ok(meta[key]):
@@ -362,8 +400,10 @@ def _check_bounds(name: str, shown: Any, v: float, meta: Any) -> None:
 
 # ---- TOML output (stdlib has a reader only) ----------------------------------------------
 def _none_to_string(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_none_to_string(v) if isinstance(v, dict) else "none" if v is None else v)
-            for k, v in d.items()}
+    return {
+        k: (_none_to_string(v) if isinstance(v, dict) else "none" if v is None else v)
+        for k, v in d.items()
+    }
 
 
 def _toml_value(v: Any) -> str:

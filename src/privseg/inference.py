@@ -12,8 +12,9 @@ import torch
 from privseg.io import atomic_write_bytes
 
 
-def predict_volume(checkpoint: Path, image: Path, out: Path, *, batch_size: int = 32,
-                   threshold: float = 0.5) -> dict[str, Any]:
+def predict_volume(
+    checkpoint: Path, image: Path, out: Path, *, batch_size: int = 32, threshold: float = 0.5
+) -> dict[str, Any]:
     """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically."""
     from privseg.data.msd import load_image
     from privseg.data.preprocess import image_to_model_input, mask_to_image_space

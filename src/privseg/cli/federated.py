@@ -34,10 +34,13 @@ def server(
 
     cfg = load_config(config, set_)
     if insecure:
-        err_console.print("[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
-                          "never use this across a network")
-    results = serve(cfg, out=out, port=port, certs=certs, insecure=insecure, host=host,
-                    resume=resume)
+        err_console.print(
+            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
+            "never use this across a network"
+        )
+    results = serve(
+        cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume
+    )
     console.print(
         f"federation done: {len(results['sites'])} sites, Dice {results['dice_mean']:.3f}, "
         f"max epsilon {results['epsilon_max'] if results['epsilon_max'] is not None else '–'}, "
@@ -50,26 +53,47 @@ def site(
     data: Path = typer.Option(..., "--data", "-d", help="This site's prepared slice cache."),
     name: str = typer.Option(..., "--site", help="This site's name (as in the cache)."),
     server_address: str = typer.Option(..., "--server", help="SuperLink address HOST:PORT."),
-    certs: Path | None = typer.Option(None, "--certs", help="Folder with ca.crt and "
-                                      "sites/<site>.key."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Site folder (ledger, report); "
-                                    "default ./privseg-<site>."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds to keep trying to reach "
-                                  "the server before giving up."),
+    certs: Path | None = typer.Option(
+        None, "--certs", help="Folder with ca.crt and sites/<site>.key."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Site folder (ledger, report); default ./privseg-<site>."
+    ),
+    timeout: float = typer.Option(
+        60.0, "--timeout", help="Seconds to keep trying to reach the server before giving up."
+    ),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
-    worker: bool = typer.Option(True, "--worker/--no-worker", help="Keep torch and the trainer "
-                                "loaded between rounds (a local worker process)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="TOML whose [privacy] "
-                                       "section this site enforces (else the server's)."),
+    worker: bool = typer.Option(
+        True,
+        "--worker/--no-worker",
+        help="Keep torch and the trainer loaded between rounds (a local worker process).",
+    ),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="TOML whose privacy section this site enforces (else the server's).",
+    ),
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
     from privseg.federated.deployment import join
 
     if insecure:
-        err_console.print("[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
-                          "never use this across a network")
-    report = join(data=data, site=name, server=server_address, certs=certs, insecure=insecure,
-                  out=out, timeout=timeout, worker=worker, privacy_config=config)
+        err_console.print(
+            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
+            "never use this across a network"
+        )
+    report = join(
+        data=data,
+        site=name,
+        server=server_address,
+        certs=certs,
+        insecure=insecure,
+        out=out,
+        timeout=timeout,
+        worker=worker,
+        privacy_config=config,
+    )
     console.print(f"site {name}: done; local report {report}")
 
 
@@ -77,10 +101,12 @@ def site(
 def certs(
     out: Path = typer.Argument(..., help="Folder to create."),
     sites: int = typer.Option(3, "--sites", "-n", min=1, help="Number of sites (site-0...)."),
-    names: str | None = typer.Option(None, "--names", help="Comma-separated site names "
-                                     "(instead of site-0, site-1, ...)."),
-    host: list[str] | None = typer.Option(None, "--host", help="Extra server host name or IP "
-                                          "for the certificate (repeatable)."),
+    names: str | None = typer.Option(
+        None, "--names", help="Comma-separated site names (instead of site-0, site-1, ...)."
+    ),
+    host: list[str] | None = typer.Option(
+        None, "--host", help="Extra server host name or IP for the certificate (repeatable)."
+    ),
     days: int = typer.Option(365, "--days", min=1, help="Validity in days."),
 ) -> None:
     """Make a CA, the server's TLS certificate and one authentication key per site."""
@@ -89,9 +115,11 @@ def certs(
 
     site_list = [s.strip() for s in names.split(",")] if names else site_names(sites)
     files = make_certs(out, site_list, hosts=host or [], days=days)
-    console.print(f"wrote {files.root}: ca.crt (everyone), server.pem/server.key (server), "
-                  f"sites/<name>.key (each site its own), sites/<name>.pub (server); "
-                  f"keep ca.key offline")
+    console.print(
+        f"wrote {files.root}: ca.crt (everyone), server.pem/server.key (server), "
+        f"sites/<name>.key (each site its own), sites/<name>.pub (server); "
+        f"keep ca.key offline"
+    )
 
 
 def register(app: typer.Typer) -> None:
@@ -99,4 +127,3 @@ def register(app: typer.Typer) -> None:
     app.command("server")(server)
     app.command("site")(site)
     app.command("certs")(certs)
-

@@ -19,8 +19,9 @@ def predict(
     from privseg.inference import predict_volume
 
     stats = predict_volume(checkpoint, image, out)
-    console.print(f"wrote {out}: {stats['foreground_voxels']} foreground voxels "
-                  f"in {stats['slices']} slices")
+    console.print(
+        f"wrote {out}: {stats['foreground_voxels']} foreground voxels in {stats['slices']} slices"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -32,16 +32,21 @@ def run(
     if quick:
         cfg = quick_preset(cfg)
     with progress_bar() as progress:
-        study = run_study(cfg, data=data, out=out, progress=progress,
-                          on_setting=lambda s: console.log(s))
+        study = run_study(
+            cfg, data=data, out=out, progress=progress, on_setting=lambda s: console.log(s)
+        )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
     for col in ("setting", "Dice", "epsilon (max site)", "s / round or epoch"):
         table.add_column(col)
     for r in study["runs"]:
         eps = r.get("epsilon_max")
         secs = r.get("seconds_per_round") or r.get("seconds_per_epoch")
-        table.add_row(r["label"], f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
-                      "–" if eps is None else f"{eps:.2f}", f"{secs:.2f}" if secs else "–")
+        table.add_row(
+            r["label"],
+            f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
+            "–" if eps is None else f"{eps:.2f}",
+            f"{secs:.2f}" if secs else "–",
+        )
     console.print(table)
     console.print(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
 

@@ -35,13 +35,25 @@ def train(
     from privseg.training.run import train as run_train
 
     cfg = load_config(
-        config, set_, **{"privacy.enabled": dp, "privacy.target_epsilon": epsilon,
-                         "privacy.delta": delta, "train.epochs": epochs,
-                         "federated.rounds": rounds},
+        config,
+        set_,
+        **{
+            "privacy.enabled": dp,
+            "privacy.target_epsilon": epsilon,
+            "privacy.delta": delta,
+            "train.epochs": epochs,
+            "federated.rounds": rounds,
+        },
     )
     with progress_bar() as progress:
-        results = run_train(cfg, data=data, out=out, mode=mode, progress=progress,  # type: ignore[arg-type]
-                            resume=resume)
+        results = run_train(
+            cfg,
+            data=data,
+            out=out,
+            mode=mode,
+            progress=progress,  # type: ignore[arg-type]
+            resume=resume,
+        )
     table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)

@@ -65,8 +65,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _write_secret(path: Path, data: bytes) -> None:
@@ -75,8 +76,12 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privseg"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privseg"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -89,8 +94,9 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_certs(out: Path, sites: list[str], *, hosts: list[str] | None = None,
-               days: int = 365) -> CertFiles:
+def make_certs(
+    out: Path, sites: list[str], *, hosts: list[str] | None = None, days: int = 365
+) -> CertFiles:
     """Write a CA, a server certificate for ``hosts`` and one EC P-384 key pair per site."""
     if not sites:
         raise FederationError("at least one site is needed")
@@ -98,37 +104,57 @@ def make_certs(out: Path, sites: list[str], *, hosts: list[str] | None = None,
         raise FederationError(f"site names must be unique and non-empty: {sites}")
     files = CertFiles(Path(out))
     if files.ca.exists():
-        raise FederationError(f"{files.ca} exists: choose an empty folder (keys are never "
-                              "overwritten)")
+        raise FederationError(
+            f"{files.ca} exists: choose an empty folder (keys are never overwritten)"
+        )
     hosts = list(dict.fromkeys(["127.0.0.1", "localhost", *(hosts or [])]))
     now = dt.datetime.now(dt.UTC)
     ca_key = _key()
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("privseg federation CA"))
-        .issuer_name(_name("privseg federation CA")).public_key(ca_key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(_name("privseg federation CA"))
+        .issuer_name(_name("privseg federation CA"))
+        .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA384())
     )
     server_key = _key()
     server_cert = (
-        x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days))
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days))
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
-                       critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
         .sign(ca_key, hashes.SHA384())
     )
     pem = serialization.Encoding.PEM
@@ -138,9 +164,14 @@ def make_certs(out: Path, sites: list[str], *, hosts: list[str] | None = None,
     atomic_write_bytes(files.server_cert, server_cert.public_bytes(pem))
     for site in sites:
         key = _key()
-        _write_secret(files.site_key(site), key.private_bytes(
-            pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-        pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                            serialization.PublicFormat.OpenSSH)
+        _write_secret(
+            files.site_key(site),
+            key.private_bytes(
+                pem, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            ),
+        )
+        pub = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         atomic_write_bytes(files.site_pub(site), pub + f" {site}\n".encode())
     return files

@@ -64,8 +64,9 @@ def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -
     out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
     worker = Path(str(conf["worker"])) if conf.get("worker") else None
     privacy = Path(str(conf["privacy-config"])) if conf.get("privacy-config") else None
-    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker,
-                        privacy_config=privacy)
+    return SiteSettings(
+        site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker, privacy_config=privacy
+    )
 
 
 TrainerFactory = Callable[..., Any]
@@ -85,8 +86,12 @@ def default_trainer_factory(
 
         torch.set_num_threads(cfg.train.threads)
     return build_site_trainer(
-        cfg, settings.data_dir, settings.site, ledger_path=settings.ledger,
-        planned_steps=planned_steps, run_id=run_id,
+        cfg,
+        settings.data_dir,
+        settings.site,
+        ledger_path=settings.ledger,
+        planned_steps=planned_steps,
+        run_id=run_id,
     )
 
 
@@ -105,8 +110,11 @@ def get_trainer(
     if settings.privacy_config is not None:
         own = Config.load(settings.privacy_config).privacy
         if own != cfg.privacy and cached is None:
-            log.warning("site %s applies its own [privacy] settings from %s, not the server's",
-                        settings.site, settings.privacy_config)
+            log.warning(
+                "site %s applies its own [privacy] settings from %s, not the server's",
+                settings.site,
+                settings.privacy_config,
+            )
         cfg = dataclasses.replace(cfg, privacy=own)
     if cached is None or cached[0] != toml:
         trainer = factory(
@@ -118,7 +126,9 @@ def get_trainer(
 
 # ---- the site's work, independent of Flower (also run by the deployment worker) -------------
 def site_train(
-    config: Mapping[str, Any], state: dict[str, Any], settings: SiteSettings,
+    config: Mapping[str, Any],
+    state: dict[str, Any],
+    settings: SiteSettings,
     factory: TrainerFactory = default_trainer_factory,
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """Train from the global weights; ``(None, metrics)`` when the site declines the round."""
@@ -126,15 +136,22 @@ def site_train(
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
         new_state, metrics = trainer.fit(
-            state, int(config[M.CFG_LOCAL_STEPS]), run_id=str(config[M.CFG_RUN_ID]),
+            state,
+            int(config[M.CFG_LOCAL_STEPS]),
+            run_id=str(config[M.CFG_RUN_ID]),
             global_state=global_state,
         )
     except PrivacyBudgetExceeded as exc:
         log.warning("site %s declines round %s: %s", settings.site, config.get(M.CFG_ROUND), exc)
         summary = trainer.privacy_summary() or {}
-        return None, {M.DECLINED: 1.0, M.NUM_EXAMPLES: trainer.num_examples,
-                      M.EPSILON: summary.get("epsilon", math.nan), M.STEPS: 0.0,
-                      M.TRAIN_LOSS: math.nan, M.SECONDS: 0.0}
+        return None, {
+            M.DECLINED: 1.0,
+            M.NUM_EXAMPLES: trainer.num_examples,
+            M.EPSILON: summary.get("epsilon", math.nan),
+            M.STEPS: 0.0,
+            M.TRAIN_LOSS: math.nan,
+            M.SECONDS: 0.0,
+        }
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
     return new_state, {
@@ -148,7 +165,9 @@ def site_train(
 
 
 def site_evaluate(
-    config: Mapping[str, Any], state: dict[str, Any], settings: SiteSettings,
+    config: Mapping[str, Any],
+    state: dict[str, Any],
+    settings: SiteSettings,
     factory: TrainerFactory = default_trainer_factory,
 ) -> dict[str, float]:
     """Dice of the global weights on a local split (scalars only).
@@ -170,10 +189,17 @@ def site_evaluate(
         privacy = trainer.privacy_summary()
         for key in M.PRIVACY_SCALARS:
             out[key] = (privacy or {}).get(key, 0.0 if key == M.EPSILON else math.nan)
-        write_json(settings.report, {
-            "site": settings.site, "split": split, "n_train": trainer.num_examples,
-            "run_id": str(config[M.CFG_RUN_ID]), "test": result, "privacy": privacy,
-        })
+        write_json(
+            settings.report,
+            {
+                "site": settings.site,
+                "split": split,
+                "n_train": trainer.num_examples,
+                "run_id": str(config[M.CFG_RUN_ID]),
+                "test": result,
+                "privacy": privacy,
+            },
+        )
     return {k: M.scalar(v) for k, v in out.items()}
 
 

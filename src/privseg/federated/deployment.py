@@ -94,12 +94,19 @@ class Processes:
     def __init__(self) -> None:
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
 
-    def start(self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path
+    ) -> subprocess.Popen[bytes]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "ab") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.procs[name] = (proc, log_file)
         atomic_write_text(log_file.with_suffix(".pid"), f"{proc.pid}\n")  # for manual cleanup
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -163,24 +170,35 @@ def _toml_str(value: str) -> str:
 
 def write_flower_home(home: Path, address: str, ca: Path | None) -> None:
     """``$FLWR_HOME/config.toml`` with one SuperLink connection named ``privseg``."""
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f"address = {_toml_str(address)}"]
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f"address = {_toml_str(address)}",
+    ]
     lines.append(f"root-certificates = {_toml_str(str(ca))}" if ca else "insecure = true")
     atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
 
 
-def write_app(folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool,
-              expected_sites: int = 0) -> Path:
+def write_app(
+    folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool, expected_sites: int = 0
+) -> Path:
     """The Flower App folder and its run-config file; returns the run-config path."""
     atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
     run_config = folder.parent / "run-config.toml"
-    atomic_write_text(run_config, "".join([
-        f"privseg-config = {_toml_str(cfg.to_toml())}\n",
-        f"run-id = {_toml_str(run_id)}\n",
-        f"out-dir = {_toml_str(str(out.resolve()))}\n",
-        f"resume = {'true' if resume else 'false'}\n",
-        f"expected-sites = {int(expected_sites)}\n",
-    ]))
+    atomic_write_text(
+        run_config,
+        "".join(
+            [
+                f"privseg-config = {_toml_str(cfg.to_toml())}\n",
+                f"run-id = {_toml_str(run_id)}\n",
+                f"out-dir = {_toml_str(str(out.resolve()))}\n",
+                f"resume = {'true' if resume else 'false'}\n",
+                f"expected-sites = {int(expected_sites)}\n",
+            ]
+        ),
+    )
     return run_config
 
 
@@ -212,51 +230,84 @@ def serve(
     if not keys and not insecure:
         raise FederationError(f"no site public keys in {files.root / 'sites' if files else '?'}")
     if len(keys) and len(keys) < cfg.federated.min_sites:
-        raise FederationError(f"{len(keys)} site key(s) registered but federated.min_sites = "
-                              f"{cfg.federated.min_sites}")
+        raise FederationError(
+            f"{len(keys)} site key(s) registered but federated.min_sites = "
+            f"{cfg.federated.min_sites}"
+        )
     run_id = run_id or uuid.uuid4().hex
     home = out / ".flwr"
     address = f"{host}:{port}"
     write_flower_home(home, address, None if insecure else files.ca if files else None)
-    run_config = write_app(home / "app", cfg, run_id=run_id, out=out, resume=resume,
-                           expected_sites=len(keys))
+    run_config = write_app(
+        home / "app", cfg, run_id=run_id, out=out, resume=resume, expected_sites=len(keys)
+    )
     for stale in (STATUS_FILE, "results.json"):  # written anew when this run ends
         (out / stale).unlink(missing_ok=True)
     env = flower_env(home)
-    argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation"]
+    argv = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if insecure:
         argv.append("--insecure")
     else:
         assert files is not None
-        argv += ["--ssl-ca-certfile", str(files.ca), "--ssl-certfile", str(files.server_cert),
-                 "--ssl-keyfile", str(files.server_key)]
+        argv += [
+            "--ssl-ca-certfile",
+            str(files.ca),
+            "--ssl-certfile",
+            str(files.server_cert),
+            "--ssl-keyfile",
+            str(files.server_key),
+        ]
     if keys:
         argv.append("--enable-supernode-auth")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     with Processes() as procs:
         link = procs.start("superlink", argv, env=env, log_file=out / "logs" / "superlink.log")
         if not wait_for_port(host, port, startup_timeout, link):
-            raise FederationError(f"the SuperLink did not start on {address}:\n"
-                                  f"{procs.tail('superlink')}")
+            raise FederationError(
+                f"the SuperLink did not start on {address}:\n{procs.tail('superlink')}"
+            )
         registering = {  # in parallel: each `flwr` call pays its own start-up
             site: subprocess.Popen(
-                [flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--name",
-                 site], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                [flower_bin("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", site],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for site, pub in keys.items()
         }
         for site, reg in registering.items():
             output, _ = reg.communicate(timeout=120)
             if reg.returncode:
                 raise FederationError(f"registering {site}'s key failed:\n{output}")
-        echo(f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
-             f"{len(keys)} site key(s) registered; waiting for sites...")
+        echo(
+            f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
+            f"{len(keys)} site key(s) registered; waiting for sites..."
+        )
         with open(out / "logs" / "run.log", "a") as run_log:
             proc = subprocess.Popen(
-                [flower_bin("flwr"), "run", str(home / "app"), CONNECTION, "--run-config",
-                 str(run_config), "--stream"],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    flower_bin("flwr"),
+                    "run",
+                    str(home / "app"),
+                    CONNECTION,
+                    "--run-config",
+                    str(run_config),
+                    "--stream",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
             try:
                 assert proc.stdout is not None
@@ -279,8 +330,9 @@ def serve(
     if status["status"] == "stopped":
         raise FederationError(status["message"])
     if status["status"] != "completed" or not (out / "results.json").is_file():
-        raise FederationError(f"the run failed after round {status['round']}; see "
-                              f"{out / 'logs' / 'run.log'}")
+        raise FederationError(
+            f"the run failed after round {status['round']}; see {out / 'logs' / 'run.log'}"
+        )
     return read_json(out / "results.json")
 
 
@@ -300,8 +352,10 @@ def check_site_data(data: Path, site: str) -> None:
 
     data = Path(data)
     if not (data / "manifest.json").is_file():
-        raise DataError(f"{data} is not a prepared slice cache (no manifest.json); run "
-                        "`privseg data prepare` at this site first")
+        raise DataError(
+            f"{data} is not a prepared slice cache (no manifest.json); run "
+            "`privseg data prepare` at this site first"
+        )
     sites = SliceCache.open(data).sites
     if site not in sites:
         raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
@@ -346,11 +400,15 @@ def join(
     key = files.site_key(site) if files else None
     if not insecure:
         if files is None or not files.ca.is_file():
-            raise FederationError(f"the federation's ca.crt is missing in {certs}: copy it from "
-                                  "the server's certificate folder (or use --insecure for tests)")
+            raise FederationError(
+                f"the federation's ca.crt is missing in {certs}: copy it from "
+                "the server's certificate folder (or use --insecure for tests)"
+            )
         if key is None or not key.is_file():
-            raise FederationError(f"this site's key {key} is missing: copy sites/{site}.key "
-                                  "from the server's certificate folder")
+            raise FederationError(
+                f"this site's key {key} is missing: copy sites/{site}.key "
+                "from the server's certificate folder"
+            )
     else:
         log.warning("INSECURE: site %s connects without TLS", site)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,21 +417,45 @@ def join(
     env = flower_env(out / ".flwr")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     with Processes() as procs, _socket_dir(out) as sock_dir:
-        node_config = f"site={_toml_str(site)} data-dir={_toml_str(str(data))} " \
-                      f"out-dir={_toml_str(str(out))}"
+        node_config = (
+            f"site={_toml_str(site)} data-dir={_toml_str(str(data))} out-dir={_toml_str(str(out))}"
+        )
         extra = ["--privacy-config", str(privacy_config)] if privacy_config else []
         if privacy_config:
             node_config += f" privacy-config={_toml_str(str(privacy_config))}"
         if worker:
             address = sock_dir / "worker.sock"
-            procs.start("worker", [sys.executable, "-m", "privseg.federated.worker", "--site",
-                                   site, "--data", str(data), "--out", str(out), "--address",
-                                   str(address), *extra], env=env,
-                        log_file=out / "logs" / "worker.log")
+            procs.start(
+                "worker",
+                [
+                    sys.executable,
+                    "-m",
+                    "privseg.federated.worker",
+                    "--site",
+                    site,
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--address",
+                    str(address),
+                    *extra,
+                ],
+                env=env,
+                log_file=out / "logs" / "worker.log",
+            )
             node_config += f" worker={_toml_str(str(address))}"
-        argv = [flower_bin("flower-supernode"), "--superlink", server,
-                "--max-wait-time", str(timeout), "--port", str(free_port()),
-                "--node-config", node_config]
+        argv = [
+            flower_bin("flower-supernode"),
+            "--superlink",
+            server,
+            "--max-wait-time",
+            str(timeout),
+            "--port",
+            str(free_port()),
+            "--node-config",
+            node_config,
+        ]
         argv += ["--insecure"] if insecure else ["--root-certificates", str(files.ca)]  # type: ignore[union-attr]
         if key is not None and key.is_file():
             argv += ["--auth-supernode-private-key", str(key)]
@@ -399,12 +481,16 @@ def join(
             time.sleep(2.0)
         tail = procs.tail("supernode")
         if "CERTIFICATE_VERIFY_FAILED" in tail:
-            why = (f"TLS failed: the server's certificate does not verify against "
-                   f"{files.ca if files else 'the CA'} (another federation's ca.crt, or a "
-                   "server certificate without this host name: `privseg certs --host`)")
+            why = (
+                f"TLS failed: the server's certificate does not verify against "
+                f"{files.ca if files else 'the CA'} (another federation's ca.crt, or a "
+                "server certificate without this host name: `privseg certs --host`)"
+            )
         elif "Failed to activate SuperNode" in tail:
-            why = (f"the server refused this site: is {key} the key of site {site!r} that the "
-                   "server registered (its sites/*.pub)?")
+            why = (
+                f"the server refused this site: is {key} the key of site {site!r} that the "
+                "server registered (its sites/*.pub)?"
+            )
         else:
             why = f"is the server running at {server}?"
         raise FederationError(

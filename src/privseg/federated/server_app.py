@@ -57,10 +57,13 @@ class ServerSettings:
         """Deployment: ``flwr run ... --run-config`` carries the config TOML and the out dir."""
         try:
             cfg = Config.from_dict(tomllib.loads(str(run_config[M.CFG_TOML])))
-            return cls(cfg=cfg, out_dir=Path(str(run_config["out-dir"])),
-                       run_id=str(run_config[M.CFG_RUN_ID]),
-                       resume=bool(run_config.get("resume", False)),
-                       expected_sites=int(run_config.get("expected-sites", 0)))
+            return cls(
+                cfg=cfg,
+                out_dir=Path(str(run_config["out-dir"])),
+                run_id=str(run_config[M.CFG_RUN_ID]),
+                resume=bool(run_config.get("resume", False)),
+                expected_sites=int(run_config.get("expected-sites", 0)),
+            )
         except KeyError as exc:
             raise FederationError(f"the run config lacks {exc.args[0]!r}") from None
 
@@ -94,16 +97,33 @@ def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[in
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
-def save_state(out_dir: Path, *, cfg: Config, rnd: int, arrays: ArrayRecord,
-               history: list[dict[str, Any]], strategy: SiteAggregation, run_id: str) -> None:
+def save_state(
+    out_dir: Path,
+    *,
+    cfg: Config,
+    rnd: int,
+    arrays: ArrayRecord,
+    history: list[dict[str, Any]],
+    strategy: SiteAggregation,
+    run_id: str,
+) -> None:
     """Global model + round + history + server-optimizer state, atomically."""
-    opt = {name: {k: torch.from_numpy(np.array(v)) for k, v in d.items()}
-           for name, d in strategy_state(strategy).items()}
-    atomic_torch_save({
-        "format": "privseg-federated-state/1", "round": rnd, "run_id": run_id,
-        "config": cfg.to_toml(), "state_dict": arrays.to_torch_state_dict(),
-        "history": history, "strategy": opt,
-    }, out_dir / STATE_FILE)
+    opt = {
+        name: {k: torch.from_numpy(np.array(v)) for k, v in d.items()}
+        for name, d in strategy_state(strategy).items()
+    }
+    atomic_torch_save(
+        {
+            "format": "privseg-federated-state/1",
+            "round": rnd,
+            "run_id": run_id,
+            "config": cfg.to_toml(),
+            "state_dict": arrays.to_torch_state_dict(),
+            "history": history,
+            "strategy": opt,
+        },
+        out_dir / STATE_FILE,
+    )
     write_json(out_dir / "history.json", history)
 
 
@@ -148,13 +168,19 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     if saved is not None:
         start, history = int(saved["round"]), list(saved["history"])
         arrays = ArrayRecord(saved["state_dict"])
-        load_strategy_state(strategy, {k: {n: t.numpy() for n, t in d.items()}
-                                       for k, d in saved["strategy"].items()})
+        load_strategy_state(
+            strategy,
+            {k: {n: t.numpy() for n, t in d.items()} for k, d in saved["strategy"].items()},
+        )
         log.info("resuming after round %d of %d", start, fed.rounds)
     else:
         start, history, arrays = 0, [], ArrayRecord(initial_state(cfg))
-    base = {M.CFG_TOML: cfg.to_toml(), M.CFG_RUN_ID: s.run_id,
-            M.CFG_LOCAL_STEPS: fed.local_steps, M.CFG_PLANNED_STEPS: fed.rounds * fed.local_steps}
+    base = {
+        M.CFG_TOML: cfg.to_toml(),
+        M.CFG_RUN_ID: s.run_id,
+        M.CFG_LOCAL_STEPS: fed.local_steps,
+        M.CFG_PLANNED_STEPS: fed.rounds * fed.local_steps,
+    }
     wait = s.node_wait if s.node_wait is not None else fed.round_timeout
     # Last known cumulative epsilon and training size of every site that ever answered: a
     # site that drops out still counts in the maximum.
@@ -182,17 +208,27 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
                 f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
                 f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
                 f"{len(report.failed)}. Stopped after round {rnd - 1}; the last global model is "
-                f"in {s.out_dir / STATE_FILE}")
+                f"in {s.out_dir / STATE_FILE}"
+            )
             raise FederationError(message)
         arrays = new_arrays
         n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
-        eps_known.update({k: v[M.EPSILON] for k, v in report.sites.items()
-                          if not math.isnan(v.get(M.EPSILON, math.nan))})
-        strategy.aggregate_evaluate(rnd, grid.send_and_receive(
-            strategy.configure_evaluate(rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}),
-                                        grid),
-            timeout=fed.round_timeout,
-        ))
+        eps_known.update(
+            {
+                k: v[M.EPSILON]
+                for k, v in report.sites.items()
+                if not math.isnan(v.get(M.EPSILON, math.nan))
+            }
+        )
+        strategy.aggregate_evaluate(
+            rnd,
+            grid.send_and_receive(
+                strategy.configure_evaluate(
+                    rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
+                ),
+                timeout=fed.round_timeout,
+            ),
+        )
         val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
         entry = {
             "round": rnd,
@@ -208,22 +244,39 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "seconds": time.perf_counter() - t0,
         }
         history.append(entry)
-        save_state(s.out_dir, cfg=cfg, rnd=rnd, arrays=arrays, history=history,
-                   strategy=strategy, run_id=s.run_id)
+        save_state(
+            s.out_dir,
+            cfg=cfg,
+            rnd=rnd,
+            arrays=arrays,
+            history=history,
+            strategy=strategy,
+            run_id=s.run_id,
+        )
         _write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
         if s.progress is not None:
             s.progress(entry)
     # Final: the last global model on every site's test split, evaluated at the site.
     wait_for_sites(grid, fed.min_sites, wait)
-    strategy.aggregate_evaluate(fed.rounds + 1, grid.send_and_receive(
-        strategy.configure_evaluate(
-            fed.rounds + 1, arrays,
-            ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1}), grid),
-        timeout=fed.round_timeout,
-    ))
+    strategy.aggregate_evaluate(
+        fed.rounds + 1,
+        grid.send_and_receive(
+            strategy.configure_evaluate(
+                fed.rounds + 1,
+                arrays,
+                ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1}),
+                grid,
+            ),
+            timeout=fed.round_timeout,
+        ),
+    )
     _write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
-    return {"state_dict": arrays.to_torch_state_dict(), "history": history,
-            "test": dict(strategy.last_evaluate), "n_train": n_train}
+    return {
+        "state_dict": arrays.to_torch_state_dict(),
+        "history": history,
+        "test": dict(strategy.last_evaluate),
+        "n_train": n_train,
+    }
 
 
 def _write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
@@ -231,12 +284,24 @@ def _write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
 
 
 # ---- results.json ----------------------------------------------------------------------------
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm",
-                "accountant")
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "clip_norm",
+    "accountant",
+)
 
 
-def build_results(cfg: Config, summary: dict[str, Any], *, reports: dict[str, dict] | None = None,
-                  wall_seconds: float) -> dict[str, Any]:
+def build_results(
+    cfg: Config,
+    summary: dict[str, Any],
+    *,
+    reports: dict[str, dict] | None = None,
+    wall_seconds: float,
+) -> dict[str, Any]:
     """The ``results.json`` dict; ``reports`` (site-local files) add per-patient results."""
     reports = reports or {}
     dp = cfg.privacy.enabled
@@ -254,8 +319,10 @@ def build_results(cfg: Config, summary: dict[str, Any], *, reports: dict[str, di
         entry = {
             "name": name,
             "n_train": rep.get("n_train", summary["n_train"].get(name)),
-            "dice": _f(test.get("dice")), "dice_sd": _f(test.get("dice_sd")),
-            "hd95": _f(test.get("hd95")), "patients": test.get("patients", []),
+            "dice": _f(test.get("dice")),
+            "dice_sd": _f(test.get("dice_sd")),
+            "hd95": _f(test.get("hd95")),
+            "patients": test.get("patients", []),
             "completed": name in summary["test"] or name in reports,
         }
         for key in PRIVACY_KEYS:
@@ -292,13 +359,20 @@ def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str)
     """The final global model as a privseg checkpoint (``predict`` reads it)."""
     from privseg.training.checkpoint import save_checkpoint
 
-    save_checkpoint(out_dir / "checkpoint.pt", summary["state_dict"], cfg, mode="federated",
-                    run_id=run_id, rounds=len(summary["history"]))
+    save_checkpoint(
+        out_dir / "checkpoint.pt",
+        summary["state_dict"],
+        cfg,
+        mode="federated",
+        run_id=run_id,
+        rounds=len(summary["history"]),
+    )
 
 
 # ---- ServerApps ------------------------------------------------------------------------------
-def make_server_app(settings: ServerSettings,
-                    on_done: Callable[[dict[str, Any]], None] | None = None) -> ServerApp:
+def make_server_app(
+    settings: ServerSettings, on_done: Callable[[dict[str, Any]], None] | None = None
+) -> ServerApp:
     """A ServerApp bound to ``settings`` (simulation); ``on_done`` receives the summary."""
     app = ServerApp()
 

@@ -32,8 +32,13 @@ def backend_config(cpus: int | None = None) -> dict[str, Any]:
     cpus = max(1, cpus or os.cpu_count() or 1)
     return {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "logging_level": "error",
-                      "log_to_driver": False, "include_dashboard": False},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": 0,
+            "logging_level": "error",
+            "log_to_driver": False,
+            "include_dashboard": False,
+        },
     }
 
 
@@ -87,8 +92,9 @@ def run_federated(
         for name in sites:  # a fresh run must not read last run's reports
             (out_dir / "sites" / f"{name}.json").unlink(missing_ok=True)
     done: dict[str, Any] = {}
-    settings = ServerSettings(cfg=cfg, out_dir=out_dir, run_id=run_id, resume=resume,
-                              progress=progress, node_wait=60.0)
+    settings = ServerSettings(
+        cfg=cfg, out_dir=out_dir, run_id=run_id, resume=resume, progress=progress, node_wait=60.0
+    )
     client = make_client_app(
         {"sites": ",".join(sites), "data-dir": str(cache_dir), "out-dir": str(out_dir)},
         trainer_factory,
@@ -112,7 +118,6 @@ def run_federated(
         path = out_dir / "sites" / f"{name}.json"
         if path.is_file():
             reports[name] = read_json(path)
-    results = build_results(cfg, done, reports=reports,
-                            wall_seconds=time.perf_counter() - started)
+    results = build_results(cfg, done, reports=reports, wall_seconds=time.perf_counter() - started)
     save_final(out_dir, cfg, done, run_id)
     return results

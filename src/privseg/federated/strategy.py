@@ -81,11 +81,13 @@ class SiteAggregation(Strategy):
         if not usable:
             return None, None
         arrays, _ = super().aggregate_train(server_round, usable)  # type: ignore[safe-super]
-        summary = MetricRecord({
-            M.TRAIN_LOSS: report.train_loss(self.weighted),
-            M.EPSILON: report.epsilon_max,
-            "sites": float(len(report.contributors)),
-        })
+        summary = MetricRecord(
+            {
+                M.TRAIN_LOSS: report.train_loss(self.weighted),
+                M.EPSILON: report.epsilon_max,
+                "sites": float(len(report.contributors)),
+            }
+        )
         return arrays, summary
 
     def aggregate_evaluate(
@@ -98,10 +100,12 @@ class SiteAggregation(Strategy):
         self.last_evaluate = per_site
         if not per_site:
             return None
-        return MetricRecord({
-            M.DICE: nanmean(m.get(M.DICE, math.nan) for m in per_site.values()),
-            "sites": float(len(per_site)),
-        })
+        return MetricRecord(
+            {
+                M.DICE: nanmean(m.get(M.DICE, math.nan) for m in per_site.values()),
+                "sites": float(len(per_site)),
+            }
+        )
 
 
 class SiteFedAvg(SiteAggregation, FedAvg):
@@ -120,9 +124,13 @@ def make_strategy(cfg: Config) -> SiteAggregation:
     """The strategy named by ``cfg.federated.strategy``."""
     fed = cfg.federated
     common: dict[str, Any] = dict(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
-        min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
-        weighted_by_key=M.AGG_WEIGHT, train_metrics_aggr_fn=_no_metrics,
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites,
+        min_available_nodes=fed.min_sites,
+        weighted_by_key=M.AGG_WEIGHT,
+        train_metrics_aggr_fn=_no_metrics,
         evaluate_metrics_aggr_fn=_no_metrics,
     )
     strategy: SiteAggregation

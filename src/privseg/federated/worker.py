@@ -90,12 +90,16 @@ def serve(settings: Any, address: Path) -> None:
                 try:
                     if kind == "train":
                         new, metrics = client_app.site_train(config, tensors, settings)
-                        out = None if new is None else {
-                            k: v.detach().cpu().numpy() for k, v in new.items()}
+                        out = (
+                            None
+                            if new is None
+                            else {k: v.detach().cpu().numpy() for k, v in new.items()}
+                        )
                         conn.send(("ok", (out, metrics)))
                     else:
-                        conn.send(("ok", (None, client_app.site_evaluate(config, tensors,
-                                                                         settings))))
+                        conn.send(
+                            ("ok", (None, client_app.site_evaluate(config, tensors, settings)))
+                        )
                 except Exception as exc:  # noqa: BLE001 - the reason goes back to the server
                     log.exception("site worker: %s failed", kind)
                     conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -117,10 +121,13 @@ def main() -> None:
     parser.add_argument("--address", required=True, type=Path)
     parser.add_argument("--privacy-config", type=Path, default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(SiteSettings(args.site, args.data, args.out, privacy_config=args.privacy_config),
-          args.address)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(
+        SiteSettings(args.site, args.data, args.out, privacy_config=args.privacy_config),
+        args.address,
+    )
 
 
 if __name__ == "__main__":

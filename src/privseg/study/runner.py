@@ -27,13 +27,21 @@ Progress = Callable[[str, int, int], None]
 
 def quick_preset(cfg: Config) -> Config:
     """A tiny grid for tests and smoke runs (about a minute on 2 cores)."""
-    return cfg.replace(**{
-        "data.resolution": 32, "train.epochs": 1, "train.batch_size": 8,
-        "federated.rounds": 2, "federated.local_steps": 2,
-        "attack.iterations": 60, "attack.restarts": 1, "attack.targets": 2,
-        "attack.audit_trials": 50, "study.epsilons": [8.0],
-        "model.features": 8,
-    })
+    return cfg.replace(
+        **{
+            "data.resolution": 32,
+            "train.epochs": 1,
+            "train.batch_size": 8,
+            "federated.rounds": 2,
+            "federated.local_steps": 2,
+            "attack.iterations": 60,
+            "attack.restarts": 1,
+            "attack.targets": 2,
+            "attack.audit_trials": 50,
+            "study.epsilons": [8.0],
+            "model.features": 8,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -67,8 +75,16 @@ def grid(cfg: Config) -> list[Setting]:
         out.append(Setting("federated", "Federated", "federated", "federated", False))
     if "federated_dp" in wanted:
         for eps in sorted(cfg.study.epsilons):
-            out.append(Setting(f"federated_dp_eps{eps:g}", f"Federated DP (ε={eps:g})",
-                               "federated_dp", "federated", True, eps))
+            out.append(
+                Setting(
+                    f"federated_dp_eps{eps:g}",
+                    f"Federated DP (ε={eps:g})",
+                    "federated_dp",
+                    "federated",
+                    True,
+                    eps,
+                )
+            )
     return out
 
 
@@ -117,23 +133,36 @@ def run_study(
     return study
 
 
-def _run_setting(setting: Setting, base: Config, cache: Any, run_dir: Path,
-                 progress: Progress) -> dict[str, Any]:
+def _run_setting(
+    setting: Setting, base: Config, cache: Any, run_dir: Path, progress: Progress
+) -> dict[str, Any]:
     done = run_dir / "results.json"
     if done.is_file():
         log.info("skipping %s: %s exists", setting.key, done)
         results = read_json(done)
     else:
         cfg = setting.config(base)
-        results = train(cfg, data=Path(cache.root), out=run_dir, mode=setting.mode,  # type: ignore[arg-type]
-                        progress=progress)
-    results.update({"setting": setting.setting, "label": setting.label,
-                    "target_epsilon": setting.epsilon, "run_dir": str(run_dir)})
+        results = train(
+            cfg,
+            data=Path(cache.root),
+            out=run_dir,
+            mode=setting.mode,  # type: ignore[arg-type]
+            progress=progress,
+        )
+    results.update(
+        {
+            "setting": setting.setting,
+            "label": setting.label,
+            "target_epsilon": setting.epsilon,
+            "run_dir": str(run_dir),
+        }
+    )
     return results
 
 
-def _run_attack(cfg: Config, cache: Any, out: Path, progress: Progress
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _run_attack(
+    cfg: Config, cache: Any, out: Path, progress: Progress
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Attack one site's update without DP and with DP at the largest study epsilon."""
     from privseg.attack.runner import run_attack_study
 
@@ -143,8 +172,12 @@ def _run_attack(cfg: Config, cache: Any, out: Path, progress: Progress
         return saved["attack"], saved["audit"]
     checkpoint = out.parent / "runs" / "federated" / "checkpoint.pt"
     attacks, audits = run_attack_study(
-        cfg, cache=cache, checkpoint=checkpoint if checkpoint.is_file() else None,
-        out_dir=out, epsilons=[None, max(cfg.study.epsilons)], progress=progress,
+        cfg,
+        cache=cache,
+        checkpoint=checkpoint if checkpoint.is_file() else None,
+        out_dir=out,
+        epsilons=[None, max(cfg.study.epsilons)],
+        progress=progress,
     )
     write_json(done, {"attack": attacks, "audit": audits})
     return attacks, audits
@@ -154,12 +187,19 @@ def _data_summary(cache: Any, data: Path, cfg: Config) -> dict[str, Any]:
     sites = []
     for s in cache.sites:
         splits = {k: cache.split(s, k) for k in ("train", "val", "test")}
-        sites.append({
-            "name": s,
-            "n_train": len(splits["train"]), "n_val": len(splits["val"]),
-            "n_test": len(splits["test"]),
-            "patients_train": len(set(splits["train"].patient.tolist())),
-            "patients_test": len(set(splits["test"].patient.tolist())),
-        })
-    return {"source": str(data), "cache_dir": str(cache.root), "sites": sites,
-            "resolution": cfg.data.resolution}
+        sites.append(
+            {
+                "name": s,
+                "n_train": len(splits["train"]),
+                "n_val": len(splits["val"]),
+                "n_test": len(splits["test"]),
+                "patients_train": len(set(splits["train"].patient.tolist())),
+                "patients_test": len(set(splits["test"].patient.tolist())),
+            }
+        )
+    return {
+        "source": str(data),
+        "cache_dir": str(cache.root),
+        "sites": sites,
+        "resolution": cfg.data.resolution,
+    }

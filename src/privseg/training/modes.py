@@ -28,8 +28,15 @@ from privseg.training.trainer import (
 Progress = Callable[[str, int, int], None]
 """``progress(description, completed, total)``: how long-running steps report progress."""
 
-PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "clip_norm",
-                "accountant")
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "clip_norm",
+    "accountant",
+)
 
 
 def _no_progress(description: str, completed: int, total: int) -> None:
@@ -64,8 +71,12 @@ def train_site(
     privacy = None
     if cfg.privacy.enabled:
         privacy = make_site_privacy(
-            cfg, site=name, train=train, planned_steps=total,
-            ledger_path=out_dir / "ledgers" / f"{name}.sqlite", run_id=run_id,
+            cfg,
+            site=name,
+            train=train,
+            planned_steps=total,
+            ledger_path=out_dir / "ledgers" / f"{name}.sqlite",
+            run_id=run_id,
         )
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
     history: list[dict[str, Any]] = []
@@ -75,7 +86,7 @@ def train_site(
         steps = per_epoch if epoch < cfg.train.epochs else total - done
         base = done
 
-        def on_step(i: int, n: int, base: int = base) -> None:
+        def on_step(i: int, n: int, base: int = base, epoch: int = epoch) -> None:
             progress(f"{name}: epoch {epoch}/{cfg.train.epochs}", base + i, total)
 
         _, metrics = trainer.fit(None, steps, run_id=run_id, on_step=on_step)
@@ -83,14 +94,16 @@ def train_site(
         train_seconds += metrics["seconds"]
         val = {site: trainer.evaluate(None, split) for site, split in val_splits.items()}
         val_dice = {site: m["dice"] for site, m in val.items()}
-        history.append({
-            "epoch": epoch,
-            "train_loss": metrics["train_loss"],
-            "val_dice": _nanmean(list(val_dice.values())),
-            "val_dice_sites": val_dice,
-            "epsilon_max": metrics["epsilon"] if privacy is not None else None,
-            "seconds": metrics["seconds"],
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": metrics["train_loss"],
+                "val_dice": _nanmean(list(val_dice.values())),
+                "val_dice_sites": val_dice,
+                "epsilon_max": metrics["epsilon"] if privacy is not None else None,
+                "seconds": metrics["seconds"],
+            }
+        )
     return trainer, history, train_seconds / cfg.train.epochs
 
 
@@ -111,8 +124,13 @@ def site_entry(
     return entry
 
 
-def run_central(cfg: Config, cache: Any, out_dir: Path, progress: Progress = _no_progress,
-                run_id: str | None = None) -> dict[str, Any]:
+def run_central(
+    cfg: Config,
+    cache: Any,
+    out_dir: Path,
+    progress: Progress = _no_progress,
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Pool every site's training data in one place (the non-federated upper bound)."""
     from privseg.data.cache import SliceSplit
 
@@ -121,43 +139,70 @@ def run_central(cfg: Config, cache: Any, out_dir: Path, progress: Progress = _no
     train = SliceSplit.concat([cache.split(s, "train") for s in cache.sites])
     vals = {s: cache.split(s, "val") for s in cache.sites}
     trainer, history, per_epoch = train_site(
-        cfg, name="central", train=train, val_splits=vals, out_dir=out_dir, run_id=run_id,
+        cfg,
+        name="central",
+        train=train,
+        val_splits=vals,
+        out_dir=out_dir,
+        run_id=run_id,
         progress=progress,
     )
     privacy = trainer.privacy_summary()
     sites = [
-        site_entry(s, len(cache.split(s, "train")), trainer.evaluate(None, _test(cache, s)),
-                   privacy)
+        site_entry(
+            s, len(cache.split(s, "train")), trainer.evaluate(None, _test(cache, s)), privacy
+        )
         for s in cache.sites
     ]
-    save_checkpoint(out_dir / "checkpoint.pt", trainer.state_dict(), cfg, mode="central",
-                    run_id=run_id)
+    save_checkpoint(
+        out_dir / "checkpoint.pt", trainer.state_dict(), cfg, mode="central", run_id=run_id
+    )
     return _results(cfg, "central", sites, history, started, per_epoch, privacy)
 
 
-def run_local(cfg: Config, cache: Any, out_dir: Path, progress: Progress = _no_progress,
-              run_id: str | None = None) -> dict[str, Any]:
+def run_local(
+    cfg: Config,
+    cache: Any,
+    out_dir: Path,
+    progress: Progress = _no_progress,
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Each site trains alone; scored on its own test split and on every other site's."""
     run_id = run_id or uuid.uuid4().hex
     started = time.perf_counter()
     sites, histories, per_epochs = [], [], []
     for site in cache.sites:
         trainer, history, per_epoch = train_site(
-            cfg, name=site, train=cache.split(site, "train"),
-            val_splits={site: cache.split(site, "val")}, out_dir=out_dir, run_id=run_id,
+            cfg,
+            name=site,
+            train=cache.split(site, "train"),
+            val_splits={site: cache.split(site, "val")},
+            out_dir=out_dir,
+            run_id=run_id,
             progress=progress,
         )
-        entry = site_entry(site, trainer.num_examples, trainer.evaluate(None, _test(cache, site)),
-                           trainer.privacy_summary())
+        entry = site_entry(
+            site,
+            trainer.num_examples,
+            trainer.evaluate(None, _test(cache, site)),
+            trainer.privacy_summary(),
+        )
         entry["cross"] = {
             other: trainer.evaluate(None, _test(cache, other))["dice"]
-            for other in cache.sites if other != site
+            for other in cache.sites
+            if other != site
         }
         sites.append(entry)
         histories.append(history)
         per_epochs.append(per_epoch)
-        save_checkpoint(out_dir / "checkpoints" / f"{site}.pt", trainer.state_dict(), cfg,
-                        mode="local", site=site, run_id=run_id)
+        save_checkpoint(
+            out_dir / "checkpoints" / f"{site}.pt",
+            trainer.state_dict(),
+            cfg,
+            mode="local",
+            site=site,
+            run_id=run_id,
+        )
     history = _merge_histories(histories, [s["name"] for s in sites])
     privacy = None
     if cfg.privacy.enabled:
@@ -176,14 +221,16 @@ def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) ->
     for rows in zip(*histories, strict=True):
         val_sites = {n: r["val_dice"] for n, r in zip(names, rows, strict=True)}
         eps = [r["epsilon_max"] for r in rows if r["epsilon_max"] is not None]
-        merged.append({
-            "epoch": rows[0]["epoch"],
-            "train_loss": _nanmean([r["train_loss"] for r in rows]),
-            "val_dice": _nanmean(list(val_sites.values())),
-            "val_dice_sites": val_sites,
-            "epsilon_max": max(eps) if eps else None,
-            "seconds": float(sum(r["seconds"] for r in rows)),
-        })
+        merged.append(
+            {
+                "epoch": rows[0]["epoch"],
+                "train_loss": _nanmean([r["train_loss"] for r in rows]),
+                "val_dice": _nanmean(list(val_sites.values())),
+                "val_dice_sites": val_sites,
+                "epsilon_max": max(eps) if eps else None,
+                "seconds": float(sum(r["seconds"] for r in rows)),
+            }
+        )
     return merged
 
 
@@ -192,8 +239,15 @@ def _nanmean(values: list[float]) -> float:
     return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else math.nan
 
 
-def _results(cfg: Config, mode: str, sites: list[dict[str, Any]], history: list[dict],
-             started: float, per_epoch: float, privacy: dict[str, Any] | None) -> dict[str, Any]:
+def _results(
+    cfg: Config,
+    mode: str,
+    sites: list[dict[str, Any]],
+    history: list[dict],
+    started: float,
+    per_epoch: float,
+    privacy: dict[str, Any] | None,
+) -> dict[str, Any]:
     dice_all = [p["dice"] for s in sites for p in s["patients"]]
     eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
     return {

@@ -68,20 +68,27 @@ def train(
         def fed_progress(event: dict[str, Any]) -> None:
             progress(
                 f"federated: round {event.get('round', 0)}/{cfg.federated.rounds}",
-                int(event.get("round", 0)), cfg.federated.rounds,
+                int(event.get("round", 0)),
+                cfg.federated.rounds,
             )
 
         results = run_federated(
-            cfg, cache_dir=Path(cache.root), out_dir=out, run_id=run_id, resume=resume,
+            cfg,
+            cache_dir=Path(cache.root),
+            out_dir=out,
+            run_id=run_id,
+            resume=resume,
             progress=fed_progress,
         )
-    results.update({
-        "privseg_version": __version__,
-        "run_id": run_id,
-        "cache_dir": str(Path(cache.root).resolve()),
-        "wall_seconds": time.perf_counter() - started,
-        "machine": machine_info(),
-    })
+    results.update(
+        {
+            "privseg_version": __version__,
+            "run_id": run_id,
+            "cache_dir": str(Path(cache.root).resolve()),
+            "wall_seconds": time.perf_counter() - started,
+            "machine": machine_info(),
+        }
+    )
     if cfg.privacy.enabled and results.get("unit") == "slice":
         results["privacy_note"] = SLICE_UNIT_NOTE
     write_json(out / "results.json", results)
@@ -92,7 +99,7 @@ def train(
 SLICE_UNIT_NOTE = (
     "Privacy unit is one slice: epsilon bounds what leaks about any single slice, not about a "
     "patient, whose many correlated slices each count separately. Use privacy.unit = "
-    "\"patient\" for a patient-level guarantee."
+    '"patient" for a patient-level guarantee.'
 )
 
 

@@ -219,12 +219,21 @@ def build_site_trainer(
         if ledger_path is None:
             raise ValueError("a DP site needs a ledger path")
         privacy = make_site_privacy(
-            cfg, site=site, train=train, planned_steps=planned_steps,
-            ledger_path=ledger_path, run_id=run_id,
+            cfg,
+            site=site,
+            train=train,
+            planned_steps=planned_steps,
+            ledger_path=ledger_path,
+            run_id=run_id,
         )
     return SiteTrainer(
-        cfg, name=site, train=train, val=cache.split(site, "val"), test=cache.split(site, "test"),
-        privacy=privacy, planned_steps=planned_steps,
+        cfg,
+        name=site,
+        train=train,
+        val=cache.split(site, "val"),
+        test=cache.split(site, "test"),
+        privacy=privacy,
+        planned_steps=planned_steps,
     )
 
 
@@ -236,7 +245,11 @@ def make_site_privacy(
 
     units = privacy_units(train, cfg.privacy.unit)
     return SitePrivacy(
-        cfg.privacy, site=site, units=units,
-        expected_batch_size=expected_batch_size(cfg, units), planned_steps=planned_steps,
-        ledger_path=ledger_path, run_id=run_id,
+        cfg.privacy,
+        site=site,
+        units=units,
+        expected_batch_size=expected_batch_size(cfg, units),
+        planned_steps=planned_steps,
+        ledger_path=ledger_path,
+        run_id=run_id,
     )
