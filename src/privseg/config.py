@@ -115,7 +115,7 @@ class TrainConfig:
     """The local optimisation used by central, local-only and federated training."""
 
     epochs: int = field(
-        default=8,
+        default=6,
         metadata=_rule(ge=1, le=10_000, help="passes over the data (central and local modes)"),
     )
     batch_size: int = field(
@@ -162,9 +162,9 @@ class PrivacyConfig:
 class FederatedConfig:
     """Flower federation: rounds, local work per round, aggregation."""
 
-    rounds: int = field(default=10, metadata=_rule(ge=1, le=100_000))
+    rounds: int = field(default=6, metadata=_rule(ge=1, le=100_000))
     local_steps: int = field(
-        default=10, metadata=_rule(ge=1, le=100_000, help="optimizer steps per site per round")
+        default=8, metadata=_rule(ge=1, le=100_000, help="optimizer steps per site per round")
     )
     strategy: Strategy = "fedavg"
     weighted: bool = field(
@@ -186,13 +186,13 @@ class AttackConfig:
 
     threat: Threat = "T1"
     batch_size: int = field(default=1, metadata=_rule(ge=1, le=32))
-    iterations: int = field(default=400, metadata=_rule(ge=1, le=1_000_000))
-    restarts: int = field(default=2, metadata=_rule(ge=1, le=100))
+    iterations: int = field(default=150, metadata=_rule(ge=1, le=1_000_000))
+    restarts: int = field(default=1, metadata=_rule(ge=1, le=100))
     lr: float = field(default=0.1, metadata=_rule(gt=0.0, le=10.0))
     tv_weight: float = field(default=1e-4, metadata=_rule(ge=0.0, le=100.0))
     mask: MaskMode = "given"
     targets: int = field(
-        default=4,
+        default=2,
         metadata=_rule(ge=1, le=10_000, help="number of attacked updates (one per target batch)"),
     )
     audit_trials: int = field(default=200, metadata=_rule(ge=1, le=1_000_000))

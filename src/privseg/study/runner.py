@@ -2,7 +2,8 @@
 
 Each setting (central, local-only, federated, federated with DP at each epsilon, the attack)
 is one ordinary training run in ``OUT/runs/<key>/``. A setting whose ``results.json`` exists
-is skipped when the study is re-run with the same ``--out``, so an interrupted study resumes.
+and whose config is unchanged is skipped when the study is re-run with the same ``--out``, so
+an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from privseg import __version__
 from privseg.config import Config
+from privseg.errors import PrivsegError
 from privseg.io import atomic_write_text, read_json, write_json
 from privseg.training.run import machine_info, resolve_cache, train
 
@@ -137,11 +139,11 @@ def _run_setting(
     setting: Setting, base: Config, cache: Any, run_dir: Path, progress: Progress
 ) -> dict[str, Any]:
     done = run_dir / "results.json"
-    if done.is_file():
-        log.info("skipping %s: %s exists", setting.key, done)
+    cfg = setting.config(base)
+    if done.is_file() and _same_config(run_dir, cfg):
+        log.info("skipping %s: %s exists with the same config", setting.key, done)
         results = read_json(done)
     else:
-        cfg = setting.config(base)
         results = train(
             cfg,
             data=Path(cache.root),
@@ -160,6 +162,14 @@ def _run_setting(
     return results
 
 
+def _same_config(run_dir: Path, cfg: Config) -> bool:
+    """A finished setting is reused only if it ran with exactly this configuration."""
+    try:
+        return Config.load(run_dir / "config.toml") == cfg
+    except PrivsegError:
+        return False
+
+
 def _run_attack(
     cfg: Config, cache: Any, out: Path, progress: Progress
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -169,7 +179,8 @@ def _run_attack(
     done = out / "attack_results.json"
     if done.is_file():
         saved = read_json(done)
-        return saved["attack"], saved["audit"]
+        if saved.get("config") == cfg.to_dict():
+            return saved["attack"], saved["audit"]
     checkpoint = out.parent / "runs" / "federated" / "checkpoint.pt"
     attacks, audits = run_attack_study(
         cfg,
@@ -179,7 +190,7 @@ def _run_attack(
         epsilons=[None, max(cfg.study.epsilons)],
         progress=progress,
     )
-    write_json(done, {"attack": attacks, "audit": audits})
+    write_json(done, {"attack": attacks, "audit": audits, "config": cfg.to_dict()})
     return attacks, audits
 
 
