@@ -67,7 +67,9 @@ class SiteTrainer:
         self.train_split = train
         self.splits = {"train": train, "val": val, "test": test}
         self.privacy = privacy
-        self.model: nn.Module = build_model(cfg.model)
+        with torch.random.fork_rng():  # the same initial weights for every mode and site
+            torch.manual_seed(cfg.seed)
+            self.model: nn.Module = build_model(cfg.model)
         self.loss_fn = DiceBCELoss()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
