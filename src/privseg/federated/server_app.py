@@ -32,6 +32,7 @@ from privseg.federated.strategy import (
     strategy_state,
 )
 from privseg.io import atomic_torch_save, write_json
+from privseg.training.modes import PRIVACY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -284,17 +285,6 @@ def _write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
 
 
 # ---- results.json ----------------------------------------------------------------------------
-PRIVACY_KEYS = (
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "clip_norm",
-    "accountant",
-)
-
-
 def build_results(
     cfg: Config,
     summary: dict[str, Any],
