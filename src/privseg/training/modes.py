@@ -150,7 +150,7 @@ def run_central(
     privacy = trainer.privacy_summary()
     sites = [
         site_entry(
-            s, len(cache.split(s, "train")), trainer.evaluate(None, _test(cache, s)), privacy
+            s, len(cache.split(s, "train")), trainer.evaluate(None, cache.split(s, "test")), privacy
         )
         for s in cache.sites
     ]
@@ -184,11 +184,11 @@ def run_local(
         entry = site_entry(
             site,
             trainer.num_examples,
-            trainer.evaluate(None, _test(cache, site)),
+            trainer.evaluate(None, cache.split(site, "test")),
             trainer.privacy_summary(),
         )
         entry["cross"] = {
-            other: trainer.evaluate(None, _test(cache, other))["dice"]
+            other: trainer.evaluate(None, cache.split(other, "test"))["dice"]
             for other in cache.sites
             if other != site
         }
@@ -209,10 +209,6 @@ def run_local(
         eps = [s["epsilon"] for s in sites if s["epsilon"] is not None]
         privacy = {"epsilon": max(eps) if eps else None}
     return _results(cfg, "local", sites, history, started, float(np.mean(per_epochs)), privacy)
-
-
-def _test(cache: Any, site: str) -> Any:
-    return cache.split(site, "test")
 
 
 def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) -> list[dict]:

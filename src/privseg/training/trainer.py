@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from privseg.config import Config
+from privseg.errors import DataError
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models import build_model
 from privseg.training.losses import DiceBCELoss
@@ -107,8 +108,6 @@ class SiteTrainer:
         any point can only over-count the privacy spent.
         """
         if self.num_examples == 0:
-            from privseg.errors import DataError
-
             raise DataError(f"site {self.name!r} has no training slices")
         if state_dict is not None:
             self.model.load_state_dict(state_dict)
