@@ -1,17 +1,22 @@
 """Benchmark (issue 7): cost of one DP-SGD optimizer step vs the fastest non-private step.
 
 Variants, all one optimizer step on one batch of ``--batch`` slices (slice units):
-  plain     batched forward/backward
-  micro4/8  the same gradient, accumulated over micro-batches of 4 / 8 slices
-  dp-loop   DPGradient(grad_path="loop") + step   (per-unit backward passes)
-  dp-opacus DPGradient(grad_path="opacus") + step (Opacus hooks, one batched pass)
+  plain         batched forward/backward
+  micro4/8      the same gradient, accumulated over micro-batches of 4 / 8 slices
+  dp-loop       DPGradient(grad_path="loop") + step: per-unit backward passes, sharded over
+                the torch threads (the default)
+  dp-opacus     DPGradient(grad_path="opacus") + step: Opacus hooks, one batched pass
+  dp-functorch  DPGradient(grad_path="functorch") + step: Opacus with vmap(grad) everywhere
+  dp-ghost      Opacus fast gradient clipping (GradSampleModuleFastGradientClipping: ghost
+                norms where Opacus has them, i.e. Linear; conv layers instantiate per-sample
+                gradients), two backward passes, + noise + step
 
 Time: variants interleaved round-robin in one process, median after warm-up.
 Memory: each variant alone in a fresh subprocess; extra peak RSS = the kernel's peak-RSS mark
 (VmHWM, reset via /proc/self/clear_refs once model and data are built) minus RSS at that point,
 so imports and weights are not counted (falls back to ru_maxrss where the reset is refused).
 
-    OMP_NUM_THREADS=1 python bench/dp_step.py --resolution 64 --repeats 5
+    python bench/dp_step.py --resolution 64 128 256 --repeats 5
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NONPRIVATE = ("plain", "micro4", "micro8")
-PRIVATE = ("dp-loop", "dp-opacus")
+PRIVATE = ("dp-loop", "dp-opacus", "dp-functorch", "dp-ghost")
 VARIANTS = NONPRIVATE + PRIVATE
 
 
@@ -70,6 +76,8 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     labels = (torch.rand(b, 1, r, r) > 0.7).float()
     groups = torch.arange(b)
 
+    if variant == "dp-ghost":
+        return ghost_step(model, loss_fn, opt, images, labels)
     if variant in PRIVATE:
         dp = DPGradient(
             max_grad_norm=PrivacyConfig().max_grad_norm,
@@ -92,6 +100,44 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
         for i in range(0, b, micro):
             loss = loss_fn(model(images[i : i + micro]), labels[i : i + micro]).sum() / b
             loss.backward()
+        opt.step()
+
+    return step
+
+
+def ghost_step(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> Callable[[], None]:
+    """Opacus's fast-gradient-clipping recipe (DPTensorFastGradientClipping.backward), unrolled:
+    a backward pass for the per-sample norms, then one on the loss reweighted by the clip
+    coefficients; then Gaussian noise on the sum and the average over the batch."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    from privseg.config import PrivacyConfig
+
+    clip = PrivacyConfig().max_grad_norm
+    gsm = GradSampleModuleFastGradientClipping(
+        model, batch_first=True, loss_reduction="sum", max_grad_norm=clip, use_ghost_clipping=True
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        per_sample = loss_fn(gsm(images), labels)
+        per_sample.sum().backward(retain_graph=True)
+        coef = gsm.get_clipping_coef()
+        opt.zero_grad(set_to_none=True)
+        gsm.disable_hooks()
+        with warnings.catch_warnings():  # images never require grad
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            (coef * per_sample).sum().backward()
+        gsm.enable_hooks()
+        for p in params:
+            p.grad = (p.grad + torch.randn_like(p) * clip) / len(images)
         opt.step()
 
     return step
@@ -176,7 +222,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
+    )
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -195,13 +243,13 @@ def main() -> None:
         args.resolution = res
         results.append(bench_resolution(args))
     print(f"model={args.model} batch={args.batch} threads={args.threads} repeats={args.repeats}")
-    print(f"{'res':>5} {'variant':>10} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
+    print(f"{'res':>5} {'variant':>12} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
     for r in results:
         base = r["median_s"][r["fastest_nonprivate"]]
         for v in VARIANTS:
             mem = r["extra_peak_mb"].get(v, float("nan"))
             mark = " *" if v == r["fastest_nonprivate"] else ""
-            print(f"{r['resolution']:>5} {v:>10} {r['median_s'][v]:>9.3f} "
+            print(f"{r['resolution']:>5} {v:>12} {r['median_s'][v]:>9.3f} "
                   f"{r['median_s'][v] / base:>9.2f} {mem:>9.1f}{mark}")  # fmt: skip
     last = results[-1]
     fast = last["fastest_nonprivate"]

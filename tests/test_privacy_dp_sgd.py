@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from privseg.privacy.dp_sgd import DPGradient, PoissonUnitSampler, secure_generator
+from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, PoissonUnitSampler, secure_generator
 
 
 class TinyNet(nn.Module):
@@ -90,7 +90,7 @@ GROUPINGS = {
 
 
 @pytest.mark.parametrize("unit", list(GROUPINGS))
-@pytest.mark.parametrize("path", ["loop", "opacus"])
+@pytest.mark.parametrize("path", GRAD_PATHS)
 def test_paths_match_naive_reference(unit: str, path: str) -> None:
     model = make_model()
     images, labels = make_batch(10)
@@ -106,6 +106,26 @@ def test_paths_match_naive_reference(unit: str, path: str) -> None:
     expected_loss = float(per_sample_loss(model(images), labels).mean().detach())
     assert stats["loss"] == pytest.approx(expected_loss, rel=1e-10)
     assert stats["clipped_fraction"] == pytest.approx(np.mean(np.array(norms) > clip))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_loop_sharded_over_threads_is_exact_and_restores_threads(threads: int) -> None:
+    """The loop path shards units over torch's thread count: same result for any count (the
+    partial sums are added in a fixed order), and the caller's thread setting survives."""
+    saved = torch.get_num_threads()
+    model = make_model()
+    images, labels = make_batch(10)
+    groups = GROUPINGS["patient"]
+    ref = reference(model, images, labels, groups, clip=0.05, expected=4.0)
+    try:
+        torch.set_num_threads(threads)
+        got, stats = dp_grads(model, "loop", images, labels, groups, clip=0.05, expected=4.0)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    assert stats["units"] == 5
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -130,7 +150,7 @@ def test_loop_equals_opacus_dp_optimizer() -> None:
         torch.testing.assert_close(o, p.grad, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("path", ["loop", "opacus"])
+@pytest.mark.parametrize("path", GRAD_PATHS)
 def test_each_unit_clipped_to_c_and_small_untouched(path: str) -> None:
     model = make_model(2)
     images, labels = make_batch(8, seed=2)
@@ -152,7 +172,7 @@ def test_each_unit_clipped_to_c_and_small_untouched(path: str) -> None:
     assert stats["clipped_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("path", ["loop", "opacus"])
+@pytest.mark.parametrize("path", GRAD_PATHS)
 def test_noise_std_and_mean(path: str) -> None:
     sigma, clip, expected = 1.5, 0.8, 4.0
     model = make_model(3)
@@ -177,7 +197,7 @@ def test_noise_std_and_mean(path: str) -> None:
     assert abs(float(c)) < 0.35
 
 
-@pytest.mark.parametrize("path", ["loop", "opacus"])
+@pytest.mark.parametrize("path", GRAD_PATHS)
 def test_empty_batch_is_pure_noise(path: str) -> None:
     model = make_model(4)
     images, labels = make_batch(0)
@@ -202,16 +222,18 @@ def test_empty_batch_is_pure_noise(path: str) -> None:
     torch.testing.assert_close(g, torch.cat([n.reshape(-1) for n in noise]), rtol=0, atol=1e-15)
 
 
-def test_opacus_path_leaves_model_untouched() -> None:
+@pytest.mark.parametrize("path", ["opacus", "functorch"])
+def test_opacus_paths_leave_model_untouched(path: str) -> None:
     model = make_model(5)
     params = list(model.parameters())
     images, labels = make_batch(4, seed=5)
     for _ in range(2):  # a second call must not be refused as a double wrap
-        dp_grads(model, "opacus", images, labels, np.arange(4), clip=1.0)
+        dp_grads(model, path, images, labels, np.arange(4), clip=1.0)
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
     for m in model.modules():
         assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
         assert not hasattr(m, "activations") and not hasattr(m, "autograd_grad_sample_hooks")
+        assert not hasattr(m, "ft_compute_sample_grad")
     for p in params:
         assert not hasattr(p, "grad_sample") and not hasattr(p, "_forward_counter")
     # the model is still plain: ordinary training works and Opacus can wrap it again
@@ -270,14 +292,14 @@ def test_paths_agree_on_project_models(name: str) -> None:
     groups = np.array([0, 1, 0, 2, 1])
     assert model.training  # Opacus hooks capture activations only in train mode
     got = {}
-    for path in ("loop", "opacus"):
+    for path in GRAD_PATHS:
         got[path], _ = dp_grads(model, path, images, labels, groups, clip=0.01, expected=3.0)
     for a, b in zip(got["loop"], got["opacus"], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert flat_norm(got["loop"]) <= 3 * 0.01 / 3.0 * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("path", ["loop", "opacus"])
+@pytest.mark.parametrize("path", GRAD_PATHS)
 def test_batchnorm_refused(path: str) -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)).double()
     images, labels = make_batch(2)

@@ -4,8 +4,9 @@ A privacy *unit* is one slice or all slices of one patient. Each unit's gradient
 per-sample losses summed) is clipped to norm C with Opacus's exact clip factor, the clipped
 gradients are summed, N(0, (sigma*C)^2) noise is added once per coordinate, and the result is
 divided by the expected batch size (Poisson sampling: the real size is random and private).
-Two interchangeable per-unit gradient paths give identical results:
-``"loop"`` (one backward per unit; fastest and leanest on CPU) and ``"opacus"`` (hooks).
+Interchangeable per-unit gradient paths give identical results: ``"loop"`` (one backward
+per unit, sharded over threads; fastest and leanest on CPU, see ``bench/dp_step.py``),
+``"opacus"`` (Opacus's per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import secrets
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-GRAD_PATHS = ("loop", "opacus")
+GRAD_PATHS = ("loop", "opacus", "functorch")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -105,6 +107,7 @@ class DPGradient:
         self.grad_path = grad_path
         self.generator = generator if generator is not None else secure_generator()
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._threads: tuple[int, ThreadPoolExecutor] | None = None
 
     def __call__(
         self,
@@ -127,7 +130,7 @@ class DPGradient:
             loss, norms = float("nan"), torch.zeros(0)
         elif self.grad_path == "loop":
             summed, loss, norms = self._loop(model, params, loss_fn, images, labels, group_t, k)
-        else:
+        else:  # both Opacus paths: hooks, or vmap(grad) for every layer
             summed, loss, norms = self._opacus(model, params, loss_fn, images, labels, group_t, k)
         std = self.noise_multiplier * self.max_grad_norm
         for p, s in zip(params, summed, strict=True):
@@ -171,11 +174,51 @@ class DPGradient:
         groups: torch.Tensor,
         k: int,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """One forward/backward per unit: no per-sample tensors, so little memory."""
-        summed = [torch.zeros_like(p) for p in params]
+        """One forward/backward per unit: no per-sample tensors, so little memory.
+
+        A batch-1 pass is too small for intra-op threads to help, so the units are sharded
+        over ``torch.get_num_threads()`` worker threads, each single-threaded (the ops release
+        the GIL). Shard ``j`` takes units ``j, j+w, ...`` and the partial sums are added in
+        shard order, so the result does not depend on thread timing.
+        """
+        workers = min(torch.get_num_threads(), k)
+        shards = [range(j, k, workers) for j in range(workers)]
+
+        def shard(units: range, single: bool) -> tuple[list[torch.Tensor], float, dict]:
+            if single:
+                torch.set_num_threads(1)
+            return self._loop_units(model, params, loss_fn, images, labels, groups, units)
+
+        if workers == 1:
+            parts = [shard(shards[0], False)]
+        else:
+            saved = torch.get_num_threads()
+            try:
+                parts = list(self._pool(workers).map(shard, shards, [True] * workers))
+            finally:
+                torch.set_num_threads(saved)
+        summed = [torch.stack(ts).sum(0) for ts in zip(*(p[0] for p in parts), strict=True)]
         norms = torch.empty(k, dtype=torch.float64)
+        for _, _, unit_norms in parts:
+            for u, n in unit_norms.items():
+                norms[u] = n
+        return summed, sum(p[1] for p in parts) / len(images), norms
+
+    def _loop_units(
+        self,
+        model: nn.Module,
+        params: Sequence[torch.Tensor],
+        loss_fn: LossFn,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        units: range,
+    ) -> tuple[list[torch.Tensor], float, dict[int, float]]:
+        """Sum of the clipped gradients of ``units``, their summed loss, and their norms."""
+        summed = [torch.zeros_like(p) for p in params]
+        norms: dict[int, float] = {}
         total = 0.0
-        for u in range(k):
+        for u in units:
             sel = torch.nonzero(groups == u).flatten().to(images.device)
             per_sample = loss_fn(model(images[sel]), labels[sel])
             total += float(per_sample.detach().sum())
@@ -184,11 +227,19 @@ class DPGradient:
                 torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
             ]
             norm = torch.stack([g.reshape(-1).norm(2) for g in grads]).norm(2)
-            norms[u] = norm.detach().double().cpu()
+            norms[u] = float(norm.detach().double())
             factor = clip_factors(norm, self.max_grad_norm)
             for s, g in zip(summed, grads, strict=True):
                 s.add_(g, alpha=float(factor))
-        return summed, total / len(images), norms
+        return summed, total, norms
+
+    def _pool(self, workers: int) -> ThreadPoolExecutor:
+        """A pool kept for the life of this object (threads are cheap to keep, slow to start)."""
+        if self._threads is None or self._threads[0] != workers:
+            if self._threads is not None:
+                self._threads[1].shutdown(wait=False)
+            self._threads = (workers, ThreadPoolExecutor(workers, thread_name_prefix="dp-unit"))
+        return self._threads[1]
 
     def _opacus(
         self,
@@ -207,11 +258,16 @@ class DPGradient:
 
         if not model.training:
             raise ValueError(
-                "grad_path 'opacus' needs model.train(): Opacus hooks only "
+                f"grad_path {self.grad_path!r} needs model.train(): Opacus only "
                 "capture activations in training mode"
             )
         saved = [p.grad for p in params]
-        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        gsm = GradSampleModule(
+            model,
+            batch_first=True,
+            loss_reduction="sum",
+            force_functorch=self.grad_path == "functorch",
+        )
         try:
             per_sample = loss_fn(gsm(images), labels)
             loss = float(per_sample.detach().mean())
@@ -244,6 +300,11 @@ def _strip_opacus_attrs(model: nn.Module) -> None:
             if hasattr(p, name):
                 delattr(p, name)
     for m in model.modules():
-        for name in ("activations", "max_batch_len", "autograd_grad_sample_hooks"):
+        for name in (
+            "activations",
+            "max_batch_len",
+            "autograd_grad_sample_hooks",
+            "ft_compute_sample_grad",
+        ):
             if name in m.__dict__:
                 delattr(m, name)
