@@ -1,7 +1,7 @@
 """Seconds per federated round for the same local work: plain loop, Flower simulation, and a
 loopback deployment (SuperLink + one SuperNode per site, TLS, separate processes).
 
-    python bench/federation.py [--rounds 3] [--local-steps 5] [--sites 3] [--resolution 32]
+    python bench/federation.py [--rounds 4] [--local-steps 5] [--sites 3] [--resolution 32]
 
 The last line is JSON with ``simulation_overhead`` (simulation s/round over plain s/round,
 minus 1) and ``deployment_seconds_per_round_overhead`` (deployment s/round minus plain).
@@ -167,7 +167,7 @@ def summary(name: str, seconds: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
@@ -179,11 +179,16 @@ def main() -> None:
         action="store_true",
         help="sites rebuild torch and the trainer for every message",
     )
+    parser.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = make_config(args)
-    with tempfile.TemporaryDirectory(prefix="privseg-bench-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="privseg-bench-")))
+        else:
+            root = args.workdir.resolve()
+            root.mkdir(parents=True, exist_ok=True)
         task = synth_task(
             root / "task", sites=args.sites, patients_per_site=4, size=args.resolution, slices=8
         )

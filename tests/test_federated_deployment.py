@@ -250,3 +250,77 @@ def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
                 worker=False,
                 echo=lambda _: None,
             )
+
+
+def test_insecure_mode_warns_and_runs(tmp_path: Path, cache: Path) -> None:
+    """`--insecure` says so loudly; one round on one site runs without TLS (worker path)."""
+    cfg = _config(rounds=1, local_steps=1, min_sites=1, round_timeout=60.0)
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(cfg.to_toml())
+    port = free_port()
+    cluster = Cluster(tmp_path)
+    try:
+        server = cluster.start(
+            "server", "server", "--config", str(cfg_file), "--out", str(tmp_path / "run"),
+            "--port", str(port), "--insecure",
+        )  # fmt: skip
+        site = cluster.start(
+            "site", "site", "--data", str(cache), "--site", "site-0", "--insecure",
+            "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "site-0"),
+            "--timeout", "15",
+        )  # fmt: skip
+        server.wait(240)
+        assert server.returncode == 0, cluster.output("server")
+        site.wait(90)  # the SuperNode retries for --timeout s after the server has gone
+        assert site.returncode == 0, cluster.output("site")
+        for name in ("server", "site"):
+            assert "--insecure: no TLS" in cluster.output(name)
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert [s["name"] for s in results["sites"]] == ["site-0"]
+        assert "INSECURE" in cluster.output("server")
+    finally:
+        cluster.stop_all()
+
+
+def test_supernode_polling_patch_matches_flower() -> None:
+    """The Flower internals the site worker relies on are still where it expects them."""
+    import flwr.supernode.runtime.run_clientapp as rc
+    import flwr.supernode.start_client_internal as loop
+
+    from privseg.federated.worker import (
+        Backoff,
+        _PollingTime,
+        fab_clientapp,
+        fast_object_pulls,
+        patch_supernode_polling,
+    )
+
+    assert callable(rc.pull_task_input) and callable(rc.push_message)
+    assert callable(rc.push_task_output)
+    original = loop.time
+    try:
+        patch_supernode_polling(0.01, 0.05)
+        assert isinstance(loop.time, _PollingTime)
+        t0 = time.monotonic()
+        loop.time.sleep(3)  # the SuperNode's idle poll, now 10-50 ms
+        assert time.monotonic() - t0 < 1.0
+        assert loop.time.monotonic() > 0  # everything else is still `time`
+    finally:
+        loop.time = original
+    fast_object_pulls()
+    assert loop.pull_objects.__wrapped__ is not None
+    b = Backoff(0.01, 1.0, 0.1)
+    b.idle_since -= 100
+    assert b.interval() == 1.0
+    b.reset()
+    assert b.interval() == 0.01
+
+    import io
+    import zipfile
+
+    from privseg.federated.deployment import APP_PYPROJECT
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("pyproject.toml", APP_PYPROJECT)
+    assert fab_clientapp(buf.getvalue()) == "privseg.federated.client_app:app"

@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import torch
@@ -131,6 +132,7 @@ class FakeGrid(Grid):
     ) -> None:
         self.sites = {i + 1: s for i, s in enumerate(sites)}
         self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
+        self._outbox: dict[str, Message] = {}
 
     def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
         raise NotImplementedError
@@ -145,11 +147,17 @@ class FakeGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.sites)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages):
+        """Answer at once; the replies wait in an outbox for ``pull_messages``."""
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+            (self._outbox[msg.metadata.message_id],) = self.send_and_receive([msg])
+            ids.append(msg.metadata.message_id)
+        return ids
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids):
+        return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []

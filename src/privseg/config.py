@@ -177,7 +177,37 @@ class FederatedConfig:
         default=2, metadata=_rule(ge=1, le=1000, help="fewest sites a round may complete with")
     )
     round_timeout: float = field(default=600.0, metadata=_rule(gt=0.0, le=86_400.0))
-    secure_aggregation: bool = False
+    secure_aggregation: bool = field(
+        default=False,
+        metadata=_rule(
+            help="SecAgg+: the server sees only the weighted sum of the sites' updates "
+            "(needs min_sites >= 3)"
+        ),
+    )
+    secagg_clip: float = field(
+        default=1.0,
+        metadata=_rule(
+            gt=0.0,
+            le=1e4,
+            help="SecAgg+: each coordinate of a site's update (new - global weights) is "
+            "clipped to +-secagg_clip before quantisation",
+        ),
+    )
+    secagg_max_examples: int = field(
+        default=1_000_000,
+        metadata=_rule(
+            ge=1, le=10**9, help="SecAgg+: upper bound of any site's training slices (its weight)"
+        ),
+    )
+
+    def check(self) -> None:
+        if self.secure_aggregation and self.min_sites < 3:
+            raise ConfigError(
+                f"federated.min_sites = {self.min_sites} is invalid with "
+                "federated.secure_aggregation = true: secure aggregation (SecAgg+) needs at "
+                "least 3 sites in every round (with 2, each site could subtract its own update "
+                "from the sum and see the other's); set federated.min_sites = 3 or more"
+            )
 
 
 @dataclass
@@ -186,10 +216,10 @@ class AttackConfig:
 
     threat: Threat = "T1"
     batch_size: int = field(default=1, metadata=_rule(ge=1, le=32))
-    iterations: int = field(default=150, metadata=_rule(ge=1, le=1_000_000))
+    iterations: int = field(default=400, metadata=_rule(ge=1, le=1_000_000))
     restarts: int = field(default=1, metadata=_rule(ge=1, le=100))
     lr: float = field(default=0.1, metadata=_rule(gt=0.0, le=10.0))
-    tv_weight: float = field(default=1e-4, metadata=_rule(ge=0.0, le=100.0))
+    tv_weight: float = field(default=0.1, metadata=_rule(ge=0.0, le=100.0))
     mask: MaskMode = "given"
     targets: int = field(
         default=2,

@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 from privseg.config import Config
 from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.federated import messages as M
+from privseg.federated import secagg
 from privseg.io import write_json
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ class SiteSettings:
     site: str
     data_dir: Path
     out_dir: Path
-    worker: Path | None = None  # socket of a long-lived site worker (deployment)
     privacy_config: Path | None = None  # the site's own [privacy] settings win over the server's
 
     @property
@@ -62,11 +62,8 @@ def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -
         )
     data_dir = Path(str(conf["data-dir"]))
     out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
-    worker = Path(str(conf["worker"])) if conf.get("worker") else None
     privacy = Path(str(conf["privacy-config"])) if conf.get("privacy-config") else None
-    return SiteSettings(
-        site=str(site), data_dir=data_dir, out_dir=out_dir, worker=worker, privacy_config=privacy
-    )
+    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, privacy_config=privacy)
 
 
 TrainerFactory = Callable[..., Any]
@@ -204,10 +201,8 @@ def site_evaluate(
 
 
 # ---- message adapters -----------------------------------------------------------------------
-def _state(arrays: ArrayRecord, settings: SiteSettings) -> dict[str, Any]:
-    """Weights as torch tensors, or as numpy arrays when a worker (with torch) takes them."""
-    if settings.worker is not None:
-        return {k: a.numpy() for k, a in arrays.items()}
+def _state(arrays: ArrayRecord) -> dict[str, Any]:
+    """Weights as torch tensors."""
     import torch  # noqa: F401 - Flower's converter needs torch imported
 
     return dict(arrays.to_torch_state_dict())
@@ -217,16 +212,38 @@ def handle_train(
     msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
 ) -> Message:
     """Train from the global weights; reply with new weights and scalar metrics only."""
+    if secagg.is_secure_fit(msg):
+        return handle_secure_train(msg, settings, factory)
     config = dict(msg.content[M.CONFIG])
-    state = _state(msg.content[M.ARRAYS], settings)
-    if settings.worker is not None:
-        from privseg.federated.worker import call_worker
-
-        new_state, metrics = call_worker(settings.worker, "train", config, state)
-    else:
-        new_state, metrics = site_train(config, state, settings, factory)
+    state = _state(msg.content[M.ARRAYS])
+    new_state, metrics = site_train(config, state, settings, factory)
     arrays = None if new_state is None else M.array_record(new_state)
     return Message(M.site_reply(settings.site, metrics, M.TRAIN_KEYS, arrays), reply_to=msg)
+
+
+def handle_secure_train(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """SecAgg+'s fit request: train as usual; reply with the clipped update and the weight,
+    which Flower's ``secaggplus_mod`` (wrapped around this handler) masks before it leaves.
+
+    A site that declines the round takes part with a zero update and weight 0.
+    """
+    config, global_state = secagg.fit_request(msg)
+    state = _state(M.array_record(global_state))
+    new_state, metrics = site_train(config, state, settings, factory)
+    fed = Config.from_dict(tomllib.loads(str(config[M.CFG_TOML]))).federated
+    n = int(metrics[M.NUM_EXAMPLES])
+    if fed.weighted and n > fed.secagg_max_examples:
+        raise DataError(
+            f"site {settings.site!r} has {n} training slices, more than "
+            f"federated.secagg_max_examples = {fed.secagg_max_examples}; raise it"
+        )
+    weight = 0 if new_state is None else (n if fed.weighted else 1)
+    update, clipped = secagg.site_update(global_state, new_state, fed.secagg_clip)
+    metrics = {**metrics, M.SECAGG_CLIPPED: float(clipped)}
+    content = M.site_reply(settings.site, metrics, M.TRAIN_KEYS, None)
+    return Message(secagg.fit_reply(content, update, weight), reply_to=msg)
 
 
 def handle_evaluate(
@@ -234,23 +251,22 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate the global weights at the site; reply with scalar metrics only."""
     config = dict(msg.content[M.CONFIG])
-    state = _state(msg.content[M.ARRAYS], settings)
-    if settings.worker is not None:
-        from privseg.federated.worker import call_worker
-
-        _, metrics = call_worker(settings.worker, "evaluate", config, state)
-    else:
-        metrics = site_evaluate(config, state, settings, factory)
+    state = _state(msg.content[M.ARRAYS])
+    metrics = site_evaluate(config, state, settings, factory)
     return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None), reply_to=msg)
 
 
 def make_client_app(
     defaults: Mapping[str, Any] | None = None, trainer_factory: TrainerFactory | None = None
 ) -> ClientApp:
-    """A ClientApp; ``defaults`` fill node-config keys (simulation passes the site list)."""
+    """A ClientApp; ``defaults`` fill node-config keys (simulation passes the site list).
+
+    The same app serves plain and SecAgg+ rounds: ``secagg_mod`` runs Flower's SecAgg+
+    protocol for SecAgg+ messages and passes every other message through.
+    """
     defaults = dict(defaults or {})
     factory = trainer_factory or default_trainer_factory
-    app = ClientApp()
+    app = ClientApp(mods=[secagg.secagg_mod])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

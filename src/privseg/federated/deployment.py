@@ -16,12 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +344,24 @@ def _finished(out: Path) -> bool:
     return status == "stopped" or (status == "completed" and (out / "results.json").is_file())
 
 
+def _wait_node(
+    node: subprocess.Popen[bytes], worker: tuple[subprocess.Popen[bytes], Path] | None
+) -> int:
+    """The SuperNode's exit code; FederationError if the site worker dies first."""
+    while True:
+        try:
+            return node.wait(1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if worker is not None and worker[0].poll() is not None:
+            text = worker[1].read_text(errors="replace") if worker[1].exists() else ""
+            tail = "\n".join(text.strip().splitlines()[-15:])
+            raise FederationError(
+                f"the site worker stopped (exit {worker[0].returncode}); last lines of "
+                f"{worker[1]}:\n{tail}"
+            )
+
+
 # ---- site ------------------------------------------------------------------------------------
 def check_site_data(data: Path, site: str) -> None:
     """Fail fast when the site's cache or its split is missing."""
@@ -359,15 +376,6 @@ def check_site_data(data: Path, site: str) -> None:
     sites = SliceCache.open(data).sites
     if site not in sites:
         raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
-
-
-@contextmanager
-def _socket_dir(out: Path) -> Iterator[Path]:
-    if len(str(out / "worker.sock")) < 100:
-        yield out
-        return
-    with tempfile.TemporaryDirectory(prefix="privseg-") as tmp:  # AF_UNIX paths are short
-        yield Path(tmp)
 
 
 def join(
@@ -416,43 +424,40 @@ def join(
     started = time.time()
     env = flower_env(out / ".flwr")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    with Processes() as procs, _socket_dir(out) as sock_dir:
+    with Processes() as procs:
         node_config = (
             f"site={_toml_str(site)} data-dir={_toml_str(str(data))} out-dir={_toml_str(str(out))}"
         )
-        extra = ["--privacy-config", str(privacy_config)] if privacy_config else []
         if privacy_config:
             node_config += f" privacy-config={_toml_str(str(privacy_config))}"
+        runtime_port = free_port()  # the SuperNode's local Runtime API (127.0.0.1)
         if worker:
-            address = sock_dir / "worker.sock"
+            # The worker runs every ClientApp task in one process (torch and the trainer stay
+            # loaded); the SuperNode leaves task execution to it (--isolation process) and
+            # polls faster than Flower's hard-coded 3 s (see privseg.federated.worker).
             procs.start(
                 "worker",
                 [
                     sys.executable,
                     "-m",
                     "privseg.federated.worker",
-                    "--site",
-                    site,
-                    "--data",
-                    str(data),
-                    "--out",
-                    str(out),
-                    "--address",
-                    str(address),
-                    *extra,
+                    "--runtime-api",
+                    f"127.0.0.1:{runtime_port}",
                 ],
                 env=env,
                 log_file=out / "logs" / "worker.log",
             )
-            node_config += f" worker={_toml_str(str(address))}"
-        argv = [
-            flower_bin("flower-supernode"),
+            argv = [sys.executable, "-m", "privseg.federated.worker", "supernode"]
+            argv += ["--isolation", "process"]
+        else:  # Flower's stock SuperNode: one flwr-clientapp process per message
+            argv = [flower_bin("flower-supernode")]
+        argv += [
             "--superlink",
             server,
             "--max-wait-time",
             str(timeout),
             "--port",
-            str(free_port()),
+            str(runtime_port),
             "--node-config",
             node_config,
         ]
@@ -468,7 +473,7 @@ def join(
             # within the window, so sites may start before the server.
             offset = node_log.stat().st_size if node_log.exists() else 0
             node = procs.start("supernode", argv, env=env, log_file=node_log)
-            code = node.wait()
+            code = _wait_node(node, procs.procs.get("worker"))
             if report.is_file() and report.stat().st_mtime >= started:
                 echo(f"site {site}: federation finished; local report in {report}")
                 return report

@@ -4,6 +4,11 @@ A site's reply carries exactly three things: the model weights (an ``ArrayRecord
 are the model's ``state_dict`` keys), scalar metrics (a ``MetricRecord`` whose keys are listed
 below) and the site's public name (a ``ConfigRecord``, so the server can report per site).
 Nothing else ever leaves a site: per-patient results stay in the site's own report file.
+
+With ``federated.secure_aggregation`` the training reply carries no weights: it uses Flower's
+legacy ``fitres.*`` layout (below), and Flower's ``secaggplus_mod`` replaces the site's update
+by a masked, quantised vector that only means something once summed over the sites
+(see :mod:`privseg.federated.secagg`). Metrics and the site name still travel in the clear.
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ CFG_SPLIT = "split"  # evaluate: "val" or "test"
 CFG_FINAL = "final"  # evaluate: 1 on the final test evaluation (the site writes its report)
 CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 
+# ---- SecAgg+ rounds: Flower's legacy FitIns / FitRes record names (flwr.compat recorddict_compat)
+FITINS_ARRAYS = "fitins.parameters"  # the global weights, unnamed, in state_dict order
+FITINS_CONFIG = "fitins.config"
+FITRES_ARRAYS = "fitres.parameters"  # the site's update; secaggplus_mod masks it, then empties it
+FITRES_WEIGHT = "fitres.num_examples"  # {"num_examples": the site's SecAgg+ weight}
+FITRES_METRICS = "fitres.metrics"
+FITRES_STATUS = "fitres.status"
+CFG_ARRAY_KEYS = "array-keys"  # newline-joined state_dict keys of the unnamed legacy arrays
+
 # ---- metric keys sent by a site ------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # training slices (the FedAvg weight)
 TRAIN_LOSS = "train_loss"
@@ -47,8 +61,11 @@ NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"
 CLIP_NORM = "clip_norm"
 AGG_WEIGHT = "agg-weight"  # added by the server before averaging, never sent by a site
+SECAGG_CLIPPED = "secagg_clipped"  # SecAgg+: update coordinates clipped to +-secagg_clip
 
-TRAIN_KEYS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED})
+TRAIN_KEYS = frozenset(
+    {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED}
+)
 PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
 EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *PRIVACY_SCALARS})
 

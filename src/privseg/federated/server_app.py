@@ -11,19 +11,20 @@ import logging
 import math
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from privseg.config import Config
 from privseg.errors import CheckpointError, FederationError
 from privseg.federated import messages as M
+from privseg.federated.secagg import secure_train
 from privseg.federated.strategy import (
     SiteAggregation,
     load_strategy_state,
@@ -95,6 +96,38 @@ def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[in
                 f"after {timeout:g} s; stopping"
             )
         time.sleep(0.5)
+
+
+POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
+
+
+def send_and_receive(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float | None,
+    poll: tuple[float, float, float] = POLL,
+) -> list[Message]:
+    """Push ``messages``, then pull their replies until all are in or ``timeout`` s passed.
+
+    Flower's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls in deployment
+    (``flwr/superlink/grid/http_grid.py``), which idled up to 3 s on every train and evaluate
+    phase. Here the pause grows with the time waited (``poll = (lo, hi, factor)``), so a reply
+    waits at most about 10% of the phase, plus 20 ms.
+    """
+    lo, hi, factor = poll
+    pending = set(grid.push_messages(messages))
+    start = time.monotonic()
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        waited = time.monotonic() - start
+        if not pending or (timeout is not None and waited >= timeout):
+            break
+        time.sleep(min(hi, max(lo, factor * waited)))
+    return replies
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
@@ -193,11 +226,14 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
-        replies = grid.send_and_receive(
-            strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid),
-            timeout=fed.round_timeout,
-        )
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid)
+        if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
+            new_arrays, _ = secure_train(
+                grid, strategy, rnd, arrays, train_ins, fed, send=send_and_receive
+            )
+        else:
+            replies = send_and_receive(grid, train_ins, timeout=fed.round_timeout)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_train
         for name in report.declined:
             log.warning("round %d: site %s declined (privacy budget exhausted)", rnd, name)
@@ -223,7 +259,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         )
         strategy.aggregate_evaluate(
             rnd,
-            grid.send_and_receive(
+            send_and_receive(
+                grid,
                 strategy.configure_evaluate(
                     rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
                 ),
@@ -261,7 +298,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     wait_for_sites(grid, fed.min_sites, wait)
     strategy.aggregate_evaluate(
         fed.rounds + 1,
-        grid.send_and_receive(
+        send_and_receive(
+            grid,
             strategy.configure_evaluate(
                 fed.rounds + 1,
                 arrays,
@@ -381,8 +419,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment: settings from the run config; writes results.json and checkpoint.pt."""
+    from privseg.federated.worker import fast_object_pulls
     from privseg.io import atomic_write_text
 
+    fast_object_pulls()  # replies are read as soon as they are uploaded (see there)
     settings = ServerSettings.from_run_config(dict(context.run_config))
     started = time.perf_counter()
     atomic_write_text(settings.out_dir / "config.toml", settings.cfg.to_toml())

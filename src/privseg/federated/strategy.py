@@ -59,9 +59,13 @@ class SiteAggregation(Strategy):
     last_train: TrainRound
     last_evaluate: dict[str, dict[str, float]]
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _sort_replies(
+        self, replies: Iterable[Message], *, secure: bool = False
+    ) -> tuple[TrainRound, list[Message]]:
+        """Per-site metrics; the replies of the sites that trained (not failed or declined).
+
+        ``secure``: SecAgg+ replies carry no weights, so only the ``declined`` metric counts.
+        """
         report = TrainRound()
         usable: list[Message] = []
         for msg in replies:
@@ -70,25 +74,62 @@ class SiteAggregation(Strategy):
                 continue
             site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
             report.sites[site] = metrics
-            if metrics.get(M.DECLINED, 0.0) >= 1.0 or not msg.content.array_records:
+            no_weights = not secure and not msg.content.array_records
+            if metrics.get(M.DECLINED, 0.0) >= 1.0 or no_weights:
                 report.declined.append(site)
                 continue
-            weight = metrics[M.NUM_EXAMPLES] if self.weighted else 1.0
-            msg.content[M.METRICS][M.AGG_WEIGHT] = float(weight)
             usable.append(msg)
             report.contributors.append(site)
-        self.last_train = report
-        if not usable:
-            return None, None
-        arrays, _ = super().aggregate_train(server_round, usable)  # type: ignore[safe-super]
-        summary = MetricRecord(
+        return report, usable
+
+    def _summary(self, report: TrainRound) -> MetricRecord:
+        return MetricRecord(
             {
                 M.TRAIN_LOSS: report.train_loss(self.weighted),
                 M.EPSILON: report.epsilon_max,
                 "sites": float(len(report.contributors)),
             }
         )
-        return arrays, summary
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report, usable = self._sort_replies(replies)
+        for msg in usable:
+            weight = M.reply_metrics(msg.content)[M.NUM_EXAMPLES] if self.weighted else 1.0
+            msg.content[M.METRICS][M.AGG_WEIGHT] = float(weight)
+        self.last_train = report
+        if not usable:
+            return None, None
+        arrays, _ = super().aggregate_train(server_round, usable)  # type: ignore[safe-super]
+        return arrays, self._summary(report)
+
+    def aggregate_secure(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        mean: ArrayRecord | None,
+        failed: Iterable[str] = (),
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Secure aggregation: ``mean`` is the weighted mean of the contributing sites' weights,
+        computed by SecAgg+ (the server never saw one site's weights); ``replies`` carry each
+        site's metrics and name only. The strategy's own server step (FedAdam's optimizer,
+        FedAvg's identity) runs on that mean exactly as it would on a plain average.
+        """
+        report, _ = self._sort_replies(replies, secure=True)
+        report.failed.extend(failed)
+        if mean is None:  # nobody's update reached a model
+            report.contributors = []
+        self.last_train = report
+        if mean is None:
+            return None, None
+        one = Message(
+            RecordDict({M.ARRAYS: mean, M.METRICS: MetricRecord({M.AGG_WEIGHT: 1.0})}),
+            dst_node_id=0,
+            message_type="train",
+        )
+        arrays, _ = super().aggregate_train(server_round, [one])  # type: ignore[safe-super]
+        return arrays, self._summary(report)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
