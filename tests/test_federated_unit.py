@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -178,8 +179,11 @@ class FakeGrid(Grid):
 
 
 def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) -> Message:
+    """A train message as the server sends it: packed weights, their layout in the config."""
+    layout = M.state_layout(state)
     config = ConfigRecord(
         {
+            M.CFG_LAYOUT: layout,
             M.CFG_TOML: cfg.to_toml(),
             M.CFG_RUN_ID: "r1",
             M.CFG_LOCAL_STEPS: 3,
@@ -188,7 +192,7 @@ def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) ->
         }
     )
     return Message(
-        RecordDict({M.ARRAYS: ArrayRecord(state), M.CONFIG: config}),
+        RecordDict({M.ARRAYS: M.pack_record(state, layout), M.CONFIG: config}),
         dst_node_id=node,
         message_type="train",
     )
@@ -205,15 +209,19 @@ def test_train_reply_carries_only_weights_scalars_and_name(tmp_path: Path) -> No
     content = reply.content
     assert not reply.has_error()
     assert set(content.array_records) == {M.ARRAYS}
-    assert set(content[M.ARRAYS].keys()) == set(state())
+    # the model weights only: every float weight in one packed vector, the int buffer as is
+    assert set(content[M.ARRAYS].keys()) == {M.PACKED, "n"}
+    packed = content[M.ARRAYS][M.PACKED].numpy()
+    assert packed.dtype == np.float32 and packed.shape == (6 + 3,)
     assert set(content.metric_records) == {M.METRICS}
     metrics = content[M.METRICS]
     assert set(metrics) <= M.TRAIN_KEYS
     assert all(isinstance(v, float) for v in metrics.values())
     assert set(content.config_records) == {M.SITE}
     assert dict(content[M.SITE]) == {"name": "a"}
-    new = content[M.ARRAYS].to_torch_state_dict()
-    assert torch.equal(new["w"], torch.ones(2, 3)) and int(new["n"]) == 7
+    new = M.unpack_torch(content[M.ARRAYS], M.state_layout(state()))
+    assert list(new) == list(state())
+    assert torch.equal(new["w"], torch.ones(2, 3)) and torch.equal(new["n"], torch.tensor(7))
     assert metrics[M.NUM_EXAMPLES] == SIZES["a"] and metrics[M.EPSILON] == pytest.approx(0.3)
 
 
@@ -293,7 +301,7 @@ def test_fedavg_weights_and_epsilon_max(tmp_path: Path, weighted: bool) -> None:
     # a third site fails: its error must not stop the round
     replies.append(Message(Error(code=1, reason="boom"), reply_to=train_message(cfg, state(), 3)))
     arrays, metrics = strategy.aggregate_train(1, replies)
-    w = arrays.to_torch_state_dict()["w"]
+    w = M.unpack_torch(arrays, M.state_layout(state()))["w"]
     expected = (10 * 1.0 + 30 * 2.0) / 40 if weighted else 1.5
     assert torch.allclose(w, torch.full((2, 3), expected))
     assert metrics[M.EPSILON] == pytest.approx(0.3)  # max, equal here; never averaged
@@ -317,7 +325,8 @@ def test_declined_replies_are_left_out(tmp_path: Path) -> None:
     strategy = make_strategy(cfg)
     arrays, _ = strategy.aggregate_train(2, _replies(cfg, ["a", "tight", "b"], tmp_path))
     assert strategy.last_train.declined == ["tight"]
-    assert torch.allclose(arrays.to_torch_state_dict()["b"], torch.full((3,), 70 / 40))
+    got = M.unpack_torch(arrays, M.state_layout(state()))["b"]
+    assert torch.allclose(got, torch.full((3,), 70 / 40))
 
 
 def test_fedadam_state_round_trips(tmp_path: Path) -> None:
@@ -325,7 +334,10 @@ def test_fedadam_state_round_trips(tmp_path: Path) -> None:
     strategy = make_strategy(cfg)
     msgs = list(
         strategy.configure_train(
-            1, ArrayRecord(state()), ConfigRecord(), FakeGrid(["a", "b"], tmp_path)
+            1,
+            M.pack_record(state(), M.state_layout(state())),
+            ConfigRecord(),
+            FakeGrid(["a", "b"], tmp_path),
         )
     )
     assert len(msgs) == 2
@@ -424,3 +436,119 @@ def test_site_enforces_its_own_privacy_settings(tmp_path: Path) -> None:
     trainer = next(iter(ca._TRAINERS.values()))[1]
     assert trainer.cfg.privacy.enabled and trainer.cfg.privacy.noise_multiplier == 2.0
     assert reply.content[M.METRICS][M.EPSILON] > 0
+
+
+# ---- packed weights: one array per message -----------------------------------------------------
+def test_pack_round_trips_exactly_and_checks_the_layout() -> None:
+    st = {
+        "w": torch.randn(2, 3),
+        "n": torch.tensor(2**40 + 1),  # beyond float precision: must not go through a float
+        "s": torch.tensor(0.5),
+        "mask": torch.tensor([True, False]),
+        "b": torch.randn(3),
+    }
+    layout = M.state_layout(st)
+    wire = M.pack(st, layout)
+    assert set(wire) == {M.PACKED, "n", "mask"}
+    assert wire[M.PACKED].dtype == np.float32 and wire[M.PACKED].shape == (6 + 1 + 3,)
+    back = M.unpack_torch(M.pack_record(st, layout), layout)
+    assert list(back) == list(st)  # state_dict order
+    for key, value in st.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value)
+    with pytest.raises(ValueError, match="missing"):
+        M.pack({k: v for k, v in st.items() if k != "b"}, layout)
+    with pytest.raises(ValueError, match="layout packs"):
+        M.pack({**st, "w": torch.zeros(3, 2)}, layout)
+    with pytest.raises(ValueError, match="do not match the layout"):
+        M.unpack({k: v for k, v in wire.items() if k != "n"}, layout)
+    with pytest.raises(ValueError, match="values for a layout"):
+        M.unpack({**wire, M.PACKED: wire[M.PACKED][:-1]}, layout)
+    assert M.unpack(wire, None) is not None and M.pack(st, None).keys() == st.keys()
+
+
+@pytest.mark.parametrize("name", ["unet", "monet"])
+def test_our_models_travel_as_one_float32_array(name: str) -> None:
+    from privseg.models import build_model
+
+    cfg = Config.from_dict({"model": {"name": name, "features": 4, "groups": 1}})
+    st = build_model(cfg.model).state_dict()
+    assert all(v.is_floating_point() for v in st.values())  # no integer buffers (GroupNorm)
+    layout = M.state_layout(st)
+    rec = M.pack_record(st, layout)
+    assert list(rec.keys()) == [M.PACKED] and rec[M.PACKED].numpy().dtype == np.float32
+    back = M.unpack_torch(rec, layout)
+    assert all(torch.equal(back[k], v) for k, v in st.items())
+
+
+def _random_state(g: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        "conv.weight": torch.randn(4, 1, 3, 3, generator=g),
+        "conv.bias": torch.randn(4, generator=g),
+        "norm.weight": torch.randn(4, generator=g),
+        "head.weight": torch.randn(1, 4, 1, 1, generator=g),
+    }
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_aggregating_packed_equals_aggregating_per_tensor(tmp_path: Path, strategy: str) -> None:
+    """Flower's strategies work elementwise: the packed vector aggregates like the tensors."""
+    g = torch.Generator().manual_seed(0)
+    init = _random_state(g)
+    layout = M.state_layout(init)
+    rounds = [[(_random_state(g), n) for n in (10, 30, 20)] for _ in range(3)]
+    grid = FakeGrid(["a", "b", "c"], tmp_path)
+    results = {}
+    for packed in (False, True):
+        lay = layout if packed else None
+        strat = make_strategy(small_cfg(strategy=strategy))
+        arrays = M.pack_record(init, lay)
+        for rnd, sites in enumerate(rounds, start=1):
+            ins = list(strat.configure_train(rnd, arrays, ConfigRecord(), grid))
+            replies = [
+                Message(
+                    M.site_reply(
+                        f"s{i}",
+                        {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 1.0, M.EPSILON: 0.0},
+                        M.TRAIN_KEYS,
+                        M.pack_record(st, lay),
+                    ),
+                    reply_to=msg,
+                )
+                for i, (msg, (st, n)) in enumerate(zip(ins, sites, strict=True))
+            ]
+            arrays, _ = strat.aggregate_train(rnd, replies)
+            if packed:
+                assert list(arrays.keys()) == [M.PACKED]
+        moments = {k: M.unpack(d, lay) for k, d in strategy_state(strat).items()}
+        results[packed] = (M.unpack(arrays, lay), moments)
+    (plain, plain_m), (packed, packed_m) = results[False], results[True]
+    assert list(packed) == list(init)
+    for key, value in plain.items():
+        assert packed[key].shape == value.shape
+        np.testing.assert_allclose(packed[key], value, rtol=1e-6, atol=1e-7)
+    assert set(packed_m) == set(plain_m) == ({"m_t", "v_t"} if strategy == "fedadam" else set())
+    for name, d in plain_m.items():
+        for key, value in d.items():
+            np.testing.assert_allclose(packed_m[name][key], value, rtol=1e-6, atol=1e-9)
+
+
+def test_fedadam_checkpoint_holds_state_dicts_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = small_cfg(rounds=3, strategy="fedadam")
+    whole = run_server(
+        FakeGrid(["a", "b"], tmp_path / "w"),
+        ServerSettings(cfg=cfg, out_dir=tmp_path / "whole", run_id="r1"),
+    )
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    with pytest.raises(RuntimeError, match="server crash"):
+        run_server(FakeGrid(["a", "b"], tmp_path / "r", fail_round=3), s)
+    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    names = list(initial_state(cfg))
+    assert list(saved["state_dict"]) == names  # a plain, named torch state_dict
+    assert all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())
+    assert set(saved["strategy"]) == {"m_t", "v_t"}
+    assert all(list(d) == names for d in saved["strategy"].values())
+    s.resume = True
+    resumed = run_server(FakeGrid(["a", "b"], tmp_path / "r"), s)
+    assert list(resumed["state_dict"]) == names
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value)

@@ -201,11 +201,9 @@ def site_evaluate(
 
 
 # ---- message adapters -----------------------------------------------------------------------
-def _state(arrays: ArrayRecord) -> dict[str, Any]:
-    """Weights as torch tensors."""
-    import torch  # noqa: F401 - Flower's converter needs torch imported
-
-    return dict(arrays.to_torch_state_dict())
+def _state(arrays: ArrayRecord, layout: str | None) -> dict[str, Any]:
+    """Weights as torch tensors (unpacked when the config names a layout, see ``M.pack``)."""
+    return M.unpack_torch(arrays, layout)
 
 
 def handle_train(
@@ -215,9 +213,10 @@ def handle_train(
     if secagg.is_secure_fit(msg):
         return handle_secure_train(msg, settings, factory)
     config = dict(msg.content[M.CONFIG])
-    state = _state(msg.content[M.ARRAYS])
+    layout = M.layout_of(config)
+    state = _state(msg.content[M.ARRAYS], layout)
     new_state, metrics = site_train(config, state, settings, factory)
-    arrays = None if new_state is None else M.array_record(new_state)
+    arrays = None if new_state is None else M.pack_record(new_state, layout)
     return Message(M.site_reply(settings.site, metrics, M.TRAIN_KEYS, arrays), reply_to=msg)
 
 
@@ -230,7 +229,7 @@ def handle_secure_train(
     A site that declines the round takes part with a zero update and weight 0.
     """
     config, global_state = secagg.fit_request(msg)
-    state = _state(M.array_record(global_state))
+    state = M.unpack_torch({k: v.copy() for k, v in global_state.items()}, None)  # named
     new_state, metrics = site_train(config, state, settings, factory)
     fed = Config.from_dict(tomllib.loads(str(config[M.CFG_TOML]))).federated
     n = int(metrics[M.NUM_EXAMPLES])
@@ -251,7 +250,7 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate the global weights at the site; reply with scalar metrics only."""
     config = dict(msg.content[M.CONFIG])
-    state = _state(msg.content[M.ARRAYS])
+    state = _state(msg.content[M.ARRAYS], M.layout_of(config))
     metrics = site_evaluate(config, state, settings, factory)
     return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None), reply_to=msg)
 

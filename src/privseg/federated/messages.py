@@ -1,7 +1,7 @@
 """What travels between the server and a site: record keys, config keys, metric keys.
 
-A site's reply carries exactly three things: the model weights (an ``ArrayRecord`` whose keys
-are the model's ``state_dict`` keys), scalar metrics (a ``MetricRecord`` whose keys are listed
+A site's reply carries exactly three things: the model weights (an ``ArrayRecord`` holding the
+packed weights, see :func:`pack`), scalar metrics (a ``MetricRecord`` whose keys are listed
 below) and the site's public name (a ``ConfigRecord``, so the server can report per site).
 Nothing else ever leaves a site: per-patient results stay in the site's own report file.
 
@@ -13,6 +13,8 @@ by a masked, quantised vector that only means something once summed over the sit
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -35,6 +37,10 @@ CFG_ROUND = "server-round"  # set by Flower's strategies; we pass the absolute r
 CFG_SPLIT = "split"  # evaluate: "val" or "test"
 CFG_FINAL = "final"  # evaluate: 1 on the final test evaluation (the site writes its report)
 CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+CFG_LAYOUT = "array-layout"  # how the packed weights unpack (JSON, see state_layout)
+
+# ---- the packed weights ---------------------------------------------------------------------
+PACKED = "packed:floats"  # ArrayRecord key of all floating-point weights, one flat vector
 
 # ---- SecAgg+ rounds: Flower's legacy FitIns / FitRes record names (flwr.compat recorddict_compat)
 FITINS_ARRAYS = "fitins.parameters"  # the global weights, unnamed, in state_dict order
@@ -95,6 +101,121 @@ def array_record(state: Mapping[str, Any]) -> ArrayRecord:
             value = value.detach().cpu().numpy()
         out[key] = Array(np.asarray(value, order="C"))
     return ArrayRecord(out)
+
+
+# ---- packing: all floating-point weights as ONE array on the wire ------------------------------
+# Flower 1.42 sends every Array of a message as its own object, i.e. its own request on every
+# hop (each with TLS and node authentication): a 53-tensor state_dict took ~57 requests per
+# message. So the weights travel as one flat vector (key ``PACKED``); the names and shapes to
+# unpack it travel once per message in the config record (``CFG_LAYOUT``). FedAvg, FedProx and
+# FedAdam work elementwise, so aggregating the packed vectors is aggregating the tensors.
+# Entries that are not floating point (integer buffers; our models have none) travel unchanged
+# as their own arrays, so they stay exact. The packed vector has the widest float dtype of the
+# entries (float32 for our models; float64 after FedAdam's server step, as Flower's per-array
+# FedAdam also yields) and unpacked entries keep that dtype.
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, Array):
+        return value.numpy()
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def state_layout(state: Mapping[str, Any]) -> str:
+    """The layout of ``state`` for :func:`pack` / :func:`unpack` (a JSON string): per entry, in
+    order, ``[name, shape]`` when it is packed (floating point), ``[name, null]`` otherwise."""
+    if PACKED in state:
+        raise ValueError(f"a state_dict key may not be {PACKED!r}")
+    rows = []
+    for key, value in state.items():
+        arr = _numpy(value)
+        rows.append([key, list(arr.shape) if np.issubdtype(arr.dtype, np.floating) else None])
+    return json.dumps(rows, separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(layout: str) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
+    return tuple((str(k), None if s is None else tuple(s)) for k, s in json.loads(layout))
+
+
+def pack(state: Mapping[str, Any], layout: str | None) -> dict[str, np.ndarray]:
+    """``state`` (torch tensors or numpy arrays) in wire form: the floating-point entries as
+    one flat vector under ``PACKED``, the others unchanged; ``layout=None``: unpacked, as is.
+
+    Raises ValueError when ``state`` does not match the layout (names, shapes, float entries).
+    """
+    arrays = {k: _numpy(v) for k, v in state.items()}
+    if layout is None:
+        return arrays
+    rows = _parse(layout)
+    if set(arrays) != {k for k, _ in rows} or len(arrays) != len(rows):
+        raise ValueError(
+            f"weights do not match the layout: missing {sorted({k for k, _ in rows} - set(arrays))}"
+            f", unexpected {sorted(set(arrays) - {k for k, _ in rows})}"
+        )
+    floats, out = [], {}
+    for key, shape in rows:
+        arr = arrays[key]
+        if shape is None:
+            out[key] = arr
+            continue
+        if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(
+                f"weight {key!r} is {arr.dtype} {list(arr.shape)}; the layout packs a float "
+                f"array of shape {list(shape)}"
+            )
+        floats.append(arr)
+    if floats:
+        dtype = np.result_type(*floats)
+        out[PACKED] = np.concatenate([a.astype(dtype, copy=False).ravel() for a in floats])
+    return out
+
+
+def unpack(arrays: Mapping[str, Any], layout: str | None) -> dict[str, np.ndarray]:
+    """The named weights (numpy, in state_dict order) of wire-form ``arrays`` (an ArrayRecord or
+    a dict of arrays); ``layout=None``: they are not packed. Raises ValueError on a mismatch."""
+    named = {k: _numpy(v) for k, v in arrays.items()}
+    if layout is None:
+        return named
+    rows = _parse(layout)
+    flat = named.pop(PACKED, None)
+    sizes = [math.prod(s) for _, s in rows if s is not None]
+    expected = {k for k, s in rows if s is None}
+    if set(named) != expected or (flat is None) != (not sizes):
+        raise ValueError(f"packed weights do not match the layout: got keys {sorted(arrays)}")
+    if flat is not None and (flat.ndim != 1 or flat.size != sum(sizes)):
+        raise ValueError(f"packed weights: {flat.size} values for a layout of {sum(sizes)}")
+    if flat is not None and not flat.flags.writeable:
+        flat = flat.copy()
+    out, offset = {}, 0
+    for key, shape in rows:
+        if shape is None:
+            out[key] = named[key]
+            continue
+        size = math.prod(shape)
+        out[key] = flat[offset : offset + size].reshape(shape)  # type: ignore[index]
+        offset += size
+    return out
+
+
+def pack_record(state: Mapping[str, Any], layout: str | None) -> ArrayRecord:
+    """:func:`pack` as an ArrayRecord (what a message carries)."""
+    return array_record(pack(state, layout))
+
+
+def unpack_torch(arrays: Mapping[str, Any], layout: str | None) -> dict[str, Any]:
+    """:func:`unpack` as a torch state_dict."""
+    import torch
+
+    return {
+        k: torch.from_numpy(np.asarray(v, order="C")) for k, v in unpack(arrays, layout).items()
+    }
+
+
+def layout_of(config: Mapping[str, Any]) -> str | None:
+    """The layout a config record names (None: the weights are not packed)."""
+    value = config.get(CFG_LAYOUT)
+    return None if value is None else str(value)
 
 
 def site_reply(

@@ -267,13 +267,21 @@ def secure_train(
 
     ``instructions`` are ``strategy.configure_train``'s messages (who trains, with which
     config); the strategy's per-site report (``last_train``) is filled as in a plain round.
+    ``arrays`` are the global weights as the strategy holds them (packed when the config of
+    ``instructions`` names a layout, see ``M.pack``), and so are the new weights returned.
     """
     msgs = list(instructions)
     config = msgs[0].content[M.CONFIG] if msgs else ConfigRecord()
     node_ids = [m.metadata.dst_node_id for m in msgs]
-    result = secure_round(grid, node_ids, server_round, arrays, config, fed, send=send)
+    # SecAgg+ runs on the named weights (Flower's legacy format, one array per weight); the
+    # strategy works on the packed ones (M.pack) when the config names a layout.
+    layout = M.layout_of(config)
+    named = M.array_record(M.unpack(arrays, layout))
+    config = ConfigRecord({k: v for k, v in config.items() if k != M.CFG_LAYOUT})
+    result = secure_round(grid, node_ids, server_round, named, config, fed, send=send)
     log.info("round %d: SecAgg+ took %.1f s", server_round, result.seconds)
-    out = strategy.aggregate_secure(server_round, result.replies, result.mean, result.failed)
+    mean = None if result.mean is None else M.pack_record(result.mean, layout)
+    out = strategy.aggregate_secure(server_round, result.replies, mean, result.failed)
     for site, metrics in strategy.last_train.sites.items():
         if metrics.get(M.SECAGG_CLIPPED, 0.0) > 0:
             log.warning(

@@ -131,19 +131,29 @@ def send_and_receive(
 
 
 # ---- checkpoint ------------------------------------------------------------------------------
+def state_dict(arrays: ArrayRecord, layout: str) -> dict[str, torch.Tensor]:
+    """The packed global weights as a plain torch state_dict (tensors with their own storage)."""
+    return {k: v.clone() for k, v in M.unpack_torch(arrays, layout).items()}
+
+
 def save_state(
     out_dir: Path,
     *,
     cfg: Config,
     rnd: int,
     arrays: ArrayRecord,
+    layout: str,
     history: list[dict[str, Any]],
     strategy: SiteAggregation,
     run_id: str,
 ) -> None:
-    """Global model + round + history + server-optimizer state, atomically."""
+    """Global model + round + history + server-optimizer state, atomically.
+
+    ``arrays`` and the optimizer's moments are packed (``M.pack``); the file holds them as
+    named torch state dicts.
+    """
     opt = {
-        name: {k: torch.from_numpy(np.array(v)) for k, v in d.items()}
+        name: {k: torch.from_numpy(np.array(v)) for k, v in M.unpack(d, layout).items()}
         for name, d in strategy_state(strategy).items()
     }
     atomic_torch_save(
@@ -152,7 +162,7 @@ def save_state(
             "round": rnd,
             "run_id": run_id,
             "config": cfg.to_toml(),
-            "state_dict": arrays.to_torch_state_dict(),
+            "state_dict": state_dict(arrays, layout),
             "history": history,
             "strategy": opt,
         },
@@ -199,17 +209,25 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     s.out_dir.mkdir(parents=True, exist_ok=True)
     strategy = make_strategy(cfg)
     saved = load_state(s.out_dir, cfg) if s.resume else None
+    # The weights travel packed (one array per message, see M.pack); the layout goes with them.
     if saved is not None:
         start, history = int(saved["round"]), list(saved["history"])
-        arrays = ArrayRecord(saved["state_dict"])
+        layout = M.state_layout(saved["state_dict"])
+        arrays = M.pack_record(saved["state_dict"], layout)
         load_strategy_state(
             strategy,
-            {k: {n: t.numpy() for n, t in d.items()} for k, d in saved["strategy"].items()},
+            {
+                k: M.pack({n: t.numpy() for n, t in d.items()}, layout)
+                for k, d in saved["strategy"].items()
+            },
         )
         log.info("resuming after round %d of %d", start, fed.rounds)
     else:
-        start, history, arrays = 0, [], ArrayRecord(initial_state(cfg))
+        state = initial_state(cfg)
+        start, history, layout = 0, [], M.state_layout(state)
+        arrays = M.pack_record(state, layout)
     base = {
+        M.CFG_LAYOUT: layout,
         M.CFG_TOML: cfg.to_toml(),
         M.CFG_RUN_ID: s.run_id,
         M.CFG_LOCAL_STEPS: fed.local_steps,
@@ -287,6 +305,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             cfg=cfg,
             rnd=rnd,
             arrays=arrays,
+            layout=layout,
             history=history,
             strategy=strategy,
             run_id=s.run_id,
@@ -311,7 +330,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     )
     _write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
     return {
-        "state_dict": arrays.to_torch_state_dict(),
+        "state_dict": state_dict(arrays, layout),
         "history": history,
         "test": dict(strategy.last_evaluate),
         "n_train": n_train,
