@@ -128,12 +128,12 @@ def ghost_step(
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         per_sample = loss_fn(gsm(images), labels)
-        per_sample.sum().backward(retain_graph=True)
-        coef = gsm.get_clipping_coef()
-        opt.zero_grad(set_to_none=True)
-        gsm.disable_hooks()
         with warnings.catch_warnings():  # images never require grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            per_sample.sum().backward(retain_graph=True)
+            coef = gsm.get_clipping_coef()
+            opt.zero_grad(set_to_none=True)
+            gsm.disable_hooks()
             (coef * per_sample).sum().backward()
         gsm.enable_hooks()
         for p in params:

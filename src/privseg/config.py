@@ -216,7 +216,7 @@ class AttackConfig:
 
     threat: Threat = "T1"
     batch_size: int = field(default=1, metadata=_rule(ge=1, le=32))
-    iterations: int = field(default=400, metadata=_rule(ge=1, le=1_000_000))
+    iterations: int = field(default=200, metadata=_rule(ge=1, le=1_000_000))
     restarts: int = field(default=1, metadata=_rule(ge=1, le=100))
     lr: float = field(default=0.1, metadata=_rule(gt=0.0, le=10.0))
     tv_weight: float = field(default=0.1, metadata=_rule(ge=0.0, le=100.0))
