@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.attack.runner import _audit, _load_run, dp_setting, run_attack_on_model
+from privseg.attack.runner import audit_setting, dp_setting, load_run, run_attack_on_model
 from privseg.config import AttackConfig, Config
 
 KEYS = (
@@ -75,7 +75,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def trained_model(args: argparse.Namespace, work: Path) -> tuple[torch.nn.Module, Config, Any]:
     """The model to attack, its config and the site's training split."""
     if args.run is not None:
-        model, cfg, _, split = _load_run(args.run, args.site)
+        model, cfg, _, split = load_run(args.run, args.site)
         return model, cfg, split
     from privseg.data.phantom import synth_task
     from privseg.training.checkpoint import load_checkpoint
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             if dp is not None and args.audit_trials > 0:
-                aud = _audit(model, split, cfg, dp)
+                aud = audit_setting(model, split, cfg, dp)
                 row["audit"] = {
                     k: aud.get(k) for k in ("trials", "success_rate", "bound", "held", "epsilon")
                 }

@@ -266,7 +266,8 @@ def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]], result: dict[str, Any]
 
 
 # ---- run folders ---------------------------------------------------------------------------
-def _load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], Any]:
+def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], Any]:
+    """A run folder's global model, config, results and ``site``'s training split."""
     from privseg.data.cache import SliceCache
     from privseg.training.checkpoint import load_checkpoint
 
@@ -314,7 +315,7 @@ def run_attack(
     ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
     private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
     """
-    model, cfg, results, split = _load_run(run_dir, site)
+    model, cfg, results, split = load_run(run_dir, site)
     changes = {
         "attack.threat": threat,
         "attack.batch_size": batch_size,
@@ -368,7 +369,7 @@ def run_audit(
     The run's own DP noise when it was private (or sigma for ``epsilon``); a non-private run
     is audited without noise (reported epsilon = infinity, bound 1).
     """
-    model, cfg, results, split = _load_run(run_dir, site)
+    model, cfg, results, split = load_run(run_dir, site)
     row = _site_row(results, site)
     dp = None
     if epsilon is not None or row.get("noise_multiplier"):
@@ -379,13 +380,13 @@ def run_audit(
             site_row=row,
             federated=results.get("mode") == "federated",
         )
-    result = _audit(model, split, cfg, dp, trials=trials, candidates=candidates)
+    result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
     result["site"] = site
     write_json(Path(run_dir) / "attack" / "audit.json", result)
     return result
 
 
-def _audit(
+def audit_setting(
     model: nn.Module,
     split: Any,
     cfg: Config,
@@ -394,6 +395,7 @@ def _audit(
     trials: int | None = None,
     candidates: int | None = None,
 ) -> dict[str, Any]:
+    """The identification audit of one DP setting (``cfg.attack`` trials and candidates)."""
     return audit_model(
         model,
         split.images,
@@ -454,7 +456,7 @@ def run_attack_study(
         )
         res.update({"site": site, "setting": key, "weights": weights})
         write_json(Path(out_dir) / key / "attack.json", res)
-        aud = _audit(model, split, cfg, dp)
+        aud = audit_setting(model, split, cfg, dp)
         aud.update({"site": site, "setting": key})
         write_json(Path(out_dir) / key / "audit.json", aud)
         attacks.append(res)

@@ -181,20 +181,23 @@ class DPGradient:
         the GIL). Shard ``j`` takes units ``j, j+w, ...`` and the partial sums are added in
         shard order, so the result does not depend on thread timing.
         """
-        workers = min(torch.get_num_threads(), k)
-        shards = [range(j, k, workers) for j in range(workers)]
+        saved = torch.get_num_threads()
+        workers = min(saved, k)
 
-        def shard(units: range, single: bool) -> tuple[list[torch.Tensor], float, dict]:
-            if single:
-                torch.set_num_threads(1)
+        def shard(units: range) -> tuple[list[torch.Tensor], float, dict[int, float]]:
             return self._loop_units(model, params, loss_fn, images, labels, groups, units)
 
         if workers == 1:
-            parts = [shard(shards[0], False)]
+            parts = [shard(range(k))]
         else:
-            saved = torch.get_num_threads()
+
+            def single_threaded(units: range) -> tuple[list[torch.Tensor], float, dict]:
+                torch.set_num_threads(1)
+                return shard(units)
+
+            shards = [range(j, k, workers) for j in range(workers)]
             try:
-                parts = list(self._pool(workers).map(shard, shards, [True] * workers))
+                parts = list(self._pool(workers).map(single_threaded, shards))
             finally:
                 torch.set_num_threads(saved)
         summed = [torch.stack(ts).sum(0) for ts in zip(*(p[0] for p in parts), strict=True)]
