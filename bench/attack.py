@@ -4,12 +4,14 @@ without DP, on the built-in phantom.
     python bench/attack.py [--run RUN_DIR] [--site site-0] [--iterations 300] [--restarts 1]
                            [--targets 3] [--epsilon 8] [--tv-weight W] [--model monet|unet]
                            [--epochs 3] [--audit-trials 50] [--threads 1] [--work DIR]
+                           [--round last|first]
 
 Without ``--run`` it makes the phantom (3 sites x 6 patients, 64^2 slices), trains the model
 (default MoNet, the seed paper's; ``--model unet`` shows the case that resists inversion)
 centrally for ``--epochs`` epochs and attacks that trained global model; with ``--run`` it
 attacks a finished run folder (e.g. ``demo/study/runs/federated``). Two settings, both one
-site update of one slice (B = 1), mask given (the worst case):
+site update of one slice (B = 1), mask given (the worst case), computed on the trained global
+model (``--round last``) or on the initial one the server broadcast in round 1 (``first``):
 
 * ``no_dp``: T1, the plain averaged gradient;
 * ``dp_epsN``: T3, the site's DP-SGD step with sigma calibrated for epsilon = N (the study's
@@ -37,7 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.attack.runner import audit_setting, dp_setting, load_run, run_attack_on_model
+from privseg.attack.runner import (
+    attacked_model,
+    audit_setting,
+    dp_setting,
+    load_run,
+    run_attack_on_model,
+)
 from privseg.config import AttackConfig, Config
 
 KEYS = (
@@ -61,6 +69,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tv-weight", type=float, default=None, help="default: attack.tv_weight")
     p.add_argument("--lr", type=float, default=None, help="default: attack.lr")
     p.add_argument("--model", default="monet", choices=("monet", "unet"))
+    p.add_argument(
+        "--round",
+        default="last",
+        choices=("last", "first"),
+        help="attack the update on the trained (last) or the initial (round-1) global model",
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--patients", type=int, default=6)
     p.add_argument("--audit-trials", type=int, default=50)
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             "attack.restarts": args.restarts,
             "attack.targets": args.targets,
             "attack.audit_trials": max(1, args.audit_trials),
+            "attack.round": args.round,
         }
         # the attack's current defaults, not those saved with an older run's config.toml
         defaults = AttackConfig()
@@ -127,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         changes["attack.lr"] = defaults.lr if args.lr is None else args.lr
         cfg = cfg.replace(**changes)
+        model, weights = attacked_model(cfg, model)
+        print(f"attacking the update on {weights}", flush=True)
         settings: dict[str, dict[str, Any]] = {}
         chosen = {"no_dp": [None], "dp": [args.epsilon], None: [None, args.epsilon]}[args.only]
         for eps in chosen:
@@ -167,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'match':>7} {'s/iter':>7}  audit"
     )
     print(
-        f"\n{model.__class__.__name__}, T1/T3 B=1 mask given, {args.targets} targets x "
-        f"{args.restarts} restarts x {args.iterations} iterations, "
+        f"\n{model.__class__.__name__} ({args.round} round), T1/T3 B=1 mask given, "
+        f"{args.targets} targets x {args.restarts} restarts x {args.iterations} iterations, "
         f"lr {cfg.attack.lr:g}, TV {cfg.attack.tv_weight:g}"
     )
     print(head)
@@ -186,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     summary = {
         "model": args.model if args.run is None else str(args.run),
+        "round": args.round,
         "iterations": args.iterations,
         "restarts": args.restarts,
         "targets": args.targets,

@@ -16,7 +16,10 @@ Memory: each variant alone in a fresh subprocess; extra peak RSS = the kernel's 
 (VmHWM, reset via /proc/self/clear_refs once model and data are built) minus RSS at that point,
 so imports and weights are not counted (falls back to ru_maxrss where the reset is refused).
 
-    python bench/dp_step.py --resolution 64 128 256 --repeats 5
+On ``--device cuda`` the timings synchronise the GPU and memory is the extra peak of
+``torch.cuda.max_memory_allocated`` (also in a fresh process per variant).
+
+    python bench/dp_step.py --resolution 64 128 256 --repeats 5 [--variants plain dp-loop ...]
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     images = torch.rand(b, 1, r, r)
     labels = (torch.rand(b, 1, r, r) > 0.7).float()
     groups = torch.arange(b)
+    model, images, labels = model.to(args.device), images.to(args.device), labels.to(args.device)
 
     if variant == "dp-ghost":
         return ghost_step(model, loss_fn, opt, images, labels)
@@ -167,6 +171,17 @@ def memory_child(variant: str, args: argparse.Namespace) -> None:
 
     step = make_step(variant, args)
     gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        out = {"variant": variant, "extra_mb": peak - base, "base_mb": base, "method": "cuda"}
+        print(json.dumps(out))
+        return
     if _reset_peak():
         base, method = _status_mb("VmRSS"), "VmHWM after clear_refs"
     else:  # ru_maxrss cannot be reset: import peaks may hide the step's own memory
@@ -193,25 +208,43 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return [
         "--model", args.model, "--features", str(args.features), "--batch", str(args.batch),
         "--threads", str(args.threads), "--resolution", str(args.resolution),
+        "--device", args.device,
     ]  # fmt: skip
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def bench_resolution(args: argparse.Namespace) -> dict:
-    steps = {v: make_step(v, args) for v in VARIANTS}
+    variants = args.variants
+    steps = {v: make_step(v, args) for v in variants}
     for _ in range(args.warmup):
-        for v in VARIANTS:
+        for v in variants:
             steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
-        for v in VARIANTS:  # interleaved: load changes hit every variant alike
+        for v in variants:  # interleaved: load changes hit every variant alike
+            _sync(args.device)
             t = time.perf_counter()
             steps[v]()
+            _sync(args.device)
             times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    mem = {v: measure_memory(v, args) for v in VARIANTS} if not args.no_memory else {}
-    fastest = min(NONPRIVATE, key=med.__getitem__)
+    mem = {v: measure_memory(v, args) for v in variants} if not args.no_memory else {}
+    fastest = min((v for v in variants if v in NONPRIVATE), key=med.__getitem__)
     return {"resolution": args.resolution, "median_s": med, "extra_peak_mb": mem,
             "fastest_nonprivate": fastest}  # fmt: skip
+
+
+def print_table(r: dict) -> None:
+    base = r["median_s"][r["fastest_nonprivate"]]
+    for v, t in r["median_s"].items():
+        mem = r["extra_peak_mb"].get(v, float("nan"))
+        mark = " *" if v == r["fastest_nonprivate"] else ""
+        print(f"{r['resolution']:>5} {v:>12} {t:>9.3f} {t / base:>9.2f} {mem:>9.1f}{mark}",
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -226,6 +259,11 @@ def main() -> None:
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
     )
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+        help="a subset (at least one non-private and the default DP path)",
+    )  # fmt: skip
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,26 +272,26 @@ def main() -> None:
         memory_child(args.child, args)
         return
 
-    from privseg.config import PrivacyConfig
+    from privseg.config import DataConfig, PrivacyConfig
 
     default_path = "dp-" + PrivacyConfig().grad_path
+    if default_path not in args.variants or not set(args.variants) & set(NONPRIVATE):
+        ap.error(f"--variants must include {default_path} and a non-private variant")
     results = []
     resolutions = list(args.resolution)
+    print(f"model={args.model} batch={args.batch} threads={args.threads} repeats={args.repeats} "
+          f"device={args.device}")  # fmt: skip
+    print(f"{'res':>5} {'variant':>12} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
     for res in resolutions:
         args.resolution = res
         results.append(bench_resolution(args))
-    print(f"model={args.model} batch={args.batch} threads={args.threads} repeats={args.repeats}")
-    print(f"{'res':>5} {'variant':>12} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
-    for r in results:
-        base = r["median_s"][r["fastest_nonprivate"]]
-        for v in VARIANTS:
-            mem = r["extra_peak_mb"].get(v, float("nan"))
-            mark = " *" if v == r["fastest_nonprivate"] else ""
-            print(f"{r['resolution']:>5} {v:>12} {r['median_s'][v]:>9.3f} "
-                  f"{r['median_s'][v] / base:>9.2f} {mem:>9.1f}{mark}")  # fmt: skip
-    last = results[-1]
+        print_table(results[-1])  # as each resolution finishes: 256^2 takes long
+    # the summary is for the default resolution when it was measured
+    default_res = DataConfig().resolution
+    last = next((r for r in results if r["resolution"] == default_res), results[0])
     fast = last["fastest_nonprivate"]
     mem = last["extra_peak_mb"]
+    opacus = last["median_s"].get("dp-opacus")
     summary = {
         "model": args.model,
         "resolution": last["resolution"],
@@ -262,9 +300,12 @@ def main() -> None:
         "default_path": default_path.removeprefix("dp-"),
         "fastest_nonprivate": fast,
         "time_ratio": last["median_s"][default_path] / last["median_s"][fast],
-        "time_ratio_opacus": last["median_s"]["dp-opacus"] / last["median_s"][fast],
+        "device": args.device,
+        "time_ratio_opacus": None if opacus is None else opacus / last["median_s"][fast],
         "memory_ratio": (mem[default_path] / mem[fast]) if mem and mem[fast] > 0 else None,
-        "memory_ratio_opacus": (mem["dp-opacus"] / mem[fast]) if mem and mem[fast] > 0 else None,
+        "memory_ratio_opacus": (
+            mem["dp-opacus"] / mem[fast] if "dp-opacus" in mem and mem[fast] > 0 else None
+        ),
         "results": results,
     }
     print(json.dumps(summary))

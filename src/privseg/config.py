@@ -29,6 +29,7 @@ GradPath = Literal["loop", "opacus", "functorch"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
+AttackRound = Literal["last", "first"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
 
 
@@ -221,6 +222,10 @@ class AttackConfig:
     lr: float = field(default=0.1, metadata=_rule(gt=0.0, le=10.0))
     tv_weight: float = field(default=0.1, metadata=_rule(ge=0.0, le=100.0))
     mask: MaskMode = "given"
+    #: Which global model the attacked update is computed on: the run's final one ("last": the
+    #: site's next update) or the initial one the server broadcast in round 1 ("first"); the
+    #: server sees every round, so the attacker may pick the round that leaks most.
+    round: AttackRound = "last"
     targets: int = field(
         default=2,
         metadata=_rule(ge=1, le=10_000, help="number of attacked updates (one per target batch)"),

@@ -283,7 +283,7 @@ def reconstruct(
     }
     target = [payload.update[n].detach() for n in params0]
     shape = (threat.batch_size, 1, threat.resolution, threat.resolution)
-    given = _as_batch(mask).float() if mask is not None else None
+    given = _as_batch(mask).float().to(target[0].device) if mask is not None else None
     best: Reconstruction | None = None
     losses = []
     for _ in range(cfg.restarts):
@@ -359,12 +359,14 @@ def _one_restart(
     given: torch.Tensor | None,
     generator: torch.Generator | None,
 ) -> Reconstruction:
-    x = torch.rand(shape, generator=generator).requires_grad_(True)
+    device = target[0].device  # the dummies live where the server holds the model
+    x = torch.rand(shape, generator=generator).to(device).requires_grad_(True)
     prior = x.detach().clone()
     variables = [x]
     mask_logits = None
     if threat.mask == "joint":
-        mask_logits = (0.1 * torch.randn(shape, generator=generator)).requires_grad_(True)
+        mask_logits = (0.1 * torch.randn(shape, generator=generator)).to(device)
+        mask_logits.requires_grad_(True)
         variables.append(mask_logits)
     labels0 = _labels(model, params0, x, threat.mask, given, mask_logits).detach()
     anchored = scale_invariant(model, params0, loss_fn, threat, x.detach(), labels0)

@@ -7,6 +7,7 @@ and scores the result against the truth afterwards (``metrics.score``).
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -129,14 +130,19 @@ def run_attack_on_model(
     out_dir: Path | None = None,
     progress: Progress | None = None,
     label: str = "",
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Attack ``cfg.attack.targets`` batches drawn from ``images``/``labels`` (a site's training
     slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_setting`) makes it T3.
 
     With ``out_dir``, writes ``attack.json`` and ``attack.png`` there. Seeded by ``seed``
     (default ``cfg.seed``): target choice, the attacker's initial dummies, the site's DP noise
-    while the project's DP step is a stand-in.
+    while the project's DP step is a stand-in. ``device`` runs victim and attacker there (the
+    random draws stay on the CPU, so a seed gives the same targets and dummies on any device).
     """
+    device = torch.device(device)
+    if next(model.parameters()).device != device:
+        model = copy.deepcopy(model).to(device)
     progress = progress or _no_progress
     seed = cfg.seed if seed is None else seed
     loss_fn = loss_fn if loss_fn is not None else default_loss()
@@ -158,14 +164,17 @@ def run_attack_on_model(
     for t, idx in enumerate(batches):
         progress(f"attack{label}: target {t + 1}/{len(batches)}", t, len(batches))
         x, y = x_all[idx][:, None], y_all[idx][:, None]
-        payload = simulate_site_update(model, x, y, threat, loss_fn=loss_fn, generator=victim_gen)
+        payload = simulate_site_update(
+            model, x.to(device), y.to(device), threat, loss_fn=loss_fn, generator=victim_gen
+        )
         rec = reconstruct(
             payload,
             threat,
             cfg.attack,
-            mask=y if threat.mask == "given" else None,
+            mask=y.to(device) if threat.mask == "given" else None,
             generator=attacker_gen,
         )
+        rec.images, rec.masks, rec.prior = rec.images.cpu(), rec.masks.cpu(), rec.prior.cpu()
         chance = [x_all[_others(int(i), pats, n, CHANCE_SLICES, rng)] for i in idx]
         galleries = []
         for i in idx:
@@ -205,6 +214,7 @@ def run_attack_on_model(
         "batch_size": threat.batch_size,
         "mask_mode": threat.mask,
         "local_steps": threat.local_steps,
+        "round": cfg.attack.round,
         **summary,
         "iterations": cfg.attack.iterations,
         "restarts": cfg.attack.restarts,
@@ -289,6 +299,18 @@ def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any
     return model, cfg, results, cache.split(site, "train")
 
 
+def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str]:
+    """The global model the attacked update is computed on (``cfg.attack.round``) and what it
+    is: the run's ``final`` model, or the initial one the server broadcast in round 1 (rebuilt
+    from the run's seed exactly as training built it)."""
+    from privseg.models import initial_model
+
+    if cfg.attack.round == "first" or final is None:
+        model = initial_model(cfg.model, cfg.seed).eval()
+        return model, f"round 1: the initial global model (seed {cfg.seed})"
+    return final, "the run's final global model"
+
+
 def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
     for row in results.get("sites") or []:
         if row.get("name") == site:
@@ -332,6 +354,7 @@ def run_attack(
         for item in overrides:
             apply_override(raw, item)
         cfg = Config.from_dict(raw)
+    model, weights = attacked_model(cfg, model)
     dp = None
     if cfg.attack.threat == "T3" or epsilon is not None:
         dp = dp_setting(
@@ -351,7 +374,7 @@ def run_attack(
         out_dir=Path(run_dir) / "attack",
         progress=progress,
     )
-    result["site"] = site
+    result.update({"site": site, "weights": weights})
     write_json(Path(run_dir) / "attack" / "attack.json", result)
     return result
 
@@ -370,6 +393,7 @@ def run_audit(
     is audited without noise (reported epsilon = infinity, bound 1).
     """
     model, cfg, results, split = load_run(run_dir, site)
+    model, weights = attacked_model(cfg, model)
     row = _site_row(results, site)
     dp = None
     if epsilon is not None or row.get("noise_multiplier"):
@@ -381,7 +405,7 @@ def run_audit(
             federated=results.get("mode") == "federated",
         )
     result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
-    result["site"] = site
+    result.update({"site": site, "weights": weights})
     write_json(Path(run_dir) / "attack" / "audit.json", result)
     return result
 
@@ -425,18 +449,12 @@ def run_attack_study(
     """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
     epsilon (sigma calibrated for the federated setting); an audit for each. Writes
     ``out_dir/<setting>/attack.json|png`` and ``audit.json``."""
-    from privseg.models import build_model
     from privseg.training.checkpoint import load_checkpoint
 
     site = site or cache.sites[0]
     split = cache.split(site, "train")
-    if checkpoint is not None:
-        model, _, _ = load_checkpoint(checkpoint)
-        weights = str(checkpoint)
-    else:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model).eval()
-        weights = "random initialisation (no federated checkpoint)"
+    final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
+    model, weights = attacked_model(cfg, final)
     if cfg.attack.threat == "T3":
         cfg = cfg.replace(**{"attack.threat": "T1"})
     attacks, audits = [], []

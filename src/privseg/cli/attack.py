@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from privseg.cli.common import console, user_errors
+from privseg.cli.common import SetOption, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,10 @@ def attack(
     mask: str | None = typer.Option(None, "--mask", help="given | joint | predicted"),
     targets: int | None = typer.Option(None, "--targets", help="Attacked updates."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Attack DP-SGD at this epsilon."),
+    round_: str | None = typer.Option(
+        None, "--round", help="last | first: the global model the attacked update is computed on."
+    ),
+    overrides: list[str] | None = SetOption,
     output: str = typer.Option("table", "--format", help="table | json"),
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
@@ -49,6 +53,7 @@ def attack(
             mask=mask,
             targets=targets,
             epsilon=epsilon,
+            overrides=[*(overrides or []), *([f"attack.round={round_}"] if round_ else [])],
             progress=progress,
         )
     if output == "json":
@@ -64,6 +69,7 @@ def attack(
         }
     )
     console.print(f"[bold]threat model[/] {tm.describe()}")
+    console.print(f"[bold]attacked global model[/] {res['weights']}")
     table = Table(
         title=f"gradient inversion, {res['threat']}, "
         + (

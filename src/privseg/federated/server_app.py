@@ -72,10 +72,10 @@ class ServerSettings:
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The round-0 global model (seeded, so simulation and deployment start alike)."""
-    from privseg.models import build_model
+    from privseg.models import initial_model
 
-    torch.manual_seed(cfg.seed)
-    return {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
+    model = initial_model(cfg.model, cfg.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[int]:

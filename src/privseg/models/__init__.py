@@ -1,7 +1,7 @@
 """DP-ready 2D segmentation networks: ``build_model(cfg.model)`` -> logits ``[B, 1, R, R]``."""
 
 from privseg.models.monet import MoNet
-from privseg.models.registry import MODELS, build_model, get_builder
+from privseg.models.registry import MODELS, build_model, get_builder, initial_model
 from privseg.models.unet import UNet
 
-__all__ = ["MODELS", "MoNet", "UNet", "build_model", "get_builder"]
+__all__ = ["MODELS", "MoNet", "UNet", "build_model", "get_builder", "initial_model"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from privseg.config import ModelConfig
@@ -62,3 +63,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
             f"model.dropout = {cfg.dropout!r} is invalid: allowed values are >= 0.0 and < 1.0"
         )
     return builder(cfg)
+
+
+def initial_model(cfg: ModelConfig, seed: int) -> nn.Module:
+    """The round-0 global model: seeded, so every site, every mode, the server and the attacker
+    (who received it in round 1) hold the same weights; the caller's RNG state is untouched."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return build_model(cfg)

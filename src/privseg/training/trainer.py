@@ -22,7 +22,7 @@ from torch import nn
 from privseg.config import Config
 from privseg.errors import DataError
 from privseg.evaluation.evaluate import evaluate_split
-from privseg.models import build_model
+from privseg.models import initial_model
 from privseg.training.losses import DiceBCELoss
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,8 @@ class SiteTrainer:
         self.train_split = train
         self.splits = {"train": train, "val": val, "test": test}
         self.privacy = privacy
-        with torch.random.fork_rng():  # the same initial weights for every mode and site
-            torch.manual_seed(cfg.seed)
-            self.model: nn.Module = build_model(cfg.model)
+        # the same initial weights for every mode and site
+        self.model: nn.Module = initial_model(cfg.model, cfg.seed)
         self.loss_fn = DiceBCELoss()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
