@@ -3,8 +3,12 @@
 Variants, all one optimizer step on one batch of ``--batch`` slices (slice units):
   plain         batched forward/backward
   micro4/8      the same gradient, accumulated over micro-batches of 4 / 8 slices
+  shard4        micro-batches of 4 sharded over the torch threads, each thread single-threaded
+                (the loop path's parallelism without clipping: data parallel over the cores)
   dp-loop       DPGradient(grad_path="loop") + step: per-unit backward passes, sharded over
-                the torch threads (the default)
+                the torch threads (the default); one slice per privacy unit
+  dp-loop-u4    the same with privacy units of 4 slices (privacy.unit = "patient": all slices
+                of a sampled patient form one unit, so each backward pass is batched)
   dp-opacus     DPGradient(grad_path="opacus") + step: Opacus hooks, one batched pass
   dp-functorch  DPGradient(grad_path="functorch") + step: Opacus with vmap(grad) everywhere
   dp-ghost      Opacus fast gradient clipping (GradSampleModuleFastGradientClipping: ghost
@@ -38,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NONPRIVATE = ("plain", "micro4", "micro8")
-PRIVATE = ("dp-loop", "dp-opacus", "dp-functorch", "dp-ghost")
+NONPRIVATE = ("plain", "micro4", "micro8", "shard4")
+PRIVATE = ("dp-loop", "dp-loop-u4", "dp-opacus", "dp-functorch", "dp-ghost")
 VARIANTS = NONPRIVATE + PRIVATE
 
 
@@ -77,7 +81,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     r, b = args.resolution, args.batch
     images = torch.rand(b, 1, r, r)
     labels = (torch.rand(b, 1, r, r) > 0.7).float()
-    groups = torch.arange(b)
+    groups = torch.arange(b) // (4 if variant == "dp-loop-u4" else 1)
     model, images, labels = model.to(args.device), images.to(args.device), labels.to(args.device)
 
     if variant == "dp-ghost":
@@ -87,7 +91,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
             max_grad_norm=PrivacyConfig().max_grad_norm,
             noise_multiplier=1.0,
             expected_batch_size=b,
-            grad_path=variant.removeprefix("dp-"),
+            grad_path=variant.removeprefix("dp-").removesuffix("-u4"),
         )
 
         def step() -> None:
@@ -97,6 +101,8 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
 
         return step
 
+    if variant == "shard4":
+        return shard_step(model, loss_fn, opt, images, labels, micro=4, threads=args.threads)
     micro = b if variant == "plain" else int(variant.removeprefix("micro"))
 
     def step() -> None:
@@ -104,6 +110,47 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
         for i in range(0, b, micro):
             loss = loss_fn(model(images[i : i + micro]), labels[i : i + micro]).sum() / b
             loss.backward()
+        opt.step()
+
+    return step
+
+
+def shard_step(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    micro: int,
+    threads: int,
+) -> Callable[[], None]:
+    """Non-private data parallelism over the cores: thread ``j`` takes micro-batches
+    ``j, j + w, ...`` single-threaded; the partial gradients are summed in shard order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    chunks = [slice(i, i + micro) for i in range(0, len(images), micro)]
+    workers = max(1, min(threads, len(chunks)))
+    pool = ThreadPoolExecutor(workers)
+
+    def shard(j: int) -> list[torch.Tensor]:
+        torch.set_num_threads(1)
+        total = [torch.zeros_like(p) for p in params]
+        for c in chunks[j::workers]:
+            loss = loss_fn(model(images[c]), labels[c]).sum() / len(images)
+            for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
+                t.add_(g)
+        return total
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        try:
+            parts = list(pool.map(shard, range(workers)))
+        finally:
+            torch.set_num_threads(threads)
+        for p, *gs in zip(params, *parts, strict=True):
+            p.grad = torch.stack(gs).sum(0)
         opt.step()
 
     return step

@@ -53,7 +53,7 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
+def plain(cfg: Config, cache: Path, out: Path) -> list[dict]:
     """The same rounds with no engine: fit every site, average, validate every site."""
     fed = cfg.federated
     sites = SliceCache.open(cache).sites
@@ -69,12 +69,14 @@ def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
         for s in sites
     ]
     state = initial_state(cfg)
-    seconds = []
+    history = []
     for _ in range(fed.rounds):
         t0 = time.perf_counter()
-        states, weights = [], []
+        states, weights, fit = [], [], []
         for trainer in trainers:
+            t = time.perf_counter()
             new, _ = trainer.fit(state, fed.local_steps, run_id="plain")
+            fit.append(time.perf_counter() - t)
             states.append(new)
             weights.append(trainer.num_examples)
         total = sum(weights)
@@ -84,13 +86,22 @@ def plain(cfg: Config, cache: Path, out: Path) -> list[float]:
             )
             for k in state
         }
+        t_train = time.perf_counter()
         for trainer in trainers:
             trainer.evaluate(state, "val")
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+        t_end = time.perf_counter()
+        history.append(
+            {
+                "seconds": t_end - t0,
+                "train_seconds": t_train - t0,
+                "site_train_seconds_max": max(fit),
+                "evaluate_seconds": t_end - t_train,
+            }
+        )
+    return history
 
 
-def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> list[float]:
+def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> list[dict]:
     sites = SliceCache.open(cache).sites
     certs = root / "certs"
     make_certs(certs, sites)
@@ -145,7 +156,7 @@ def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> lis
             )
         if procs[0].wait(1800):
             raise SystemExit("the deployment run failed; see " + str(run / "logs"))
-        return [h["seconds"] for h in json.loads((run / "results.json").read_text())["history"]]
+        return json.loads((run / "results.json").read_text())["history"]
     finally:
         for proc in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -154,12 +165,22 @@ def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> lis
             proc.wait()
 
 
-def summary(name: str, seconds: list[float]) -> dict[str, float]:
-    steady = seconds[1:] or seconds
-    row = {"first": seconds[0], "steady": mean(steady), "mean": mean(seconds)}
+PHASES = ("train_seconds", "site_train_seconds_max", "evaluate_seconds")
+
+
+def summary(name: str, history: list[dict]) -> dict[str, float]:
+    """Mean seconds per round (first round apart) and, for later rounds, per phase: the train
+    phase, the slowest site's own training inside it, and the validation phase."""
+    seconds = [h["seconds"] for h in history]
+    steady = history[1:] or history
+    row = {"first": seconds[0], "steady": mean(h["seconds"] for h in steady), "mean": mean(seconds)}
+    for key in PHASES:
+        if all(key in h for h in steady):
+            row[key] = mean(float(h[key]) for h in steady)
+    phases = ", ".join(f"{k.removesuffix('_seconds')} {row[k]:.2f}" for k in PHASES if k in row)
     print(
         f"{name:11s} first round {row['first']:6.2f} s, later rounds {row['steady']:6.2f} s, "
-        f"mean {row['mean']:6.2f} s",
+        f"mean {row['mean']:6.2f} s ({phases})",
         flush=True,
     )
     return row
@@ -196,7 +217,7 @@ def main() -> None:
         rows = {"plain": summary("plain", plain(cfg, Path(cache), root / "plain"))}
         if not args.skip_simulation:
             sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
-            rows["simulation"] = summary("simulation", [h["seconds"] for h in sim["history"]])
+            rows["simulation"] = summary("simulation", sim["history"])
         if not args.skip_deployment:
             rows["deployment"] = summary(
                 "deployment", deployment(cfg, Path(cache), root, worker=not args.no_worker)
@@ -208,6 +229,7 @@ def main() -> None:
         "sites": args.sites,
         "seconds_per_round": {k: v["steady"] for k, v in rows.items()},
         "first_round_seconds": {k: v["first"] for k, v in rows.items()},
+        "phases": {k: {p: v[p] for p in PHASES if p in v} for k, v in rows.items()},
         "simulation_overhead": (
             rows["simulation"]["steady"] / base - 1.0 if "simulation" in rows else None
         ),

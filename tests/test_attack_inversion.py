@@ -22,6 +22,7 @@ from privseg.attack.inversion import (
     reconstruct,
     scale_invariant,
     simulate_site_update,
+    tensor_norms,
     unrolled_update,
 )
 from privseg.attack.threat import ServerPayload, ThreatModel
@@ -169,6 +170,10 @@ def test_layer_cosine_weights_every_tensor_equally() -> None:
     # per-tensor scale does not matter; zero-target tensors are skipped
     scaled = [3.0 * target[0], 0.5 * target[1], torch.ones(2)]
     assert float(layer_cosine_loss(scaled, [*target, torch.zeros(2)])) < 1e-6
+    # precomputed target norms (one sync per attack) give the same loss
+    norms = tensor_norms(target)
+    assert norms == pytest.approx([float(t.norm()) for t in target])
+    assert float(layer_cosine_loss(wrong, target, norms)) == float(layer_cosine_loss(wrong, target))
 
 
 def test_unet_update_is_scale_invariant_and_the_scale_is_anchored_by_the_prior() -> None:

@@ -345,6 +345,7 @@ def test_simulation_with_secure_aggregation_writes_results(tmp_path: Path, phant
     print(f"SecAgg+ simulation: {time.perf_counter() - t0:.1f} s, rounds", results["history"])
     assert (tmp_path / "run" / "results.json").is_file()
     assert [h["round"] for h in results["history"]] == [1, 2]
+    assert results["secure_aggregation"] is True
     assert [len(h["sites"]) for h in results["history"]] == [3, 3]
     assert len(results["sites"]) == 3 and all(s["epsilon"] > 0 for s in results["sites"])
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))

@@ -44,6 +44,10 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     assert results["history"][-1]["epsilon_max"] == pytest.approx(0.9)
     assert sites["a"]["dice"] == pytest.approx(0.51)
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    for h in results["history"]:  # the round's time, split into its phases
+        assert 0 <= h["train_seconds"] <= h["seconds"]
+        assert h["evaluate_seconds"] == pytest.approx(h["seconds"] - h["train_seconds"])
+        assert "site_train_seconds_max" in h
 
     # resume for a 4th round that needs all 3 sites: round 4 runs (with its absolute number)
     # at a and b, tight declines, so the server stops cleanly and keeps round 3's model

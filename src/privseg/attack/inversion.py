@@ -19,17 +19,22 @@ under the label mask (:data:`ORGAN_PRIOR`, soft tissue / liver ~60 HU in the def
 
 What inverts and what resists (phantom, 64 px, T1, B = 1, mask given; ``bench/attack.py``):
 
-* **MoNet** (the seed paper's model: ELU, strided convs, dilated residual blocks) inverts:
-  at initialisation one slice comes back at 30.9 dB / SSIM 0.88 (chance 16.9 dB) after 400
-  iterations, the matching loss falling to 8e-4; the trained global model: see the benchmark.
+* **MoNet** (the seed paper's model: ELU, strided convs, dilated residual blocks) inverts
+  at initialisation, i.e. the round-1 update (``attack.round = "first"``): one slice came back
+  at 30.9 dB / SSIM 0.88 (chance 16.9 dB) after 400 iterations, the matching loss falling to
+  8e-4. The *trained* MoNet resists: 10.9 dB (300 iterations, lr 0.1) and 8.4 dB (1000
+  iterations, lr 0.03) against a chance level of 15.1 dB. A trained model's Dice/BCE gradient
+  is concentrated on the few pixels it still gets wrong, so the update says little about the
+  rest of the slice.
 * **The U-Net** (ReLU + max-pooling) resists every variant tried: signed Adam up to 1000
   iterations (9.7 dB), plain Adam (7.8 dB), L-BFGS on an L2 distance in float64 (stalls at
   its start), TV weights 1e-4..1e-1, coarse-to-fine 16 -> 32 -> 64 px (8.1 dB), trained and
-  untrained weights; every median 8-12 dB, below chance. Started (as a diagnostic only)
-  from the truth plus noise, minimising the matching loss lowers it 40x without raising
-  PSNR: many images match its update about equally well. Our explanation (not proven):
-  ReLU is piecewise linear and max-pooling passes the gradient through one pixel of four,
-  so the update constrains the image far less than the smooth ELU network's does.
+  untrained weights; every median 8-12 dB, below chance. The best single slice: trained
+  U-Net, lr 0.03, 1500 iterations, 13.5 dB and re-identified (chance 15.1 dB). Started (as a
+  diagnostic only) from the truth plus noise, minimising the matching loss lowers it 40x
+  without raising PSNR: many images match its update about equally well. Our explanation
+  (not proven): ReLU is piecewise linear and max-pooling passes the gradient through one
+  pixel of four, so the update constrains the image far less than the smooth ELU network's.
 
 The TV weight default (0.1) comes from these runs (U-Net, median of two slices: 10.2 / 11.0 /
 12.3 dB at 1e-4 (150 iterations) / 1e-2 / 1e-1 (300 iterations)).
@@ -147,23 +152,36 @@ def cosine_loss(update: list[torch.Tensor], target: list[torch.Tensor]) -> torch
     return 1.0 - dot / (torch.sqrt(nu + _TINY) * torch.sqrt(nt) + 1e-12)
 
 
-def layer_cosine_loss(update: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
+def layer_cosine_loss(
+    update: list[torch.Tensor],
+    target: list[torch.Tensor],
+    target_norms: list[float] | None = None,
+) -> torch.Tensor:
     """Mean over parameter tensors of ``1 - cos(u_l, t_l)`` (tensors with a zero target skipped).
 
     Weights every layer equally: on the GroupNorm U-Net the update norms span four orders of
     magnitude (decoder head >> encoder), so the global :func:`cosine_loss` barely sees the
-    early layers, which hold the spatial information.
+    early layers, which hold the spatial information. ``target_norms`` (from
+    :func:`tensor_norms`, computed once per attack) saves a device sync per tensor per
+    iteration, which on a GPU costs more than the arithmetic.
     """
+    norms = target_norms if target_norms is not None else tensor_norms(target)
     terms = []
-    for u, t in zip(update, target, strict=True):
-        nt = torch.sqrt((t * t).sum())
-        if float(nt) == 0.0:
+    for u, t, nt in zip(update, target, norms, strict=True):
+        if nt == 0.0:
             continue
         nu = torch.sqrt((u * u).sum() + _TINY)  # finite gradient at u = 0 (a dead layer)
         terms.append(1.0 - (u * t).sum() / (nu * nt + 1e-20))
     if not terms:
         return cosine_loss(update, target)
     return torch.stack(terms).mean()
+
+
+def tensor_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """The L2 norm of each tensor, as Python floats (one device sync for all of them)."""
+    if not tensors:
+        return []
+    return torch.stack([torch.sqrt((t * t).sum()) for t in tensors]).tolist()
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -370,6 +388,7 @@ def _one_restart(
         variables.append(mask_logits)
     labels0 = _labels(model, params0, x, threat.mask, given, mask_logits).detach()
     anchored = scale_invariant(model, params0, loss_fn, threat, x.detach(), labels0)
+    norms = tensor_norms(target)
     opt = torch.optim.Adam(variables, lr=cfg.lr)
     n = cfg.iterations
     milestones = sorted({max(1, int(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
@@ -377,7 +396,7 @@ def _one_restart(
     for _ in range(n):
         labels = _labels(model, params0, x, threat.mask, given, mask_logits)
         update = unrolled_update(model, params0, x, labels, loss_fn, threat, create_graph=True)
-        loss = layer_cosine_loss(update, target) + cfg.tv_weight * total_variation(x)
+        loss = layer_cosine_loss(update, target, norms) + cfg.tv_weight * total_variation(x)
         grads = torch.autograd.grad(loss, variables)
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             log.warning("inversion: non-finite gradient, restart stopped early")
@@ -394,6 +413,6 @@ def _one_restart(
     update = unrolled_update(
         model, params0, x.detach(), labels.detach(), loss_fn, threat, create_graph=False
     )
-    match = float(layer_cosine_loss(update, target).detach())
+    match = float(layer_cosine_loss(update, target, norms).detach())
     masks = (labels.detach() > 0.5).float()
     return Reconstruction(images=x.detach().clone(), masks=masks, matching_loss=match, prior=prior)

@@ -267,6 +267,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             )
             raise FederationError(message)
         arrays = new_arrays
+        t_train = time.perf_counter()
         n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
         eps_known.update(
             {
@@ -286,6 +287,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             ),
         )
         val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
+        t_end = time.perf_counter()
+        site_seconds = [v.get(M.SECONDS, math.nan) for v in report.sites.values()]
         entry = {
             "round": rnd,
             "train_loss": report.train_loss(fed.weighted),
@@ -297,7 +300,12 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "sites": sorted(report.contributors),
             "declined": sorted(report.declined),
             "failed": len(report.failed),
-            "seconds": time.perf_counter() - t0,
+            "seconds": t_end - t0,
+            # where the round went: the train phase (send, site work, replies, aggregation),
+            # the slowest site's own training time, and the validation phase
+            "train_seconds": t_train - t0,
+            "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
+            "evaluate_seconds": t_end - t_train,
         }
         history.append(entry)
         save_state(
@@ -395,6 +403,7 @@ def build_results(
         "strategy": fed.strategy,
         "rounds": fed.rounds,
         "local_steps": fed.local_steps,
+        "secure_aggregation": fed.secure_aggregation,
     }
 
 
