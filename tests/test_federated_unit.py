@@ -134,6 +134,7 @@ class FakeGrid(Grid):
         self.sites = {i + 1: s for i, s in enumerate(sites)}
         self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
         self._outbox: dict[str, Message] = {}
+        self.sent: list[tuple[int, str, dict]] = []  # (round, message type, config) per message
 
     def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
         raise NotImplementedError
@@ -167,6 +168,7 @@ class FakeGrid(Grid):
             if self.fail_round is not None and rnd == self.fail_round:
                 raise RuntimeError("server crash")
             site = self.sites[msg.metadata.dst_node_id]
+            self.sent.append((rnd, msg.metadata.message_type, dict(msg.content[M.CONFIG])))
             if rnd > self.dead_after.get(site, 10**9):
                 replies.append(Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg))
                 continue
@@ -370,6 +372,23 @@ def test_run_server_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert summary["test"]["a"][M.DICE] == pytest.approx(0.51)
     assert summary["history"][-1]["epsilon_max"] == pytest.approx(0.9)
     assert summary["history"][-1]["val_dice_sites"] == {"a": 0.5, "b": 0.7}
+
+
+def test_one_exchange_per_round_the_sites_score_the_incoming_model(tmp_path: Path) -> None:
+    """Round r's train message asks the sites to score round r-1's model on val first, so
+    only the last round has its own evaluate exchange; every round still gets its val Dice."""
+    cfg = small_cfg(rounds=3)
+    grid = FakeGrid(["a", "b"], tmp_path)
+    summary = run_server(grid, ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1"))
+    kinds = [(rnd, kind) for rnd, kind, _ in grid.sent]
+    assert [k for k in kinds if k[1] != "train"] == [(3, "evaluate")] * 2 + [(4, "evaluate")] * 2
+    incoming = {rnd: c[M.CFG_EVAL_INCOMING] for rnd, kind, c in grid.sent if kind == "train"}
+    assert incoming == {1: 0, 2: 1, 3: 1}
+    for h in summary["history"]:
+        assert h["val_dice_sites"] == {"a": 0.5, "b": 0.7}
+        assert h["val_dice"] == pytest.approx(0.6)
+    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    assert all(h["val_dice"] == pytest.approx(0.6) for h in saved["history"])
 
 
 def test_round_with_too_few_sites_stops_cleanly(tmp_path: Path) -> None:

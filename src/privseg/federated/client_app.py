@@ -128,8 +128,16 @@ def site_train(
     settings: SiteSettings,
     factory: TrainerFactory = default_trainer_factory,
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
-    """Train from the global weights; ``(None, metrics)`` when the site declines the round."""
+    """Train from the global weights; ``(None, metrics)`` when the site declines the round.
+
+    With ``evaluate-incoming`` set, the incoming global model (the previous round's result) is
+    first scored on the val split and its Dice sent along (scalar only, like an evaluate
+    reply), so a round needs one exchange with the server instead of two.
+    """
     cfg, trainer = get_trainer(config, settings, factory)
+    incoming: dict[str, float] = {}
+    if int(config.get(M.CFG_EVAL_INCOMING, 0)):
+        incoming[M.DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
         new_state, metrics = trainer.fit(
@@ -148,6 +156,7 @@ def site_train(
             M.STEPS: 0.0,
             M.TRAIN_LOSS: math.nan,
             M.SECONDS: 0.0,
+            **incoming,
         }
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
@@ -158,6 +167,7 @@ def site_train(
         M.EPSILON: metrics.get("epsilon", 0.0),
         M.SECONDS: metrics.get("seconds", math.nan),
         M.DECLINED: 0.0,
+        **incoming,
     }
 
 

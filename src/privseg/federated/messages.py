@@ -36,6 +36,9 @@ CFG_PLANNED_STEPS = "planned-steps"
 CFG_ROUND = "server-round"  # set by Flower's strategies; we pass the absolute round
 CFG_SPLIT = "split"  # evaluate: "val" or "test"
 CFG_FINAL = "final"  # evaluate: 1 on the final test evaluation (the site writes its report)
+# train: 1 = first score the incoming global model (the previous round's) on the val split and
+# send its Dice with the training metrics; saves a whole evaluate exchange per round
+CFG_EVAL_INCOMING = "evaluate-incoming"
 CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 CFG_LAYOUT = "array-layout"  # how the packed weights unpack (JSON, see state_layout)
 
@@ -70,7 +73,7 @@ AGG_WEIGHT = "agg-weight"  # added by the server before averaging, never sent by
 SECAGG_CLIPPED = "secagg_clipped"  # SecAgg+: update coordinates clipped to +-secagg_clip
 
 TRAIN_KEYS = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED}
+    {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED, DICE}
 )
 PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
 EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *PRIVACY_SCALARS})

@@ -78,6 +78,12 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _set_val(entry: dict[str, Any], dice: dict[str, float]) -> None:
+    """Record the validation Dice of the global model that ``entry``'s round produced."""
+    entry["val_dice_sites"] = dict(dice)
+    entry["val_dice"] = nanmean(dice.values())
+
+
 def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[int]:
     """Node ids once ``want`` (or, after ``timeout`` s, at least ``n``) are connected.
 
@@ -244,7 +250,12 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
-        train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid)
+        # the sites score the previous round's global model on val before they train
+        # (no separate evaluate exchange); only the last round has its own evaluate phase
+        previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
+        score_incoming = previous is not None and previous.get("val_dice") is None
+        train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
+        train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
         if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
             new_arrays, _ = secure_train(
                 grid, strategy, rnd, arrays, train_ins, fed, send=send_and_receive
@@ -253,6 +264,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             replies = send_and_receive(grid, train_ins, timeout=fed.round_timeout)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_train
+        if score_incoming and previous is not None:
+            _set_val(previous, {k: v.get(M.DICE, math.nan) for k, v in report.sites.items()})
         for name in report.declined:
             log.warning("round %d: site %s declined (privacy budget exhausted)", rnd, name)
         for reason in report.failed:
@@ -276,24 +289,26 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
                 if not math.isnan(v.get(M.EPSILON, math.nan))
             }
         )
-        strategy.aggregate_evaluate(
-            rnd,
-            send_and_receive(
-                grid,
-                strategy.configure_evaluate(
-                    rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
+        val: dict[str, float] | None = None  # filled by the next round's train replies
+        if rnd == fed.rounds:
+            strategy.aggregate_evaluate(
+                rnd,
+                send_and_receive(
+                    grid,
+                    strategy.configure_evaluate(
+                        rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
+                    ),
+                    timeout=fed.round_timeout,
                 ),
-                timeout=fed.round_timeout,
-            ),
-        )
-        val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
+            )
+            val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
         t_end = time.perf_counter()
         site_seconds = [v.get(M.SECONDS, math.nan) for v in report.sites.values()]
         entry = {
             "round": rnd,
             "train_loss": report.train_loss(fed.weighted),
-            "val_dice": nanmean(val.values()),
-            "val_dice_sites": val,
+            "val_dice": None,
+            "val_dice_sites": {},
             "epsilon_max": max(eps_known.values(), default=0.0),
             "epsilon_sites": dict(eps_known),
             "n_train_sites": dict(n_train),
@@ -307,6 +322,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
             "evaluate_seconds": t_end - t_train,
         }
+        if val is not None:
+            _set_val(entry, val)
         history.append(entry)
         save_state(
             s.out_dir,

@@ -68,11 +68,11 @@ TASK_POLL = (0.01, 1.0)  # this worker's polls of its SuperNode for a task
 
 
 # ---- object transfer ---------------------------------------------------------------------------
-OBJECT_PULL_BACKOFF = (0.02, 0.5)  # Flower: 1 s doubling to 10 s (flwr/supercore/constant.py)
+OBJECT_PULL_BACKOFF = (0.01, 0.1)  # Flower: 1 s doubling to 10 s (flwr/supercore/constant.py)
 
 
 def fast_object_pulls(initial: float = OBJECT_PULL_BACKOFF[0], cap: float = OBJECT_PULL_BACKOFF[1]):
-    """Retry a message's not-yet-uploaded objects after 20 ms (doubling to 0.5 s), not 1-10 s.
+    """Retry a message's not-yet-uploaded objects after 10 ms (doubling to 0.1 s), not 1-10 s.
 
     A message becomes visible before its objects are all uploaded, so a fast reader hits
     ``ObjectUnavailableError`` and Flower's ``pull_objects`` then backs off 1, 2, 4, 8 s; we saw
