@@ -7,6 +7,7 @@ the run stops with a clear message when fewer than ``federated.min_sites`` sites
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -42,6 +43,9 @@ STATUS_FILE = "federation_status.json"
 Progress = Callable[[dict[str, Any]], None]
 
 
+POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
+
+
 @dataclass
 class ServerSettings:
     """Everything the server needs; parsed once from the engine's config at the boundary."""
@@ -53,6 +57,7 @@ class ServerSettings:
     progress: Progress | None = None
     node_wait: float | None = None  # seconds to wait for min_sites (default: round_timeout)
     expected_sites: int = 0  # before the first round, wait (node_wait) for this many sites
+    poll: tuple[float, float, float] = POLL  # send_and_receive's (lo, hi, factor)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
@@ -102,9 +107,6 @@ def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[in
                 f"after {timeout:g} s; stopping"
             )
         time.sleep(0.5)
-
-
-POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
 
 
 def send_and_receive(
@@ -212,6 +214,7 @@ def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
 
 def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     cfg, fed = s.cfg, s.cfg.federated
+    send = functools.partial(send_and_receive, poll=s.poll)
     s.out_dir.mkdir(parents=True, exist_ok=True)
     strategy = make_strategy(cfg)
     saved = load_state(s.out_dir, cfg) if s.resume else None
@@ -257,11 +260,9 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
         train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
         if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
-            new_arrays, _ = secure_train(
-                grid, strategy, rnd, arrays, train_ins, fed, send=send_and_receive
-            )
+            new_arrays, _ = secure_train(grid, strategy, rnd, arrays, train_ins, fed, send=send)
         else:
-            replies = send_and_receive(grid, train_ins, timeout=fed.round_timeout)
+            replies = send(grid, train_ins, timeout=fed.round_timeout)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_train
         if score_incoming and previous is not None:
@@ -293,7 +294,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         if rnd == fed.rounds:
             strategy.aggregate_evaluate(
                 rnd,
-                send_and_receive(
+                send(
                     grid,
                     strategy.configure_evaluate(
                         rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
@@ -342,7 +343,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     wait_for_sites(grid, fed.min_sites, wait)
     strategy.aggregate_evaluate(
         fed.rounds + 1,
-        send_and_receive(
+        send(
             grid,
             strategy.configure_evaluate(
                 fed.rounds + 1,
