@@ -70,7 +70,14 @@ def loss_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
-    """A closure doing one full optimizer step of ``variant`` on a fixed synthetic batch."""
+    """A closure doing one full optimizer step of ``variant`` on a fixed synthetic batch
+    (``step.model`` is the model it trains, for checks of the gradient it leaves)."""
+    step, model = _make_step(variant, args)
+    step.model = model  # type: ignore[attr-defined]
+    return step
+
+
+def _make_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], None], nn.Module]:
     from privseg.config import PrivacyConfig
     from privseg.privacy.dp_sgd import DPGradient
 
@@ -85,7 +92,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
     model, images, labels = model.to(args.device), images.to(args.device), labels.to(args.device)
 
     if variant == "dp-ghost":
-        return ghost_step(model, loss_fn, opt, images, labels)
+        return ghost_step(model, loss_fn, opt, images, labels), model
     if variant in PRIVATE:
         dp = DPGradient(
             max_grad_norm=PrivacyConfig().max_grad_norm,
@@ -99,10 +106,11 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
             dp(model, loss_fn, images, labels, groups)
             opt.step()
 
-        return step
+        return step, model
 
     if variant == "shard4":
-        return shard_step(model, loss_fn, opt, images, labels, micro=4, threads=args.threads)
+        step = shard_step(model, loss_fn, opt, images, labels, micro=4, threads=args.threads)
+        return step, model
     micro = b if variant == "plain" else int(variant.removeprefix("micro"))
 
     def step() -> None:
@@ -112,7 +120,7 @@ def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
             loss.backward()
         opt.step()
 
-    return step
+    return step, model
 
 
 def shard_step(

@@ -1,0 +1,55 @@
+"""The benchmarks' contracts: the JSON last line, and that the non-private baselines compute
+the same gradient (a faster baseline that computed something else would flatter DP-SGD)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dp_step_prints_the_summary_json_last() -> None:
+    cmd = [sys.executable, str(BENCH / "dp_step.py"), "--resolution", "16", "--batch", "4",
+           "--features", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+           "--variants", "plain", "shard4", "dp-loop"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["default_path"] == "loop" and summary["resolution"] == 16
+    assert summary["fastest_nonprivate"] in {"plain", "shard4"}
+    assert summary["time_ratio"] > 0 and summary["memory_ratio"] > 0
+    assert set(summary["results"][0]["median_s"]) == {"plain", "shard4", "dp-loop"}
+
+
+@pytest.mark.parametrize("variant", ["micro4", "shard4"])
+def test_nonprivate_baselines_compute_the_plain_gradient(variant: str) -> None:
+    dp_step = _load("dp_step")
+    args = dp_step.argparse.Namespace(
+        model="unet",
+        features=4,
+        resolution=16,
+        batch=8,
+        threads=torch.get_num_threads(),
+        device="cpu",
+    )
+    grads = {}
+    for v in ("plain", variant):
+        step = dp_step.make_step(v, args)
+        step()  # same seed, same model and batch; the gradient stays in p.grad
+        grads[v] = [p.grad.clone() for p in step.model.parameters()]
+    for a, b in zip(grads["plain"], grads[variant], strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
