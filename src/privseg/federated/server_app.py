@@ -318,7 +318,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "failed": len(report.failed),
             "seconds": t_end - t0,
             # where the round went: the train phase (send, site work, replies, aggregation),
-            # the slowest site's own training time, and the validation phase
+            # the slowest site's own training steps (without its accounting), and the
+            # validation phase
             "train_seconds": t_train - t0,
             "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
             "evaluate_seconds": t_end - t_train,
