@@ -39,13 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.attack.runner import (
-    attacked_model,
-    audit_setting,
-    dp_setting,
-    load_run,
-    run_attack_on_model,
-)
+from privseg.attack.runner import attack_setting, attacked_model, audit_setting, load_run
 from privseg.config import AttackConfig, Config
 
 KEYS = (
@@ -147,19 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         settings: dict[str, dict[str, Any]] = {}
         chosen = {"no_dp": [None], "dp": [args.epsilon], None: [None, args.epsilon]}[args.only]
         for eps in chosen:
-            key = "no_dp" if eps is None else f"dp_eps{eps:g}"
-            dp = None if eps is None else dp_setting(cfg, n_train=len(split), epsilon=eps)
             started = time.perf_counter()
-            res = run_attack_on_model(
-                model,
-                split.images,
-                split.labels,
-                cfg=cfg,
-                dp=dp,
-                patients=split.patient,
-                out_dir=None if args.out is None else args.out / key,
-            )
+            res = attack_setting(model, split, cfg, eps, out_dir=args.out)
             seconds = time.perf_counter() - started
+            key, dp = res["setting"], res["dp_setting"]
             row = {k: res.get(k) for k in KEYS}
             row.update(
                 {

@@ -5,6 +5,9 @@ Variants, all one optimizer step on one batch of ``--batch`` slices (slice units
   micro4/8      the same gradient, accumulated over micro-batches of 4 / 8 slices
   shard4        micro-batches of 4 sharded over the torch threads, each thread single-threaded
                 (the loop path's parallelism without clipping: data parallel over the cores)
+  shard1        the same with single slices: the DP loop's passes without its clipping, so
+                dp-loop / shard1 is the cost of clipping and bookkeeping, shard1 / the fastest
+                the cost of batch-1 passes (not a candidate for the fastest non-private step)
   dp-loop       DPGradient(grad_path="loop") + step: per-unit backward passes, sharded over
                 the torch threads (the default); one slice per privacy unit
   dp-loop-u4    the same with privacy units of 4 slices (privacy.unit = "patient": all slices
@@ -39,12 +42,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NONPRIVATE = ("plain", "micro4", "micro8", "shard4")
+DIAGNOSTIC = ("shard1",)
 PRIVATE = ("dp-loop", "dp-loop-u4", "dp-opacus", "dp-functorch", "dp-ghost")
-VARIANTS = NONPRIVATE + PRIVATE
+VARIANTS = NONPRIVATE + DIAGNOSTIC + PRIVATE
 
 
 def build(model_name: str, features: int) -> nn.Module:
@@ -55,18 +58,9 @@ def build(model_name: str, features: int) -> nn.Module:
 
 
 def loss_function() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    try:
-        from privseg.training.losses import DiceBCELoss
+    from privseg.training.losses import DiceBCELoss
 
-        return DiceBCELoss()
-    except ImportError:  # pragma: no cover - fallback while losses are being written
-
-        def bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(
-                (1, 2, 3)
-            )
-
-        return bce
+    return DiceBCELoss()
 
 
 def make_step(variant: str, args: argparse.Namespace) -> Callable[[], None]:
@@ -108,8 +102,9 @@ def _make_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], Non
 
         return step, model
 
-    if variant == "shard4":
-        step = shard_step(model, loss_fn, opt, images, labels, micro=4, threads=args.threads)
+    if variant in ("shard4", "shard1"):
+        micro = int(variant.removeprefix("shard"))
+        step = shard_step(model, loss_fn, opt, images, labels, micro=micro, threads=args.threads)
         return step, model
     micro = b if variant == "plain" else int(variant.removeprefix("micro"))
 

@@ -35,7 +35,7 @@ def test_dp_step_prints_the_summary_json_last() -> None:
     assert set(summary["results"][0]["median_s"]) == {"plain", "shard4", "dp-loop"}
 
 
-@pytest.mark.parametrize("variant", ["micro4", "shard4"])
+@pytest.mark.parametrize("variant", ["micro4", "shard4", "shard1"])
 def test_nonprivate_baselines_compute_the_plain_gradient(variant: str) -> None:
     dp_step = _load("dp_step")
     args = dp_step.argparse.Namespace(

@@ -20,6 +20,7 @@ import pytest
 from privseg.config import Config
 from privseg.federated.certs import make_certs
 from privseg.federated.deployment import free_port
+from test_federated_unit import e2e_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +29,7 @@ CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
 
 
 def _config(**fed: object) -> Config:
-    return Config.from_dict(
-        {
-            "data": {"resolution": 32, "sites": 3},
-            "model": {"features": 4, "groups": 1},
-            "train": {"batch_size": 4, "threads": 1},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-            "federated": {
-                "rounds": 2,
-                "local_steps": 2,
-                "min_sites": 2,
-                "round_timeout": 120.0,
-                **fed,
-            },
-        }
-    )
+    return e2e_config(sites=3, **{"round_timeout": 120.0, **fed})
 
 
 @pytest.fixture(scope="module")

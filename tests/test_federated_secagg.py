@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.serverapp import Grid
 
 from privseg.config import Config
 from privseg.errors import ConfigError, FederationError
@@ -26,7 +24,15 @@ from privseg.federated.secagg import protocol_params, secure_round, secure_train
 from privseg.federated.server_app import ServerSettings, run_server
 from privseg.federated.strategy import make_strategy
 from privseg.io import read_json
-from test_federated_unit import DELTAS, SIZES, _identity, fake_factory, small_cfg  # noqa: F401
+from test_federated_unit import (  # noqa: F401
+    DELTAS,
+    SIZES,
+    InProcessGrid,
+    _identity,
+    e2e_config,
+    fake_factory,
+    small_cfg,
+)
 
 SITES = ["a", "b", "c"]
 
@@ -42,11 +48,12 @@ def _stage(msg: Message) -> str | None:
     return None if rec is None else str(rec.get(Key.STAGE, "reply"))
 
 
-class AppGrid(Grid):
+class AppGrid(InProcessGrid):
     """Node i runs the real ClientApp (mods included) as site ``sites[i]``, with its own
     persistent Context; every message pushed and every reply pulled is kept."""
 
     def __init__(self, sites: list[str], out: Path, fail: dict[str, str] | None = None) -> None:
+        super().__init__()
         self.app = ca.make_client_app(trainer_factory=fake_factory)
         self.site = {i + 1: s for i, s in enumerate(sites)}
         self.contexts = {
@@ -63,22 +70,11 @@ class AppGrid(Grid):
         self.dead: set[int] = set()
         self.sent: list[tuple[str, str | None]] = []  # (message type, SecAgg+ stage)
         self.pulled: list[Message] = []
-        self._outbox: dict[str, Message] = {}
-
-    def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:  # pragma: no cover
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return [nid for nid in self.site if nid not in self.dead]
 
-    def _answer(self, msg: Message) -> Message | None:
+    def answer(self, msg: Message) -> Message | None:
         stage = _stage(msg)
         self.sent.append((msg.metadata.message_type, stage))
         msg = copy.deepcopy(msg)  # as if sent over the wire (Flower's mod edits what it gets)
@@ -93,22 +89,6 @@ class AppGrid(Grid):
             reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         self.pulled.append(reply)
         return reply
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [r for m in messages if (r := self._answer(m)) is not None]
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self._answer(msg)
-            if reply is not None:
-                self._outbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
 
 
 def initial(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -169,14 +149,20 @@ def test_protocol_parameters_cannot_overflow(n: int) -> None:
     assert protocol_params(n, secure_cfg(weighted=False).federated)["max_weight"] == 1.0
 
 
+def secure_and_plain(cfg: Config, tmp_path: Path, state: dict[str, torch.Tensor]):
+    """One round with SecAgg+ and the same round in the clear: (secure, plain, strategy)."""
+    secure, strategy = one_round(cfg, AppGrid(SITES, tmp_path / "s"), state)
+    plain_cfg = cfg.replace(**{"federated.secure_aggregation": False})
+    plain, _ = one_round(plain_cfg, AppGrid(SITES, tmp_path / "p"), state)
+    return secure, plain, strategy
+
+
 # ---- (1) the same aggregate as plain FedAvg ----------------------------------------------------
 @pytest.mark.parametrize("weighted", [True, False])
 def test_secure_mean_equals_fedavg(tmp_path: Path, weighted: bool) -> None:
     cfg = secure_cfg(weighted=weighted)
     state = initial()
-    secure, strategy = one_round(cfg, AppGrid(SITES, tmp_path / "s"), state)
-    plain_cfg = cfg.replace(**{"federated.secure_aggregation": False})
-    plain, _ = one_round(plain_cfg, AppGrid(SITES, tmp_path / "p"), state)
+    secure, plain, strategy = secure_and_plain(cfg, tmp_path, state)
     weights = [SIZES[s] if weighted else 1.0 for s in SITES]
     mean_delta = sum(w * DELTAS[s] for w, s in zip(weights, SITES, strict=True)) / sum(weights)
     tol = error_bound(cfg, weights) + 1e-6  # + float32 rounding of the weights
@@ -198,9 +184,7 @@ def test_secure_mean_equals_fedavg(tmp_path: Path, weighted: bool) -> None:
 def test_server_optimizers_work_on_the_secure_mean(tmp_path: Path, strategy: str) -> None:
     cfg = secure_cfg(strategy=strategy)
     state = initial()
-    secure, _ = one_round(cfg, AppGrid(SITES, tmp_path / "s"), state)
-    plain_cfg = cfg.replace(**{"federated.secure_aggregation": False})
-    plain, _ = one_round(plain_cfg, AppGrid(SITES, tmp_path / "p"), state)
+    secure, plain, _ = secure_and_plain(cfg, tmp_path, state)
     got, ref = secure.to_torch_state_dict(), plain.to_torch_state_dict()
     assert torch.allclose(got["w"].double(), ref["w"].double(), atol=1e-5)
     if strategy == "fedprox":  # the site got the global weights for its proximal term
@@ -325,21 +309,7 @@ def test_a_site_that_dies_mid_protocol_is_recovered(tmp_path: Path) -> None:
 def test_simulation_with_secure_aggregation_writes_results(tmp_path: Path, phantom_cache) -> None:
     from privseg.training.run import train
 
-    cfg = Config.from_dict(
-        {
-            "data": {"resolution": 32},
-            "model": {"features": 4, "groups": 1},
-            "train": {"batch_size": 4, "threads": 1},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-            "federated": {
-                "rounds": 2,
-                "local_steps": 2,
-                "min_sites": 3,
-                "round_timeout": 300.0,
-                "secure_aggregation": True,
-            },
-        }
-    )
+    cfg = e2e_config(min_sites=3, secure_aggregation=True)
     t0 = time.perf_counter()
     results = train(cfg, data=Path(phantom_cache.root), out=tmp_path / "run", mode="federated")
     print(f"SecAgg+ simulation: {time.perf_counter() - t0:.1f} s, rounds", results["history"])

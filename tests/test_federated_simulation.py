@@ -10,7 +10,7 @@ import pytest
 from privseg.errors import FederationError
 from privseg.federated.simulation import run_federated
 from privseg.io import read_json
-from test_federated_unit import SIZES, fake_factory, small_cfg
+from test_federated_unit import SIZES, e2e_config, fake_factory, small_cfg
 
 
 @pytest.mark.slow
@@ -69,26 +69,11 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) -> None:
-    from privseg.config import Config
     from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
     from privseg.privacy.ledger import PrivacyLedger
 
-    cfg = Config.from_dict(
-        {
-            "data": {"resolution": 32, "sites": 2},
-            "model": {"features": 4, "groups": 1},
-            "train": {"batch_size": 4, "threads": 1},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-            "federated": {
-                "rounds": 2,
-                "local_steps": 2,
-                "min_sites": 2,
-                "round_timeout": 300.0,
-                "strategy": "fedprox",
-            },
-        }
-    )
+    cfg = e2e_config(sites=2, strategy="fedprox")
     task = synth_task(tmp_path / "task", sites=2, patients_per_site=4, size=32, slices=8)
     cache = prepare_cache(task, tmp_path / "cache", cfg.data, seed=0).root
     results = run_federated(cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real")

@@ -112,6 +112,26 @@ def small_cfg(**fed: Any) -> Config:
     )
 
 
+def e2e_config(sites: int | None = None, **fed: Any) -> Config:
+    """The smallest config the end-to-end tests train for real (32², 4 features, DP on)."""
+    data: dict[str, Any] = {"resolution": 32, **({"sites": sites} if sites else {})}
+    return Config.from_dict(
+        {
+            "data": data,
+            "model": {"features": 4, "groups": 1},
+            "train": {"batch_size": 4, "threads": 1},
+            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
+            "federated": {
+                "rounds": 2,
+                "local_steps": 2,
+                "min_sites": 2,
+                "round_timeout": 300.0,
+                **fed,
+            },
+        }
+    )
+
+
 @pytest.fixture(autouse=True)
 def _identity():
     """Messages need a task identity (Flower sets it inside a run)."""
@@ -123,18 +143,16 @@ def _identity():
 
 
 # ---- an in-process Grid: node i is site SITES[i] ---------------------------------------------
-class FakeGrid(Grid):
-    def __init__(
-        self,
-        sites: list[str],
-        out: Path,
-        fail_round: int | None = None,
-        dead_after: dict[str, int] | None = None,
-    ) -> None:
-        self.sites = {i + 1: s for i, s in enumerate(sites)}
-        self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
+class InProcessGrid(Grid):
+    """A Grid whose sites answer in this process: ``answer(msg)`` gives the reply (``None``: the
+    node is gone and never replies). ``push_messages`` answers at once and keeps the replies
+    in an outbox for ``pull_messages``, as the server's own poll loop expects."""
+
+    def __init__(self) -> None:
         self._outbox: dict[str, Message] = {}
-        self.sent: list[tuple[int, str, dict]] = []  # (round, message type, config) per message
+
+    def answer(self, msg: Message) -> Message | None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
         raise NotImplementedError
@@ -146,38 +164,52 @@ class FakeGrid(Grid):
     def run(self) -> Any:  # pragma: no cover
         raise NotImplementedError
 
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.sites)
+    def send_and_receive(self, messages, *, timeout=None):
+        return [r for m in messages if (r := self.answer(m)) is not None]
 
     def push_messages(self, messages):
-        """Answer at once; the replies wait in an outbox for ``pull_messages``."""
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
-            (self._outbox[msg.metadata.message_id],) = self.send_and_receive([msg])
+            reply = self.answer(msg)
+            if reply is not None:
+                self._outbox[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids):
         return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            rnd = int(msg.content[M.CONFIG].get(M.CFG_ROUND, 0))
-            if self.fail_round is not None and rnd == self.fail_round:
-                raise RuntimeError("server crash")
-            site = self.sites[msg.metadata.dst_node_id]
-            self.sent.append((rnd, msg.metadata.message_type, dict(msg.content[M.CONFIG])))
-            if rnd > self.dead_after.get(site, 10**9):
-                replies.append(Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg))
-                continue
-            settings = ca.SiteSettings(site, self.out, self.out)
-            handler = (
-                ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
-            )
-            replies.append(handler(msg, settings, fake_factory))
-        return replies
+
+class FakeGrid(InProcessGrid):
+    """Sites run privseg's handlers with the fake trainer; a dead site answers with an Error."""
+
+    def __init__(
+        self,
+        sites: list[str],
+        out: Path,
+        fail_round: int | None = None,
+        dead_after: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.sites = {i + 1: s for i, s in enumerate(sites)}
+        self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
+        self.sent: list[tuple[int, str, dict]] = []  # (round, message type, config) per message
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.sites)
+
+    def answer(self, msg: Message) -> Message:
+        rnd = int(msg.content[M.CONFIG].get(M.CFG_ROUND, 0))
+        if self.fail_round is not None and rnd == self.fail_round:
+            raise RuntimeError("server crash")
+        site = self.sites[msg.metadata.dst_node_id]
+        self.sent.append((rnd, msg.metadata.message_type, dict(msg.content[M.CONFIG])))
+        if rnd > self.dead_after.get(site, 10**9):
+            return Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg)
+        settings = ca.SiteSettings(site, self.out, self.out)
+        handler = ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
+        return handler(msg, settings, fake_factory)
 
 
 def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) -> Message:

@@ -22,15 +22,17 @@ What inverts and what resists (phantom, 64 px, T1, B = 1, mask given; ``bench/at
 * **MoNet** (the seed paper's model: ELU, strided convs, dilated residual blocks) inverts
   at initialisation, i.e. the round-1 update (``attack.round = "first"``): one slice came back
   at 30.9 dB / SSIM 0.88 (chance 16.9 dB) after 400 iterations, the matching loss falling to
-  8e-4. The *trained* MoNet resists: 10.9 dB (300 iterations, lr 0.1) and 8.4 dB (1000
-  iterations, lr 0.03) against a chance level of 15.1 dB. A trained model's Dice/BCE gradient
+  8e-4. The *trained* MoNet resists: 10.9 dB (300 iterations, lr 0.1) and, in a one-slice
+  scratch run of the same runner, 8.4 dB (1000 iterations, lr 0.03) against a chance level of
+  15.1 dB. A trained model's Dice/BCE gradient
   is concentrated on the few pixels it still gets wrong, so the update says little about the
   rest of the slice.
 * **The U-Net** (ReLU + max-pooling) resists every variant tried: signed Adam up to 1000
   iterations (9.7 dB), plain Adam (7.8 dB), L-BFGS on an L2 distance in float64 (stalls at
   its start), TV weights 1e-4..1e-1, coarse-to-fine 16 -> 32 -> 64 px (8.1 dB), trained and
-  untrained weights; every median 8-12 dB, below chance. The best single slice: trained
-  U-Net, lr 0.03, 1500 iterations, 13.5 dB and re-identified (chance 15.1 dB). Started (as a
+  untrained weights; every median 8-12 dB, below chance. The best single slice (a scratch run
+  of the same runner): trained U-Net, lr 0.03, 1500 iterations, 13.5 dB and re-identified
+  (chance 15.1 dB). Started (as a
   diagnostic only) from the truth plus noise, minimising the matching loss lowers it 40x
   without raising PSNR: many images match its update about equally well. Our explanation
   (not proven): ReLU is piecewise linear and max-pooling passes the gradient through one

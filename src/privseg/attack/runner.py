@@ -131,14 +131,16 @@ def run_attack_on_model(
     progress: Progress | None = None,
     label: str = "",
     device: str | torch.device = "cpu",
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Attack ``cfg.attack.targets`` batches drawn from ``images``/``labels`` (a site's training
     slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_setting`) makes it T3.
 
-    With ``out_dir``, writes ``attack.json`` and ``attack.png`` there. Seeded by ``seed``
-    (default ``cfg.seed``): target choice, the attacker's initial dummies, the site's DP noise
-    while the project's DP step is a stand-in. ``device`` runs victim and attacker there (the
-    random draws stay on the CPU, so a seed gives the same targets and dummies on any device).
+    With ``out_dir``, writes ``attack.json`` (``meta`` merged in) and ``attack.png`` there.
+    Seeded by ``seed`` (default ``cfg.seed``): target choice, the attacker's initial dummies,
+    the site's DP noise while the project's DP step is a stand-in. ``device`` runs victim and
+    attacker there (the random draws stay on the CPU: a seed gives the same targets and dummies
+    on any device).
     """
     device = torch.device(device)
     if next(model.parameters()).device != device:
@@ -224,6 +226,7 @@ def run_attack_on_model(
         "seconds": time.perf_counter() - started,
         "threat_model": threat.to_dict(),
         "dp_setting": dp,
+        **(meta or {}),
         "targets": rows,
     }
     if out_dir is not None:
@@ -373,9 +376,8 @@ def run_attack(
         patients=split.patient,
         out_dir=Path(run_dir) / "attack",
         progress=progress,
+        meta={"site": site, "weights": weights},
     )
-    result.update({"site": site, "weights": weights})
-    write_json(Path(run_dir) / "attack" / "attack.json", result)
     return result
 
 
@@ -436,6 +438,36 @@ def audit_setting(
     )
 
 
+def attack_setting(
+    model: nn.Module,
+    split: Any,
+    cfg: Config,
+    epsilon: float | None,
+    *,
+    out_dir: Path | None = None,
+    progress: Progress | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One setting of the study's attack on a site's training ``split``: no DP (``epsilon``
+    None) or the site's DP-SGD with sigma calibrated for ``epsilon`` (federated calibration).
+    The result names it (``setting``: ``no_dp`` / ``dp_eps<E>``) and carries its
+    ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/``."""
+    key = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
+    dp = None if epsilon is None else dp_setting(cfg, n_train=len(split), epsilon=epsilon)
+    return run_attack_on_model(
+        model,
+        split.images,
+        split.labels,
+        cfg=cfg,
+        dp=dp,
+        patients=split.patient,
+        out_dir=None if out_dir is None else Path(out_dir) / key,
+        progress=progress,
+        label=f" ({key})",
+        meta={"setting": key, **(meta or {})},
+    )
+
+
 def run_attack_study(
     cfg: Config,
     *,
@@ -459,21 +491,9 @@ def run_attack_study(
         cfg = cfg.replace(**{"attack.threat": "T1"})
     attacks, audits = [], []
     for eps in epsilons:
-        key = "no_dp" if eps is None else f"dp_eps{eps:g}"
-        dp = None if eps is None else dp_setting(cfg, n_train=len(split), epsilon=eps)
-        res = run_attack_on_model(
-            model,
-            split.images,
-            split.labels,
-            cfg=cfg,
-            dp=dp,
-            patients=split.patient,
-            out_dir=Path(out_dir) / key,
-            progress=progress,
-            label=f" ({key})",
-        )
-        res.update({"site": site, "setting": key, "weights": weights})
-        write_json(Path(out_dir) / key / "attack.json", res)
+        meta = {"site": site, "weights": weights}
+        res = attack_setting(model, split, cfg, eps, out_dir=out_dir, progress=progress, meta=meta)
+        key, dp = res["setting"], res["dp_setting"]
         aud = audit_setting(model, split, cfg, dp)
         aud.update({"site": site, "setting": key})
         write_json(Path(out_dir) / key / "audit.json", aud)
