@@ -311,3 +311,17 @@ def test_supernode_polling_patch_matches_flower() -> None:
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("pyproject.toml", APP_PYPROJECT)
     assert fab_clientapp(buf.getvalue()) == "privseg.federated.client_app:app"
+
+
+def test_service_port_is_free_and_below_the_ephemeral_range() -> None:
+    """A client polling the port before the service listens can never self-connect to it."""
+    import socket
+
+    from privseg.federated.deployment import ephemeral_low, service_port
+
+    low = ephemeral_low()
+    for _ in range(20):
+        port = service_port()
+        assert 1024 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # still free

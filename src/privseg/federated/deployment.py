@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -69,6 +70,31 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def ephemeral_low(default: int = 32768) -> int:
+    """The lowest port the kernel hands out as a connection's source port."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def service_port(host: str = "127.0.0.1", span: int = 10000) -> int:
+    """A free port *below* the ephemeral range, for a local service that a client polls
+    before it listens (the site worker polls the SuperNode's Runtime API, which restarts
+    until the server is up). A client retrying ``connect()`` to an ephemeral-range port can
+    be given that very port as its source and connect to itself; the service then cannot
+    bind (seen in CI: ``[Errno 98] address already in use``, the site lost)."""
+    top = ephemeral_low()
+    for port in random.sample(range(max(1024, top - span), top), 200):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
@@ -430,7 +456,7 @@ def join(
         )
         if privacy_config:
             node_config += f" privacy-config={_toml_str(str(privacy_config))}"
-        runtime_port = free_port()  # the SuperNode's local Runtime API (127.0.0.1)
+        runtime_port = service_port()  # the SuperNode's local Runtime API (127.0.0.1)
         if worker:
             # The worker runs every ClientApp task in one process (torch and the trainer stay
             # loaded); the SuperNode leaves task execution to it (--isolation process) and
