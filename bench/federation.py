@@ -2,10 +2,14 @@
 loopback deployment (SuperLink + one SuperNode per site, TLS, separate processes).
 
     python bench/federation.py [--rounds 4] [--local-steps 5] [--sites 3] [--resolution 32]
+                               [--repeats 1]
 
 The last line is JSON with ``simulation_overhead`` (simulation s/round over plain s/round,
 minus 1) and ``deployment_seconds_per_round_overhead`` (deployment s/round minus plain).
 Rounds after the first are "steady"; the first round also pays process start and imports.
+``--repeats N`` runs plain and simulation N times, alternating, and reports the median of the
+N paired overheads (each pair measured back to back, so slow drifts of the machine cancel;
+``simulation_overhead_runs`` lists them all); the deployment runs once.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 
 import torch
 
@@ -192,6 +196,9 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="plain/simulation pairs (median overhead)"
+    )
     parser.add_argument("--skip-deployment", action="store_true")
     parser.add_argument("--skip-simulation", action="store_true")
     parser.add_argument(
@@ -201,6 +208,8 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep runs and logs here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} is invalid: must be >= 1")
     torch.set_num_threads(args.threads)
     cfg = make_config(args)
     with contextlib.ExitStack() as stack:
@@ -213,10 +222,15 @@ def main() -> None:
             root / "task", sites=args.sites, patients_per_site=4, size=args.resolution, slices=8
         )
         cache = prepare_cache(task, root / "cache", cfg.data, seed=0).root
-        rows = {"plain": summary("plain", plain(cfg, Path(cache), root / "plain"))}
-        if not args.skip_simulation:
-            sim = run_federated(cfg, cache_dir=Path(cache), out_dir=root / "sim", run_id="bench")
-            rows["simulation"] = summary("simulation", sim["history"])
+        pairs = []
+        for i in range(args.repeats):
+            rows = {"plain": summary("plain", plain(cfg, Path(cache), root / f"plain{i}"))}
+            if not args.skip_simulation:
+                sim = run_federated(
+                    cfg, cache_dir=Path(cache), out_dir=root / f"sim{i}", run_id="bench"
+                )
+                rows["simulation"] = summary("simulation", sim["history"])
+                pairs.append(rows["simulation"]["steady"] / rows["plain"]["steady"] - 1.0)
         if not args.skip_deployment:
             rows["deployment"] = summary(
                 "deployment", deployment(cfg, Path(cache), root, worker=not args.no_worker)
@@ -229,13 +243,14 @@ def main() -> None:
         "seconds_per_round": {k: v["steady"] for k, v in rows.items()},
         "first_round_seconds": {k: v["first"] for k, v in rows.items()},
         "phases": {k: {p: v[p] for p in PHASES if p in v} for k, v in rows.items()},
-        "simulation_overhead": (
-            rows["simulation"]["steady"] / base - 1.0 if "simulation" in rows else None
-        ),
+        "simulation_overhead": median(pairs) if pairs else None,
+        "simulation_overhead_runs": pairs,
         "deployment_seconds_per_round_overhead": (
             rows["deployment"]["steady"] - base if "deployment" in rows else None
         ),
     }
+    if len(pairs) > 1:
+        print("simulation overhead per pair: " + ", ".join(f"{p:+.0%}" for p in pairs))
     sim_over = out["simulation_overhead"]
     dep_over = out["deployment_seconds_per_round_overhead"]
     print(

@@ -53,3 +53,17 @@ def test_nonprivate_baselines_compute_the_plain_gradient(variant: str) -> None:
         grads[v] = [p.grad.clone() for p in step.model.parameters()]
     for a, b in zip(grads["plain"], grads[variant], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_federation_prints_paired_overheads_json_last() -> None:
+    cmd = [sys.executable, str(BENCH / "federation.py"), "--rounds", "2", "--local-steps", "1",
+           "--sites", "2", "--resolution", "16", "--repeats", "2", "--skip-deployment"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout
+    summary = json.loads(out.strip().splitlines()[-1])
+    runs = summary["simulation_overhead_runs"]
+    assert len(runs) == 2 and all(r > -1.0 for r in runs)
+    assert summary["simulation_overhead"] == pytest.approx(sum(runs) / 2)  # median of two
+    assert summary["deployment_seconds_per_round_overhead"] is None
+    assert set(summary["seconds_per_round"]) == {"plain", "simulation"}
+    assert "simulation overhead per pair" in out
