@@ -35,6 +35,7 @@ from privseg.federated.certs import make_certs
 from privseg.federated.deployment import free_port
 from privseg.federated.server_app import initial_state
 from privseg.federated.simulation import run_federated
+from privseg.privacy import accounting
 from privseg.training.trainer import build_site_trainer
 
 CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
@@ -58,7 +59,12 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def plain(cfg: Config, cache: Path, out: Path) -> list[dict]:
-    """The same rounds with no engine: fit every site, average, validate every site."""
+    """The same rounds with no engine: fit every site, average, validate every site.
+
+    The accountant's epsilon cache is emptied first: a simulation starts a fresh process, so
+    an earlier plain run's cached epsilons would spare the plain loop work the sites do.
+    """
+    accounting.clear_cache()
     fed = cfg.federated
     sites = SliceCache.open(cache).sites
     trainers = [
@@ -245,6 +251,9 @@ def main() -> None:
         "phases": {k: {p: v[p] for p in PHASES if p in v} for k, v in rows.items()},
         "simulation_overhead": median(pairs) if pairs else None,
         "simulation_overhead_runs": pairs,
+        "simulation_seconds_per_round_overhead": (
+            rows["simulation"]["steady"] - base if "simulation" in rows else None
+        ),
         "deployment_seconds_per_round_overhead": (
             rows["deployment"]["steady"] - base if "deployment" in rows else None
         ),

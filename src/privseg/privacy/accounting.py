@@ -73,6 +73,11 @@ def _epsilon(merged: tuple[Release, ...], delta: float, accountant: str) -> floa
     return float(acc.get_epsilon(delta=delta))
 
 
+def clear_cache() -> None:
+    """Forget cached epsilons (benchmarks: each run must pay for its own accounting)."""
+    _epsilon.cache_clear()
+
+
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
