@@ -8,8 +8,11 @@ Variants, all one optimizer step on one batch of ``--batch`` slices (slice units
   shard1        the same with single slices: the DP loop's passes without its clipping, so
                 dp-loop / shard1 is the cost of clipping and bookkeeping, shard1 / the fastest
                 the cost of batch-1 passes (not a candidate for the fastest non-private step)
+  dp-batched    DPGradient(grad_path="batched") + step (the default): per-sample gradients
+                from one batched pass per chunk of --chunk slices (grouped-convolution
+                backward), chunks sharded over the torch threads; one slice per privacy unit
   dp-loop       DPGradient(grad_path="loop") + step: per-unit backward passes, sharded over
-                the torch threads (the default); one slice per privacy unit
+                the torch threads
   dp-loop-u4    the same with privacy units of 4 slices (privacy.unit = "patient": all slices
                 of a sampled patient form one unit, so each backward pass is batched)
   dp-opacus     DPGradient(grad_path="opacus") + step: Opacus hooks, one batched pass
@@ -44,9 +47,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from privseg.privacy.dp_sgd import CHUNK_SLICES
+
 NONPRIVATE = ("plain", "micro4", "micro8", "shard4")
 DIAGNOSTIC = ("shard1",)
-PRIVATE = ("dp-loop", "dp-loop-u4", "dp-opacus", "dp-functorch", "dp-ghost")
+PRIVATE = ("dp-batched", "dp-loop", "dp-loop-u4", "dp-opacus", "dp-functorch", "dp-ghost")
 VARIANTS = NONPRIVATE + DIAGNOSTIC + PRIVATE
 
 
@@ -93,6 +98,7 @@ def _make_step(variant: str, args: argparse.Namespace) -> tuple[Callable[[], Non
             noise_multiplier=1.0,
             expected_batch_size=b,
             grad_path=variant.removeprefix("dp-").removesuffix("-u4"),
+            chunk_slices=args.chunk,
         )
 
         def step() -> None:
@@ -258,7 +264,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return [
         "--model", args.model, "--features", str(args.features), "--batch", str(args.batch),
         "--threads", str(args.threads), "--resolution", str(args.resolution),
-        "--device", args.device,
+        "--device", args.device, "--chunk", str(args.chunk),
     ]  # fmt: skip
 
 
@@ -308,6 +314,7 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
     )
+    ap.add_argument("--chunk", type=int, default=CHUNK_SLICES, help="slices per batched chunk")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(

@@ -26,13 +26,13 @@ def _load(name: str):
 def test_dp_step_prints_the_summary_json_last() -> None:
     cmd = [sys.executable, str(BENCH / "dp_step.py"), "--resolution", "16", "--batch", "4",
            "--features", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
-           "--variants", "plain", "shard4", "dp-loop"]  # fmt: skip
+           "--variants", "plain", "shard4", "dp-loop", "dp-batched"]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["default_path"] == "loop" and summary["resolution"] == 16
+    assert summary["default_path"] == "batched" and summary["resolution"] == 16
     assert summary["fastest_nonprivate"] in {"plain", "shard4"}
     assert summary["time_ratio"] > 0 and summary["memory_ratio"] > 0
-    assert set(summary["results"][0]["median_s"]) == {"plain", "shard4", "dp-loop"}
+    assert set(summary["results"][0]["median_s"]) == {"plain", "shard4", "dp-loop", "dp-batched"}
 
 
 @pytest.mark.parametrize("variant", ["micro4", "shard4", "shard1"])

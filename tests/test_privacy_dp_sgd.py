@@ -10,7 +10,14 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, PoissonUnitSampler, secure_generator
+from privseg.privacy.dp_sgd import (
+    GRAD_PATHS,
+    DPGradient,
+    PoissonUnitSampler,
+    _chunks,
+    secure_generator,
+)
+from privseg.privacy.per_sample import per_sample_grads
 
 
 class TinyNet(nn.Module):
@@ -71,12 +78,15 @@ def reference(model, images, labels, groups, *, clip: float, expected: float) ->
     return [t / expected for t in total]
 
 
-def dp_grads(model, path, images, labels, groups, *, clip, sigma=0.0, expected=1.0, gen=None):
+def dp_grads(
+    model, path, images, labels, groups, *, clip, sigma=0.0, expected=1.0, gen=None, chunk=8
+):
     dp = DPGradient(
         max_grad_norm=clip,
         noise_multiplier=sigma,
         expected_batch_size=expected,
         grad_path=path,
+        chunk_slices=chunk,
         generator=gen,
     )
     stats = dp(model, per_sample_loss, images, labels, groups)
@@ -109,31 +119,103 @@ def test_paths_match_naive_reference(unit: str, path: str) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_loop_sharded_over_threads_is_exact_and_restores_threads(threads: int) -> None:
-    """The loop path shards units over torch's thread count: same result for any count (the
+@pytest.mark.parametrize(("path", "chunk"), [("loop", 1)] + [("batched", c) for c in (1, 2, 3, 64)])
+def test_sharded_paths_are_exact_and_restore_threads(path: str, threads: int, chunk: int) -> None:
+    """The loop and batched paths shard work over torch's thread count: same result for any
+    count and any chunk size (patients of 1-3 slices, so some patients exceed a chunk;
     partial sums are added in a fixed order), and the caller's thread setting survives."""
     saved = torch.get_num_threads()
     model = make_model()
+    params = list(model.parameters())
     images, labels = make_batch(10)
     groups = GROUPINGS["patient"]
     ref = reference(model, images, labels, groups, clip=0.05, expected=4.0)
     try:
         torch.set_num_threads(threads)
-        got, stats = dp_grads(model, "loop", images, labels, groups, clip=0.05, expected=4.0)
+        got, stats = dp_grads(
+            model, path, images, labels, groups, clip=0.05, expected=4.0, chunk=chunk
+        )
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(saved)
     for r, g in zip(ref, got, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
     assert stats["units"] == 5
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+
+
+def test_chunks_hold_whole_units() -> None:
+    groups = torch.tensor([0, 1, 1, 1, 1, 1, 2, 2, 3, 4, 4, 4])  # unit 1 (5 slices) > chunk
+    chunks = _chunks(groups, 5, 3)
+    assert chunks == [[0], [1], [2, 3], [4]]
+    counts = torch.bincount(groups)
+    assert all(len(c) == 1 or int(counts[c].sum()) <= 3 for c in chunks)
+    assert _chunks(torch.arange(5), 5, 8) == [[0, 1, 2, 3, 4]]
+
+
+class Everything(nn.Module):
+    """Every op ``per_sample_grads`` records: strided, dilated, grouped and biased convs, a
+    conv used twice, GroupNorm with and without affine, Linear on [B, T, F], a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=2, dilation=2)
+        self.b = nn.Conv2d(4, 4, 4, stride=2, padding=1, groups=2, bias=False)
+        self.norm = nn.GroupNorm(2, 4)
+        self.plain_norm = nn.GroupNorm(2, 4, affine=False)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.frozen = nn.Conv2d(4, 4, 3, padding=1)
+        self.frozen.requires_grad_(False)
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.b(self.a(x))))
+        h = self.shared(torch.tanh(self.shared(self.plain_norm(self.frozen(h)))))
+        tokens = h.flatten(2).transpose(1, 2)  # [B, T, 4]
+        out = self.fc(tokens).transpose(1, 2).reshape(x.shape[0], 1, *h.shape[2:])
+        return F.interpolate(out, scale_factor=2.0)
+
+
+def test_per_sample_grads_equal_single_sample_backward() -> None:
+    torch.manual_seed(0)
+    model = Everything().double()
+    images, labels = make_batch(5, seed=8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads, losses = per_sample_grads(model, per_sample_loss, images, labels, params)
+    assert all(p.grad is None for p in model.parameters())  # nothing summed into p.grad
+    for i in range(5):
+        loss = per_sample_loss(model(images[i : i + 1]), labels[i : i + 1]).sum()
+        assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-12)
+        for g, r in zip(grads, torch.autograd.grad(loss, params), strict=True):
+            torch.testing.assert_close(g[i], r, rtol=0, atol=1e-12)
+
+
+def test_per_sample_grads_refuse_unrecorded_ops_on_parameters() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+            self.scale = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * self.scale  # a parameter outside conv/norm/linear
+
+    model = Scaled().double()
+    images, labels = make_batch(2)
+    with pytest.raises(ValueError, match="mul.*grad_path 'loop'"):
+        per_sample_grads(model, per_sample_loss, images, labels, list(model.parameters()))
+    # the loop path handles any model
+    got, _ = dp_grads(model, "loop", images, labels, np.arange(2), clip=1.0)
+    assert len(got) == 3
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
-def test_loop_equals_opacus_dp_optimizer() -> None:
+@pytest.mark.parametrize("path", ["batched", "loop"])
+def test_our_paths_equal_opacus_dp_optimizer(path: str) -> None:
     """Slice units, no noise: our gradient is exactly Opacus's DPOptimizer gradient."""
     images, labels = make_batch(6, seed=1)
     model = make_model(1)
-    ours, _ = dp_grads(model, "loop", images, labels, np.arange(6), clip=0.05, expected=5.0)
+    ours, _ = dp_grads(model, path, images, labels, np.arange(6), clip=0.05, expected=5.0)
     gsm = GradSampleModule(make_model(1), loss_reduction="sum")
     opt = DPOptimizer(
         torch.optim.SGD(gsm.parameters(), lr=0.0),
@@ -280,7 +362,8 @@ def test_poisson_sampler_patients_whole() -> None:
 
 @pytest.mark.parametrize("name", ["unet", "monet"])
 def test_paths_agree_on_project_models(name: str) -> None:
-    """Both paths on the real networks (float64, 16x16, patient units), no noise."""
+    """Every path on the real networks (every layer type they have) equals the naive
+    micro-batch reference (float64, 16x16, patient units, chunks of 2 slices), no noise."""
     models = pytest.importorskip("privseg.models")
     from privseg.config import ModelConfig
 
@@ -291,12 +374,12 @@ def test_paths_agree_on_project_models(name: str) -> None:
     labels = (images > 0.6).double()
     groups = np.array([0, 1, 0, 2, 1])
     assert model.training  # Opacus hooks capture activations only in train mode
-    got = {}
+    ref = reference(model, images, labels, groups, clip=0.01, expected=3.0)
     for path in GRAD_PATHS:
-        got[path], _ = dp_grads(model, path, images, labels, groups, clip=0.01, expected=3.0)
-    for a, b in zip(got["loop"], got["opacus"], strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    assert flat_norm(got["loop"]) <= 3 * 0.01 / 3.0 * (1 + 1e-9)
+        got, _ = dp_grads(model, path, images, labels, groups, clip=0.01, expected=3.0, chunk=2)
+        for a, b in zip(got, ref, strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-10), path
+        assert flat_norm(got) <= 3 * 0.01 / 3.0 * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("path", GRAD_PATHS)

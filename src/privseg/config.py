@@ -25,7 +25,7 @@ SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
 Accountant = Literal["prv", "rdp"]
 PrivacyUnit = Literal["slice", "patient"]
-GradPath = Literal["loop", "opacus", "functorch"]
+GradPath = Literal["batched", "loop", "opacus", "functorch"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
@@ -148,7 +148,7 @@ class PrivacyConfig:
         metadata=_rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
     )
     grad_path: GradPath = field(
-        default="loop", metadata=_rule(help="per-sample gradient implementation")
+        default="batched", metadata=_rule(help="per-sample gradient implementation")
     )
 
     def check(self) -> None:

@@ -4,9 +4,11 @@ A privacy *unit* is one slice or all slices of one patient. Each unit's gradient
 per-sample losses summed) is clipped to norm C with Opacus's exact clip factor, the clipped
 gradients are summed, N(0, (sigma*C)^2) noise is added once per coordinate, and the result is
 divided by the expected batch size (Poisson sampling: the real size is random and private).
-Interchangeable per-unit gradient paths give identical results: ``"loop"`` (one backward
-per unit, sharded over threads; fastest and leanest on CPU, see ``bench/dp_step.py``),
-``"opacus"`` (Opacus's per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``).
+Interchangeable per-unit gradient paths give identical results (speed: ``bench/dp_step.py``):
+``"batched"`` (per-sample gradients from one batched pass per chunk of about 4 slices, see
+:mod:`privseg.privacy.per_sample`; chunks sharded over threads; the fastest on CPU),
+``"loop"`` (one backward per unit, sharded over threads; the leanest), ``"opacus"`` (Opacus's
+per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-GRAD_PATHS = ("loop", "opacus", "functorch")
+from privseg.privacy.per_sample import per_sample_grads
+
+GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
+#: Slices per ``batched`` chunk: batched enough for oneDNN kernels, small enough to stay in
+#: cache (bench/dp_step.py).
+CHUNK_SLICES = 4
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: One shard's result: sum of its clipped unit gradients, its summed loss, its unit norms.
+_Part = tuple[list[torch.Tensor], float, dict[int, float]]
 
 
 def secure_generator() -> torch.Generator:
@@ -74,6 +83,20 @@ def _dense_groups(groups: Any, n: int) -> tuple[torch.Tensor, int]:
     return torch.as_tensor(inv.reshape(-1), dtype=torch.long), len(ids)
 
 
+def _chunks(groups: torch.Tensor, k: int, size: int) -> list[list[int]]:
+    """Units 0..k-1 packed in order into chunks of at most ``size`` slices (a unit with more
+    slices is a chunk of its own): a unit never spans two chunks, so it is clipped whole."""
+    chunks: list[list[int]] = []
+    filled = size
+    for u, n in enumerate(torch.bincount(groups, minlength=k).tolist()):
+        if filled + n > size:
+            chunks.append([])
+            filled = 0
+        chunks[-1].append(u)
+        filled += n
+    return chunks
+
+
 def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     """Opacus's ``clip_and_accumulate`` factor, verbatim: min(1, C / (norm + 1e-6))."""
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -88,7 +111,8 @@ class DPGradient:
         max_grad_norm: float,
         noise_multiplier: float,
         expected_batch_size: float,
-        grad_path: str = "loop",
+        grad_path: str = "batched",
+        chunk_slices: int = CHUNK_SLICES,
         generator: torch.Generator | None = None,
     ) -> None:
         if not max_grad_norm > 0:
@@ -104,7 +128,10 @@ class DPGradient:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
+        if not chunk_slices >= 1:
+            raise ValueError(f"chunk_slices = {chunk_slices!r} is invalid: must be >= 1")
         self.grad_path = grad_path
+        self.chunk_slices = int(chunk_slices)
         self.generator = generator if generator is not None else secure_generator()
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._threads: tuple[int, ThreadPoolExecutor] | None = None
@@ -128,8 +155,8 @@ class DPGradient:
         if k == 0:
             summed = [torch.zeros_like(p) for p in params]
             loss, norms = float("nan"), torch.zeros(0)
-        elif self.grad_path == "loop":
-            summed, loss, norms = self._loop(model, params, loss_fn, images, labels, group_t, k)
+        elif self.grad_path in ("loop", "batched"):
+            summed, loss, norms = self._sharded(model, params, loss_fn, images, labels, group_t, k)
         else:  # both Opacus paths: hooks, or vmap(grad) for every layer
             summed, loss, norms = self._opacus(model, params, loss_fn, images, labels, group_t, k)
         std = self.noise_multiplier * self.max_grad_norm
@@ -164,7 +191,7 @@ class DPGradient:
         return noise.to(ref.device)
 
     # ---- per-unit gradient paths -------------------------------------------------------
-    def _loop(
+    def _sharded(
         self,
         model: nn.Module,
         params: Sequence[torch.Tensor],
@@ -174,28 +201,33 @@ class DPGradient:
         groups: torch.Tensor,
         k: int,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """One forward/backward per unit: no per-sample tensors, so little memory.
+        """The loop and batched paths: work items (one unit, or a chunk of whole units)
+        sharded over ``torch.get_num_threads()`` worker threads, each single-threaded.
 
-        A batch-1 pass is too small for intra-op threads to help, so the units are sharded
-        over ``torch.get_num_threads()`` worker threads, each single-threaded (the ops release
-        the GIL). Shard ``j`` takes units ``j, j+w, ...`` and the partial sums are added in
-        shard order, so the result does not depend on thread timing.
+        A pass over one unit or a few slices is too small for intra-op threads to help; the
+        ops release the GIL, so threads over items use the cores. Shard ``j`` takes items
+        ``j, j+w, ...`` and the partial sums are added in shard order, so the result does not
+        depend on thread timing.
         """
+        if self.grad_path == "loop":
+            items, work = [[u] for u in range(k)], self._loop_units
+        else:
+            items, work = _chunks(groups, k, self.chunk_slices), self._batched_units
         saved = torch.get_num_threads()
-        workers = min(saved, k)
+        workers = min(saved, len(items))
 
-        def shard(units: range) -> tuple[list[torch.Tensor], float, dict[int, float]]:
-            return self._loop_units(model, params, loss_fn, images, labels, groups, units)
+        def shard(mine: list[list[int]]) -> _Part:
+            return work(model, params, loss_fn, images, labels, groups, mine)
 
         if workers == 1:
-            parts = [shard(range(k))]
+            parts = [shard(items)]
         else:
 
-            def single_threaded(units: range) -> tuple[list[torch.Tensor], float, dict]:
+            def single_threaded(mine: list[list[int]]) -> _Part:
                 torch.set_num_threads(1)
-                return shard(units)
+                return shard(mine)
 
-            shards = [range(j, k, workers) for j in range(workers)]
+            shards = [items[j::workers] for j in range(workers)]
             try:
                 parts = list(self._pool(workers).map(single_threaded, shards))
             finally:
@@ -215,13 +247,13 @@ class DPGradient:
         images: torch.Tensor,
         labels: torch.Tensor,
         groups: torch.Tensor,
-        units: range,
-    ) -> tuple[list[torch.Tensor], float, dict[int, float]]:
-        """Sum of the clipped gradients of ``units``, their summed loss, and their norms."""
+        items: list[list[int]],
+    ) -> _Part:
+        """One backward per unit: the clipped gradients' sum, the summed loss, the norms."""
         summed = [torch.zeros_like(p) for p in params]
         norms: dict[int, float] = {}
         total = 0.0
-        for u in units:
+        for (u,) in items:
             sel = torch.nonzero(groups == u).flatten().to(images.device)
             per_sample = loss_fn(model(images[sel]), labels[sel])
             total += float(per_sample.detach().sum())
@@ -234,6 +266,45 @@ class DPGradient:
             factor = clip_factors(norm, self.max_grad_norm)
             for s, g in zip(summed, grads, strict=True):
                 s.add_(g, alpha=float(factor))
+        return summed, total, norms
+
+    def _batched_units(
+        self,
+        model: nn.Module,
+        params: Sequence[torch.Tensor],
+        loss_fn: LossFn,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        groups: torch.Tensor,
+        items: list[list[int]],
+    ) -> _Part:
+        """Per-slice gradients of each chunk from one batched pass, summed per unit (slice
+        losses never couple), clipped per unit: the clipped gradients' sum, loss, norms."""
+        summed = [torch.zeros_like(p) for p in params]
+        norms: dict[int, float] = {}
+        total = 0.0
+        for units in items:
+            unit_t = torch.as_tensor(units, dtype=torch.long, device=groups.device)
+            match = groups[:, None] == unit_t[None, :]
+            sel = torch.nonzero(match.any(1)).flatten()
+            local = match[sel].long().argmax(1)  # each slice's unit, as an index in the chunk
+            dev = images.device
+            grads, losses = per_sample_grads(
+                model, loss_fn, images[sel.to(dev)], labels[sel.to(dev)], params
+            )
+            total += float(losses.sum())
+            if not torch.equal(local, torch.arange(len(units))):  # some units have >1 slice
+                local = local.to(dev)
+                grads = [
+                    g.new_zeros((len(units), *g.shape[1:])).index_add_(0, local, g) for g in grads
+                ]
+            unit_norms = torch.stack([g.reshape(len(units), -1).norm(2, dim=1) for g in grads])
+            unit_norms = unit_norms.norm(2, dim=0)
+            factors = clip_factors(unit_norms, self.max_grad_norm)
+            for s, g in zip(summed, grads, strict=True):
+                s.add_(torch.tensordot(factors.to(g.dtype), g, dims=1))
+            for u, n in zip(units, unit_norms.double().cpu().tolist(), strict=True):
+                norms[u] = n
         return summed, total, norms
 
     def _pool(self, workers: int) -> ThreadPoolExecutor:
