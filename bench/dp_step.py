@@ -9,8 +9,8 @@ Variants, all one optimizer step on one batch of ``--batch`` slices (slice units
                 dp-loop / shard1 is the cost of clipping and bookkeeping, shard1 / the fastest
                 the cost of batch-1 passes (not a candidate for the fastest non-private step)
   dp-batched    DPGradient(grad_path="batched") + step (the default): per-sample gradients
-                from one batched pass per chunk of --chunk slices (grouped-convolution
-                backward), chunks sharded over the torch threads; one slice per privacy unit
+                from one batched pass per chunk of slices (4 at 64 px, 1 from 128 px on, or
+                --chunk), chunks sharded over the torch threads; one slice per privacy unit
   dp-loop       DPGradient(grad_path="loop") + step: per-unit backward passes, sharded over
                 the torch threads
   dp-loop-u4    the same with privacy units of 4 slices (privacy.unit = "patient": all slices
@@ -46,8 +46,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from privseg.privacy.dp_sgd import CHUNK_SLICES
 
 NONPRIVATE = ("plain", "micro4", "micro8", "shard4")
 DIAGNOSTIC = ("shard1",)
@@ -264,7 +262,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
     return [
         "--model", args.model, "--features", str(args.features), "--batch", str(args.batch),
         "--threads", str(args.threads), "--resolution", str(args.resolution),
-        "--device", args.device, "--chunk", str(args.chunk),
+        "--device", args.device, *(["--chunk", str(args.chunk)] if args.chunk else []),
     ]  # fmt: skip
 
 
@@ -314,7 +312,9 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="torch threads (all cores)"
     )
-    ap.add_argument("--chunk", type=int, default=CHUNK_SLICES, help="slices per batched chunk")
+    ap.add_argument(
+        "--chunk", type=int, default=None, help="slices per batched chunk (default: by size)"
+    )
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(

@@ -15,6 +15,7 @@ from privseg.privacy.dp_sgd import (
     DPGradient,
     PoissonUnitSampler,
     _chunks,
+    chunk_slices_for,
     secure_generator,
 )
 from privseg.privacy.per_sample import per_sample_grads
@@ -142,6 +143,12 @@ def test_sharded_paths_are_exact_and_restore_threads(path: str, threads: int, ch
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
     assert stats["units"] == 5
     assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+
+
+def test_chunk_size_follows_slice_size() -> None:
+    """Chunks of 4 slices at 64x64; from 128x128 on one slice is enough work per pass."""
+    sizes = {r: chunk_slices_for(torch.zeros(2, 1, r, r)) for r in (16, 64, 128, 256)}
+    assert sizes == {16: 64, 64: 4, 128: 1, 256: 1}
 
 
 def test_chunks_hold_whole_units() -> None:

@@ -13,6 +13,7 @@ per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``).
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 import weakref
@@ -27,9 +28,18 @@ from torch import nn
 from privseg.privacy.per_sample import per_sample_grads
 
 GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
-#: Slices per ``batched`` chunk: batched enough for oneDNN kernels, small enough to stay in
-#: cache (bench/dp_step.py).
-CHUNK_SLICES = 4
+#: Pixels per ``batched`` chunk: 4 slices of 64x64 (bench/dp_step.py, batch 32, 2 threads: at
+#: 64 px, chunks of 4 keep the peak memory near the fastest non-private step's, 8 were ~3 %
+#: faster at 2.4x the memory; from 128 px on, one slice per pass is enough work and single-slice
+#: chunks, i.e. the loop, were fastest).
+CHUNK_PIXELS = 4 * 64 * 64
+
+
+def chunk_slices_for(images: torch.Tensor) -> int:
+    """Slices per ``batched`` chunk for slices of this size (at least one)."""
+    return max(1, CHUNK_PIXELS // max(1, math.prod(images.shape[2:])))
+
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One shard's result: sum of its clipped unit gradients, its summed loss, its unit norms.
 _Part = tuple[list[torch.Tensor], float, dict[int, float]]
@@ -112,7 +122,7 @@ class DPGradient:
         noise_multiplier: float,
         expected_batch_size: float,
         grad_path: str = "batched",
-        chunk_slices: int = CHUNK_SLICES,
+        chunk_slices: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
         if not max_grad_norm > 0:
@@ -128,10 +138,10 @@ class DPGradient:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
-        if not chunk_slices >= 1:
+        if chunk_slices is not None and not chunk_slices >= 1:
             raise ValueError(f"chunk_slices = {chunk_slices!r} is invalid: must be >= 1")
         self.grad_path = grad_path
-        self.chunk_slices = int(chunk_slices)
+        self.chunk_slices = chunk_slices  # None: chunk_slices_for(images)
         self.generator = generator if generator is not None else secure_generator()
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._threads: tuple[int, ThreadPoolExecutor] | None = None
@@ -212,7 +222,8 @@ class DPGradient:
         if self.grad_path == "loop":
             items, work = [[u] for u in range(k)], self._loop_units
         else:
-            items, work = _chunks(groups, k, self.chunk_slices), self._batched_units
+            size = self.chunk_slices or chunk_slices_for(images)
+            items, work = _chunks(groups, k, size), self._batched_units
         saved = torch.get_num_threads()
         workers = min(saved, len(items))
 
@@ -279,11 +290,19 @@ class DPGradient:
         items: list[list[int]],
     ) -> _Part:
         """Per-slice gradients of each chunk from one batched pass, summed per unit (slice
-        losses never couple), clipped per unit: the clipped gradients' sum, loss, norms."""
+        losses never couple), clipped per unit: the clipped gradients' sum, loss, norms.
+        A chunk of one unit needs no per-slice split: its ordinary gradient is the unit's."""
         summed = [torch.zeros_like(p) for p in params]
         norms: dict[int, float] = {}
         total = 0.0
         for units in items:
+            if len(units) == 1:
+                part = self._loop_units(model, params, loss_fn, images, labels, groups, [units])
+                for s, g in zip(summed, part[0], strict=True):
+                    s.add_(g)
+                total += part[1]
+                norms.update(part[2])
+                continue
             unit_t = torch.as_tensor(units, dtype=torch.long, device=groups.device)
             match = groups[:, None] == unit_t[None, :]
             sel = torch.nonzero(match.any(1)).flatten()
