@@ -219,10 +219,10 @@ class DPGradient:
         ``j, j+w, ...`` and the partial sums are added in shard order, so the result does not
         depend on thread timing.
         """
-        if self.grad_path == "loop":
+        size = 1 if self.grad_path == "loop" else self.chunk_slices or chunk_slices_for(images)
+        if size == 1:  # one unit per pass: its ordinary gradient is the unit's
             items, work = [[u] for u in range(k)], self._loop_units
         else:
-            size = self.chunk_slices or chunk_slices_for(images)
             items, work = _chunks(groups, k, size), self._batched_units
         saved = torch.get_num_threads()
         workers = min(saved, len(items))
