@@ -211,8 +211,9 @@ class DPGradient:
         groups: torch.Tensor,
         k: int,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """The loop and batched paths: work items (one unit, or a chunk of whole units)
-        sharded over ``torch.get_num_threads()`` worker threads, each single-threaded.
+        """The loop and batched paths: work items (one unit, or a chunk of whole units; the
+        loop's chunks hold one unit) sharded over ``torch.get_num_threads()`` worker threads,
+        each single-threaded.
 
         A pass over one unit or a few slices is too small for intra-op threads to help; the
         ops release the GIL, so threads over items use the cores. Shard ``j`` takes items
@@ -220,15 +221,12 @@ class DPGradient:
         depend on thread timing.
         """
         size = 1 if self.grad_path == "loop" else self.chunk_slices or chunk_slices_for(images)
-        if size == 1:  # one unit per pass: its ordinary gradient is the unit's
-            items, work = [[u] for u in range(k)], self._loop_units
-        else:
-            items, work = _chunks(groups, k, size), self._batched_units
+        items = _chunks(groups, k, size)
         saved = torch.get_num_threads()
         workers = min(saved, len(items))
 
         def shard(mine: list[list[int]]) -> _Part:
-            return work(model, params, loss_fn, images, labels, groups, mine)
+            return self._clipped_sum(model, params, loss_fn, images, labels, groups, mine)
 
         if workers == 1:
             parts = [shard(items)]
@@ -250,7 +248,7 @@ class DPGradient:
                 norms[u] = n
         return summed, sum(p[1] for p in parts) / len(images), norms
 
-    def _loop_units(
+    def _clipped_sum(
         self,
         model: nn.Module,
         params: Sequence[torch.Tensor],
@@ -260,65 +258,16 @@ class DPGradient:
         groups: torch.Tensor,
         items: list[list[int]],
     ) -> _Part:
-        """One backward per unit: the clipped gradients' sum, the summed loss, the norms."""
-        summed = [torch.zeros_like(p) for p in params]
-        norms: dict[int, float] = {}
-        total = 0.0
-        for (u,) in items:
-            sel = torch.nonzero(groups == u).flatten().to(images.device)
-            per_sample = loss_fn(model(images[sel]), labels[sel])
-            total += float(per_sample.detach().sum())
-            grads = torch.autograd.grad(per_sample.sum(), params, allow_unused=True)
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-            ]
-            norm = torch.stack([g.reshape(-1).norm(2) for g in grads]).norm(2)
-            norms[u] = float(norm.detach().double())
-            factor = clip_factors(norm, self.max_grad_norm)
-            for s, g in zip(summed, grads, strict=True):
-                s.add_(g, alpha=float(factor))
-        return summed, total, norms
-
-    def _batched_units(
-        self,
-        model: nn.Module,
-        params: Sequence[torch.Tensor],
-        loss_fn: LossFn,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        groups: torch.Tensor,
-        items: list[list[int]],
-    ) -> _Part:
-        """Per-slice gradients of each chunk from one batched pass, summed per unit (slice
-        losses never couple), clipped per unit: the clipped gradients' sum, loss, norms.
-        A chunk of one unit needs no per-slice split: its ordinary gradient is the unit's."""
+        """For each item (one unit, or a chunk of whole units) its units' gradients, each
+        clipped; returns their sum, the summed loss and the unit norms."""
         summed = [torch.zeros_like(p) for p in params]
         norms: dict[int, float] = {}
         total = 0.0
         for units in items:
-            if len(units) == 1:
-                part = self._loop_units(model, params, loss_fn, images, labels, groups, [units])
-                for s, g in zip(summed, part[0], strict=True):
-                    s.add_(g)
-                total += part[1]
-                norms.update(part[2])
-                continue
-            unit_t = torch.as_tensor(units, dtype=torch.long, device=groups.device)
-            match = groups[:, None] == unit_t[None, :]
-            sel = torch.nonzero(match.any(1)).flatten()
-            local = match[sel].long().argmax(1)  # each slice's unit, as an index in the chunk
-            dev = images.device
-            grads, losses = per_sample_grads(
-                model, loss_fn, images[sel.to(dev)], labels[sel.to(dev)], params
-            )
-            total += float(losses.sum())
-            if not torch.equal(local, torch.arange(len(units))):  # some units have >1 slice
-                local = local.to(dev)
-                grads = [
-                    g.new_zeros((len(units), *g.shape[1:])).index_add_(0, local, g) for g in grads
-                ]
-            unit_norms = torch.stack([g.reshape(len(units), -1).norm(2, dim=1) for g in grads])
-            unit_norms = unit_norms.norm(2, dim=0)
+            grads, loss = _unit_grads(model, params, loss_fn, images, labels, groups, units)
+            total += loss
+            per_param = [g.reshape(len(units), -1).norm(2, dim=1) for g in grads]
+            unit_norms = torch.stack(per_param).norm(2, dim=0)
             factors = clip_factors(unit_norms, self.max_grad_norm)
             for s, g in zip(summed, grads, strict=True):
                 s.add_(torch.tensordot(factors.to(g.dtype), g, dims=1))
@@ -385,6 +334,39 @@ class DPGradient:
         factors = clip_factors(norms, self.max_grad_norm)
         summed = [torch.einsum("i,i...", factors.to(g.dtype), g) for g in grouped]
         return summed, loss, norms.detach().double().cpu()
+
+
+def _unit_grads(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    loss_fn: LossFn,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    units: list[int],
+) -> tuple[list[torch.Tensor], float]:
+    """Each unit's gradient (its slices' losses summed), as ``[len(units), *p.shape]`` per
+    parameter, and the units' summed loss.
+
+    One unit: its ordinary gradient, one backward (the loop). Several: per-slice gradients
+    from one batched pass, summed per unit (slice losses never couple).
+    """
+    unit_t = torch.as_tensor(units, dtype=torch.long, device=groups.device)
+    match = groups[:, None] == unit_t[None, :]
+    sel = torch.nonzero(match.any(1)).flatten()
+    x, y = images[sel.to(images.device)], labels[sel.to(images.device)]
+    if len(units) == 1:
+        losses = loss_fn(model(x), y)
+        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        one = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        return [g[None] for g in one], float(losses.detach().sum())
+    per_slice, losses = per_sample_grads(model, loss_fn, x, y, params)
+    local = match[sel].long().argmax(1)  # each slice's unit, as an index in ``units``
+    if torch.equal(local, torch.arange(len(units))):  # one slice per unit, in order
+        return per_slice, float(losses.sum())
+    local = local.to(images.device)
+    summed = [g.new_zeros((len(units), *g.shape[1:])).index_add_(0, local, g) for g in per_slice]
+    return summed, float(losses.sum())
 
 
 def _strip_opacus_attrs(model: nn.Module) -> None:
