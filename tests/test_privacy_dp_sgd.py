@@ -187,9 +187,11 @@ def test_per_sample_grads_equal_single_sample_backward() -> None:
     torch.manual_seed(0)
     model = Everything().double()
     images, labels = make_batch(5, seed=8)
+    images.requires_grad_(True)  # another leaf: must not receive a gradient
     params = [p for p in model.parameters() if p.requires_grad]
     grads, losses = per_sample_grads(model, per_sample_loss, images, labels, params)
     assert all(p.grad is None for p in model.parameters())  # nothing summed into p.grad
+    assert images.grad is None
     for i in range(5):
         loss = per_sample_loss(model(images[i : i + 1]), labels[i : i + 1]).sum()
         assert float(losses[i]) == pytest.approx(float(loss.detach()), rel=1e-12)

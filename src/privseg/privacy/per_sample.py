@@ -253,7 +253,8 @@ def per_sample_grads(
             f"only; the model applies {sorted(mode.unsupported)} to a trainable parameter "
             "(use grad_path 'loop')"
         )
-    torch.autograd.backward(losses.sum())
+    if losses.requires_grad:  # only towards the parameters: other leaves keep their .grad
+        torch.autograd.backward(losses.sum(), inputs=list(params))
     n = len(images)
     grads = []
     for p in params:
