@@ -112,6 +112,25 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
+def per_unit(per_slice: Sequence[torch.Tensor], unit: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Per-slice gradients ``[n, *shape]`` summed into per-unit ones ``[k, *shape]``
+    (``unit``: each slice's unit index 0..k-1); slice losses never couple, so this is each
+    unit's gradient."""
+    return [g.new_zeros((k, *g.shape[1:])).index_add_(0, unit.to(g.device), g) for g in per_slice]
+
+
+def clip_and_sum(
+    grads: Sequence[torch.Tensor], max_grad_norm: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-unit gradients ``[k, *shape]`` (one tensor per parameter) -> the sum over units of
+    each unit's gradient clipped to ``max_grad_norm`` (norm over all parameters), and the
+    unit norms."""
+    k = len(grads[0])
+    norms = torch.stack([g.reshape(k, -1).norm(2, dim=1) for g in grads]).norm(2, dim=0)
+    factors = clip_factors(norms, max_grad_norm)
+    return [torch.tensordot(factors.to(g.dtype), g, dims=1) for g in grads], norms
+
+
 class DPGradient:
     """Computes one DP-SGD gradient into ``p.grad`` of every trainable parameter."""
 
@@ -266,11 +285,9 @@ class DPGradient:
         for units in items:
             grads, loss = _unit_grads(model, params, loss_fn, images, labels, groups, units)
             total += loss
-            per_param = [g.reshape(len(units), -1).norm(2, dim=1) for g in grads]
-            unit_norms = torch.stack(per_param).norm(2, dim=0)
-            factors = clip_factors(unit_norms, self.max_grad_norm)
-            for s, g in zip(summed, grads, strict=True):
-                s.add_(torch.tensordot(factors.to(g.dtype), g, dims=1))
+            clipped, unit_norms = clip_and_sum(grads, self.max_grad_norm)
+            for s, c in zip(summed, clipped, strict=True):
+                s.add_(c)
             for u, n in zip(units, unit_norms.double().cpu().tolist(), strict=True):
                 norms[u] = n
         return summed, total, norms
@@ -317,22 +334,18 @@ class DPGradient:
                 # images never require grad, so Opacus's full backward hooks always say so
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 per_sample.sum().backward()
-            grouped = []
-            for p in params:
-                gs = getattr(p, "grad_sample", None)
-                if gs is None:
-                    gs = torch.zeros((len(images), *p.shape), dtype=p.dtype, device=p.device)
-                acc = torch.zeros((k, *p.shape), dtype=gs.dtype, device=gs.device)
-                grouped.append(acc.index_add_(0, groups.to(gs.device), gs))
+            per_slice = [
+                p.new_zeros((len(images), *p.shape))
+                if getattr(p, "grad_sample", None) is None
+                else p.grad_sample
+                for p in params
+            ]
         finally:
             gsm.remove_hooks()
             _strip_opacus_attrs(model)
             for p, g in zip(params, saved, strict=True):
                 p.grad = g
-        per_param = [g.reshape(k, -1).norm(2, dim=-1) for g in grouped]
-        norms = torch.stack(per_param, dim=1).norm(2, dim=1)
-        factors = clip_factors(norms, self.max_grad_norm)
-        summed = [torch.einsum("i,i...", factors.to(g.dtype), g) for g in grouped]
+        summed, norms = clip_and_sum(per_unit(per_slice, groups, k), self.max_grad_norm)
         return summed, loss, norms.detach().double().cpu()
 
 
@@ -364,9 +377,7 @@ def _unit_grads(
     local = match[sel].long().argmax(1)  # each slice's unit, as an index in ``units``
     if torch.equal(local, torch.arange(len(units))):  # one slice per unit, in order
         return per_slice, float(losses.sum())
-    local = local.to(images.device)
-    summed = [g.new_zeros((len(units), *g.shape[1:])).index_add_(0, local, g) for g in per_slice]
-    return summed, float(losses.sum())
+    return per_unit(per_slice, local, len(units)), float(losses.sum())
 
 
 def _strip_opacus_attrs(model: nn.Module) -> None:

@@ -8,9 +8,10 @@ records one gradient per sample:
 - conv2d: the input gradient and the per-sample weight gradients come from *one* grouped
   convolution backward (groups = batch x groups, the batch folded into channels), so the
   convolutions run as batched oneDNN kernels, where one backward per sample runs
-  single-sample kernels (PyTorch routes small ones to slow im2col code);
-- group_norm: the input gradient from the native kernel, per-sample affine gradients from
-  the normalised input;
+  single-sample kernels (torch.profiler: PyTorch routes the small ones to its im2col
+  ``_slow_conv2d`` kernels);
+- group_norm: the input gradient from the native kernel, per-sample affine gradients in
+  closed form from the saved group statistics (no normalised copy of the input);
 - linear: ``g_i^T x_i``.
 
 Nothing is recorded in ``p.grad``. A trainable parameter used by any other op is refused
