@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.attack.runner import attack_setting, attacked_model, audit_setting, load_run
+from privseg.attack.runner import attack_setting, attacked_model, audit_setting
 from privseg.config import AttackConfig, Config
+from privseg.runs.attack import load_run
 
 KEYS = (
     "psnr_median",
@@ -86,8 +87,8 @@ def trained_model(args: argparse.Namespace, work: Path) -> tuple[torch.nn.Module
         model, cfg, _, split = load_run(args.run, args.site)
         return model, cfg, split
     from privseg.data.phantom import synth_task
-    from privseg.training.checkpoint import load_checkpoint
-    from privseg.training.run import train
+    from privseg.models.checkpoint import load_checkpoint
+    from privseg.runs.train import train
 
     cfg = Config().replace(
         **{

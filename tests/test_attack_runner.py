@@ -9,9 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from privseg.attack.runner import run_attack, run_attack_on_model, run_audit
+from privseg.attack.runner import run_attack_on_model
 from privseg.config import Config
 from privseg.io import read_json, write_json
+from privseg.runs.attack import run_attack, run_audit
 from test_attack_inversion import R, TinySeg, phantom
 
 KEYS = (
@@ -80,7 +81,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
     from privseg.models import build_model
-    from privseg.training.checkpoint import save_checkpoint
+    from privseg.models.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("attack_run")
     cfg = _cfg(**{"data.sites": 2, "model.features": 4, "data.slice_policy": "all"})
@@ -114,9 +115,10 @@ def test_run_attack_and_audit_on_a_run_folder(run_dir: Path) -> None:
 
 
 def test_round_first_attacks_the_initial_global_model(run_dir: Path) -> None:
-    from privseg.attack.runner import attacked_model, load_run
+    from privseg.attack.runner import attacked_model
     from privseg.cli.app import app
     from privseg.federated.server_app import initial_state
+    from privseg.runs.attack import load_run
 
     final, cfg, _, _ = load_run(run_dir, "site-0")
     last, what = attacked_model(cfg, final)

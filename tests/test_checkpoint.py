@@ -11,7 +11,7 @@ import torch
 from privseg.config import Config
 from privseg.errors import CheckpointError
 from privseg.models import build_model
-from privseg.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from privseg.models.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
 def tiny_cfg(name: str = "monet") -> Config:

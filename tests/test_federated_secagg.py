@@ -307,7 +307,7 @@ def test_a_site_that_dies_mid_protocol_is_recovered(tmp_path: Path) -> None:
 # ---- end to end: Flower's simulation engine, the real trainer, the phantom ---------------------
 @pytest.mark.slow
 def test_simulation_with_secure_aggregation_writes_results(tmp_path: Path, phantom_cache) -> None:
-    from privseg.training.run import train
+    from privseg.runs.train import train
 
     cfg = e2e_config(min_sites=3, secure_aggregation=True)
     t0 = time.perf_counter()

@@ -472,7 +472,7 @@ def test_a_site_that_drops_out_still_counts_in_epsilon_max(tmp_path: Path) -> No
     assert last["epsilon_sites"] == pytest.approx({"a": 1.2, "b": 0.9, "c": 0.9})
     from privseg.federated.server_app import build_results
 
-    results = build_results(cfg, summary, wall_seconds=1.0)
+    results = build_results(cfg, summary, wall_seconds=1.0).to_dict()
     gone = next(site for site in results["sites"] if site["name"] == "a")
     assert not gone["completed"] and gone["epsilon"] == pytest.approx(1.2)
     assert results["epsilon_max"] == pytest.approx(1.2)

@@ -13,7 +13,7 @@ from privseg.config import Config
 from privseg.errors import CheckpointError, DataError
 from privseg.inference import predict_volume
 from privseg.models import build_model
-from privseg.training.checkpoint import save_checkpoint
+from privseg.models.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_round_trip_shape_and_affine(checkpoint, tmp_path, flip):
 
 def test_orientation_is_restored(checkpoint, tmp_path, monkeypatch):
     """A model that marks the left half must mark the same voxels whatever the file's axes."""
-    import privseg.training.checkpoint as ckpt
+    import privseg.models.checkpoint as ckpt
 
     class LeftHalf(torch.nn.Module):
         def forward(self, x):

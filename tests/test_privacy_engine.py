@@ -16,6 +16,7 @@ from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
 from privseg.privacy.engine import SitePrivacy
 from privseg.privacy.ledger import PrivacyLedger
+from privseg.privacy.plan import DPPlan, count_units
 
 SUMMARY_KEYS = {
     "epsilon",
@@ -44,14 +45,10 @@ def cfg(**kw) -> PrivacyConfig:
 
 def site(tmp_path: Path, units=None, *, batch=4, steps=100, **kw) -> SitePrivacy:
     units = np.repeat(np.arange(40), 3) if units is None else units  # 40 patients x 3 slices
+    c = cfg(**kw)
+    plan = DPPlan.build(c, n_units=count_units(units), batch_size=batch, steps=steps, site="a")
     return SitePrivacy(
-        cfg(**kw),
-        site="a",
-        units=units,
-        expected_batch_size=batch,
-        planned_steps=steps,
-        ledger_path=tmp_path / "a.sqlite",
-        run_id="run1",
+        c, plan, site="a", units=units, ledger_path=tmp_path / "a.sqlite", run_id="run1"
     )
 
 
@@ -82,8 +79,8 @@ def test_validation(tmp_path: Path) -> None:
         site(tmp_path, delta=1 / 40)
     with pytest.raises(DataError, match="no training data"):
         site(tmp_path, units=np.zeros(0, dtype=int))
-    with pytest.raises(ConfigError, match="batch"):
-        site(tmp_path, batch=41)
+    with pytest.warns(UserWarning, match="q = 1, so epsilon gets no subsampling amplification"):
+        assert site(tmp_path, batch=41).sample_rate == 1.0
     with pytest.raises(ConfigError, match="privacy.noise_multiplier"):
         site(tmp_path, noise_multiplier=0.0)
     with pytest.raises(ConfigError, match="privacy.target_epsilon"):

@@ -12,8 +12,8 @@ import torch
 from privseg.config import Config
 from privseg.errors import PrivacyBudgetExceeded
 from privseg.models import build_model
-from privseg.training.checkpoint import load_checkpoint
-from privseg.training.run import train
+from privseg.models.checkpoint import load_checkpoint
+from privseg.runs.train import train
 from privseg.training.trainer import SiteTrainer
 
 FAST = {

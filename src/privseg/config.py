@@ -152,11 +152,20 @@ class PrivacyConfig:
     )
 
     def check(self) -> None:
-        if self.enabled and self.noise_multiplier is None and self.target_epsilon is None:
+        if self.enabled:
+            self.noise_source()
+
+    def noise_source(self) -> tuple[float | None, float | None]:
+        """``(noise_multiplier, None)`` when the noise is given, else ``(None, target_epsilon)``;
+        the one place that refuses a DP setting with neither."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier, None
+        if self.target_epsilon is None:
             raise ConfigError(
                 "privacy.noise_multiplier and privacy.target_epsilon are both unset: "
                 "set one of them when privacy.enabled = true"
             )
+        return None, self.target_epsilon
 
 
 @dataclass

@@ -18,7 +18,7 @@ def predict_volume(
     """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically."""
     from privseg.data.msd import load_image
     from privseg.data.preprocess import image_to_model_input, mask_to_image_space
-    from privseg.training.checkpoint import load_checkpoint
+    from privseg.models.checkpoint import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
     # Predict in the canonical (RAS) frame the model was trained in, then map back.

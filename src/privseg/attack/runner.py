@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +24,29 @@ from privseg.attack.inversion import default_loss, reconstruct, simulate_site_up
 from privseg.attack.threat import ThreatModel
 from privseg.config import Config
 from privseg.errors import DataError
-from privseg.io import atomic_write_bytes, read_json, write_json
+from privseg.io import atomic_write_bytes, write_json
+from privseg.privacy.plan import DPPlan
+from privseg.progress import Progress, no_progress
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
 GALLERY_OTHERS = 15
 CHANCE_SLICES = 8
-
-
-def _no_progress(description: str, completed: int, total: int) -> None:
-    return None
 
 
 # ---- DP setting of a site -----------------------------------------------------------------
 def dp_setting(
     cfg: Config,
+    split: Any,
     *,
-    n_train: int,
     epsilon: float | None = None,
     site_row: dict[str, Any] | None = None,
     federated: bool = True,
 ) -> dict[str, Any]:
     """The site's DP-SGD parameters: the run's own (``site_row`` from results.json) when it
-    was private and no other ``epsilon`` is asked for, else sigma calibrated for ``epsilon``
-    (default ``privacy.target_epsilon``) at the run's sample rate and planned steps."""
-    from privseg.privacy.accounting import calibrate_noise
-
+    was private and no other ``epsilon`` is asked for, else the site's :class:`DPPlan` for
+    ``epsilon`` (default ``privacy.target_epsilon``) on its training ``split``, with the run's
+    steps when it recorded them."""
     row = site_row or {}
     if epsilon is None and row.get("noise_multiplier"):
         return {
@@ -62,31 +56,25 @@ def dp_setting(
             "delta": float(row.get("delta") or cfg.privacy.delta),
             "sample_rate": row.get("sample_rate"),
             "steps": row.get("steps"),
+            "unit": row.get("unit") or cfg.privacy.unit,
             "source": "run",
         }
     eps = float(epsilon if epsilon is not None else (cfg.privacy.target_epsilon or 8.0))
-    batch = max(1, min(cfg.train.batch_size, n_train))
-    q = float(row.get("sample_rate") or batch / max(n_train, 1))
-    if row.get("steps"):
-        steps = int(row["steps"])
-    elif federated:
-        steps = cfg.federated.rounds * cfg.federated.local_steps
-    else:
-        steps = cfg.train.epochs * math.ceil(n_train / batch)
-    sigma = calibrate_noise(
+    plan = DPPlan.for_split(
+        cfg,
+        split,
+        federated=federated,
+        steps=int(row["steps"]) if row.get("steps") else None,
         target_epsilon=eps,
-        delta=cfg.privacy.delta,
-        sample_rate=q,
-        steps=steps,
-        accountant=cfg.privacy.accountant,
     )
     return {
-        "noise_multiplier": sigma,
-        "clip_norm": cfg.privacy.max_grad_norm,
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": plan.max_grad_norm,
         "epsilon": eps,
-        "delta": cfg.privacy.delta,
-        "sample_rate": q,
-        "steps": steps,
+        "delta": plan.delta,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+        "unit": plan.unit,
         "source": "calibrated",
     }
 
@@ -145,7 +133,7 @@ def run_attack_on_model(
     device = torch.device(device)
     if next(model.parameters()).device != device:
         model = copy.deepcopy(model).to(device)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     seed = cfg.seed if seed is None else seed
     loss_fn = loss_fn if loss_fn is not None else default_loss()
     x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
@@ -278,30 +266,6 @@ def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]], result: dict[str, Any]
     return buf.getvalue()
 
 
-# ---- run folders ---------------------------------------------------------------------------
-def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], Any]:
-    """A run folder's global model, config, results and ``site``'s training split."""
-    from privseg.data.cache import SliceCache
-    from privseg.training.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"run folder {run_dir} does not exist")
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise DataError(f"{results_path} does not exist: is {run_dir} a finished run?")
-    cfg = Config.load(run_dir / "config.toml")
-    model, _, _ = load_checkpoint(run_dir / "checkpoint.pt")
-    results = read_json(results_path)
-    cache_dir = results.get("cache_dir")
-    if not cache_dir:
-        raise DataError(f"{results_path} has no 'cache_dir': cannot find the site's slices")
-    cache = SliceCache.open(Path(cache_dir))
-    if site not in cache.sites:
-        raise DataError(f"site {site!r} is not in {cache_dir}; sites: {', '.join(cache.sites)}")
-    return model, cfg, results, cache.split(site, "train")
-
-
 def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str]:
     """The global model the attacked update is computed on (``cfg.attack.round``) and what it
     is: the run's ``final`` model, or the initial one the server broadcast in round 1 (rebuilt
@@ -312,104 +276,6 @@ def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str
         model = initial_model(cfg.model, cfg.seed).eval()
         return model, f"round 1: the initial global model (seed {cfg.seed})"
     return final, "the run's final global model"
-
-
-def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
-    for row in results.get("sites") or []:
-        if row.get("name") == site:
-            return row
-    return {}
-
-
-def run_attack(
-    run_dir: Path,
-    *,
-    site: str,
-    threat: str | None = None,
-    batch_size: int | None = None,
-    iterations: int | None = None,
-    restarts: int | None = None,
-    mask: str | None = None,
-    targets: int | None = None,
-    epsilon: float | None = None,
-    overrides: list[str] | None = None,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
-
-    ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
-    private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
-    """
-    model, cfg, results, split = load_run(run_dir, site)
-    changes = {
-        "attack.threat": threat,
-        "attack.batch_size": batch_size,
-        "attack.iterations": iterations,
-        "attack.restarts": restarts,
-        "attack.mask": mask,
-        "attack.targets": targets,
-    }
-    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
-    if overrides:
-        from privseg.config import apply_override
-
-        raw = cfg.to_dict()
-        for item in overrides:
-            apply_override(raw, item)
-        cfg = Config.from_dict(raw)
-    model, weights = attacked_model(cfg, model)
-    dp = None
-    if cfg.attack.threat == "T3" or epsilon is not None:
-        dp = dp_setting(
-            cfg,
-            n_train=len(split),
-            epsilon=epsilon,
-            site_row=_site_row(results, site),
-            federated=results.get("mode") == "federated",
-        )
-    result = run_attack_on_model(
-        model,
-        split.images,
-        split.labels,
-        cfg=cfg,
-        dp=dp,
-        patients=split.patient,
-        out_dir=Path(run_dir) / "attack",
-        progress=progress,
-        meta={"site": site, "weights": weights},
-    )
-    return result
-
-
-def run_audit(
-    run_dir: Path,
-    *,
-    site: str,
-    trials: int | None = None,
-    candidates: int | None = None,
-    epsilon: float | None = None,
-) -> dict[str, Any]:
-    """The K-way identification audit on ``site``; writes ``RUN_DIR/attack/audit.json``.
-
-    The run's own DP noise when it was private (or sigma for ``epsilon``); a non-private run
-    is audited without noise (reported epsilon = infinity, bound 1).
-    """
-    model, cfg, results, split = load_run(run_dir, site)
-    model, weights = attacked_model(cfg, model)
-    row = _site_row(results, site)
-    dp = None
-    if epsilon is not None or row.get("noise_multiplier"):
-        dp = dp_setting(
-            cfg,
-            n_train=len(split),
-            epsilon=epsilon,
-            site_row=row,
-            federated=results.get("mode") == "federated",
-        )
-    result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
-    result.update({"site": site, "weights": weights})
-    write_json(Path(run_dir) / "attack" / "audit.json", result)
-    return result
 
 
 def audit_setting(
@@ -453,7 +319,7 @@ def attack_setting(
     The result names it (``setting``: ``no_dp`` / ``dp_eps<E>``) and carries its
     ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/``."""
     key = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
-    dp = None if epsilon is None else dp_setting(cfg, n_train=len(split), epsilon=epsilon)
+    dp = None if epsilon is None else dp_setting(cfg, split, epsilon=epsilon)
     return run_attack_on_model(
         model,
         split.images,
@@ -466,37 +332,3 @@ def attack_setting(
         label=f" ({key})",
         meta={"setting": key, **(meta or {})},
     )
-
-
-def run_attack_study(
-    cfg: Config,
-    *,
-    cache: Any,
-    checkpoint: Path | None,
-    out_dir: Path,
-    epsilons: list[float | None],
-    site: str | None = None,
-    progress: Progress | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
-    epsilon (sigma calibrated for the federated setting); an audit for each. Writes
-    ``out_dir/<setting>/attack.json|png`` and ``audit.json``."""
-    from privseg.training.checkpoint import load_checkpoint
-
-    site = site or cache.sites[0]
-    split = cache.split(site, "train")
-    final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
-    model, weights = attacked_model(cfg, final)
-    if cfg.attack.threat == "T3":
-        cfg = cfg.replace(**{"attack.threat": "T1"})
-    attacks, audits = [], []
-    for eps in epsilons:
-        meta = {"site": site, "weights": weights}
-        res = attack_setting(model, split, cfg, eps, out_dir=out_dir, progress=progress, meta=meta)
-        key, dp = res["setting"], res["dp_setting"]
-        aud = audit_setting(model, split, cfg, dp)
-        aud.update({"site": site, "setting": key})
-        write_json(Path(out_dir) / key / "audit.json", aud)
-        attacks.append(res)
-        audits.append(aud)
-    return attacks, audits

@@ -39,8 +39,8 @@ def attack(
     output: str = typer.Option("table", "--format", help="table | json"),
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
-    from privseg.attack.runner import run_attack
     from privseg.cli.common import progress_bar
+    from privseg.runs.attack import run_attack
 
     with progress_bar(transient=True) as progress:
         res = run_attack(
@@ -126,7 +126,7 @@ def audit(
     output: str = typer.Option("table", "--format", help="table | json"),
 ) -> None:
     """Empirical K-way identification game against one DP-SGD release; write audit.json."""
-    from privseg.attack.runner import run_audit
+    from privseg.runs.attack import run_audit
 
     res = run_audit(run_dir, site=site, trials=trials, candidates=candidates, epsilon=epsilon)
     if output == "json":

@@ -26,7 +26,7 @@ def run(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
-    from privseg.study.runner import quick_preset, run_study
+    from privseg.runs.study import quick_preset, run_study
 
     cfg = load_config(config, set_)
     if quick:

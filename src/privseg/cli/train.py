@@ -32,7 +32,7 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
-    from privseg.training.run import train as run_train
+    from privseg.runs.train import train as run_train
 
     cfg = load_config(
         config,

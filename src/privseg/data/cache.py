@@ -12,14 +12,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from privseg.config import DataConfig
+from privseg.config import Config, DataConfig
 from privseg.data.msd import DATASET_JSON, Case, MSDTask, load_case, read_task
 from privseg.data.preprocess import volume_to_slices
 from privseg.data.sites import (
@@ -33,13 +33,13 @@ from privseg.data.sites import (
 )
 from privseg.errors import DataError
 from privseg.io import atomic_directory, write_json
+from privseg.progress import Progress
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 ARRAYS = ("images", "labels", "patient", "z")
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -143,6 +143,21 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         if key not in manifest:
             raise DataError(f"{path}: field {key!r} is missing")
     return manifest
+
+
+def resolve_cache(
+    data: str | Path, cfg: Config, work_dir: Path, progress: Progress | None = None
+) -> SliceCache:
+    """Open a prepared slice cache, or prepare one from an MSD task folder into ``work_dir``."""
+    data = Path(data)
+    if (data / MANIFEST).is_file():
+        return SliceCache.open(data)
+    if (data / DATASET_JSON).is_file():
+        return prepare_cache(data, work_dir, cfg.data, seed=cfg.seed, progress=progress)
+    raise DataError(
+        f"{data} is neither a prepared cache ({MANIFEST}) nor an MSD task folder "
+        "(dataset.json); run `privseg data prepare` or `privseg data synth` first"
+    )
 
 
 # ---- building ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ thickness, stored orientation). Everything is vectorised numpy on one [X, Y, Z] 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
 from privseg.data.sites import SITE_MAP_FILE, site_name
 from privseg.errors import ConfigError, DataError
 from privseg.io import atomic_directory, write_json
+from privseg.progress import Progress
 
 ORGANS = {
     "liver": {0: "background", 1: "liver", 2: "cancer"},
@@ -53,8 +53,6 @@ BODY_LENGTH = 200.0
     CSF,
     LESION,
 ) = range(22)
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

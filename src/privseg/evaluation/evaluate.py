@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Protocol
 
 import numpy as np
@@ -11,18 +10,13 @@ import torch
 from torch import nn
 
 from privseg.evaluation.metrics import dice, surface_distances
+from privseg.results import nanmean
 
 
 class VolumeSource(Protocol):
     """What evaluation needs of a SliceSplit: ``(patient_id, images [Z,R,R], labels [Z,R,R])``."""
 
     def volumes(self) -> Any: ...
-
-
-def _nanmean(values: list[float]) -> float:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN -> NaN, silently
-        return float(np.nanmean(values)) if values else math.nan
 
 
 @torch.no_grad()
@@ -77,8 +71,8 @@ def evaluate_split(
     return {
         "dice": float(np.mean(scores)) if n else math.nan,
         "dice_sd": float(np.std(scores, ddof=1)) if n > 1 else (0.0 if n else math.nan),
-        "hd95": _nanmean([p["hd95"] for p in patients]),
-        "assd": _nanmean([p["assd"] for p in patients]),
+        "hd95": nanmean([p["hd95"] for p in patients]),
+        "assd": nanmean([p["assd"] for p in patients]),
         "slice_dice": float(np.mean(slice_scores)) if slice_scores else math.nan,
         "patients": patients,
         "n_patients": n,

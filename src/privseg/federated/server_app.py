@@ -30,11 +30,10 @@ from privseg.federated.strategy import (
     SiteAggregation,
     load_strategy_state,
     make_strategy,
-    nanmean,
     strategy_state,
 )
 from privseg.io import atomic_torch_save, write_json
-from privseg.training.modes import PRIVACY_KEYS
+from privseg.results import PRIVACY_KEYS, RunResult, SiteResult, nanmean
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +374,8 @@ def build_results(
     *,
     reports: dict[str, dict] | None = None,
     wall_seconds: float,
-) -> dict[str, Any]:
-    """The ``results.json`` dict; ``reports`` (site-local files) add per-patient results."""
+) -> RunResult:
+    """The run's results; ``reports`` (site-local files) add per-patient results."""
     reports = reports or {}
     dp = cfg.privacy.enabled
     history = summary["history"]
@@ -385,54 +384,32 @@ def build_results(
     for name in sorted(set(summary["test"]) | set(reports) | set(last_eps)):
         scal = summary["test"].get(name, {})
         rep = reports.get(name, {})
-        test = rep.get("test", scal)
-        privacy = rep.get("privacy") or {k: scal.get(k) for k in PRIVACY_KEYS if k in scal}
+        privacy = None
         if dp:
+            privacy = rep.get("privacy") or {k: scal.get(k) for k in PRIVACY_KEYS if k in scal}
             privacy.setdefault("epsilon", last_eps.get(name))  # a site that dropped out
             privacy.setdefault("accountant", cfg.privacy.accountant)
-        entry = {
-            "name": name,
-            "n_train": rep.get("n_train", summary["n_train"].get(name)),
-            "dice": _f(test.get("dice")),
-            "dice_sd": _f(test.get("dice_sd")),
-            "hd95": _f(test.get("hd95")),
-            "patients": test.get("patients", []),
-            "completed": name in summary["test"] or name in reports,
-        }
-        for key in PRIVACY_KEYS:
-            entry[key] = privacy.get(key) if dp else None
-        sites.append(entry)
-    pooled = [p["dice"] for s in sites for p in s["patients"]]
-    dice = pooled or [s["dice"] for s in sites]
-    eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
+        site = SiteResult.from_test(
+            name, rep.get("n_train", summary["n_train"].get(name)), rep.get("test", scal), privacy
+        )
+        site.completed = name in summary["test"] or name in reports
+        sites.append(site)
     fed = cfg.federated
-    return {
-        "mode": "federated",
-        "dp": dp,
-        "unit": cfg.privacy.unit if dp else None,
-        "target_epsilon": cfg.privacy.target_epsilon if dp else None,
-        "sites": sites,
-        "dice_mean": nanmean(dice),
-        "dice_sd": float(np.nanstd(dice)) if dice else math.nan,
-        "epsilon_max": max(eps) if eps else None,
-        "history": history,
-        "seconds_per_epoch": None,
-        "seconds_per_round": float(np.mean([h["seconds"] for h in history])) if history else None,
-        "wall_seconds": wall_seconds,
+    result = RunResult.of(cfg.privacy, "federated", sites, history)
+    result.seconds_per_round = float(np.mean([h["seconds"] for h in history])) if history else None
+    result.wall_seconds = wall_seconds
+    result.federation = {
         "strategy": fed.strategy,
         "rounds": fed.rounds,
         "local_steps": fed.local_steps,
         "secure_aggregation": fed.secure_aggregation,
     }
-
-
-def _f(v: Any) -> float:
-    return M.scalar(v)
+    return result
 
 
 def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str) -> None:
     """The final global model as a privseg checkpoint (``predict`` reads it)."""
-    from privseg.training.checkpoint import save_checkpoint
+    from privseg.models.checkpoint import save_checkpoint
 
     save_checkpoint(
         out_dir / "checkpoint.pt",
@@ -474,7 +451,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     atomic_write_text(settings.out_dir / "config.toml", settings.cfg.to_toml())
     summary = run_server(grid, settings)
-    results = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)
-    results["run_id"] = settings.run_id
+    result = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)
+    result.provenance["run_id"] = settings.run_id
     save_final(settings.out_dir, settings.cfg, summary, settings.run_id)
-    write_json(settings.out_dir / "results.json", results)
+    result.write(settings.out_dir / "results.json")

@@ -22,6 +22,7 @@ from privseg.federated.server_app import (
     save_final,
 )
 from privseg.io import read_json
+from privseg.results import RunResult
 
 log = logging.getLogger(__name__)
 #: Replies land in an in-memory state: polling it every 5-50 ms costs nothing, while the
@@ -69,8 +70,8 @@ def run_federated(
     sites: list[str] | None = None,
     trainer_factory: TrainerFactory | None = None,
     cpus: int | None = None,
-) -> dict[str, Any]:
-    """Run the federation in simulation; return the ``results.json`` dict.
+) -> RunResult:
+    """Run the federation in simulation; return its results.
 
     Each site's ledger is ``out_dir/ledgers/<site>.sqlite`` and its local test report
     ``out_dir/sites/<site>.json`` (what a real site would keep to itself).

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from privseg.config import Config
 from privseg.federated import messages as M
+from privseg.results import nanmean
 
 
 @dataclass
@@ -45,11 +46,6 @@ class TrainRound:
 
 def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     return MetricRecord()
-
-
-def nanmean(values: Iterable[float]) -> float:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else math.nan
 
 
 class SiteAggregation(Strategy):

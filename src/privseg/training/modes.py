@@ -1,54 +1,30 @@
 """Central and local-only training (federated lives in :mod:`privseg.federated`).
 
 Both modes are thin schedules over :class:`~privseg.training.trainer.SiteTrainer`; each
-returns the ``results.json`` dictionary documented in the README.
+returns a :class:`~privseg.results.RunResult`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from privseg.config import Config
-from privseg.training.checkpoint import save_checkpoint
-from privseg.training.trainer import (
-    SiteTrainer,
-    expected_batch_size,
-    make_site_privacy,
-    privacy_units,
-    steps_per_epoch,
-)
-
-Progress = Callable[[str, int, int], None]
-"""``progress(description, completed, total)``: how long-running steps report progress."""
-
-PRIVACY_KEYS = (
-    "epsilon",
-    "delta",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "clip_norm",
-    "accountant",
-)
+from privseg.models.checkpoint import save_checkpoint
+from privseg.privacy.plan import count_units, planned_steps, unit_ids
+from privseg.progress import Progress, no_progress
+from privseg.results import RunResult, SiteResult, nanmean
+from privseg.run_folder import RunFolder
+from privseg.training.trainer import SiteTrainer, make_site_privacy
 
 
-def _no_progress(description: str, completed: int, total: int) -> None:
-    return None
-
-
-def planned_steps(cfg: Config, train: Any) -> int:
+def site_steps(cfg: Config, train: Any) -> int:
     """Steps for ``train.epochs`` passes over the site's units (slices or patients)."""
-    units = privacy_units(train, cfg.privacy.unit if cfg.privacy.enabled else "slice")
-    n_units = len(np.unique(units))
-    batch = expected_batch_size(cfg, units) if cfg.privacy.enabled else cfg.train.batch_size
-    return cfg.train.epochs * steps_per_epoch(n_units, batch)
+    unit = cfg.privacy.unit if cfg.privacy.enabled else "slice"
+    return planned_steps(cfg, count_units(unit_ids(train, unit)), federated=False)
 
 
 def train_site(
@@ -57,7 +33,7 @@ def train_site(
     name: str,
     train: Any,
     val_splits: dict[str, Any],
-    out_dir: Path,
+    folder: RunFolder,
     run_id: str,
     progress: Progress,
 ) -> tuple[SiteTrainer, list[dict[str, Any]], float]:
@@ -66,7 +42,7 @@ def train_site(
     Validation Dice is computed for the learning curve only; the final model is reported (no
     model selection on private validation data).
     """
-    total = planned_steps(cfg, train)
+    total = site_steps(cfg, train)
     per_epoch = max(1, total // cfg.train.epochs)
     privacy = None
     if cfg.privacy.enabled:
@@ -75,7 +51,7 @@ def train_site(
             site=name,
             train=train,
             planned_steps=total,
-            ledger_path=out_dir / "ledgers" / f"{name}.sqlite",
+            ledger_path=folder.ledger(name),
             run_id=run_id,
         )
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
@@ -98,7 +74,7 @@ def train_site(
             {
                 "epoch": epoch,
                 "train_loss": metrics["train_loss"],
-                "val_dice": _nanmean(list(val_dice.values())),
+                "val_dice": nanmean(val_dice.values()),
                 "val_dice_sites": val_dice,
                 "epsilon_max": metrics["epsilon"] if privacy is not None else None,
                 "seconds": metrics["seconds"],
@@ -107,30 +83,13 @@ def train_site(
     return trainer, history, train_seconds / cfg.train.epochs
 
 
-def site_entry(
-    name: str, n_train: int, test_metrics: dict[str, Any], privacy: dict[str, Any] | None
-) -> dict[str, Any]:
-    """One ``sites[]`` row of results.json."""
-    entry: dict[str, Any] = {
-        "name": name,
-        "n_train": n_train,
-        "dice": test_metrics.get("dice", math.nan),
-        "dice_sd": test_metrics.get("dice_sd", math.nan),
-        "hd95": test_metrics.get("hd95", math.nan),
-        "patients": test_metrics.get("patients", []),
-    }
-    for key in PRIVACY_KEYS:
-        entry[key] = privacy.get(key) if privacy else None
-    return entry
-
-
 def run_central(
     cfg: Config,
     cache: Any,
-    out_dir: Path,
-    progress: Progress = _no_progress,
+    folder: RunFolder,
+    progress: Progress = no_progress,
     run_id: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Pool every site's training data in one place (the non-federated upper bound)."""
     from privseg.data.cache import SliceSplit
 
@@ -143,51 +102,50 @@ def run_central(
         name="central",
         train=train,
         val_splits=vals,
-        out_dir=out_dir,
+        folder=folder,
         run_id=run_id,
         progress=progress,
     )
     privacy = trainer.privacy_summary()
     sites = [
-        site_entry(
+        SiteResult.from_test(
             s, len(cache.split(s, "train")), trainer.evaluate(None, cache.split(s, "test")), privacy
         )
         for s in cache.sites
     ]
-    save_checkpoint(
-        out_dir / "checkpoint.pt", trainer.state_dict(), cfg, mode="central", run_id=run_id
-    )
-    return _results(cfg, "central", sites, history, started, per_epoch, privacy)
+    save_checkpoint(folder.checkpoint, trainer.state_dict(), cfg, mode="central", run_id=run_id)
+    return _result(cfg, "central", sites, history, started, per_epoch)
 
 
 def run_local(
     cfg: Config,
     cache: Any,
-    out_dir: Path,
-    progress: Progress = _no_progress,
+    folder: RunFolder,
+    progress: Progress = no_progress,
     run_id: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Each site trains alone; scored on its own test split and on every other site's."""
     run_id = run_id or uuid.uuid4().hex
     started = time.perf_counter()
-    sites, histories, per_epochs = [], [], []
+    sites: list[SiteResult] = []
+    histories, per_epochs = [], []
     for site in cache.sites:
         trainer, history, per_epoch = train_site(
             cfg,
             name=site,
             train=cache.split(site, "train"),
             val_splits={site: cache.split(site, "val")},
-            out_dir=out_dir,
+            folder=folder,
             run_id=run_id,
             progress=progress,
         )
-        entry = site_entry(
+        entry = SiteResult.from_test(
             site,
             trainer.num_examples,
             trainer.evaluate(None, cache.split(site, "test")),
             trainer.privacy_summary(),
         )
-        entry["cross"] = {
+        entry.cross = {
             other: trainer.evaluate(None, cache.split(other, "test"))["dice"]
             for other in cache.sites
             if other != site
@@ -196,19 +154,15 @@ def run_local(
         histories.append(history)
         per_epochs.append(per_epoch)
         save_checkpoint(
-            out_dir / "checkpoints" / f"{site}.pt",
+            folder.site_checkpoint(site),
             trainer.state_dict(),
             cfg,
             mode="local",
             site=site,
             run_id=run_id,
         )
-    history = _merge_histories(histories, [s["name"] for s in sites])
-    privacy = None
-    if cfg.privacy.enabled:
-        eps = [s["epsilon"] for s in sites if s["epsilon"] is not None]
-        privacy = {"epsilon": max(eps) if eps else None}
-    return _results(cfg, "local", sites, history, started, float(np.mean(per_epochs)), privacy)
+    history = _merge_histories(histories, [s.name for s in sites])
+    return _result(cfg, "local", sites, history, started, float(np.mean(per_epochs)))
 
 
 def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) -> list[dict]:
@@ -220,8 +174,8 @@ def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) ->
         merged.append(
             {
                 "epoch": rows[0]["epoch"],
-                "train_loss": _nanmean([r["train_loss"] for r in rows]),
-                "val_dice": _nanmean(list(val_sites.values())),
+                "train_loss": nanmean(r["train_loss"] for r in rows),
+                "val_dice": nanmean(val_sites.values()),
                 "val_dice_sites": val_sites,
                 "epsilon_max": max(eps) if eps else None,
                 "seconds": float(sum(r["seconds"] for r in rows)),
@@ -230,33 +184,15 @@ def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) ->
     return merged
 
 
-def _nanmean(values: list[float]) -> float:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else math.nan
-
-
-def _results(
+def _result(
     cfg: Config,
     mode: str,
-    sites: list[dict[str, Any]],
+    sites: list[SiteResult],
     history: list[dict],
     started: float,
     per_epoch: float,
-    privacy: dict[str, Any] | None,
-) -> dict[str, Any]:
-    dice_all = [p["dice"] for s in sites for p in s["patients"]]
-    eps = [s["epsilon"] for s in sites if s.get("epsilon") is not None]
-    return {
-        "mode": mode,
-        "dp": cfg.privacy.enabled,
-        "unit": cfg.privacy.unit if cfg.privacy.enabled else None,
-        "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
-        "sites": sites,
-        "dice_mean": _nanmean(dice_all),
-        "dice_sd": float(np.nanstd(dice_all)) if dice_all else math.nan,
-        "epsilon_max": max(eps) if eps else None,
-        "history": history,
-        "seconds_per_epoch": per_epoch,
-        "seconds_per_round": None,
-        "wall_seconds": time.perf_counter() - started,
-    }
+) -> RunResult:
+    result = RunResult.of(cfg.privacy, mode, sites, history)
+    result.seconds_per_epoch = per_epoch
+    result.wall_seconds = time.perf_counter() - started
+    return result

@@ -31,24 +31,6 @@ StepCallback = Callable[[int, int], None]
 """Called as ``callback(completed_steps, total_steps)`` during :meth:`SiteTrainer.fit`."""
 
 
-def steps_per_epoch(n_units: int, batch_size: int) -> int:
-    """Optimizer steps that visit each record once on average (Poisson or shuffled batches)."""
-    return max(1, math.ceil(n_units / batch_size))
-
-
-def privacy_units(split: Any, unit: str) -> np.ndarray:
-    """Unit id per training slice: the slice itself, or the patient it belongs to."""
-    if unit == "patient":
-        return np.asarray(split.patient, dtype=np.int64)
-    return np.arange(len(split), dtype=np.int64)
-
-
-def expected_batch_size(cfg: Config, units: np.ndarray) -> int:
-    """Records per batch: ``train.batch_size``, capped by the number of units at the site."""
-    n_units = len(np.unique(units)) if len(units) else 0
-    return max(1, min(cfg.train.batch_size, n_units))
-
-
 class SiteTrainer:
     """Train and evaluate one model on one site's data; the same code in every mode."""
 
@@ -241,15 +223,15 @@ def make_site_privacy(
     cfg: Config, *, site: str, train: Any, planned_steps: int, ledger_path: Path, run_id: str
 ) -> Any:
     """The site's DP-SGD engine, its noise calibrated once for all ``planned_steps``."""
-    from privseg.privacy.engine import SitePrivacy
+    from privseg.privacy.engine import SitePrivacy  # Opacus loads only for DP runs
+    from privseg.privacy.plan import DPPlan, unit_ids
 
-    units = privacy_units(train, cfg.privacy.unit)
+    plan = DPPlan.for_split(cfg, train, federated=False, site=site, steps=planned_steps)
     return SitePrivacy(
         cfg.privacy,
+        plan,
         site=site,
-        units=units,
-        expected_batch_size=expected_batch_size(cfg, units),
-        planned_steps=planned_steps,
+        units=unit_ids(train, cfg.privacy.unit),
         ledger_path=ledger_path,
         run_id=run_id,
     )

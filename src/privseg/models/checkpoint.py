@@ -18,6 +18,7 @@ from torch import nn
 from privseg.config import Config
 from privseg.errors import CheckpointError, PrivsegError
 from privseg.io import atomic_torch_save
+from privseg.models.registry import build_model
 
 FORMAT = "privseg-checkpoint/1"
 _OPACUS_PREFIX = "_module."
@@ -95,8 +96,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict[str, Any]]:
     """Rebuild the model from the stored config and load its weights; returns it in eval mode."""
-    from privseg.models import build_model  # models import config only; keep this module light
-
     payload = read_checkpoint(path)
     try:
         cfg = Config.from_dict(payload["config"])

@@ -18,13 +18,15 @@ from typing import Any
 
 from privseg import __version__
 from privseg.config import Config
+from privseg.data.cache import resolve_cache
 from privseg.errors import PrivsegError
-from privseg.io import atomic_write_text, read_json, write_json
-from privseg.training.run import machine_info, resolve_cache, train
+from privseg.io import read_json, write_json
+from privseg.progress import Progress, no_progress
+from privseg.results import StudyResult
+from privseg.run_folder import RunFolder
+from privseg.runs.train import machine_info, train
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, int, int], None]
 
 
 def quick_preset(cfg: Config) -> Config:
@@ -99,55 +101,51 @@ def run_study(
     on_setting: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every setting of the grid (skipping finished ones), the attack, then the report."""
-    progress = progress or (lambda d, c, t: None)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    progress = progress or no_progress
+    folder = RunFolder(Path(out))
     started = time.perf_counter()
-    atomic_write_text(out / "config.toml", cfg.to_toml())
-    cache = resolve_cache(data, cfg, out / "cache", progress)
+    folder.write_config(cfg)
+    cache = resolve_cache(data, cfg, folder.cache, progress)
     settings = grid(cfg)
     runs: list[dict[str, Any]] = []
     for i, setting in enumerate(settings, 1):
         if on_setting:
             on_setting(f"[{i}/{len(settings)}] {setting.label}")
-        runs.append(_run_setting(setting, cfg, cache, out / "runs" / setting.key, progress))
+        runs.append(_run_setting(setting, cfg, cache, folder.setting(setting.key), progress))
     attacks, audits = [], []
     if "attack" in cfg.study.settings:
         if on_setting:
             on_setting("attack: gradient inversion and audit")
-        attacks, audits = _run_attack(cfg, cache, out / "attack", progress)
-    study = {
-        "privseg_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "data": _data_summary(cache, data, cfg),
-        "config": cfg.to_dict(),
-        "wall_seconds": time.perf_counter() - started,
-        "runs": runs,
-        "attack": attacks,
-        "audit": audits,
-        "threat_model": attacks[0].get("threat_model", {}) if attacks else {},
-    }
-    write_json(out / "results.json", study)
+        attacks, audits = _run_attack(cfg, cache, folder, progress)
+    study = StudyResult(
+        privseg_version=__version__,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine=machine_info(),
+        data=_data_summary(cache, data, cfg),
+        config=cfg.to_dict(),
+        wall_seconds=time.perf_counter() - started,
+        runs=runs,
+        attack=attacks,
+        audit=audits,
+    ).write(folder.results)
     from privseg.report.render import write_report
 
-    write_report(study, out)
+    write_report(study, folder.root)
     return study
 
 
 def _run_setting(
-    setting: Setting, base: Config, cache: Any, run_dir: Path, progress: Progress
+    setting: Setting, base: Config, cache: Any, run: RunFolder, progress: Progress
 ) -> dict[str, Any]:
-    done = run_dir / "results.json"
     cfg = setting.config(base)
-    if done.is_file() and _same_config(run_dir, cfg):
-        log.info("skipping %s: %s exists with the same config", setting.key, done)
-        results = read_json(done)
+    if run.results.is_file() and _same_config(run, cfg):
+        log.info("skipping %s: %s exists with the same config", setting.key, run.results)
+        results = read_json(run.results)
     else:
         results = train(
             cfg,
             data=Path(cache.root),
-            out=run_dir,
+            out=run.root,
             mode=setting.mode,  # type: ignore[arg-type]
             progress=progress,
         )
@@ -156,37 +154,37 @@ def _run_setting(
             "setting": setting.setting,
             "label": setting.label,
             "target_epsilon": setting.epsilon,
-            "run_dir": str(run_dir),
+            "run_dir": str(run.root),
         }
     )
     return results
 
 
-def _same_config(run_dir: Path, cfg: Config) -> bool:
+def _same_config(run: RunFolder, cfg: Config) -> bool:
     """A finished setting is reused only if it ran with exactly this configuration."""
     try:
-        return Config.load(run_dir / "config.toml") == cfg
+        return run.load_config() == cfg
     except PrivsegError:
         return False
 
 
 def _run_attack(
-    cfg: Config, cache: Any, out: Path, progress: Progress
+    cfg: Config, cache: Any, study: RunFolder, progress: Progress
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Attack one site's update without DP and with DP at the largest study epsilon."""
-    from privseg.attack.runner import run_attack_study
+    from privseg.runs.attack import run_attack_study
 
-    done = out / "attack_results.json"
+    done = study.attack / "attack_results.json"
     if done.is_file():
         saved = read_json(done)
         if saved.get("config") == cfg.to_dict():
             return saved["attack"], saved["audit"]
-    checkpoint = out.parent / "runs" / "federated" / "checkpoint.pt"
+    checkpoint = study.setting("federated").checkpoint
     attacks, audits = run_attack_study(
         cfg,
         cache=cache,
         checkpoint=checkpoint if checkpoint.is_file() else None,
-        out_dir=out,
+        out_dir=study.attack,
         epsilons=[None, max(cfg.study.epsilons)],
         progress=progress,
     )

@@ -1,0 +1,163 @@
+"""The DP plan of one site: sigma, q, steps, C, delta, unit and accountant, decided once.
+
+Training at a site (:class:`~privseg.privacy.engine.SitePrivacy`), the federated server's
+planned steps and the attack's DP setting all take their numbers from here, so they cannot
+drift apart (the attack once re-derived them and ignored ``privacy.unit``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from privseg.config import Config, PrivacyConfig
+from privseg.errors import ConfigError, DataError
+
+
+def unit_ids(split: Any, unit: str) -> np.ndarray:
+    """Privacy-unit id of each training slice: the slice itself, or its patient."""
+    if unit == "patient":
+        return np.asarray(split.patient, dtype=np.int64)
+    return np.arange(len(split), dtype=np.int64)
+
+
+def count_units(units: np.ndarray) -> int:
+    return len(np.unique(units)) if len(units) else 0
+
+
+def expected_batch_size(batch_size: int, n_units: int) -> int:
+    """Records per batch: ``train.batch_size``, capped by the number of units at the site."""
+    return max(1, min(batch_size, n_units))
+
+
+def steps_per_epoch(n_units: int, batch_size: int) -> int:
+    """Optimizer steps that visit each record once on average (Poisson or shuffled batches)."""
+    return max(1, math.ceil(n_units / batch_size))
+
+
+def planned_steps(cfg: Config, n_units: int = 0, *, federated: bool) -> int:
+    """A site's steps in the whole run: rounds x local steps, or epochs over its units."""
+    if federated:
+        return cfg.federated.rounds * cfg.federated.local_steps
+    batch = expected_batch_size(cfg.train.batch_size, n_units)
+    return cfg.train.epochs * steps_per_epoch(n_units, batch)
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """One site's DP-SGD parameters for a whole run; noise calibrated once for all its steps."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    unit: str
+    accountant: str
+    n_units: int
+    expected_batch_size: int
+    target_epsilon: float | None  # what the noise was calibrated for (None: noise was given)
+
+    @classmethod
+    def build(
+        cls,
+        cfg: PrivacyConfig,
+        *,
+        n_units: int,
+        batch_size: int,
+        steps: int,
+        site: str = "",
+        target_epsilon: float | None = None,
+    ) -> DPPlan:
+        """Validate and calibrate: ``target_epsilon`` overrides the config's noise source."""
+        where = f" for site {site!r}" if site else ""
+        if n_units <= 0:
+            raise DataError(f"site {site!r} has no training data: cannot train with DP-SGD")
+        if not cfg.delta < 1.0 / n_units:
+            raise ConfigError(
+                f"privacy.delta = {cfg.delta:g} is invalid{where}: must be < 1/n = "
+                f"{1.0 / n_units:.3g} with n = {n_units} privacy units ({cfg.unit}s); "
+                "a delta that large allows leaking a whole record"
+            )
+        batch = expected_batch_size(batch_size, n_units)
+        if batch >= n_units:
+            warnings.warn(
+                f"train.batch_size = {batch_size} covers all {n_units} privacy units"
+                f"{where}: sample rate q = 1, so epsilon gets no subsampling amplification",
+                UserWarning,
+                stacklevel=2,
+            )
+        if steps <= 0:
+            raise ConfigError(f"planned steps = {steps} is invalid: must be > 0")
+        sample_rate = batch / n_units
+        if target_epsilon is None:
+            sigma, target_epsilon = cfg.noise_source()
+        else:
+            sigma = None
+        if sigma is not None:
+            if sigma <= 0:
+                raise ConfigError(
+                    f"privacy.noise_multiplier = {sigma!r} is invalid with privacy.enabled: "
+                    "noise 0 gives no privacy (infinite epsilon)"
+                )
+        else:
+            from privseg.privacy import accounting  # Opacus (1-2 s to import) only for DP runs
+
+            sigma = accounting.calibrate_noise(
+                target_epsilon=float(target_epsilon),
+                delta=cfg.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=cfg.accountant,
+            )
+        return cls(
+            noise_multiplier=float(sigma),
+            sample_rate=sample_rate,
+            steps=int(steps),
+            max_grad_norm=cfg.max_grad_norm,
+            delta=cfg.delta,
+            unit=cfg.unit,
+            accountant=cfg.accountant,
+            n_units=n_units,
+            expected_batch_size=batch,
+            target_epsilon=target_epsilon,
+        )
+
+    @classmethod
+    def for_split(
+        cls,
+        cfg: Config,
+        split: Any,
+        *,
+        federated: bool,
+        site: str = "",
+        steps: int | None = None,
+        target_epsilon: float | None = None,
+    ) -> DPPlan:
+        """The plan of a site training on ``split`` (steps from the run's schedule)."""
+        n_units = count_units(unit_ids(split, cfg.privacy.unit))
+        return cls.build(
+            cfg.privacy,
+            n_units=n_units,
+            batch_size=cfg.train.batch_size,
+            steps=steps if steps is not None else planned_steps(cfg, n_units, federated=federated),
+            site=site,
+            target_epsilon=target_epsilon,
+        )
+
+    def epsilon(self) -> float:
+        """Epsilon of this plan taken alone (all its steps)."""
+        from privseg.privacy import accounting
+
+        return accounting.epsilon(
+            [(self.noise_multiplier, self.sample_rate, self.steps)],
+            delta=self.delta,
+            accountant=self.accountant,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,248 @@
+"""The ``results.json`` schema: typed run and site results, the only writer of results.json.
+
+Central, local-only and federated runs (simulation and deployment) and the study all build
+their ``results.json`` here, so a key means the same in every file. The README's schema table
+is tested against :data:`RUN_KEYS`, :data:`SITE_KEYS` and :data:`STUDY_KEYS`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privseg.io import write_json
+
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "clip_norm",
+    "accountant",
+)
+"""The privacy fields of every ``sites[]`` entry (None without DP)."""
+
+SLICE_UNIT_NOTE = (
+    "Privacy unit is one slice: epsilon bounds what leaks about any single slice, not about a "
+    "patient, whose many correlated slices each count separately. Use privacy.unit = "
+    '"patient" for a patient-level guarantee.'
+)
+"""What slice-level DP does not protect: results.json, the report and the run's warning."""
+
+SITE_KEYS = ("name", "n_train", "dice", "dice_sd", "hd95", "patients", *PRIVACY_KEYS)
+SITE_OPTIONAL_KEYS = ("cross", "completed")
+RUN_KEYS = (
+    "mode",
+    "dp",
+    "unit",
+    "target_epsilon",
+    "sites",
+    "dice_mean",
+    "dice_sd",
+    "epsilon_max",
+    "history",
+    "seconds_per_epoch",
+    "seconds_per_round",
+    "wall_seconds",
+)
+FEDERATION_KEYS = ("strategy", "rounds", "local_steps", "secure_aggregation")
+PROVENANCE_KEYS = ("privseg_version", "run_id", "cache_dir", "machine", "privacy_note")
+STUDY_KEYS = (
+    "privseg_version",
+    "created",
+    "machine",
+    "data",
+    "config",
+    "wall_seconds",
+    "runs",
+    "attack",
+    "audit",
+    "threat_model",
+)
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean of the values that are not None or NaN; NaN when there are none."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if not arr.size or np.isnan(arr).all():
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(np.nanmean(arr))
+
+
+def as_float(value: Any) -> float:
+    """A metric as a float (None and non-numbers become NaN, never 0)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@dataclass
+class SiteResult:
+    """One ``sites[]`` entry: a site's test metrics (per patient volume) and its privacy."""
+
+    name: str
+    n_train: int | None
+    dice: float = math.nan
+    dice_sd: float = math.nan
+    hd95: float = math.nan
+    patients: list[dict[str, Any]] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
+    cross: dict[str, float] | None = None  # local-only: Dice on the other sites' test splits
+    completed: bool | None = None  # federated: the site answered the final test evaluation
+
+    @classmethod
+    def from_test(
+        cls, name: str, n_train: int | None, test: dict[str, Any], privacy: dict[str, Any] | None
+    ) -> SiteResult:
+        """From an ``evaluate_split`` dict (or a site's scalar reply) and a privacy summary."""
+        return cls(
+            name=name,
+            n_train=n_train,
+            dice=as_float(test.get("dice")),
+            dice_sd=as_float(test.get("dice_sd")),
+            hd95=as_float(test.get("hd95")),
+            patients=list(test.get("patients", [])),
+            privacy=privacy,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "n_train": self.n_train,
+            "dice": self.dice,
+            "dice_sd": self.dice_sd,
+            "hd95": self.hd95,
+            "patients": self.patients,
+        }
+        if self.completed is not None:
+            entry["completed"] = self.completed
+        for key in PRIVACY_KEYS:
+            entry[key] = self.privacy.get(key) if self.privacy else None
+        if self.cross is not None:
+            entry["cross"] = self.cross
+        return entry
+
+
+@dataclass
+class RunResult:
+    """One training run's ``results.json`` (central, local-only or federated)."""
+
+    mode: str
+    dp: bool
+    unit: str | None
+    target_epsilon: float | None
+    sites: list[SiteResult]
+    history: list[dict[str, Any]]
+    seconds_per_epoch: float | None = None
+    seconds_per_round: float | None = None
+    wall_seconds: float = math.nan
+    federation: dict[str, Any] | None = None  # FEDERATION_KEYS, federated runs only
+    provenance: dict[str, Any] = field(default_factory=dict)  # PROVENANCE_KEYS
+
+    @classmethod
+    def of(
+        cls, privacy: Any, mode: str, sites: list[SiteResult], history: list[dict[str, Any]]
+    ) -> RunResult:
+        """A result whose DP fields come from the run's ``privacy`` config section."""
+        dp = bool(privacy.enabled)
+        return cls(
+            mode=mode,
+            dp=dp,
+            unit=privacy.unit if dp else None,
+            target_epsilon=privacy.target_epsilon if dp else None,
+            sites=sites,
+            history=history,
+        )
+
+    def _dice(self) -> list[float]:
+        pooled = [p["dice"] for s in self.sites for p in s.patients]
+        return pooled or [s.dice for s in self.sites]
+
+    @property
+    def dice_mean(self) -> float:
+        """Over all test patient volumes of all sites (site means when no patient is known)."""
+        return nanmean(self._dice())
+
+    @property
+    def dice_sd(self) -> float:
+        dice = self._dice()
+        return float(np.nanstd(dice)) if dice else math.nan
+
+    @property
+    def epsilon_max(self) -> float | None:
+        """The largest per-site epsilon (never an average); None without DP."""
+        eps = [s.privacy.get("epsilon") for s in self.sites if s.privacy]
+        eps = [e for e in eps if e is not None]
+        return max(eps) if eps else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.mode,
+            "dp": self.dp,
+            "unit": self.unit,
+            "target_epsilon": self.target_epsilon,
+            "sites": [s.to_dict() for s in self.sites],
+            "dice_mean": self.dice_mean,
+            "dice_sd": self.dice_sd,
+            "epsilon_max": self.epsilon_max,
+            "history": self.history,
+            "seconds_per_epoch": self.seconds_per_epoch,
+            "seconds_per_round": self.seconds_per_round,
+            "wall_seconds": self.wall_seconds,
+        }
+        if self.federation is not None:
+            out.update({k: self.federation[k] for k in FEDERATION_KEYS})
+        out.update({k: v for k, v in self.provenance.items() if k in PROVENANCE_KEYS})
+        if self.dp and self.unit == "slice":
+            out["privacy_note"] = SLICE_UNIT_NOTE
+        return out
+
+    def write(self, path: Path) -> dict[str, Any]:
+        """Write ``results.json`` atomically; return what was written."""
+        out = self.to_dict()
+        write_json(path, out)
+        return out
+
+
+@dataclass
+class StudyResult:
+    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits."""
+
+    privseg_version: str
+    created: str
+    machine: dict[str, Any]
+    data: dict[str, Any]
+    config: dict[str, Any]
+    wall_seconds: float
+    runs: list[dict[str, Any]]
+    attack: list[dict[str, Any]]
+    audit: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "privseg_version": self.privseg_version,
+            "created": self.created,
+            "machine": self.machine,
+            "data": self.data,
+            "config": self.config,
+            "wall_seconds": self.wall_seconds,
+            "runs": self.runs,
+            "attack": self.attack,
+            "audit": self.audit,
+            "threat_model": self.attack[0].get("threat_model", {}) if self.attack else {},
+        }
+
+    def write(self, path: Path) -> dict[str, Any]:
+        out = self.to_dict()
+        write_json(path, out)
+        return out

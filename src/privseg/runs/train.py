@@ -1,0 +1,117 @@
+"""One training run = one run folder (config.toml, results.json, checkpoint, figure).
+
+The run layer sits above training and federation: it picks the mode, opens (or prepares) the
+data, and writes the folder; the modes themselves know nothing of each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from privseg import __version__
+from privseg.config import Config
+from privseg.data.cache import resolve_cache
+from privseg.errors import DataError
+from privseg.progress import Progress, no_progress
+from privseg.results import RunResult
+from privseg.run_folder import RunFolder
+from privseg.training.modes import run_central, run_local
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["central", "local", "federated"]
+MODES: tuple[str, ...] = ("central", "local", "federated")
+
+
+def train(
+    cfg: Config,
+    *,
+    data: Path,
+    out: Path,
+    mode: Mode,
+    progress: Progress = no_progress,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Train in ``mode`` and write the run folder ``out``; return its results dictionary."""
+    if mode not in MODES:
+        raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
+    folder = RunFolder(Path(out))
+    folder.root.mkdir(parents=True, exist_ok=True)
+    apply_threads(cfg)
+    cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
+    folder.write_config(cfg)
+    run_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    if mode == "central":
+        result = run_central(cfg, cache, folder, progress, run_id=run_id)
+    elif mode == "local":
+        result = run_local(cfg, cache, folder, progress, run_id=run_id)
+    else:
+        result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
+    result.wall_seconds = time.perf_counter() - started
+    result.provenance.update(
+        {
+            "privseg_version": __version__,
+            "run_id": run_id,
+            "cache_dir": str(Path(cache.root).resolve()),
+            "machine": machine_info(),
+        }
+    )
+    results = result.write(folder.results)
+    _plot(result, folder)
+    return results
+
+
+def _run_federated(
+    cfg: Config, cache: Any, folder: RunFolder, progress: Progress, *, run_id: str, resume: bool
+) -> RunResult:
+    from privseg.federated.simulation import run_federated
+
+    def on_round(entry: dict[str, Any]) -> None:
+        rnd = int(entry.get("round", 0))
+        progress(f"federated: round {rnd}/{cfg.federated.rounds}", rnd, cfg.federated.rounds)
+
+    return run_federated(
+        cfg,
+        cache_dir=Path(cache.root),
+        out_dir=folder.root,
+        run_id=run_id,
+        resume=resume,
+        progress=on_round,
+    )
+
+
+def apply_threads(cfg: Config) -> None:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+def machine_info() -> dict[str, Any]:
+    import flwr
+    import opacus
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "flwr": getattr(flwr, "__version__", "unknown"),
+    }
+
+
+def _plot(result: RunResult, folder: RunFolder) -> None:
+    from privseg.report.figures import plot_learning_curve
+
+    title = f"{result.mode} {'DP' if result.dp else 'non-private'}"
+    plot_learning_curve(result.history, folder.figure("learning_curve"), title)
