@@ -19,7 +19,8 @@ from privseg.config import Config
 from privseg.errors import FederationError, PrivacyBudgetExceeded
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
-from privseg.federated.server_app import STATE_FILE, ServerSettings, initial_state, run_server
+from privseg.federated.rounds import ServerSettings, run_server
+from privseg.federated.state import STATE_FILE, initial_state
 from privseg.federated.strategy import load_strategy_state, make_strategy, strategy_state
 from privseg.io import read_json, write_json
 
@@ -450,7 +451,7 @@ def test_missing_sites_time_out(tmp_path: Path) -> None:
 
 
 def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> None:
-    from privseg.federated.server_app import wait_for_sites
+    from privseg.federated.rounds import wait_for_sites
 
     grid = FakeGrid(["a", "b"], tmp_path)
     assert len(wait_for_sites(grid, 2, timeout=0.2, want=3)) == 2  # waited, then settled

@@ -14,13 +14,8 @@ from typing import Any
 from privseg.config import Config
 from privseg.errors import DataError, FederationError
 from privseg.federated.client_app import TrainerFactory, make_client_app
-from privseg.federated.server_app import (
-    Progress,
-    ServerSettings,
-    build_results,
-    make_server_app,
-    save_final,
-)
+from privseg.federated.rounds import RoundCallback, ServerSettings
+from privseg.federated.server_app import build_results, make_server_app, save_final
 from privseg.io import read_json
 
 log = logging.getLogger(__name__)
@@ -65,7 +60,7 @@ def run_federated(
     out_dir: Path,
     run_id: str,
     resume: bool = False,
-    progress: Progress | None = None,
+    progress: RoundCallback | None = None,
     sites: list[str] | None = None,
     trainer_factory: TrainerFactory | None = None,
     cpus: int | None = None,
