@@ -32,9 +32,9 @@ from privseg.config import Config
 from privseg.data.cache import SliceCache, prepare_cache
 from privseg.data.phantom import synth_task
 from privseg.federated.certs import make_certs
-from privseg.federated.deployment import free_port
-from privseg.federated.server_app import initial_state
+from privseg.federated.processes import free_port
 from privseg.federated.simulation import run_federated
+from privseg.federated.state import initial_state
 from privseg.privacy import accounting
 from privseg.training.trainer import build_site_trainer
 

@@ -117,7 +117,7 @@ def test_run_attack_and_audit_on_a_run_folder(run_dir: Path) -> None:
 def test_round_first_attacks_the_initial_global_model(run_dir: Path) -> None:
     from privseg.attack.runner import attacked_model
     from privseg.cli.app import app
-    from privseg.federated.server_app import initial_state
+    from privseg.federated.state import initial_state
     from privseg.runs.attack import load_run
 
     final, cfg, _, _ = load_run(run_dir, "site-0")

@@ -19,7 +19,7 @@ import pytest
 
 from privseg.config import Config
 from privseg.federated.certs import make_certs
-from privseg.federated.deployment import free_port
+from privseg.federated.processes import free_port
 from test_federated_unit import e2e_config
 
 pytestmark = pytest.mark.slow
@@ -199,7 +199,8 @@ def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) 
 
 def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
     from privseg.errors import FederationError
-    from privseg.federated.deployment import Processes, flower_bin, flower_env, join, wait_for_port
+    from privseg.federated.deployment import join
+    from privseg.federated.processes import Processes, flower_bin, flower_env, wait_for_port
 
     good = make_certs(tmp_path / "good", ["site-0"])
     other = make_certs(tmp_path / "other", ["site-0"])  # another CA: the site cannot trust it
@@ -269,55 +270,11 @@ def test_insecure_mode_warns_and_runs(tmp_path: Path, cache: Path) -> None:
         cluster.stop_all()
 
 
-def test_supernode_polling_patch_matches_flower() -> None:
-    """The Flower internals the site worker relies on are still where it expects them."""
-    import flwr.supernode.runtime.run_clientapp as rc
-    import flwr.supernode.start_client_internal as loop
-
-    from privseg.federated.worker import (
-        Backoff,
-        _PollingTime,
-        fab_clientapp,
-        fast_object_pulls,
-        patch_supernode_polling,
-    )
-
-    assert callable(rc.pull_task_input) and callable(rc.push_message)
-    assert callable(rc.push_task_output)
-    original = loop.time
-    try:
-        patch_supernode_polling(0.01, 0.05)
-        assert isinstance(loop.time, _PollingTime)
-        t0 = time.monotonic()
-        loop.time.sleep(3)  # the SuperNode's idle poll, now 10-50 ms
-        assert time.monotonic() - t0 < 1.0
-        assert loop.time.monotonic() > 0  # everything else is still `time`
-    finally:
-        loop.time = original
-    fast_object_pulls()
-    assert loop.pull_objects.__wrapped__ is not None
-    b = Backoff(0.01, 1.0, 0.1)
-    b.idle_since -= 100
-    assert b.interval() == 1.0
-    b.reset()
-    assert b.interval() == 0.01
-
-    import io
-    import zipfile
-
-    from privseg.federated.deployment import APP_PYPROJECT
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        zf.writestr("pyproject.toml", APP_PYPROJECT)
-    assert fab_clientapp(buf.getvalue()) == "privseg.federated.client_app:app"
-
-
 def test_service_port_is_free_and_below_the_ephemeral_range() -> None:
     """A client polling the port before the service listens can never self-connect to it."""
     import socket
 
-    from privseg.federated.deployment import ephemeral_low, service_port
+    from privseg.federated.processes import ephemeral_low, service_port
 
     low = ephemeral_low()
     for _ in range(20):

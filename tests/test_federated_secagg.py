@@ -20,8 +20,8 @@ from privseg.config import Config
 from privseg.errors import ConfigError, FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
+from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.secagg import protocol_params, secure_round, secure_train
-from privseg.federated.server_app import ServerSettings, run_server
 from privseg.federated.strategy import make_strategy
 from privseg.io import read_json
 from test_federated_unit import (  # noqa: F401
@@ -267,7 +267,7 @@ def test_a_declined_site_takes_part_with_weight_zero(tmp_path: Path) -> None:
 
 
 def make_initial(cfg: Config) -> dict[str, torch.Tensor]:
-    from privseg.federated.server_app import initial_state
+    from privseg.federated.state import initial_state
 
     return initial_state(cfg)
 

@@ -19,9 +19,11 @@ from privseg.config import Config
 from privseg.errors import FederationError, PrivacyBudgetExceeded
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
-from privseg.federated.server_app import STATE_FILE, ServerSettings, initial_state, run_server
+from privseg.federated.rounds import ServerSettings, run_server
+from privseg.federated.state import initial_state
 from privseg.federated.strategy import load_strategy_state, make_strategy, strategy_state
 from privseg.io import read_json, write_json
+from privseg.run_folder import RunFolder
 
 # ---- a fake SiteTrainer with exactly the lead's interface ------------------------------------
 SIZES = {"a": 10, "b": 30, "c": 20, "tight": 5}
@@ -389,7 +391,7 @@ def test_run_server_checkpoints_and_resumes(tmp_path: Path) -> None:
     s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
     with pytest.raises(RuntimeError, match="server crash"):
         run_server(FakeGrid(["a", "b"], tmp_path, fail_round=3), s)
-    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    saved = torch.load(RunFolder(tmp_path / "run").federated_state, weights_only=True)
     assert saved["round"] == 2 and [h["round"] for h in saved["history"]] == [1, 2]
     s.resume = True
     events: list[dict] = []
@@ -419,7 +421,7 @@ def test_one_exchange_per_round_the_sites_score_the_incoming_model(tmp_path: Pat
     for h in summary["history"]:
         assert h["val_dice_sites"] == {"a": 0.5, "b": 0.7}
         assert h["val_dice"] == pytest.approx(0.6)
-    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    saved = torch.load(RunFolder(tmp_path / "run").federated_state, weights_only=True)
     assert all(h["val_dice"] == pytest.approx(0.6) for h in saved["history"])
 
 
@@ -450,7 +452,7 @@ def test_missing_sites_time_out(tmp_path: Path) -> None:
 
 
 def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> None:
-    from privseg.federated.server_app import wait_for_sites
+    from privseg.federated.rounds import wait_for_sites
 
     grid = FakeGrid(["a", "b"], tmp_path)
     assert len(wait_for_sites(grid, 2, timeout=0.2, want=3)) == 2  # waited, then settled
@@ -592,7 +594,7 @@ def test_fedadam_checkpoint_holds_state_dicts_and_resumes_exactly(tmp_path: Path
     s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
     with pytest.raises(RuntimeError, match="server crash"):
         run_server(FakeGrid(["a", "b"], tmp_path / "r", fail_round=3), s)
-    saved = torch.load(tmp_path / "run" / STATE_FILE, weights_only=True)
+    saved = torch.load(RunFolder(tmp_path / "run").federated_state, weights_only=True)
     names = list(initial_state(cfg))
     assert list(saved["state_dict"]) == names  # a plain, named torch state_dict
     assert all(isinstance(v, torch.Tensor) for v in saved["state_dict"].values())

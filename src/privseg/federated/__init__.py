@@ -1,8 +1,11 @@
 """Federation on Flower: the same site code in one-machine simulation and real deployment.
 
-``client_app`` (site side), ``server_app`` (rounds, checkpoints, resume), ``strategy``
-(FedAvg / FedProx / FedAdam with per-site bookkeeping), ``simulation`` (``run_federated``),
-``deployment`` (SuperLink / SuperNode processes), ``certs`` (TLS and site keys), ``worker``
-(a long-lived site process in deployment), ``messages`` (what travels, by name).
+``client_app`` (the site's ClientApp), ``server_app`` (the ServerApp and the run's final files),
+``rounds`` (the server's round loop), ``state`` (its saved state, for resume, and status file),
+``strategy`` (FedAvg / FedProx / FedAdam with per-site bookkeeping), ``secagg`` (SecAgg+ rounds),
+``simulation`` (``run_federated``), ``deployment`` (``serve`` and ``join``), ``processes``
+(process groups, ports), ``app_files`` (the Flower App and config files), ``certs`` (TLS and
+site keys), ``worker`` (a site's long-lived ClientApp process), ``flower_compat`` (every use
+of Flower internals), ``messages`` (what travels, by name).
 Nothing heavy is imported here: Flower loads the apps in short-lived processes.
 """

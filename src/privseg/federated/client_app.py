@@ -25,6 +25,7 @@ from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.federated import messages as M
 from privseg.federated import secagg
 from privseg.io import write_json
+from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,12 @@ class SiteSettings:
 
     @property
     def ledger(self) -> Path:
-        return self.out_dir / "ledgers" / f"{self.site}.sqlite"
+        return RunFolder(self.out_dir).ledger(self.site)
 
     @property
     def report(self) -> Path:
         """The site-local test report (per-patient results never leave the site)."""
-        return self.out_dir / "sites" / f"{self.site}.json"
+        return RunFolder(self.out_dir).site_report(self.site)
 
 
 def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:

@@ -8,225 +8,35 @@ Every process started here is stopped by process group when the call returns.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import random
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
 from privseg.errors import DataError, FederationError
+from privseg.federated.app_files import CONNECTION, toml_str, write_app, write_flower_home
 from privseg.federated.certs import CertFiles
-from privseg.federated.server_app import STATUS_FILE
-from privseg.io import atomic_write_text, read_json
+from privseg.federated.processes import (
+    Processes,
+    flower_bin,
+    flower_env,
+    service_port,
+    signal_group,
+    wait_for_port,
+)
+from privseg.io import read_json
+from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-CONNECTION = "privseg"
-APP_PYPROJECT = """\
-# The Flower App that `privseg server` submits with `flwr run`. It holds no code: both
-# components live in the installed privseg package, which the server and every site need.
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "privseg-federation"
-version = "1.0.0"
-description = "privseg: DP-SGD CT segmentation across hospitals"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "privseg"
-
-[tool.flwr.app.components]
-serverapp = "privseg.federated.server_app:app"
-clientapp = "privseg.federated.client_app:app"
-
-[tool.flwr.app.config]
-privseg-config = ""
-run-id = ""
-out-dir = ""
-resume = false
-expected-sites = 0
-"""
-
-
-# ---- processes -------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (bind to port 0)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def ephemeral_low(default: int = 32768) -> int:
-    """The lowest port the kernel hands out as a connection's source port."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
-
-
-def service_port(host: str = "127.0.0.1", span: int = 10000) -> int:
-    """A free port *below* the ephemeral range, for a local service that a client polls
-    before it listens (the site worker polls the SuperNode's Runtime API, which restarts
-    until the server is up). A client retrying ``connect()`` to an ephemeral-range port can
-    be given that very port as its source and connect to itself; the service then cannot
-    bind (seen in CI: ``[Errno 98] address already in use``, the site lost)."""
-    top = ephemeral_low()
-    for port in random.sample(range(max(1024, top - span), top), 200):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    return free_port(host)
-
-
-def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """Environment for Flower's executables: this interpreter's bin first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # default 1 s per message
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
-
-
-def flower_bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else (shutil.which(name) or name)
-
-
-class Processes:
-    """Processes started in their own process group; ``stop()`` ends each group by its id."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
-
-    def start(
-        self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path
-    ) -> subprocess.Popen[bytes]:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as fh:
-            proc = subprocess.Popen(
-                argv,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.procs[name] = (proc, log_file)
-        atomic_write_text(log_file.with_suffix(".pid"), f"{proc.pid}\n")  # for manual cleanup
-        log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
-        return proc
-
-    def tail(self, name: str, lines: int = 15) -> str:
-        _, log_file = self.procs[name]
-        text = log_file.read_text(errors="replace") if log_file.exists() else ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> None:
-        for proc, _ in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc, _ in self.procs.values():
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            _signal_group(proc, signal.SIGKILL)  # children (flwr-serverapp, ...) too
-            proc.wait()
-        self.procs.clear()
-
-    def __enter__(self) -> Processes:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.stop()
-        finally:
-            if getattr(self, "_previous", None) is not None:
-                signal.signal(signal.SIGTERM, self._previous)
-
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds, so every started process group is stopped
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=1.0):
-                return True
-        except OSError:
-            time.sleep(0.3)
-    return False
-
 
 # ---- server ----------------------------------------------------------------------------------
-def _toml_str(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def write_flower_home(home: Path, address: str, ca: Path | None) -> None:
-    """``$FLWR_HOME/config.toml`` with one SuperLink connection named ``privseg``."""
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f"address = {_toml_str(address)}",
-    ]
-    lines.append(f"root-certificates = {_toml_str(str(ca))}" if ca else "insecure = true")
-    atomic_write_text(home / "config.toml", "\n".join(lines) + "\n")
-
-
-def write_app(
-    folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool, expected_sites: int = 0
-) -> Path:
-    """The Flower App folder and its run-config file; returns the run-config path."""
-    atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
-    run_config = folder.parent / "run-config.toml"
-    atomic_write_text(
-        run_config,
-        "".join(
-            [
-                f"privseg-config = {_toml_str(cfg.to_toml())}\n",
-                f"run-id = {_toml_str(run_id)}\n",
-                f"out-dir = {_toml_str(str(out.resolve()))}\n",
-                f"resume = {'true' if resume else 'false'}\n",
-                f"expected-sites = {int(expected_sites)}\n",
-            ]
-        ),
-    )
-    return run_config
-
-
 def serve(
     cfg: Config,
     *,
@@ -266,8 +76,9 @@ def serve(
     run_config = write_app(
         home / "app", cfg, run_id=run_id, out=out, resume=resume, expected_sites=len(keys)
     )
-    for stale in (STATUS_FILE, "results.json"):  # written anew when this run ends
-        (out / stale).unlink(missing_ok=True)
+    run = RunFolder(out)
+    for stale in (run.federation_status, run.results):  # written anew when this run ends
+        stale.unlink(missing_ok=True)
     env = flower_env(home)
     argv = [
         flower_bin("flower-superlink"),
@@ -343,31 +154,31 @@ def serve(
                     if _finished(out):
                         break
             finally:
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    _signal_group(proc, signal.SIGKILL)
+                    signal_group(proc, signal.SIGKILL)
                     proc.wait()
-    status = read_json(out / STATUS_FILE) if (out / STATUS_FILE).is_file() else None
+    status = read_json(run.federation_status) if run.federation_status.is_file() else None
     if status is None:
         raise FederationError(f"the run ended without a result; see {out / 'logs'}")
     if status["status"] == "stopped":
         raise FederationError(status["message"])
-    if status["status"] != "completed" or not (out / "results.json").is_file():
+    if status["status"] != "completed" or not run.results.is_file():
         raise FederationError(
             f"the run failed after round {status['round']}; see {out / 'logs' / 'run.log'}"
         )
-    return read_json(out / "results.json")
+    return read_json(run.results)
 
 
 def _finished(out: Path) -> bool:
     """The ServerApp has written its final status (completed, or stopped)."""
-    path = out / STATUS_FILE
-    if not path.is_file():
+    run = RunFolder(out)
+    if not run.federation_status.is_file():
         return False
-    status = read_json(path)["status"]
-    return status == "stopped" or (status == "completed" and (out / "results.json").is_file())
+    status = read_json(run.federation_status)["status"]
+    return status == "stopped" or (status == "completed" and run.results.is_file())
 
 
 def _wait_node(
@@ -446,21 +257,21 @@ def join(
     else:
         log.warning("INSECURE: site %s connects without TLS", site)
     out.mkdir(parents=True, exist_ok=True)
-    report = out / "sites" / f"{site}.json"
+    report = RunFolder(out).site_report(site)
     started = time.time()
     env = flower_env(out / ".flwr")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     with Processes() as procs:
         node_config = (
-            f"site={_toml_str(site)} data-dir={_toml_str(str(data))} out-dir={_toml_str(str(out))}"
+            f"site={toml_str(site)} data-dir={toml_str(str(data))} out-dir={toml_str(str(out))}"
         )
         if privacy_config:
-            node_config += f" privacy-config={_toml_str(str(privacy_config))}"
+            node_config += f" privacy-config={toml_str(str(privacy_config))}"
         runtime_port = service_port()  # the SuperNode's local Runtime API (127.0.0.1)
         if worker:
             # The worker runs every ClientApp task in one process (torch and the trainer stay
             # loaded); the SuperNode leaves task execution to it (--isolation process) and
-            # polls faster than Flower's hard-coded 3 s (see privseg.federated.worker).
+            # polls faster than Flower's hard-coded 3 s (see privseg.federated.flower_compat).
             procs.start(
                 "worker",
                 [

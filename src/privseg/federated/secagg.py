@@ -31,8 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message_type import MessageType
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.common import (
     FitIns,
@@ -41,17 +48,11 @@ from flwr.common import (
     ndarray_to_bytes,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server import ServerConfig
-from flwr.server.compat.grid_client_proxy import GridClientProxy
-from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 
 from privseg.config import FederatedConfig
+from privseg.federated import flower_compat as fc
 from privseg.federated import messages as M
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class SecureRound:
 class _Instructions(LegacyStrategy):
     """A legacy strategy that only hands out our fit instructions and keeps the sum."""
 
-    def __init__(self, instructions: list[tuple[GridClientProxy, FitIns]]) -> None:
+    def __init__(self, instructions: list[tuple[Any, FitIns]]) -> None:
         self.instructions = instructions
         self.aggregate: Parameters | None = None
 
@@ -143,7 +144,7 @@ class _Workflow(SecAggPlusWorkflow):
         if not super().collect_masked_vectors_stage(grid, context, state):
             self.halted = "too many sites dropped out (fewer than the reconstruction threshold)"
             return False
-        contributors = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
+        contributors = sum(1 for _, res in fc.legacy_results(state) if res.num_examples > 0)
         if contributors < self.min_contributors:
             self.halted = (
                 f"only {contributors} site(s) contributed an update; the sum is not unmasked "
@@ -198,17 +199,9 @@ def secure_round(
     t0 = timeit.default_timer()
     keys = list(arrays.keys())
     fit_config = {**dict(config), M.CFG_ARRAY_KEYS: "\n".join(keys)}
-    fitins = FitIns(compat.arrayrecord_to_parameters(arrays, keep_input=True), fit_config)
-    strategy = _Instructions([(GridClientProxy(nid, grid, 0), fitins) for nid in node_ids])
-    context = LegacyContext(
-        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-        config=ServerConfig(num_rounds=1),
-        strategy=strategy,
-    )
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-        {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: t0}
-    )
-    context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    fitins = FitIns(fc.arrayrecord_to_parameters(arrays), fit_config)
+    strategy = _Instructions([(fc.grid_client_proxy(nid, grid), fitins) for nid in node_ids])
+    context = fc.legacy_context(strategy, server_round, t0, arrays)
     workflow = _Workflow(
         min_contributors=max(2, min_contributors or fed.min_sites),
         **protocol_params(len(node_ids), fed),
@@ -302,10 +295,7 @@ def secagg_mod(msg: Message, context: Context, call_next: Any) -> Message:
     Flower's mod treats every ``train`` message as a SecAgg+ stage (a plain one fails with
     a KeyError), so the one ClientApp serves plain and secure rounds through this guard.
     """
-    if (
-        msg.metadata.message_type == MessageType.TRAIN
-        and RECORD_KEY_CONFIGS in msg.content.config_records
-    ):
+    if msg.metadata.message_type == MessageType.TRAIN and fc.is_secaggplus_stage(msg):
         return secaggplus_mod(msg, context, call_next)
     return call_next(msg, context)
 
@@ -347,7 +337,7 @@ def site_update(
 def fit_reply(content: RecordDict, update: list[np.ndarray], weight: int) -> RecordDict:
     """Add the legacy FitRes records that ``secaggplus_mod`` masks (then empties)."""
     params = Parameters(tensors=[ndarray_to_bytes(u) for u in update], tensor_type="numpy.ndarray")
-    content[M.FITRES_ARRAYS] = compat.parameters_to_arrayrecord(params, keep_input=False)
+    content[M.FITRES_ARRAYS] = fc.parameters_to_arrayrecord(params)
     content[M.FITRES_WEIGHT] = MetricRecord({"num_examples": int(weight)})
     content[M.FITRES_METRICS] = ConfigRecord({})
     content[M.FITRES_STATUS] = ConfigRecord({"code": 0, "message": "Success"})

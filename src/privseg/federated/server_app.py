@@ -1,370 +1,23 @@
-"""The server side: a Flower ServerApp that runs rounds, checkpoints them and can resume.
+"""The Flower ServerApp: its wiring to the round loop, and the run's final files.
 
-We drive Flower's strategy round by round ourselves (instead of ``strategy.start``) so that
-rounds keep their absolute number after a resume, every round is checkpointed atomically, and
-the run stops with a clear message when fewer than ``federated.min_sites`` sites take part.
+``app`` is the deployment ServerApp (Flower loads it as ``privseg.federated.server_app:app``).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
 import time
-import tomllib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from privseg.config import Config
-from privseg.errors import CheckpointError, FederationError
-from privseg.federated import messages as M
-from privseg.federated.secagg import secure_train
-from privseg.federated.strategy import (
-    SiteAggregation,
-    load_strategy_state,
-    make_strategy,
-    strategy_state,
-)
-from privseg.io import atomic_torch_save, write_json
-from privseg.results import PRIVACY_KEYS, RunResult, SiteResult, nanmean
-
-log = logging.getLogger(__name__)
-
-STATE_FILE = "federated_state.pt"
-STATUS_FILE = "federation_status.json"
-Progress = Callable[[dict[str, Any]], None]
-
-
-POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
-
-
-@dataclass
-class ServerSettings:
-    """Everything the server needs; parsed once from the engine's config at the boundary."""
-
-    cfg: Config
-    out_dir: Path
-    run_id: str
-    resume: bool = False
-    progress: Progress | None = None
-    node_wait: float | None = None  # seconds to wait for min_sites (default: round_timeout)
-    expected_sites: int = 0  # before the first round, wait (node_wait) for this many sites
-    poll: tuple[float, float, float] = POLL  # send_and_receive's (lo, hi, factor)
-
-    @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
-        """Deployment: ``flwr run ... --run-config`` carries the config TOML and the out dir."""
-        try:
-            cfg = Config.from_dict(tomllib.loads(str(run_config[M.CFG_TOML])))
-            return cls(
-                cfg=cfg,
-                out_dir=Path(str(run_config["out-dir"])),
-                run_id=str(run_config[M.CFG_RUN_ID]),
-                resume=bool(run_config.get("resume", False)),
-                expected_sites=int(run_config.get("expected-sites", 0)),
-            )
-        except KeyError as exc:
-            raise FederationError(f"the run config lacks {exc.args[0]!r}") from None
-
-
-def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The round-0 global model (seeded, so simulation and deployment start alike)."""
-    from privseg.models import initial_model
-
-    model = initial_model(cfg.model, cfg.seed)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _set_val(entry: dict[str, Any], dice: dict[str, float]) -> None:
-    """Record the validation Dice of the global model that ``entry``'s round produced."""
-    entry["val_dice_sites"] = dict(dice)
-    entry["val_dice"] = nanmean(dice.values())
-
-
-def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[int]:
-    """Node ids once ``want`` (or, after ``timeout`` s, at least ``n``) are connected.
-
-    Raises FederationError when fewer than ``n`` are connected after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= max(n, want):
-            return nodes
-        if time.monotonic() > deadline:
-            if len(nodes) >= n:
-                return nodes
-            raise FederationError(
-                f"only {len(nodes)} of the {n} sites needed (federated.min_sites) are connected "
-                f"after {timeout:g} s; stopping"
-            )
-        time.sleep(0.5)
-
-
-def send_and_receive(
-    grid: Grid,
-    messages: Iterable[Message],
-    *,
-    timeout: float | None,
-    poll: tuple[float, float, float] = POLL,
-) -> list[Message]:
-    """Push ``messages``, then pull their replies until all are in or ``timeout`` s passed.
-
-    Flower's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls in deployment
-    (``flwr/superlink/grid/http_grid.py``), which idled up to 3 s on every train and evaluate
-    phase. Here the pause grows with the time waited (``poll = (lo, hi, factor)``), so a reply
-    waits at most about 10% of the phase, plus 20 ms.
-    """
-    lo, hi, factor = poll
-    pending = set(grid.push_messages(messages))
-    start = time.monotonic()
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        waited = time.monotonic() - start
-        if not pending or (timeout is not None and waited >= timeout):
-            break
-        time.sleep(min(hi, max(lo, factor * waited)))
-    return replies
-
-
-# ---- checkpoint ------------------------------------------------------------------------------
-def state_dict(arrays: ArrayRecord, layout: str) -> dict[str, torch.Tensor]:
-    """The packed global weights as a plain torch state_dict (tensors with their own storage)."""
-    return {k: v.clone() for k, v in M.unpack_torch(arrays, layout).items()}
-
-
-def save_state(
-    out_dir: Path,
-    *,
-    cfg: Config,
-    rnd: int,
-    arrays: ArrayRecord,
-    layout: str,
-    history: list[dict[str, Any]],
-    strategy: SiteAggregation,
-    run_id: str,
-) -> None:
-    """Global model + round + history + server-optimizer state, atomically.
-
-    ``arrays`` and the optimizer's moments are packed (``M.pack``); the file holds them as
-    named torch state dicts.
-    """
-    opt = {
-        name: {k: torch.from_numpy(np.array(v)) for k, v in M.unpack(d, layout).items()}
-        for name, d in strategy_state(strategy).items()
-    }
-    atomic_torch_save(
-        {
-            "format": "privseg-federated-state/1",
-            "round": rnd,
-            "run_id": run_id,
-            "config": cfg.to_toml(),
-            "state_dict": state_dict(arrays, layout),
-            "history": history,
-            "strategy": opt,
-        },
-        out_dir / STATE_FILE,
-    )
-    write_json(out_dir / "history.json", history)
-
-
-def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
-    """The last completed round's state, or None when there is none to resume."""
-    path = out_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to start over") from exc
-    old = Config.from_dict(tomllib.loads(saved["config"]))
-    if old.model != cfg.model or old.federated.strategy != cfg.federated.strategy:
-        raise CheckpointError(
-            f"{path} was written for another model or strategy; use a new --out folder"
-        )
-    return saved
-
-
-# ---- the rounds ------------------------------------------------------------------------------
-def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
-    """Run (or resume) all rounds, then the final test evaluation at every site.
-
-    Raises FederationError (and records it in ``federation_status.json``) when fewer than
-    ``federated.min_sites`` sites connect or train in a round.
-    """
-    try:
-        return _run_rounds(grid, s)
-    except FederationError as exc:
-        state = s.out_dir / STATE_FILE
-        done = int(torch.load(state, weights_only=True)["round"]) if state.is_file() else 0
-        _write_status(s.out_dir, "stopped", done, str(exc))
-        raise
-
-
-def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
-    cfg, fed = s.cfg, s.cfg.federated
-    send = functools.partial(send_and_receive, poll=s.poll)
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    strategy = make_strategy(cfg)
-    saved = load_state(s.out_dir, cfg) if s.resume else None
-    # The weights travel packed (one array per message, see M.pack); the layout goes with them.
-    if saved is not None:
-        start, history = int(saved["round"]), list(saved["history"])
-        layout = M.state_layout(saved["state_dict"])
-        arrays = M.pack_record(saved["state_dict"], layout)
-        load_strategy_state(
-            strategy,
-            {
-                k: M.pack({n: t.numpy() for n, t in d.items()}, layout)
-                for k, d in saved["strategy"].items()
-            },
-        )
-        log.info("resuming after round %d of %d", start, fed.rounds)
-    else:
-        state = initial_state(cfg)
-        start, history, layout = 0, [], M.state_layout(state)
-        arrays = M.pack_record(state, layout)
-    base = {
-        M.CFG_LAYOUT: layout,
-        M.CFG_TOML: cfg.to_toml(),
-        M.CFG_RUN_ID: s.run_id,
-        M.CFG_LOCAL_STEPS: fed.local_steps,
-        M.CFG_PLANNED_STEPS: fed.rounds * fed.local_steps,
-    }
-    wait = s.node_wait if s.node_wait is not None else fed.round_timeout
-    # Last known cumulative epsilon and training size of every site that ever answered: a
-    # site that drops out still counts in the maximum.
-    eps_known: dict[str, float] = {}
-    n_train: dict[str, int] = {}
-    for old in history:
-        eps_known.update(old.get("epsilon_sites", {}))
-        n_train.update(old.get("n_train_sites", {}))
-    for rnd in range(start + 1, fed.rounds + 1):
-        t0 = time.perf_counter()
-        wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
-        # the sites score the previous round's global model on val before they train
-        # (no separate evaluate exchange); only the last round has its own evaluate phase
-        previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
-        score_incoming = previous is not None and previous.get("val_dice") is None
-        train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
-        train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
-        if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
-            new_arrays, _ = secure_train(grid, strategy, rnd, arrays, train_ins, fed, send=send)
-        else:
-            replies = send(grid, train_ins, timeout=fed.round_timeout)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        report = strategy.last_train
-        if score_incoming and previous is not None:
-            _set_val(previous, {k: v.get(M.DICE, math.nan) for k, v in report.sites.items()})
-        for name in report.declined:
-            log.warning("round %d: site %s declined (privacy budget exhausted)", rnd, name)
-        for reason in report.failed:
-            log.warning("round %d: a site failed: %s", rnd, reason)
-        if new_arrays is None or len(report.contributors) < fed.min_sites:
-            message = (
-                f"round {rnd}: only {len(report.contributors)} site(s) trained "
-                f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
-                f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
-                f"{len(report.failed)}. Stopped after round {rnd - 1}; the last global model is "
-                f"in {s.out_dir / STATE_FILE}"
-            )
-            raise FederationError(message)
-        arrays = new_arrays
-        t_train = time.perf_counter()
-        n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
-        eps_known.update(
-            {
-                k: v[M.EPSILON]
-                for k, v in report.sites.items()
-                if not math.isnan(v.get(M.EPSILON, math.nan))
-            }
-        )
-        val: dict[str, float] | None = None  # filled by the next round's train replies
-        if rnd == fed.rounds:
-            strategy.aggregate_evaluate(
-                rnd,
-                send(
-                    grid,
-                    strategy.configure_evaluate(
-                        rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
-                    ),
-                    timeout=fed.round_timeout,
-                ),
-            )
-            val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
-        t_end = time.perf_counter()
-        site_seconds = [v.get(M.SECONDS, math.nan) for v in report.sites.values()]
-        entry = {
-            "round": rnd,
-            "train_loss": report.train_loss(fed.weighted),
-            "val_dice": None,
-            "val_dice_sites": {},
-            "epsilon_max": max(eps_known.values(), default=0.0),
-            "epsilon_sites": dict(eps_known),
-            "n_train_sites": dict(n_train),
-            "sites": sorted(report.contributors),
-            "declined": sorted(report.declined),
-            "failed": len(report.failed),
-            "seconds": t_end - t0,
-            # where the round went: the train phase (send, site work, replies, aggregation),
-            # the slowest site's own training steps (without its accounting), and the
-            # validation phase
-            "train_seconds": t_train - t0,
-            "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
-            "evaluate_seconds": t_end - t_train,
-        }
-        if val is not None:
-            _set_val(entry, val)
-        history.append(entry)
-        save_state(
-            s.out_dir,
-            cfg=cfg,
-            rnd=rnd,
-            arrays=arrays,
-            layout=layout,
-            history=history,
-            strategy=strategy,
-            run_id=s.run_id,
-        )
-        _write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
-        if s.progress is not None:
-            s.progress(entry)
-    # Final: the last global model on every site's test split, evaluated at the site.
-    wait_for_sites(grid, fed.min_sites, wait)
-    strategy.aggregate_evaluate(
-        fed.rounds + 1,
-        send(
-            grid,
-            strategy.configure_evaluate(
-                fed.rounds + 1,
-                arrays,
-                ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1}),
-                grid,
-            ),
-            timeout=fed.round_timeout,
-        ),
-    )
-    _write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
-    return {
-        "state_dict": state_dict(arrays, layout),
-        "history": history,
-        "test": dict(strategy.last_evaluate),
-        "n_train": n_train,
-    }
-
-
-def _write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
-    write_json(out_dir / STATUS_FILE, {"status": status, "round": rnd, "message": message})
+from privseg.federated.rounds import ServerSettings, run_server
+from privseg.results import PRIVACY_KEYS, RunResult, SiteResult
+from privseg.run_folder import RunFolder
 
 
 # ---- results.json ----------------------------------------------------------------------------
@@ -412,7 +65,7 @@ def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str)
     from privseg.models.checkpoint import save_checkpoint
 
     save_checkpoint(
-        out_dir / "checkpoint.pt",
+        RunFolder(out_dir).checkpoint,
         summary["state_dict"],
         cfg,
         mode="federated",
@@ -443,15 +96,15 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Deployment: settings from the run config; writes results.json and checkpoint.pt."""
-    from privseg.federated.worker import fast_object_pulls
-    from privseg.io import atomic_write_text
+    from privseg.federated.flower_compat import fast_object_pulls
 
     fast_object_pulls()  # replies are read as soon as they are uploaded (see there)
     settings = ServerSettings.from_run_config(dict(context.run_config))
+    folder = RunFolder(settings.out_dir)
     started = time.perf_counter()
-    atomic_write_text(settings.out_dir / "config.toml", settings.cfg.to_toml())
+    folder.write_config(settings.cfg)
     summary = run_server(grid, settings)
     result = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)
     result.provenance["run_id"] = settings.run_id
     save_final(settings.out_dir, settings.cfg, summary, settings.run_id)
-    result.write(settings.out_dir / "results.json")
+    result.write(folder.results)

@@ -14,15 +14,11 @@ from typing import Any
 from privseg.config import Config
 from privseg.errors import DataError, FederationError
 from privseg.federated.client_app import TrainerFactory, make_client_app
-from privseg.federated.server_app import (
-    Progress,
-    ServerSettings,
-    build_results,
-    make_server_app,
-    save_final,
-)
+from privseg.federated.rounds import RoundCallback, ServerSettings
+from privseg.federated.server_app import build_results, make_server_app, save_final
 from privseg.io import read_json
 from privseg.results import RunResult
+from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 #: Replies land in an in-memory state: polling it every 5-50 ms costs nothing, while the
@@ -66,7 +62,7 @@ def run_federated(
     out_dir: Path,
     run_id: str,
     resume: bool = False,
-    progress: Progress | None = None,
+    progress: RoundCallback | None = None,
     sites: list[str] | None = None,
     trainer_factory: TrainerFactory | None = None,
     cpus: int | None = None,
@@ -94,7 +90,7 @@ def run_federated(
         )
     if not resume:
         for name in sites:  # a fresh run must not read last run's reports
-            (out_dir / "sites" / f"{name}.json").unlink(missing_ok=True)
+            RunFolder(out_dir).site_report(name).unlink(missing_ok=True)
     done: dict[str, Any] = {}
     settings = ServerSettings(
         cfg=cfg,
@@ -125,7 +121,7 @@ def run_federated(
         raise FederationError("the simulation ended without a result (see the log above)")
     reports = {}
     for name in sites:
-        path = out_dir / "sites" / f"{name}.json"
+        path = RunFolder(out_dir).site_report(name)
         if path.is_file():
             reports[name] = read_json(path)
     results = build_results(cfg, done, reports=reports, wall_seconds=time.perf_counter() - started)

@@ -1,0 +1,96 @@
+"""The server's saved state: the global model, round, history and optimizer state of the last
+completed round (for resume), and the status file that ``privseg server`` watches."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from privseg.config import Config
+from privseg.errors import CheckpointError
+from privseg.federated import messages as M
+from privseg.federated.strategy import SiteAggregation, strategy_state
+from privseg.io import atomic_torch_save, write_json
+from privseg.run_folder import RunFolder
+
+
+def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The round-0 global model (seeded, so simulation and deployment start alike)."""
+    from privseg.models import initial_model
+
+    model = initial_model(cfg.model, cfg.seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def state_dict(arrays: ArrayRecord, layout: str) -> dict[str, torch.Tensor]:
+    """The packed global weights as a plain torch state_dict (tensors with their own storage)."""
+    return {k: v.clone() for k, v in M.unpack_torch(arrays, layout).items()}
+
+
+def save_state(
+    out_dir: Path,
+    *,
+    cfg: Config,
+    rnd: int,
+    arrays: ArrayRecord,
+    layout: str,
+    history: list[dict[str, Any]],
+    strategy: SiteAggregation,
+    run_id: str,
+) -> None:
+    """Global model + round + history + server-optimizer state, atomically.
+
+    ``arrays`` and the optimizer's moments are packed (``M.pack``); the file holds them as
+    named torch state dicts.
+    """
+    opt = {
+        name: {k: torch.from_numpy(np.array(v)) for k, v in M.unpack(d, layout).items()}
+        for name, d in strategy_state(strategy).items()
+    }
+    atomic_torch_save(
+        {
+            "format": "privseg-federated-state/1",
+            "round": rnd,
+            "run_id": run_id,
+            "config": cfg.to_toml(),
+            "state_dict": state_dict(arrays, layout),
+            "history": history,
+            "strategy": opt,
+        },
+        RunFolder(out_dir).federated_state,
+    )
+    write_json(RunFolder(out_dir).history, history)
+
+
+def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
+    """The last completed round's state, or None when there is none to resume."""
+    path = RunFolder(out_dir).federated_state
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"{path} is unreadable ({exc}); delete it to start over") from exc
+    old = Config.from_dict(tomllib.loads(saved["config"]))
+    if old.model != cfg.model or old.federated.strategy != cfg.federated.strategy:
+        raise CheckpointError(
+            f"{path} was written for another model or strategy; use a new --out folder"
+        )
+    return saved
+
+
+def saved_round(out_dir: Path) -> int:
+    """The last completed round saved in ``out_dir`` (0 when none)."""
+    state = RunFolder(out_dir).federated_state
+    return int(torch.load(state, weights_only=True)["round"]) if state.is_file() else 0
+
+
+def write_status(out_dir: Path, status: str, rnd: int, message: str) -> None:
+    write_json(
+        RunFolder(out_dir).federation_status, {"status": status, "round": rnd, "message": message}
+    )
