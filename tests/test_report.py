@@ -10,13 +10,9 @@ from typing import Any
 import pytest
 
 from privseg.report import figures
-from privseg.report.render import (
-    SECTIONS,
-    SLICE_CAVEAT,
-    attack_reconstructs,
-    summarise,
-    write_report,
-)
+from privseg.report.render import write_report
+from privseg.report.sections import SECTIONS, SLICE_CAVEAT
+from privseg.report.summary import attack_reconstructs, summarise
 from privseg.report.tables import MISSING, fmt_pm
 
 PNG = b"\x89PNG\r\n\x1a\n"
