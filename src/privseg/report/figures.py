@@ -1,8 +1,9 @@
-"""PNG figures for run folders and study reports.
+"""PNG figures for run folders, attack folders and study reports.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``: no global backend switch, no figure registry to leak, safe inside training processes.
-Every PNG is written atomically at :data:`DPI`.
+Every ``plot_*`` PNG is written atomically at :data:`DPI`; :func:`reconstruction_grid_png`
+returns its bytes (110 dpi) for the attack runner to write.
 """
 
 from __future__ import annotations
