@@ -7,17 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from privseg.report import figures
-from privseg.report.render import (
-    SECTIONS,
-    SLICE_CAVEAT,
-    attack_reconstructs,
-    summarise,
-    write_report,
-)
+from privseg.report.render import write_report
+from privseg.report.sections import SECTIONS
+from privseg.report.summary import attack_reconstructs, summarise
 from privseg.report.tables import MISSING, fmt_pm
+from privseg.results import SLICE_UNIT_NOTE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SITES = ["site-a", "site-b", "site-c"]
@@ -238,7 +236,7 @@ def test_full_report_writes_every_file_with_sections_and_numbers(study, tmp_path
     assert "3.80×" in md  # 4.75 s / 1.25 s per round
     assert "27.4" in md and "13.2" in md  # attack PSNR and its prior baseline
     assert "0.58" in md and "0.9997" in md  # audit success rate and bound
-    assert SLICE_CAVEAT in md
+    assert SLICE_UNIT_NOTE in md
     assert "honest-but-curious server" in md
     assert "resolution = 64" in md  # the config as TOML
     assert "1 h 02 min" in md  # wall time
@@ -322,3 +320,24 @@ def test_attack_verdict_needs_a_margin_over_the_best_baseline():
     assert attack_reconstructs({**base, "psnr_median": 18.5}) is True
     assert attack_reconstructs({**base, "psnr_median": 17.0}) is False  # < 3 dB over 15.0
     assert attack_reconstructs({"psnr_median": 30.0}) is None  # no baseline: no verdict
+
+
+def test_reconstruction_grid_shows_at_most_eight_pairs():
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((16, 16)), rng.random((16, 16))) for _ in range(10)]
+    result = {
+        "threat": "T1",
+        "batch_size": 1,
+        "mask_mode": "given",
+        "dp": True,
+        "epsilon": 8.0,
+        "psnr_median": 12.3,
+        "chance_psnr_median": 11.0,
+        "prior_psnr_median": 13.0,
+        "targets": [{"psnr": 10.0 + i, "ssim": 0.1 * i} for i in range(3)],  # fewer than pairs
+    }
+    png = figures.reconstruction_grid_png(pairs, result)
+    assert png.startswith(PNG) and len(png) > 5_000
+    assert figures.reconstruction_grid_png(pairs[:8], result) == png
+    one = figures.reconstruction_grid_png(pairs[:1], {**result, "dp": False, "targets": []})
+    assert one.startswith(PNG)

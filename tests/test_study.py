@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from privseg.cli.app import app
-from privseg.report.render import SECTIONS
+from privseg.report.sections import SECTIONS
 
 pytestmark = pytest.mark.slow
 

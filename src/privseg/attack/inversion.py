@@ -7,44 +7,18 @@ box constraint, Adam on the *sign* of the gradient, a step-decayed learning rate
 restarts; the winning restart is chosen by the matching loss alone, which the attacker can
 compute (never by a distance to the private truth).
 
-Two changes for the project's GroupNorm U-Net / MoNet: the cosine is taken *per parameter
-tensor* and averaged (:func:`layer_cosine_loss`; a global cosine is dominated by the few
-decoder tensors with the largest updates and ignores the encoder, whose gradients carry the
-spatial detail), and the intensity scale is fixed by a public prior. A bias-free conv followed
-by GroupNorm makes the update *exactly* invariant to ``x -> c x``, so the scale is not in the
-update at all; when the attacker finds this invariance (a check on the architecture it holds,
-:func:`scale_invariant`) it projects each iterate onto the textbook intensity of the organ
-under the label mask (:data:`ORGAN_PRIOR`, soft tissue / liver ~60 HU in the default [-150,
-200] HU window), or of the brightest pixels (bone saturates the window) when the mask is empty.
-
-What inverts and what resists (phantom, 64 px, T1, B = 1, mask given; ``bench/attack.py``):
-
-* **MoNet** (the seed paper's model: ELU, strided convs, dilated residual blocks) inverts
-  at initialisation, i.e. the round-1 update (``attack.round = "first"``): one slice came back
-  at 30.9 dB / SSIM 0.88 (chance 16.9 dB) after 400 iterations, the matching loss falling to
-  8e-4. The *trained* MoNet resists: 10.9 dB (300 iterations, lr 0.1) and, in a one-slice
-  scratch run of the same runner, 8.4 dB (1000 iterations, lr 0.03) against a chance level of
-  15.1 dB. A trained model's Dice/BCE gradient
-  is concentrated on the few pixels it still gets wrong, so the update says little about the
-  rest of the slice.
-* **The U-Net** (ReLU + max-pooling) resists every variant tried: signed Adam up to 1000
-  iterations (9.7 dB), plain Adam (7.8 dB), L-BFGS on an L2 distance in float64 (stalls at
-  its start), TV weights 1e-4..1e-1, coarse-to-fine 16 -> 32 -> 64 px (8.1 dB), trained and
-  untrained weights; every median 8-12 dB, below chance. The best single slice (a scratch run
-  of the same runner): trained U-Net, lr 0.03, 1500 iterations, 13.5 dB and re-identified
-  (chance 15.1 dB). Started (as a
-  diagnostic only) from the truth plus noise, minimising the matching loss lowers it 40x
-  without raising PSNR: many images match its update about equally well. Our explanation
-  (not proven): ReLU is piecewise linear and max-pooling passes the gradient through one
-  pixel of four, so the update constrains the image far less than the smooth ELU network's.
-
-The TV weight default (0.1) comes from these runs (U-Net, median of two slices: 10.2 / 11.0 /
-12.3 dB at 1e-4 (150 iterations) / 1e-2 / 1e-1 (300 iterations)).
+Two changes for the project's GroupNorm U-Net / MoNet: the cosine is taken per parameter
+tensor and averaged (:func:`layer_cosine_loss`), and, because a bias-free conv followed by
+GroupNorm makes the update exactly invariant to ``x -> c x`` (:func:`scale_invariant`), the
+intensity scale is fixed by a public prior (:func:`anchor_scale`).
 
 Two sides live here and never share inputs: :func:`simulate_site_update` is the *victim*
 (it holds the private slices and returns only a :class:`ServerPayload`), :func:`reconstruct`
 is the *attacker* (it takes only the payload, the threat model and its own configuration; the
 label mask only in the worst-case ``mask="given"`` mode).
+
+What was tried, what inverts (MoNet at initialisation) and what resists (a trained MoNet, the
+U-Net), with the numbers: ``docs/ATTACK.md``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ and scores the result against the truth afterwards (``metrics.score``).
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from privseg.errors import DataError
 from privseg.io import atomic_write_bytes, write_json
 from privseg.privacy.plan import DPPlan
 from privseg.progress import Progress, no_progress
+from privseg.report.figures import reconstruction_grid_png
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def run_attack_on_model(
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json(out_dir / "attack.json", result)
-        atomic_write_bytes(out_dir / "attack.png", _grid_png(shown, result))
+        atomic_write_bytes(out_dir / "attack.png", reconstruction_grid_png(shown, result))
     return result
 
 
@@ -228,42 +228,6 @@ def _fields(threat: ThreatModel) -> dict[str, Any]:
     import dataclasses
 
     return {f.name: getattr(threat, f.name) for f in dataclasses.fields(threat)}
-
-
-def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]], result: dict[str, Any]) -> bytes:
-    """Originals (top row) over their matched reconstructions (bottom row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = pairs[:8]
-    cols = max(1, len(pairs))
-    fig, axes = plt.subplots(2, cols, figsize=(max(4.5, 1.9 * cols), 4.6), squeeze=False)
-    for c, (orig, rec) in enumerate(pairs):
-        for r, img in enumerate((orig, rec)):
-            axes[r][c].imshow(img, cmap="gray", vmin=0.0, vmax=1.0)
-            axes[r][c].set_xticks([])
-            axes[r][c].set_yticks([])
-        axes[0][c].set_title(f"target {c}", fontsize=8)
-        row = result["targets"][c] if c < len(result["targets"]) else {}
-        if row:
-            axes[1][c].set_title(f"{row['psnr']:.1f} dB / {row['ssim']:.2f}", fontsize=8)
-    axes[0][0].set_ylabel("original")
-    axes[1][0].set_ylabel("reconstruction")
-    eps = result.get("epsilon")
-    setting = "no DP" if not result["dp"] else f"DP-SGD ε={eps:g}" if eps else "DP-SGD"
-    fig.suptitle(
-        f"{result['threat']} B={result['batch_size']} mask={result['mask_mode']}, {setting}\n"
-        f"PSNR median {result['psnr_median']:.1f} dB "
-        f"(chance {result['chance_psnr_median']:.1f}, prior {result['prior_psnr_median']:.1f})",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str]:

@@ -1,8 +1,9 @@
-"""PNG figures for run folders and study reports.
+"""PNG figures for run folders, attack folders and study reports.
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``: no global backend switch, no figure registry to leak, safe inside training processes.
-Every PNG is written atomically at :data:`DPI`.
+Every ``plot_*`` PNG is written atomically at :data:`DPI`; :func:`reconstruction_grid_png`
+returns its bytes (110 dpi) for the attack runner to write.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
@@ -252,3 +254,41 @@ def plot_dp_cost(
         ax.margins(y=0.12)
         ax.grid(axis="x", visible=False)
         return _save(fig, path)
+
+
+def reconstruction_grid_png(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], result: dict[str, Any]
+) -> bytes:
+    """Originals (top row) over their matched reconstructions (bottom row), as PNG bytes.
+
+    At most 8 pairs; titled with the attack's setting (``result`` is the attack's result dict)
+    and each reconstruction's PSNR / SSIM, so the image stands on its own next to the report.
+    """
+    pairs = pairs[:8]
+    cols = max(1, len(pairs))
+    fig = Figure(figsize=(max(4.5, 1.9 * cols), 4.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, cols, squeeze=False)
+    for c, (orig, rec) in enumerate(pairs):
+        for r, img in enumerate((orig, rec)):
+            axes[r][c].imshow(img, cmap="gray", vmin=0.0, vmax=1.0)
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[0][c].set_title(f"target {c}", fontsize=8)
+        row = result["targets"][c] if c < len(result["targets"]) else {}
+        if row:
+            axes[1][c].set_title(f"{row['psnr']:.1f} dB / {row['ssim']:.2f}", fontsize=8)
+    axes[0][0].set_ylabel("original")
+    axes[1][0].set_ylabel("reconstruction")
+    eps = result.get("epsilon")
+    setting = "no DP" if not result["dp"] else f"DP-SGD ε={eps:g}" if eps else "DP-SGD"
+    fig.suptitle(
+        f"{result['threat']} B={result['batch_size']} mask={result['mask_mode']}, {setting}\n"
+        f"PSNR median {result['psnr_median']:.1f} dB "
+        f"(chance {result['chance_psnr_median']:.1f}, prior {result['prior_psnr_median']:.1f})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
