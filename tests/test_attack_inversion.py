@@ -11,8 +11,8 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import R, TinySeg, phantom
 from privseg.attack import metrics
 from privseg.attack.inversion import (
     ORGAN_PRIOR,
@@ -29,40 +29,6 @@ from privseg.attack.threat import ServerPayload, ThreatModel
 from privseg.config import AttackConfig, Config, ModelConfig
 from privseg.errors import ConfigError
 from privseg.training.losses import DiceBCELoss
-
-R = 32
-
-
-def phantom(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ellipse bodies with a disk 'organ' (the mask), noise inside the body."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, R), torch.linspace(-1, 1, R), indexing="ij")
-    imgs, labs = [], []
-    for _ in range(n):
-        a, b, cx, cy, r = torch.rand(5, generator=g)
-        body = (xx**2 / (0.5 + 0.4 * a) + yy**2 / (0.4 + 0.3 * b)) < 1
-        organ = body & (
-            ((xx - (cx - 0.5) * 0.6) ** 2 + (yy - (cy - 0.5) * 0.5) ** 2) < (0.15 + 0.15 * r) ** 2
-        )
-        im = body * 0.45 + organ * 0.3 + 0.03 * torch.randn(R, R, generator=g) * body
-        imgs.append(im.clamp(0, 1))
-        labs.append(organ.float())
-    return torch.stack(imgs)[:, None], torch.stack(labs)[:, None]
-
-
-class TinySeg(nn.Module):
-    """conv-GroupNorm-ReLU with a dense global-context branch, 1x1 head: [B,1,R,R] -> logits."""
-
-    def __init__(self, r: int = R, c: int = 8) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, c, 3, padding=1)
-        self.norm = nn.GroupNorm(2, c)
-        self.ctx = nn.Linear(r * r, c)
-        self.head = nn.Conv2d(c, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(self.conv(x)) + self.ctx(x.flatten(1))[:, :, None, None]
-        return self.head(torch.relu(h))
 
 
 def _attack(threat: ThreatModel, iterations: int = 150) -> dict[str, float]:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import R, TinySeg, phantom
 from privseg.attack.runner import run_attack, run_attack_on_model, run_audit
 from privseg.config import Config
 from privseg.io import read_json, write_json
-from test_attack_inversion import R, TinySeg, phantom
 
 KEYS = (
     "threat",
