@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import R, TinySeg, phantom
 from privseg.attack.runner import run_attack_on_model
 from privseg.config import Config
 from privseg.io import read_json, write_json
 from privseg.runs.attack import run_attack, run_audit
-from test_attack_inversion import R, TinySeg, phantom
 
 KEYS = (
     "threat",

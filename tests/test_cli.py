@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import tomllib
 
+import pytest
+from rich.logging import RichHandler
 from typer.testing import CliRunner
 
 from privseg.cli.app import app
+from privseg.cli.common import setup_logging
 
 runner = CliRunner()
 
@@ -77,3 +81,36 @@ def test_unknown_mode_is_rejected(tmp_path, phantom_cache):
     )
     assert result.exit_code == 2
     assert "'solo'" in result.output and "central" in result.output
+
+
+@pytest.fixture
+def privseg_log_level():
+    logger = logging.getLogger("privseg")
+    level = logger.level
+    yield logger
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize(("args", "level"), [(["-v"], logging.DEBUG), ([], logging.INFO)])
+def test_verbose_option_sets_privseg_log_level(privseg_log_level, args, level):
+    privseg_log_level.setLevel(logging.NOTSET)
+    result = runner.invoke(app, [*args, "config", "show"])
+    assert result.exit_code == 0, result.output
+    assert privseg_log_level.level == level
+    assert "--verbose" in runner.invoke(app, ["--help"]).output
+
+
+def test_setup_logging_prints_privseg_records_and_leaves_other_loggers(
+    privseg_log_level, monkeypatch, capsys
+):
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    setup_logging(verbose=True)
+    assert [type(h) for h in root.handlers] == [RichHandler]
+    logging.getLogger("privseg.test").debug("debug from privseg")
+    logging.getLogger("other.lib").info("info from another library")
+    err = capsys.readouterr().err
+    assert "debug from privseg" in err and "another library" not in err
+    setup_logging(verbose=False)
+    assert len(root.handlers) == 1 and privseg_log_level.level == logging.INFO

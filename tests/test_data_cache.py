@@ -1,4 +1,4 @@
-"""Slice cache: contents, reuse, rebuild on changed settings, atomicity, Dataset view."""
+"""Slice cache: contents, reuse, rebuild on changed settings, atomicity."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import privseg.data.cache as cache_module
 from privseg.config import DataConfig
 from privseg.data.cache import SliceCache, SliceSplit, prepare_cache
-from privseg.data.dataset import SliceDataset
 from privseg.data.msd import load_case, read_task
 from privseg.data.preprocess import image_to_model_input
 from privseg.errors import DataError
@@ -61,15 +59,6 @@ def test_concat_pools_sites_and_renumbers_patients(phantom_cache: SliceCache) ->
         part = next(p for p in parts if pid in p.patient_ids)
         rows = pooled.patient == i
         assert rows.sum() == (part.patient == part.patient_ids.index(pid)).sum()
-
-
-def test_dataset_items_and_groups(phantom_cache: SliceCache) -> None:
-    split = phantom_cache.split("site-2", "train")
-    ds = SliceDataset(split)
-    image, label = ds[len(ds) - 1]
-    assert image.shape == label.shape == (1, 32, 32)
-    assert image.dtype == label.dtype == torch.float32
-    assert np.array_equal(ds.groups, split.patient)
 
 
 def test_second_prepare_reuses_and_changed_setting_rebuilds(

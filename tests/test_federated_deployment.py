@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import e2e_config
 from privseg.config import Config
 from privseg.federated.certs import make_certs
 from privseg.federated.processes import free_port
-from test_federated_unit import e2e_config
 
 pytestmark = pytest.mark.slow
 

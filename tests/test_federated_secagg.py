@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from conftest import DELTAS, SIZES, InProcessGrid, e2e_config, fake_factory, small_cfg
 from privseg.config import Config
 from privseg.errors import ConfigError, FederationError
 from privseg.federated import client_app as ca
@@ -24,15 +25,8 @@ from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.secagg import protocol_params, secure_round, secure_train
 from privseg.federated.strategy import make_strategy
 from privseg.io import read_json
-from test_federated_unit import (  # noqa: F401
-    DELTAS,
-    SIZES,
-    InProcessGrid,
-    _identity,
-    e2e_config,
-    fake_factory,
-    small_cfg,
-)
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 SITES = ["a", "b", "c"]
 

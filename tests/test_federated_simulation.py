@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SIZES, e2e_config, fake_factory, small_cfg
 from privseg.errors import FederationError
 from privseg.federated.simulation import run_federated
 from privseg.io import read_json
-from test_federated_unit import SIZES, e2e_config, fake_factory, small_cfg
 
 
 @pytest.mark.slow

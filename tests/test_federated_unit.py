@@ -5,182 +5,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
-from uuid import uuid4
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
+from conftest import BUILT, SIZES, InProcessGrid, fake_factory, small_cfg
 from privseg.config import Config
-from privseg.errors import FederationError, PrivacyBudgetExceeded
+from privseg.errors import FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import initial_state
 from privseg.federated.strategy import load_strategy_state, make_strategy, strategy_state
-from privseg.io import read_json, write_json
+from privseg.io import read_json
 from privseg.run_folder import RunFolder
 
-# ---- a fake SiteTrainer with exactly the lead's interface ------------------------------------
-SIZES = {"a": 10, "b": 30, "c": 20, "tight": 5}
-DELTAS = {"a": 1.0, "b": 2.0, "c": 3.0, "tight": 4.0}
-DICE = {"a": 0.5, "b": 0.7, "c": 0.9, "tight": 0.1}
-
-
-class FakeTrainer:
-    """Adds a per-site constant to every float weight; a JSON file plays the ledger."""
-
-    def __init__(self, cfg: Config, *, name: str, ledger: Path, budget_steps: int | None) -> None:
-        self.cfg, self.name, self.ledger, self.budget_steps = cfg, name, ledger, budget_steps
-        self.global_states: list[Any] = []
-
-    @property
-    def num_examples(self) -> int:
-        return SIZES[self.name]
-
-    def _spent(self) -> int:
-        return int(read_json(self.ledger)["steps"]) if self.ledger.is_file() else 0
-
-    def epsilon(self) -> float:
-        return 0.1 * self._spent() if self.cfg.privacy.enabled else 0.0
-
-    def fit(self, state_dict, steps, *, run_id, global_state=None):
-        spent = self._spent()
-        if self.budget_steps is not None and spent + steps > self.budget_steps:
-            raise PrivacyBudgetExceeded(f"{self.name}: {spent} + {steps} > {self.budget_steps}")
-        write_json(self.ledger, {"steps": spent + steps, "epsilon": 0.1 * (spent + steps)})
-        self.global_states.append(global_state)
-        d = DELTAS[self.name]
-        new = {k: (v + d if v.is_floating_point() else v.clone()) for k, v in state_dict.items()}
-        return new, {
-            "train_loss": d,
-            "num_examples": float(self.num_examples),
-            "steps": float(steps),
-            "epsilon": self.epsilon(),
-            "seconds": 0.01,
-        }
-
-    def evaluate(self, state_dict, split="val"):
-        dice = DICE[self.name] + (0.01 if split == "test" else 0.0)
-        return {
-            "dice": dice,
-            "dice_sd": 0.0,
-            "hd95": 2.0,
-            "n_patients": 2,
-            "patients": [{"id": f"{self.name}-{i}", "dice": dice, "hd95": 2.0} for i in range(2)],
-        }
-
-    def privacy_summary(self):
-        if not self.cfg.privacy.enabled:
-            return None
-        return {
-            "epsilon": self.epsilon(),
-            "delta": 1e-5,
-            "noise_multiplier": 1.1,
-            "sample_rate": 0.1,
-            "steps": self._spent(),
-            "clip_norm": 1.0,
-            "accountant": self.cfg.privacy.accountant,
-        }
-
-
-BUILT: list[str] = []
-
-
-def fake_factory(cfg: Config, settings: ca.SiteSettings, *, planned_steps: int, run_id: str):
-    """Site 'tight' can afford exactly one round of local steps."""
-    BUILT.append(settings.site)
-    budget = cfg.federated.local_steps if settings.site == "tight" else None
-    return FakeTrainer(cfg, name=settings.site, ledger=settings.ledger, budget_steps=budget)
-
-
-def small_cfg(**fed: Any) -> Config:
-    return Config.from_dict(
-        {
-            "model": {"features": 4, "groups": 1},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0},
-            "federated": {
-                "rounds": 2,
-                "local_steps": 3,
-                "min_sites": 2,
-                "round_timeout": 5.0,
-                **fed,
-            },
-        }
-    )
-
-
-def e2e_config(sites: int | None = None, **fed: Any) -> Config:
-    """The smallest config the end-to-end tests train for real (32², 4 features, DP on)."""
-    data: dict[str, Any] = {"resolution": 32, **({"sites": sites} if sites else {})}
-    return Config.from_dict(
-        {
-            "data": data,
-            "model": {"features": 4, "groups": 1},
-            "train": {"batch_size": 4, "threads": 1},
-            "privacy": {"enabled": True, "noise_multiplier": 1.0, "target_epsilon": None},
-            "federated": {
-                "rounds": 2,
-                "local_steps": 2,
-                "min_sites": 2,
-                "round_timeout": 300.0,
-                **fed,
-            },
-        }
-    )
-
-
-@pytest.fixture(autouse=True)
-def _identity():
-    """Messages need a task identity (Flower sets it inside a run)."""
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    ca._TRAINERS.clear()
-    BUILT.clear()
-    yield
-    ca._TRAINERS.clear()
-
-
-# ---- an in-process Grid: node i is site SITES[i] ---------------------------------------------
-class InProcessGrid(Grid):
-    """A Grid whose sites answer in this process: ``answer(msg)`` gives the reply (``None``: the
-    node is gone and never replies). ``push_messages`` answers at once and keeps the replies
-    in an outbox for ``pull_messages``, as the server's own poll loop expects."""
-
-    def __init__(self) -> None:
-        self._outbox: dict[str, Message] = {}
-
-    def answer(self, msg: Message) -> Message | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def set_run(self, run: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return [r for m in messages if (r := self.answer(m)) is not None]
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
-            reply = self.answer(msg)
-            if reply is not None:
-                self._outbox[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class FakeGrid(InProcessGrid):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.errors import CheckpointError, DataError
-from privseg.inference import predict_volume
+from privseg.inference import segment_nifti
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint
 
@@ -39,7 +39,7 @@ def test_round_trip_shape_and_affine(checkpoint, tmp_path, flip):
     affine = np.diag([-0.8 if flip else 0.8, 0.8, 2.5, 1.0])
     image, affine = _volume(tmp_path, affine=affine)
     out = tmp_path / "mask.nii.gz"
-    stats = predict_volume(checkpoint, image, out)
+    stats = segment_nifti(checkpoint, image, out)
     mask = nib.load(out)
     assert mask.shape == (40, 36, 7)
     np.testing.assert_allclose(mask.affine, affine)
@@ -65,7 +65,7 @@ def test_orientation_is_restored(checkpoint, tmp_path, monkeypatch):
         affine = np.diag([-1.0 if flip else 1.0, 1.0, 1.0, 1.0])
         image, _ = _volume(tmp_path, shape=(32, 32, 3), affine=affine, name=f"f{flip}.nii.gz")
         out = tmp_path / f"m{flip}.nii.gz"
-        predict_volume(checkpoint, image, out)
+        segment_nifti(checkpoint, image, out)
         world = np.asarray(nib.as_closest_canonical(nib.load(out)).dataobj)
         masks.append(world)
     np.testing.assert_array_equal(masks[0], masks[1])
@@ -76,18 +76,18 @@ def test_bad_inputs(checkpoint, tmp_path):
     not_nifti = tmp_path / "x.nii.gz"
     not_nifti.write_bytes(b"not a nifti file at all")
     with pytest.raises(DataError, match="x.nii.gz"):
-        predict_volume(checkpoint, not_nifti, tmp_path / "m.nii.gz")
+        segment_nifti(checkpoint, not_nifti, tmp_path / "m.nii.gz")
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), flat)
     with pytest.raises(DataError, match="3D"):
-        predict_volume(checkpoint, flat, tmp_path / "m.nii.gz")
+        segment_nifti(checkpoint, flat, tmp_path / "m.nii.gz")
     image, _ = _volume(tmp_path)
     with pytest.raises(CheckpointError, match="missing.pt"):
-        predict_volume(tmp_path / "missing.pt", image, tmp_path / "m.nii.gz")
+        segment_nifti(tmp_path / "missing.pt", image, tmp_path / "m.nii.gz")
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(CheckpointError, match="other.pt"):
-        predict_volume(other, image, tmp_path / "m.nii.gz")
+        segment_nifti(other, image, tmp_path / "m.nii.gz")
     assert not (tmp_path / "m.nii.gz").exists()
 
 

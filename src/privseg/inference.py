@@ -12,7 +12,7 @@ import torch
 from privseg.io import atomic_write_bytes
 
 
-def predict_volume(
+def segment_nifti(
     checkpoint: Path, image: Path, out: Path, *, batch_size: int = 32, threshold: float = 0.5
 ) -> dict[str, Any]:
     """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically."""

@@ -12,6 +12,7 @@ from privseg.cli import federated as federated_cli
 from privseg.cli import predict as predict_cli
 from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
+from privseg.cli.common import setup_logging
 
 app = typer.Typer(
     name="privseg",
@@ -20,6 +21,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Debug logging; info logging without it."
+    ),
+) -> None:
+    setup_logging(verbose)
+
+
 app.add_typer(config_cli.app, name="config")
 app.command("train")(train_cli.train)
 

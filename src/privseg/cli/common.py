@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -82,7 +83,16 @@ def progress_bar(transient: bool = False) -> Iterator[Callable[[str, int, int], 
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    """Show privseg's log records on stderr: DEBUG with ``--verbose``, INFO otherwise.
+
+    Only the ``privseg`` loggers change level: other libraries stay at the root's WARNING, so
+    ``-v`` does not turn on their debug output. Records go through ``err_console``, which
+    prints them above a running progress bar. A root handler already there (pytest's, an
+    embedding application's) is kept and none is added.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = RichHandler(console=err_console, show_time=False, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+    logging.getLogger("privseg").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -16,9 +16,9 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Mask to write (.nii.gz)."),
 ) -> None:
     """Apply the model slice by slice; write a mask with the input's affine and header."""
-    from privseg.inference import predict_volume
+    from privseg.inference import segment_nifti
 
-    stats = predict_volume(checkpoint, image, out)
+    stats = segment_nifti(checkpoint, image, out)
     console.print(
         f"wrote {out}: {stats['foreground_voxels']} foreground voxels in {stats['slices']} slices"
     )

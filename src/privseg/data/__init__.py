@@ -1,7 +1,6 @@
-"""MSD reader, phantom generator, preprocessing, site partitions, slice cache and Dataset."""
+"""MSD reader, phantom generator, preprocessing, site partitions and slice cache."""
 
 from privseg.data.cache import SliceCache, SliceSplit, prepare_cache
-from privseg.data.dataset import SliceDataset
 from privseg.data.msd import Case, MSDTask, Volume, load_case, load_image, read_task
 from privseg.data.phantom import synth_task
 from privseg.data.preprocess import image_to_model_input, mask_to_image_space, window
@@ -10,7 +9,6 @@ __all__ = [
     "Case",
     "MSDTask",
     "SliceCache",
-    "SliceDataset",
     "SliceSplit",
     "Volume",
     "image_to_model_input",
