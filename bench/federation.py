@@ -235,7 +235,7 @@ def main() -> None:
                 sim = run_federated(
                     cfg, cache_dir=Path(cache), out_dir=root / f"sim{i}", run_id="bench"
                 )
-                rows["simulation"] = summary("simulation", sim["history"])
+                rows["simulation"] = summary("simulation", sim.history)
                 pairs.append(rows["simulation"]["steady"] / rows["plain"]["steady"] - 1.0)
         if not args.skip_deployment:
             rows["deployment"] = summary(

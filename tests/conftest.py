@@ -7,6 +7,7 @@ the Flower tests. Test modules import the plain helpers with ``from conftest imp
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,7 +156,7 @@ class FakeTrainer:
         return int(read_json(self.ledger)["steps"]) if self.ledger.is_file() else 0
 
     def epsilon(self) -> float:
-        return 0.1 * self._spent() if self.cfg.privacy.enabled else 0.0
+        return 0.1 * self._spent() if self.cfg.privacy.enabled else math.nan
 
     def fit(self, state_dict, steps, *, run_id, global_state=None):
         spent = self._spent()
@@ -194,17 +195,24 @@ class FakeTrainer:
             "steps": self._spent(),
             "clip_norm": 1.0,
             "accountant": self.cfg.privacy.accountant,
+            "releases": [{"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": self._spent()}],
         }
 
 
 BUILT: list[str] = []
 
 
+def fake_ledger(out_dir: Path, site: str) -> Path:
+    """Where a FakeTrainer keeps its JSON stand-in ledger."""
+    return Path(out_dir) / "ledgers" / f"{site}.json"
+
+
 def fake_factory(cfg: Config, settings: ca.SiteSettings, *, planned_steps: int, run_id: str):
     """Site 'tight' can afford exactly one round of local steps."""
     BUILT.append(settings.site)
     budget = cfg.federated.local_steps if settings.site == "tight" else None
-    return FakeTrainer(cfg, name=settings.site, ledger=settings.ledger, budget_steps=budget)
+    ledger = fake_ledger(settings.out_dir, settings.site)
+    return FakeTrainer(cfg, name=settings.site, ledger=ledger, budget_steps=budget)
 
 
 def small_cfg(**fed: Any) -> Config:

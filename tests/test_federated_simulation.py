@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SIZES, e2e_config, fake_factory, small_cfg
+from conftest import SIZES, e2e_config, fake_factory, fake_ledger, small_cfg
 from privseg.errors import FederationError
 from privseg.federated.simulation import run_federated
 from privseg.io import read_json
@@ -26,7 +26,7 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
         progress=events.append,
         sites=["a", "b", "tight"],
         trainer_factory=fake_factory,
-    )
+    ).to_dict()
     print(
         f"simulation: {time.perf_counter() - t0:.1f} s", [h["seconds"] for h in results["history"]]
     )
@@ -36,7 +36,7 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     sites = {s["name"]: s for s in results["sites"]}
     assert set(sites) == {"a", "b", "tight"}
     for name, site in sites.items():  # per-site epsilon is what the site's ledger says
-        ledger = read_json(tmp_path / "run" / "ledgers" / f"{name}.sqlite")
+        ledger = read_json(fake_ledger(tmp_path / "run", name))
         assert site["epsilon"] == pytest.approx(ledger["epsilon"])
         assert site["n_train"] == SIZES[name]
         assert len(site["patients"]) == 2 and site["accountant"] == cfg.privacy.accountant
@@ -62,7 +62,7 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
             sites=["a", "b", "tight"],
             trainer_factory=fake_factory,
         )
-    assert read_json(tmp_path / "run" / "ledgers" / "a.sqlite")["steps"] == 12
+    assert read_json(fake_ledger(tmp_path / "run", "a"))["steps"] == 12
     status = read_json(tmp_path / "run" / "federation_status.json")
     assert status["status"] == "stopped" and status["round"] == 3
 
@@ -71,16 +71,20 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
 def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) -> None:
     from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
-    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.privacy.accounting import epsilon
 
     cfg = e2e_config(sites=2, strategy="fedprox")
     task = synth_task(tmp_path / "task", sites=2, patients_per_site=4, size=32, slices=8)
     cache = prepare_cache(task, tmp_path / "cache", cfg.data, seed=0).root
-    results = run_federated(cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real")
+    results = run_federated(
+        cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real"
+    ).to_dict()
     assert [h["round"] for h in results["history"]] == [1, 2]
+    ledgers = sorted((tmp_path / "cache.ledgers").glob("*.sqlite"))  # with the data
+    assert len(ledgers) == 2 and not (tmp_path / "run" / "ledgers").exists()
     for site in results["sites"]:
-        ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"{site['name']}.sqlite")
-        eps = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
-        assert site["epsilon"] == pytest.approx(eps) and eps > 0
-        assert site["steps"] == 4 and site["patients"]
+        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in site["releases"]]
+        eps = epsilon(history, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        assert site["epsilon"] == pytest.approx(eps) and eps > 0  # recomputable from releases
+        assert site["steps"] == 4 and site["patients"] and site["epsilon_lower_bound"] is False
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))

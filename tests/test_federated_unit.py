@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from conftest import BUILT, SIZES, InProcessGrid, fake_factory, small_cfg
+from conftest import BUILT, SIZES, InProcessGrid, fake_factory, fake_ledger, small_cfg
 from privseg.config import Config
 from privseg.errors import FederationError
 from privseg.federated import client_app as ca
@@ -123,7 +123,7 @@ def test_trainer_is_built_once_per_run_and_site(tmp_path: Path) -> None:
     for _ in range(3):
         ca.handle_train(train_message(cfg, state()), settings, fake_factory)
     assert BUILT == ["a"]
-    assert read_json(settings.ledger)["steps"] == 9
+    assert read_json(fake_ledger(settings.out_dir, settings.site))["steps"] == 9
 
 
 def test_declined_site_sends_no_weights(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_site_settings_from_partition_or_node_config(tmp_path: Path) -> None:
         {"partition-id": 1, "num-partitions": 2},
         {"sites": "a,b", "data-dir": "/d", "out-dir": "/o"},
     )
-    assert sim.site == "b" and sim.ledger == Path("/o/ledgers/b.sqlite")
+    assert sim.site == "b" and sim.data_dir == Path("/d") and sim.out_dir == Path("/o")
     dep = ca.site_settings({"site": "x", "data-dir": "/d", "out-dir": "/o"}, {})
     assert dep.report == Path("/o/sites/x.json")
     with pytest.raises(Exception, match="no site"):
@@ -403,7 +403,7 @@ def test_aggregating_packed_equals_aggregating_per_tensor(tmp_path: Path, strate
                 Message(
                     M.site_reply(
                         f"s{i}",
-                        {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 1.0, M.EPSILON: 0.0},
+                        {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 1.0, M.EPSILON: 0.5},
                         M.TRAIN_KEYS,
                         M.pack_record(st, lay),
                     ),

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
-from privseg.privacy.budget import check_budget
 from privseg.privacy.ledger import PrivacyLedger
 
 KW = {"unit": "slice", "accountant": "rdp", "delta": 1e-5}
@@ -103,24 +102,22 @@ def test_corrupt_ledger_is_refused(tmp_path: Path, content: str) -> None:
     assert path.read_bytes() == before  # never silently replaced by a fresh ledger
 
 
-def test_check_budget(tmp_path: Path) -> None:
+def test_reserve_checks_the_budget_and_inserts_in_one_transaction(tmp_path: Path) -> None:
     ledger = PrivacyLedger(tmp_path / "l.sqlite")
     ledger.record(site="a", run_id="r", noise_multiplier=1.0, sample_rate=0.05, steps=100, **KW)
-    planned = (1.0, 0.05, 100)
+    release = {"noise_multiplier": 1.0, "sample_rate": 0.05, "steps": 100, "accountant": "rdp"}
+    release["delta"] = 1e-5
     after = epsilon([(1.0, 0.05, 200)], delta=1e-5, accountant="rdp")
-    assert check_budget(
-        ledger, site="a", planned=planned, budget_epsilon=after + 1e-6, delta=1e-5, accountant="rdp"
-    ) == pytest.approx(after, rel=1e-12)
     with pytest.raises(PrivacyBudgetExceeded, match=r"'a'.*spent.*100 steps.*budget of 1\.5"):
-        check_budget(
-            ledger, site="a", planned=planned, budget_epsilon=1.5, delta=1e-5, accountant="rdp"
-        )
+        ledger.reserve(site="a", run_id="r2", unit="slice", budget_epsilon=1.5, **release)
+    assert ledger.steps("a") == 100  # refused: nothing written
+    got = ledger.reserve(
+        site="a", run_id="r2", unit="slice", budget_epsilon=after + 1e-6, **release
+    )
+    assert got == pytest.approx(after, rel=1e-12) and ledger.steps("a") == 200
     # another site's spend does not count against this one
     assert (
-        check_budget(
-            ledger, site="b", planned=planned, budget_epsilon=after, delta=1e-5, accountant="rdp"
-        )
-        < after
+        ledger.reserve(site="b", run_id="r", unit="slice", budget_epsilon=after, **release) < after
     )
 
 
@@ -144,12 +141,13 @@ def test_budget_cli(tmp_path: Path) -> None:
         _cli(), ["budget", str(folder), "--accountant", "rdp", "--budget", "3", "--format", "json"]
     )
     assert res.exit_code == 0, res.output
-    rows = {r["site"]: r for r in json.loads(res.stdout)}
+    rows = {r["name"]: r for r in json.loads(res.stdout)["sites"]}
     want = epsilon([(1.0, 0.05, 300)], delta=1e-5, accountant="rdp")
     assert rows["b"]["epsilon"] == pytest.approx(want) and rows["b"]["steps"] == 300
-    assert rows["b"]["left"] == pytest.approx(3 - want)
+    assert rows["b"]["remaining"] == pytest.approx(3 - want) and rows["b"]["unit"] == "slice"
+    assert [r["steps"] for r in rows["b"]["releases"]] == [300]
     res = runner.invoke(_cli(), ["budget", str(folder / "a.sqlite"), "--accountant", "rdp"])
-    assert res.exit_code == 0 and "a" in res.stdout and "epsilon spent" in res.stdout
+    assert res.exit_code == 0 and "a" in res.stdout and "remaining" in res.stdout
     (tmp_path / "bad.db").write_bytes(b"nope" * 300)
     res = runner.invoke(_cli(), ["budget", str(tmp_path / "bad.db")])
     assert res.exit_code == 2

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from privseg.config import PrivacyConfig
+from privseg.privacy.ledger import RELEASE_KEYS
 from privseg.results import (
     FEDERATION_KEYS,
     PROVENANCE_KEYS,
@@ -43,7 +44,8 @@ def test_readme_names_every_results_key_and_no_other() -> None:
     top, site = readme_schema()
     assert top == {*RUN_KEYS, *FEDERATION_KEYS, *PROVENANCE_KEYS}
     patient_keys = {"id", "dice", "hd95"}
-    assert site - patient_keys - {"patients"} <= {*SITE_KEYS, *SITE_OPTIONAL_KEYS}
+    assert site - patient_keys - set(RELEASE_KEYS) <= {*SITE_KEYS, *SITE_OPTIONAL_KEYS}
+    assert set(RELEASE_KEYS) <= site
     assert {*SITE_KEYS, *SITE_OPTIONAL_KEYS} <= site
 
 

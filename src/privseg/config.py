@@ -132,7 +132,8 @@ class TrainConfig:
 
 @dataclass
 class PrivacyConfig:
-    """DP-SGD at each site. Exactly one of noise_multiplier / target_epsilon drives the noise."""
+    """DP-SGD at each site. The noise is ``noise_multiplier``, or calibrated for
+    ``target_epsilon`` (this run's epsilon taken alone); with both, the larger noise wins."""
 
     enabled: bool = False
     unit: PrivacyUnit = field(
@@ -150,6 +151,12 @@ class PrivacyConfig:
     )
     grad_path: GradPath = field(
         default="batched", metadata=rule(help="per-sample gradient implementation")
+    )
+    ledger_dir: str | None = field(
+        default=None,
+        metadata=rule(
+            help="folder of the sites' privacy ledgers; None = '<cache>.ledgers' beside the data"
+        ),
     )
 
     def check(self) -> None:

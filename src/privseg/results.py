@@ -20,14 +20,20 @@ from privseg.io import write_json
 
 PRIVACY_KEYS = (
     "epsilon",
+    "epsilon_run",
     "delta",
+    "unit",
     "noise_multiplier",
     "sample_rate",
     "steps",
     "clip_norm",
     "accountant",
+    "budget_epsilon",
+    "releases",
 )
-"""The privacy fields of every ``sites[]`` entry (None without DP)."""
+"""The privacy fields of every ``sites[]`` entry (None without DP). ``epsilon`` is what the
+site's data has spent over every release ever recorded on it (recomputable from ``releases``
+alone); ``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds)."""
 
 SLICE_UNIT_NOTE = (
     "Privacy unit is one slice: epsilon bounds what leaks about any single slice, not about a "
@@ -37,7 +43,7 @@ SLICE_UNIT_NOTE = (
 """What slice-level DP does not protect: results.json, the report and the run's warning."""
 
 SITE_KEYS = ("name", "n_train", "dice", "dice_sd", "hd95", "patients", *PRIVACY_KEYS)
-SITE_OPTIONAL_KEYS = ("cross", "completed")
+SITE_OPTIONAL_KEYS = ("cross", "completed", "epsilon_lower_bound")
 RUN_KEYS = (
     "mode",
     "dp",
@@ -99,6 +105,7 @@ class SiteResult:
     privacy: dict[str, Any] | None = None
     cross: dict[str, float] | None = None  # local-only: Dice on the other sites' test splits
     completed: bool | None = None  # federated: the site answered the final test evaluation
+    epsilon_lower_bound: bool | None = None  # federated: its last known epsilon, not its final
 
     @classmethod
     def from_test(
@@ -126,6 +133,8 @@ class SiteResult:
         }
         if self.completed is not None:
             entry["completed"] = self.completed
+        if self.epsilon_lower_bound is not None:
+            entry["epsilon_lower_bound"] = self.epsilon_lower_bound
         for key in PRIVACY_KEYS:
             entry[key] = self.privacy.get(key) if self.privacy else None
         if self.cross is not None:

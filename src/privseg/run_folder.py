@@ -48,15 +48,7 @@ class RunFolder:
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
 
-    # ---- privacy and sites -----------------------------------------------------------------
-    @property
-    def ledgers(self) -> Path:
-        return self.root / "ledgers"
-
-    def ledger(self, site: str) -> Path:
-        """A site's privacy ledger (SQLite) when the run keeps it."""
-        return self.ledgers / f"{site}.sqlite"
-
+    # ---- sites -----------------------------------------------------------------------------
     def site_report(self, site: str) -> Path:
         """A site's own test report (per-patient results; in deployment it stays at the site)."""
         return self.root / "sites" / f"{site}.json"

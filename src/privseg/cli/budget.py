@@ -14,31 +14,58 @@ from privseg.errors import ConfigError
 
 @user_errors
 def budget(
-    ledger: list[Path] = typer.Argument(..., help="Ledger files, or folders of *.sqlite/*.db."),
-    delta: float = typer.Option(1e-5, "--delta", help="delta at which epsilon is reported."),
-    accountant: str = typer.Option("prv", "--accountant", help="prv or rdp."),
-    budget_epsilon: float | None = typer.Option(None, "--budget", help="epsilon budget per site."),
+    ledger: list[Path] | None = typer.Argument(
+        None, help="Ledger files, or folders of *.sqlite/*.db."
+    ),
+    data: Path | None = typer.Option(
+        None, "--data", help="A prepared cache: every site's ledger of that data."
+    ),
+    ledgers: Path | None = typer.Option(
+        None, "--ledgers", help="With --data: the runs' privacy.ledger_dir, if they set one."
+    ),
+    delta: float | None = typer.Option(
+        None, "--delta", help="delta of the reported epsilon (default: the releases' largest)."
+    ),
+    accountant: str | None = typer.Option(
+        None, "--accountant", help="prv or rdp (default: the releases' own)."
+    ),
+    budget_epsilon: float | None = typer.Option(
+        None, "--budget", help="lifetime epsilon budget per site (the ledger's own if smaller)."
+    ),
     format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
-    """Show the (epsilon, delta) each site has spent over all its recorded releases."""
+    """Show the (epsilon, delta) each site's data has spent over every recorded release."""
     if format not in ("table", "json"):
         raise ConfigError(f"--format = {format!r} is invalid: allowed 'table', 'json'")
-    from privseg.privacy.budget import budget_rows  # Opacus loads only when needed
+    if bool(ledger) == (data is not None):
+        raise ConfigError("give ledger files (or folders) or --data CACHE, not both or neither")
+    from privseg.privacy.budget import data_ledgers, site_budgets  # Opacus loads when needed
 
-    rows = budget_rows(ledger, delta=delta, accountant=accountant, budget_epsilon=budget_epsilon)
+    files = data_ledgers(data, ledgers) if data is not None else list(ledger or [])
+    sites = site_budgets(files, delta=delta, accountant=accountant, budget_epsilon=budget_epsilon)
     if format == "json":
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"sites": sites}, indent=2))
         return
-    table = Table(title=f"privacy spent (delta={delta:g}, {accountant})")
-    for col in ("site", "releases", "steps", "epsilon spent", "budget", "left"):
-        table.add_column(col, justify="left" if col == "site" else "right")
-    for r in rows:
+    table = Table(title="privacy spent per site's data (every release, all runs)")
+    for col in ("site", "unit", "releases", "steps", "epsilon", "delta", "budget", "remaining"):
+        table.add_column(col, justify="left" if col in ("site", "unit") else "right")
+    for r in sites:
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
-        bud = "-" if r["budget"] is None else f"{r['budget']:g}"
-        left = "-" if r["budget"] is None else ("none" if r["left"] is None else f"{r['left']:.3f}")
-        if r["left"] is not None and r["left"] < 0:
-            left = f"[red]{left}[/]"
-        table.add_row(r["site"], str(r["releases"]), str(r["steps"]), eps, bud, left)
+        bud = "-" if r["budget_epsilon"] is None else f"{r['budget_epsilon']:g}"
+        left = r["remaining"]
+        shown = "-" if r["budget_epsilon"] is None else "none" if left is None else f"{left:.3f}"
+        if left is not None and left < 0:
+            shown = f"[red]{shown}[/]"
+        table.add_row(
+            r["name"],
+            r["unit"],
+            str(len(r["releases"])),
+            str(r["steps"]),
+            f"{eps} ({r['accountant']})",
+            f"{r['delta']:g}",
+            bud,
+            shown,
+        )
     console.print(table)
 
 

@@ -25,6 +25,7 @@ from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.federated import messages as M
 from privseg.federated import secagg
 from privseg.io import write_json
+from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ class SiteSettings:
     data_dir: Path
     out_dir: Path
     privacy_config: Path | None = None  # the site's own [privacy] settings win over the server's
-
-    @property
-    def ledger(self) -> Path:
-        return RunFolder(self.out_dir).ledger(self.site)
 
     @property
     def report(self) -> Path:
@@ -87,7 +84,6 @@ def default_trainer_factory(
         cfg,
         settings.data_dir,
         settings.site,
-        ledger_path=settings.ledger,
         planned_steps=planned_steps,
         run_id=run_id,
     )
@@ -107,13 +103,15 @@ def get_trainer(
     cfg = Config.from_dict(tomllib.loads(toml))
     if settings.privacy_config is not None:
         own = Config.load(settings.privacy_config).privacy
-        if own != cfg.privacy and cached is None:
+        privacy, changed = apply_floor(cfg.privacy, own)
+        if changed and cached is None:
             log.warning(
-                "site %s applies its own [privacy] settings from %s, not the server's",
+                "site %s applies its privacy floor (%s) to the server's request: %s",
                 settings.site,
                 settings.privacy_config,
+                "; ".join(changed),
             )
-        cfg = dataclasses.replace(cfg, privacy=own)
+        cfg = dataclasses.replace(cfg, privacy=privacy)
     if cached is None or cached[0] != toml:
         trainer = factory(
             cfg, settings, planned_steps=int(config[M.CFG_PLANNED_STEPS]), run_id=run_id
@@ -138,7 +136,7 @@ def site_train(
     cfg, trainer = get_trainer(config, settings, factory)
     incoming: dict[str, float] = {}
     if int(config.get(M.CFG_EVAL_INCOMING, 0)):
-        incoming[M.DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
+        incoming[M.VAL_DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
         new_state, metrics = trainer.fit(
@@ -150,26 +148,29 @@ def site_train(
     except PrivacyBudgetExceeded as exc:
         log.warning("site %s declines round %s: %s", settings.site, config.get(M.CFG_ROUND), exc)
         summary = trainer.privacy_summary() or {}
-        return None, {
-            M.DECLINED: 1.0,
-            M.NUM_EXAMPLES: trainer.num_examples,
-            M.EPSILON: summary.get("epsilon", math.nan),
-            M.STEPS: 0.0,
-            M.TRAIN_LOSS: math.nan,
-            M.SECONDS: 0.0,
-            **incoming,
-        }
+        metrics = {M.DECLINED: 1.0, M.EPSILON: summary.get("epsilon", math.nan), M.STEPS: 0.0}
+        return None, _train_metrics(cfg, trainer, metrics, incoming)
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
-    return new_state, {
+    return new_state, _train_metrics(cfg, trainer, {**metrics, M.DECLINED: 0.0}, incoming)
+
+
+def _train_metrics(
+    cfg: Config, trainer: Any, metrics: Mapping[str, float], incoming: dict[str, float]
+) -> dict[str, float]:
+    """What a train reply carries: in a DP run only :data:`M.DP_TRAIN_KEYS`."""
+    out = {
         M.TRAIN_LOSS: metrics.get("train_loss", math.nan),
         M.NUM_EXAMPLES: trainer.num_examples,
-        M.STEPS: metrics.get("steps", 0.0),
-        M.EPSILON: metrics.get("epsilon", 0.0),
-        M.SECONDS: metrics.get("seconds", math.nan),
-        M.DECLINED: 0.0,
+        M.STEPS: metrics.get("steps", metrics.get(M.STEPS, 0.0)),
+        M.EPSILON: metrics.get("epsilon", metrics.get(M.EPSILON, math.nan)),
+        M.SECONDS: metrics.get("seconds", 0.0),
+        M.DECLINED: metrics[M.DECLINED],
         **incoming,
     }
+    if cfg.privacy.enabled:
+        return {k: v for k, v in out.items() if k in M.DP_TRAIN_KEYS}
+    return out
 
 
 def site_evaluate(
@@ -183,7 +184,7 @@ def site_evaluate(
     On the final test evaluation the site also writes its full report (per-patient results,
     privacy summary) to its own folder; that file stays at the site.
     """
-    _, trainer = get_trainer(config, settings, factory)
+    cfg, trainer = get_trainer(config, settings, factory)
     split = str(config.get(M.CFG_SPLIT, "val"))
     result = trainer.evaluate(state, split)
     out: dict[str, Any] = {
@@ -196,7 +197,7 @@ def site_evaluate(
     if int(config.get(M.CFG_FINAL, 0)):
         privacy = trainer.privacy_summary()
         for key in M.PRIVACY_SCALARS:
-            out[key] = (privacy or {}).get(key, 0.0 if key == M.EPSILON else math.nan)
+            out[key] = (privacy or {}).get(key, math.nan)
         write_json(
             settings.report,
             {
@@ -208,7 +209,20 @@ def site_evaluate(
                 "privacy": privacy,
             },
         )
+    if cfg.privacy.enabled:
+        out = {k: v for k, v in out.items() if k in M.DP_EVAL_KEYS}
     return {k: M.scalar(v) for k, v in out.items()}
+
+
+def site_releases(
+    config: Mapping[str, Any], settings: SiteSettings, factory: TrainerFactory
+) -> list[dict[str, Any]] | None:
+    """A DP site's release list, sent with its final test reply (None otherwise)."""
+    _, trainer = get_trainer(config, settings, factory)
+    if not int(config.get(M.CFG_FINAL, 0)):
+        return None
+    summary = trainer.privacy_summary()
+    return None if summary is None else list(summary.get("releases", []))
 
 
 # ---- message adapters -----------------------------------------------------------------------
@@ -263,7 +277,8 @@ def handle_evaluate(
     config = dict(msg.content[M.CONFIG])
     state = _state(msg.content[M.ARRAYS], M.layout_of(config))
     metrics = site_evaluate(config, state, settings, factory)
-    return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None), reply_to=msg)
+    releases = site_releases(config, settings, factory)
+    return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None, releases), reply_to=msg)
 
 
 def make_client_app(

@@ -62,6 +62,9 @@ EPSILON = "epsilon"  # cumulative over all rounds of this site, from its ledger
 SECONDS = "seconds"
 DECLINED = "declined"  # 1.0: the site refused the round (privacy budget exhausted)
 DICE = "dice"
+# the val Dice of the incoming global model, sent with a train reply: computed on the site's val
+# split WITHOUT privacy (for learning curves only; no model is selected on it)
+VAL_DICE = "val_dice_nonprivate"
 DICE_SD = "dice_sd"
 HD95 = "hd95"
 N_PATIENTS = "n_patients"
@@ -73,10 +76,21 @@ AGG_WEIGHT = "agg-weight"  # added by the server before averaging, never sent by
 SECAGG_CLIPPED = "secagg_clipped"  # SecAgg+: update coordinates clipped to +-secagg_clip
 
 TRAIN_KEYS = frozenset(
-    {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED, DICE}
+    {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED, VAL_DICE}
 )
 PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
 EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *PRIVACY_SCALARS})
+# In a DP run nothing unaccounted leaves a site: no raw loss (unclipped, un-noised), no timing
+# (it reveals the Poisson batch sizes), no spread of the test Dice (with two test patients the
+# mean and sd give each patient's Dice). The train reply carries the weights, the example
+# count (the FedAvg weight), the site's epsilon, the decline flag and the non-private val Dice
+# (and with SecAgg+ the count of clipped update coordinates: a function of the DP-noised update,
+# i.e. post-processing, so covered by the guarantee);
+# the final test reply the mean test Dice (non-private), the patient count and the DP
+# parameters, plus the release list (SITE record) so results.json can be re-checked.
+DP_TRAIN_KEYS = frozenset({NUM_EXAMPLES, EPSILON, DECLINED, VAL_DICE, SECAGG_CLIPPED})
+DP_EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, N_PATIENTS, *PRIVACY_SCALARS})
+RELEASES = "releases"  # in the SITE record of a DP site's final test reply: JSON list
 
 
 def scalar(value: Any) -> float:
@@ -222,12 +236,20 @@ def layout_of(config: Mapping[str, Any]) -> str | None:
 
 
 def site_reply(
-    site: str, metrics: Mapping[str, Any], allowed: frozenset[str], arrays: ArrayRecord | None
+    site: str,
+    metrics: Mapping[str, Any],
+    allowed: frozenset[str],
+    arrays: ArrayRecord | None,
+    releases: list[dict[str, Any]] | None = None,
 ) -> RecordDict:
-    """The content of a site's reply: weights (optional), scalar metrics, the site's name."""
+    """The content of a site's reply: weights (optional), scalar metrics, the site's name
+    (and, on a DP site's final test reply, its release list)."""
+    record: dict[str, Any] = {"name": site}
+    if releases is not None:
+        record[RELEASES] = json.dumps(releases)
     content: dict[str, Any] = {
         METRICS: metric_record(metrics, allowed),
-        SITE: ConfigRecord({"name": site}),
+        SITE: ConfigRecord(record),
     }
     if arrays is not None:
         content[ARRAYS] = arrays
@@ -238,6 +260,14 @@ def reply_site(content: RecordDict) -> str:
     """The site name of a reply ("?" when absent)."""
     rec = content.config_records.get(SITE)
     return str(rec["name"]) if rec is not None and "name" in rec else "?"
+
+
+def reply_releases(content: RecordDict) -> list[dict[str, Any]] | None:
+    """The release list a DP site sent with its final test reply (None when absent)."""
+    rec = content.config_records.get(SITE)
+    if rec is None or RELEASES not in rec:
+        return None
+    return list(json.loads(str(rec[RELEASES])))
 
 
 def reply_metrics(content: RecordDict) -> dict[str, float]:

@@ -151,6 +151,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     # The weights travel packed (one array per message, see M.pack); the layout goes with them.
     if saved is not None:
         start, history = int(saved["round"]), list(saved["history"])
+        run_id = str(saved.get("run_id") or s.run_id)  # the sites' ledgers know the run by it
         layout = M.state_layout(saved["state_dict"])
         arrays = M.pack_record(saved["state_dict"], layout)
         load_strategy_state(
@@ -163,12 +164,13 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         log.info("resuming after round %d of %d", start, fed.rounds)
     else:
         state = initial_state(cfg)
+        run_id = s.run_id
         start, history, layout = 0, [], M.state_layout(state)
         arrays = M.pack_record(state, layout)
     base = {
         M.CFG_LAYOUT: layout,
         M.CFG_TOML: cfg.to_toml(),
-        M.CFG_RUN_ID: s.run_id,
+        M.CFG_RUN_ID: run_id,
         M.CFG_LOCAL_STEPS: fed.local_steps,
         M.CFG_PLANNED_STEPS: planned_steps(cfg, federated=True),
     }
@@ -196,9 +198,14 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_train
         if score_incoming and previous is not None:
-            _set_val(previous, {k: v.get(M.DICE, math.nan) for k, v in report.sites.items()})
+            _set_val(previous, {k: v.get(M.VAL_DICE, math.nan) for k, v in report.sites.items()})
         for name in report.declined:
-            log.warning("round %d: site %s declined (privacy budget exhausted)", rnd, name)
+            log.warning(
+                "round %d: site %s declined (its privacy budget, or the steps its noise was "
+                "calibrated for, would be passed; the site's log says which)",
+                rnd,
+                name,
+            )
         for reason in report.failed:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if new_arrays is None or len(report.contributors) < fed.min_sites:
@@ -240,7 +247,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             "train_loss": report.train_loss(fed.weighted),
             "val_dice": None,
             "val_dice_sites": {},
-            "epsilon_max": max(eps_known.values(), default=0.0),
+            "epsilon_max": max(eps_known.values(), default=None),
             "epsilon_sites": dict(eps_known),
             "n_train_sites": dict(n_train),
             "sites": sorted(report.contributors),
@@ -265,7 +272,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             layout=layout,
             history=history,
             strategy=strategy,
-            run_id=s.run_id,
+            run_id=run_id,
         )
         write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
         if s.progress is not None:
@@ -290,5 +297,6 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         "state_dict": state_dict(arrays, layout),
         "history": history,
         "test": dict(strategy.last_evaluate),
+        "releases": dict(strategy.last_releases),
         "n_train": n_train,
     }

@@ -34,18 +34,24 @@ def build_results(
     history = summary["history"]
     last_eps = history[-1].get("epsilon_sites", {}) if history else {}
     sites = []
+    sent = summary.get("releases", {})
     for name in sorted(set(summary["test"]) | set(reports) | set(last_eps)):
         scal = summary["test"].get(name, {})
         rep = reports.get(name, {})
+        completed = name in summary["test"] or name in reports
         privacy = None
-        if dp:
-            privacy = rep.get("privacy") or {k: scal.get(k) for k in PRIVACY_KEYS if k in scal}
-            privacy.setdefault("epsilon", last_eps.get(name))  # a site that dropped out
+        if dp or name in sent or rep.get("privacy"):
+            privacy = dict(rep.get("privacy") or {k: scal[k] for k in PRIVACY_KEYS if k in scal})
+            privacy.setdefault("releases", sent.get(name))
             privacy.setdefault("accountant", cfg.privacy.accountant)
+            if not completed:  # dropped out: what it last reported, it may have spent more
+                privacy["epsilon"] = last_eps.get(name)
         site = SiteResult.from_test(
             name, rep.get("n_train", summary["n_train"].get(name)), rep.get("test", scal), privacy
         )
-        site.completed = name in summary["test"] or name in reports
+        site.completed = completed
+        if privacy is not None:
+            site.epsilon_lower_bound = not completed
         sites.append(site)
     fed = cfg.federated
     result = RunResult.of(cfg.privacy, "federated", sites, history)

@@ -39,7 +39,7 @@ class TrainRound:
     def train_loss(self, weighted: bool) -> float:
         rows = [self.sites[s] for s in self.contributors]
         w = np.array([r[M.NUM_EXAMPLES] if weighted else 1.0 for r in rows], dtype=float)
-        loss = np.array([r[M.TRAIN_LOSS] for r in rows], dtype=float)
+        loss = np.array([r.get(M.TRAIN_LOSS, math.nan) for r in rows], dtype=float)
         ok = ~np.isnan(loss)
         return float(np.average(loss[ok], weights=w[ok])) if ok.any() and w[ok].sum() else math.nan
 
@@ -52,8 +52,10 @@ class SiteAggregation(Strategy):
     """Mixin placed before a Flower strategy: per-site bookkeeping around its aggregation."""
 
     weighted: bool = True
+    dp: bool = False  # a DP run: an update without a positive epsilon is rejected
     last_train: TrainRound
     last_evaluate: dict[str, dict[str, float]]
+    last_releases: dict[str, list[dict[str, Any]]]  # DP sites' release lists (final test)
 
     def _sort_replies(
         self, replies: Iterable[Message], *, secure: bool = False
@@ -69,11 +71,19 @@ class SiteAggregation(Strategy):
                 report.failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
             site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
-            report.sites[site] = metrics
             no_weights = not secure and not msg.content.array_records
             if metrics.get(M.DECLINED, 0.0) >= 1.0 or no_weights:
+                report.sites[site] = metrics
                 report.declined.append(site)
                 continue
+            eps = metrics.get(M.EPSILON, math.nan)
+            if self.dp and not (eps > 0):  # NaN, 0 or absent: this update carries no DP
+                report.failed.append(
+                    f"site {site}: its update carries no DP guarantee (epsilon {eps}) in a DP "
+                    "run; rejected"
+                )
+                continue
+            report.sites[site] = metrics
             usable.append(msg)
             report.contributors.append(site)
         return report, usable
@@ -133,7 +143,11 @@ class SiteAggregation(Strategy):
         per_site: dict[str, dict[str, float]] = {}
         for msg in replies:
             if not msg.has_error():
-                per_site[M.reply_site(msg.content)] = M.reply_metrics(msg.content)
+                site = M.reply_site(msg.content)
+                per_site[site] = M.reply_metrics(msg.content)
+                releases = M.reply_releases(msg.content)
+                if releases is not None:
+                    self.last_releases[site] = releases
         self.last_evaluate = per_site
         if not per_site:
             return None
@@ -180,6 +194,8 @@ def make_strategy(cfg: Config) -> SiteAggregation:
     else:  # pragma: no cover - the config validates the name
         raise ValueError(f"federated.strategy = {fed.strategy!r} is not supported")
     strategy.weighted = fed.weighted
+    strategy.dp = cfg.privacy.enabled
+    strategy.last_releases = {}
     strategy.last_train = TrainRound()
     strategy.last_evaluate = {}
     return strategy

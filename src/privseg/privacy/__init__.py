@@ -1,7 +1,6 @@
 """Differential privacy at each site: accounting (pure), ledger (durable), budget, DP-SGD."""
 
 from privseg.privacy.accounting import calibrate_noise, epsilon
-from privseg.privacy.budget import check_budget
 from privseg.privacy.dp_sgd import DPGradient, PoissonUnitSampler, secure_generator
 from privseg.privacy.ledger import PrivacyLedger
 
@@ -10,7 +9,6 @@ __all__ = [
     "PoissonUnitSampler",
     "PrivacyLedger",
     "calibrate_noise",
-    "check_budget",
     "epsilon",
     "secure_generator",
 ]

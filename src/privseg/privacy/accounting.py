@@ -79,11 +79,19 @@ def clear_cache() -> None:
 
 
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: Sequence[Release] = (),
 ) -> float:
     """Smallest noise multiplier (to ~1%) whose epsilon after ``steps`` is <= target_epsilon.
 
-    Calibrated once for the whole planned run (all rounds), never per round.
+    Calibrated once for the whole planned run (all rounds), never per round. With ``prior``
+    releases the target is for their composition with the new steps (a resumed run, or what
+    remains of a site's lifetime budget).
     """
     _check_accountant(accountant)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
@@ -97,7 +105,41 @@ def calibrate_noise(
     with warnings.catch_warnings():
         # the RDP search probes huge sigmas where the largest alpha is optimal: not news
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        if any(n > 0 for _, _, n in prior):
+            return _calibrate_after(
+                list(prior), target_epsilon, delta, sample_rate, steps, accountant
+            )
         return _calibrate(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def _calibrate_after(
+    prior: list[Release],
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+) -> float:
+    """Bisection on log(sigma): epsilon(prior + new) decreases with the new release's sigma."""
+
+    def eps(sigma: float) -> float:
+        return epsilon([*prior, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    hi = MAX_NOISE_MULTIPLIER
+    if eps(hi) > target_epsilon:
+        raise ConfigError(
+            f"epsilon {target_epsilon:.4g} is unreachable: the {len(prior)} earlier release(s) "
+            f"already spend {epsilon(prior, delta=delta, accountant=accountant):.4g}, and even "
+            f"noise multiplier {MAX_NOISE_MULTIPLIER:g} for {steps} more steps (sample rate "
+            f"{sample_rate:.4g}) would pass it"
+        )
+    lo = 0.1
+    while eps(lo) <= target_epsilon and lo > 1e-3:
+        lo /= 4
+    while hi / lo > 1.01:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
+    return hi
 
 
 def _calibrate(

@@ -1,4 +1,8 @@
-"""A site's budget: refuse a release that would overspend it; what each ledger has spent."""
+"""What each site's data has spent: the rows ``privseg budget`` prints, from the ledgers.
+
+Refusing a release that would overspend happens in the ledger itself
+(:meth:`~privseg.privacy.ledger.PrivacyLedger.reserve`), in the same transaction as the insert.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +10,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.errors import ConfigError, DataError
 from privseg.privacy import accounting
-from privseg.privacy.ledger import PrivacyLedger
-
-
-def check_budget(
-    ledger: PrivacyLedger,
-    *,
-    site: str,
-    planned: tuple[float, float, int],
-    budget_epsilon: float,
-    delta: float,
-    accountant: str,
-) -> float:
-    """Epsilon after ``planned`` = (noise_multiplier, sample_rate, steps) on top of the
-    site's recorded releases; raise :class:`PrivacyBudgetExceeded` if it exceeds the budget."""
-    history = ledger.history(site)
-    spent = accounting.epsilon(history, delta=delta, accountant=accountant)
-    after = accounting.epsilon([*history, planned], delta=delta, accountant=accountant)
-    if after > budget_epsilon:
-        sigma, q, steps = planned
-        raise PrivacyBudgetExceeded(
-            f"site {site!r} refuses to train: it has spent epsilon {spent:.4g} (delta={delta:g}, "
-            f"{accountant}) and the planned {steps} steps (noise {sigma:.4g}, sample rate "
-            f"{q:.4g}) would bring it to {after:.4g}, over its budget of {budget_epsilon:g} "
-            f"(ledger {ledger.path})"
-        )
-    return after
-
+from privseg.privacy.ledger import PrivacyLedger, ledger_folder
 
 LEDGER_SUFFIXES = (".sqlite", ".db")
 
 
 def ledger_files(paths: list[Path]) -> list[Path]:
+    """Ledger files named, or found in the folders named."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -54,32 +33,56 @@ def ledger_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def budget_rows(
-    paths: list[Path], *, delta: float, accountant: str, budget_epsilon: float | None
+def data_ledgers(cache: Path, ledger_dir: Path | None = None) -> list[Path]:
+    """The ledgers of a prepared cache's sites (``<cache>.ledgers``, or ``ledger_dir``)."""
+    folder = ledger_dir or ledger_folder(cache)
+    if not folder.is_dir():
+        raise DataError(
+            f"no privacy ledger for {cache}: {folder} does not exist (no DP run has used this "
+            "data yet, or its runs set privacy.ledger_dir: pass it with --ledgers)"
+        )
+    return ledger_files([folder])
+
+
+def site_budgets(
+    files: list[Path],
+    *,
+    delta: float | None = None,
+    accountant: str | None = None,
+    budget_epsilon: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (ledger, site): releases, steps, epsilon spent, budget and what is left."""
-    if not 0 < delta < 1:
+    """Per (ledger, site): epsilon spent at ``delta`` (default: the largest delta the site's
+    releases used) with ``accountant`` (default: the one they used), unit, lifetime budget
+    (the smallest of ``budget_epsilon`` and the one the ledger holds), what remains, and
+    every release (epsilon is recomputable from ``releases`` alone; None = unbounded)."""
+    if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta = {delta!r} is invalid: allowed values are > 0 and < 1")
-    if accountant not in ("prv", "rdp"):
+    if accountant is not None and accountant not in accounting.ACCOUNTANTS:
         raise ConfigError(f"--accountant = {accountant!r} is invalid: allowed 'prv', 'rdp'")
-    rows = []
-    for file in ledger_files(paths):
+    out = []
+    for file in ledger_files(files):
         ledger = PrivacyLedger(file)
+        held = ledger.budget()
         for site in ledger.sites():
-            entries = ledger.entries(site)
-            eps = ledger.epsilon(delta=delta, accountant=accountant, site=site)
-            left = None if budget_epsilon is None else budget_epsilon - eps
-            rows.append(
+            releases = ledger.releases(site)
+            d = delta if delta is not None else max(r["delta"] for r in releases)
+            acc = accountant or releases[-1]["accountant"]
+            eps = ledger.epsilon(delta=d, accountant=acc, site=site)
+            budgets = [b for b in (budget_epsilon, held) if b is not None]
+            budget = min(budgets) if budgets else None
+            left = None if budget is None else budget - eps
+            out.append(
                 {
+                    "name": site,
                     "ledger": str(file),
-                    "site": site,
-                    "releases": len(entries),
-                    "steps": sum(e["steps"] for e in entries),
                     "epsilon": eps if math.isfinite(eps) else None,
-                    "budget": budget_epsilon,
-                    "left": left if left is None or math.isfinite(left) else None,
-                    "delta": delta,
-                    "accountant": accountant,
+                    "delta": d,
+                    "unit": releases[-1]["unit"],
+                    "accountant": acc,
+                    "budget_epsilon": budget,
+                    "remaining": left if left is None or math.isfinite(left) else None,
+                    "steps": sum(r["steps"] for r in releases),
+                    "releases": releases,
                 }
             )
-    return rows
+    return out

@@ -1,13 +1,19 @@
-"""A durable, append-only record of every DP release a site made (SQLite, fsync on commit).
+"""A durable, append-only record of every DP release made on one site's data (SQLite, fsync).
 
 Epsilon is never stored: it is recomputed from all rows, so it is cumulative across rounds,
-runs and restarts, and a lost counter cannot under-report the spend.
+runs, studies and restarts, and a lost counter cannot under-report the spend. A ledger belongs
+to one site's data (its ``data_key``: the task, the site and its patients), not to a run
+folder; :meth:`PrivacyLedger.reserve` checks the unit and the budget and inserts the release in
+one ``BEGIN IMMEDIATE`` transaction, so two concurrent runs cannot both pass the check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -15,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
 from privseg.privacy import accounting
 
 SCHEMA_VERSION = 1
@@ -47,6 +53,40 @@ CREATE TABLE releases (
     note TEXT NOT NULL DEFAULT ''
 );
 """
+
+
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+UNITS = ("slice", "patient")
+RELEASE_KEYS = (
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "unit",
+    "accountant",
+    "delta",
+    "time",
+    "run_id",
+)
+"""One release as ``privseg budget --format json`` and every results.json site entry show it."""
+
+
+def data_key(task: str, site: str, patients: list[str]) -> str:
+    """What a ledger belongs to: one site's patients of one task (not how they were prepared:
+    a cache rebuilt at another resolution holds the same patients, hence the same key)."""
+    body = json.dumps({"task": task, "site": site, "patients": sorted(patients)})
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def ledger_folder(cache_root: str | Path) -> Path:
+    """The default home of a prepared cache's ledgers: the folder ``<cache>.ledgers`` beside
+    it, so rebuilding or deleting the cache never resets what its patients have spent."""
+    root = Path(cache_root).resolve()
+    return root.parent / f"{root.name}.ledgers"
+
+
+def ledger_file(folder: Path, site: str, key: str) -> Path:
+    """The ledger of ``site``'s data with ``key`` in ``folder`` (one file per site and data)."""
+    return Path(folder) / f"{site}-{key[:16]}.sqlite"
 
 
 def _pragmas(con: sqlite3.Connection) -> None:
@@ -135,34 +175,154 @@ class PrivacyLedger:
         delta: float,
         note: str = "",
     ) -> int:
-        """Append one release and return its id; durable (fsynced) when this returns."""
+        """Append one release without checks and return its id; durable when this returns.
+        Training goes through :meth:`reserve` (unit and budget checked in the same transaction)."""
         if steps < 0:
             raise ValueError(f"steps = {steps} is invalid: must be >= 0")
+        release = (float(noise_multiplier), float(sample_rate), int(steps))
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                rowid = self._insert(con, site, run_id, unit, release, accountant, delta, note)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return rowid
+
+    def reserve(
+        self,
+        *,
+        site: str,
+        run_id: str,
+        unit: str,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
+        delta: float,
+        budget_epsilon: float | None,
+        note: str = "",
+    ) -> float:
+        """Check and record one release in ONE write transaction; return the composed epsilon.
+
+        Refuses (nothing written) a release whose unit differs from the site's earlier ones
+        (epsilons of different units do not compose) and one whose composition with every
+        earlier release would pass ``budget_epsilon``. Concurrent reservations serialise on the
+        SQLite write lock (``BEGIN IMMEDIATE``), so they cannot both pass the check.
+        """
+        if steps <= 0:
+            raise ValueError(f"steps = {steps} is invalid: must be > 0")
+        if unit not in UNITS:
+            raise ConfigError(f"privacy.unit = {unit!r} is invalid: allowed {', '.join(UNITS)}")
+        release = (float(noise_multiplier), float(sample_rate), int(steps))
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [
+                    self._valid(dict(zip(_COLUMNS, r, strict=True)))
+                    for r in con.execute(
+                        f"SELECT {', '.join(_COLUMNS)} FROM releases WHERE site = ? ORDER BY id",
+                        (site,),
+                    )
+                ]
+                units = {r["unit"] for r in rows}
+                if units - {unit}:
+                    raise ConfigError(
+                        f"site {site!r} refuses a {unit}-level release: its ledger {self.path} "
+                        f"holds {', '.join(sorted(units))}-level releases, and epsilons of "
+                        "different privacy units do not compose; keep privacy.unit = "
+                        f"{sorted(units)[0]!r} on this data"
+                    )
+                history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows]
+                after = accounting.epsilon([*history, release], delta=delta, accountant=accountant)
+                con.execute(_META)
+                held = con.execute("SELECT value FROM meta WHERE key = 'budget_epsilon'").fetchone()
+                budgets = [float(b) for b in (budget_epsilon, held and held[0]) if b is not None]
+                budget_epsilon = min(budgets) if budgets else None
+                if budget_epsilon is not None and after > budget_epsilon:
+                    spent = accounting.epsilon(history, delta=delta, accountant=accountant)
+                    raise PrivacyBudgetExceeded(
+                        f"site {site!r} refuses to train: it has spent epsilon {spent:.4g} "
+                        f"(delta={delta:g}, {accountant}) and the planned {steps} steps (noise "
+                        f"{noise_multiplier:.4g}, sample rate {sample_rate:.4g}) would bring it "
+                        f"to {after:.4g}, over its budget of {budget_epsilon:g}; see `privseg "
+                        f"budget {self.path}`"
+                    )
+                self._insert(con, site, run_id, unit, release, accountant, delta, note)
+                if budget_epsilon is not None:  # the ledger keeps the smallest budget ever set
+                    con.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('budget_epsilon', ?)",
+                        (repr(budget_epsilon),),
+                    )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return after
+
+    @staticmethod
+    def _insert(
+        con: sqlite3.Connection,
+        site: str,
+        run_id: str,
+        unit: str,
+        release: tuple[float, float, int],
+        accountant: str,
+        delta: float,
+        note: str,
+    ) -> int:
         row = (
             dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
             str(site),
             str(run_id),
             str(unit),
-            float(noise_multiplier),
-            float(sample_rate),
-            int(steps),
+            float(release[0]),
+            float(release[1]),
+            int(release[2]),
             str(accountant),
             float(delta),
             str(note),
         )
+        cur = con.execute(
+            f"INSERT INTO releases ({', '.join(_COLUMNS[1:])}) "
+            f"VALUES ({', '.join('?' * len(row))})",
+            row,
+        )
+        return int(cur.lastrowid or 0)
+
+    def bind(self, key: str, site: str) -> None:
+        """Tie this ledger to one site's data; a ledger of other data is refused."""
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
-                cur = con.execute(
-                    f"INSERT INTO releases ({', '.join(_COLUMNS[1:])}) "
-                    f"VALUES ({', '.join('?' * len(row))})",
-                    row,
-                )
+                con.execute(_META)
+                known = dict(con.execute("SELECT key, value FROM meta").fetchall())
+                if known.get("data_key", key) != key or known.get("site", site) != site:
+                    raise DataError(
+                        f"privacy ledger {self.path} belongs to site {known.get('site')!r} of "
+                        f"other data (key {known.get('data_key', '')[:16]}), not to site "
+                        f"{site!r} of this data (key {key[:16]}); refusing to mix them"
+                    )
+                con.execute("INSERT OR IGNORE INTO meta VALUES ('data_key', ?)", (key,))
+                con.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            return int(cur.lastrowid)
+
+    def meta(self) -> dict[str, str]:
+        """What the ledger is tied to (``data_key``, ``site``) and holds (``budget_epsilon``)."""
+        with self._connect() as con:
+            exists = con.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            return dict(con.execute("SELECT key, value FROM meta").fetchall()) if exists else {}
+
+    def budget(self) -> float | None:
+        """The smallest lifetime budget any run on this data set (a config cannot raise it)."""
+        value = self.meta().get("budget_epsilon")
+        return None if value is None else float(value)
 
     # ---- reads --------------------------------------------------------------------------
     def entries(self, site: str | None = None) -> list[dict[str, Any]]:
@@ -174,14 +334,53 @@ class PrivacyLedger:
             args = (site,)
         with self._connect() as con:
             rows = con.execute(query + " ORDER BY id", args).fetchall()
-        return [dict(zip(_COLUMNS, r, strict=True)) for r in rows]
+        return [self._valid(dict(zip(_COLUMNS, r, strict=True))) for r in rows]
+
+    def _valid(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as recorded, or a DataError naming the ledger, the row and the field: an edited
+        or damaged ledger must never be read as less privacy spent."""
+
+        def bad(field: str, rule: str) -> DataError:
+            return DataError(
+                f"privacy ledger {self.path} row {row['id']}: {field} = {row[field]!r} is invalid "
+                f"({rule}); the ledger was edited or damaged, refusing to read it"
+            )
+
+        def number(field: str) -> float:
+            value = row[field]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(field, "must be a number")
+            if not math.isfinite(value):
+                raise bad(field, "must be finite")
+            return float(value)
+
+        if not isinstance(row["steps"], int) or isinstance(row["steps"], bool) or row["steps"] < 0:
+            raise bad("steps", "must be a whole number >= 0")
+        if number("noise_multiplier") < 0:
+            raise bad("noise_multiplier", "must be >= 0")
+        if not 0 < number("sample_rate") <= 1:
+            raise bad("sample_rate", "must be in (0, 1]")
+        if not 0 < number("delta") < 1:
+            raise bad("delta", "must be in (0, 1)")
+        if row["unit"] not in UNITS:
+            raise bad("unit", f"must be one of {', '.join(UNITS)}")
+        if row["accountant"] not in accounting.ACCOUNTANTS:
+            raise bad("accountant", f"must be one of {', '.join(accounting.ACCOUNTANTS)}")
+        return row
 
     def sites(self) -> list[str]:
         return sorted({e["site"] for e in self.entries()})
 
-    def history(self, site: str | None = None) -> list[tuple[float, float, int]]:
-        """[(noise_multiplier, sample_rate, steps), ...] as the accountants take it."""
-        return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries(site)]
+    def history(
+        self, site: str | None = None, *, run_id: str | None = None
+    ) -> list[tuple[float, float, int]]:
+        """[(noise_multiplier, sample_rate, steps), ...] as the accountants take it (of one
+        run only, with ``run_id``)."""
+        return [
+            (e["noise_multiplier"], e["sample_rate"], e["steps"])
+            for e in self.entries(site)
+            if run_id is None or e["run_id"] == run_id
+        ]
 
     def steps(self, site: str | None = None) -> int:
         return sum(e["steps"] for e in self.entries(site))
@@ -189,3 +388,7 @@ class PrivacyLedger:
     def epsilon(self, *, delta: float, accountant: str, site: str | None = None) -> float:
         """Cumulative epsilon of every recorded release (of ``site``), recomputed from the rows."""
         return accounting.epsilon(self.history(site), delta=delta, accountant=accountant)
+
+    def releases(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Every release (of ``site``) in the documented shape (:data:`RELEASE_KEYS`)."""
+        return [{k: e[k] for k in RELEASE_KEYS} for e in self.entries(site)]

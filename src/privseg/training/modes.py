@@ -33,7 +33,7 @@ def train_site(
     name: str,
     train: Any,
     val_splits: dict[str, Any],
-    folder: RunFolder,
+    cache: Any,
     run_id: str,
     progress: Progress,
 ) -> tuple[SiteTrainer, list[dict[str, Any]], float]:
@@ -47,12 +47,7 @@ def train_site(
     privacy = None
     if cfg.privacy.enabled:
         privacy = make_site_privacy(
-            cfg,
-            site=name,
-            train=train,
-            planned_steps=total,
-            ledger_path=folder.ledger(name),
-            run_id=run_id,
+            cfg, cache, site=name, train=train, planned_steps=total, run_id=run_id
         )
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
     history: list[dict[str, Any]] = []
@@ -102,7 +97,7 @@ def run_central(
         name="central",
         train=train,
         val_splits=vals,
-        folder=folder,
+        cache=cache,
         run_id=run_id,
         progress=progress,
     )
@@ -135,7 +130,7 @@ def run_local(
             name=site,
             train=cache.split(site, "train"),
             val_splits={site: cache.split(site, "val")},
-            folder=folder,
+            cache=cache,
             run_id=run_id,
             progress=progress,
         )

@@ -118,7 +118,7 @@ class SiteTrainer:
             "num_examples": float(self.num_examples),
             "steps": float(steps),
             "seconds": seconds,
-            "epsilon": float(self.privacy.epsilon()) if self.privacy is not None else 0.0,
+            "epsilon": float(self.privacy.epsilon()) if self.privacy is not None else math.nan,
         }
         return self.state_dict(), metrics
 
@@ -183,13 +183,7 @@ class SiteTrainer:
 
 
 def build_site_trainer(
-    cfg: Config,
-    cache_dir: Path,
-    site: str,
-    *,
-    ledger_path: Path | None,
-    planned_steps: int,
-    run_id: str,
+    cfg: Config, cache_dir: Path, site: str, *, planned_steps: int, run_id: str
 ) -> SiteTrainer:
     """Open one site's cached splits and build its trainer (and privacy engine when DP is on)."""
     from privseg.data.cache import SliceCache
@@ -198,15 +192,8 @@ def build_site_trainer(
     train = cache.split(site, "train")
     privacy = None
     if cfg.privacy.enabled:
-        if ledger_path is None:
-            raise ValueError("a DP site needs a ledger path")
         privacy = make_site_privacy(
-            cfg,
-            site=site,
-            train=train,
-            planned_steps=planned_steps,
-            ledger_path=ledger_path,
-            run_id=run_id,
+            cfg, cache, site=site, train=train, planned_steps=planned_steps, run_id=run_id
         )
     return SiteTrainer(
         cfg,
@@ -219,19 +206,41 @@ def build_site_trainer(
     )
 
 
-def make_site_privacy(
-    cfg: Config, *, site: str, train: Any, planned_steps: int, ledger_path: Path, run_id: str
-) -> Any:
-    """The site's DP-SGD engine, its noise calibrated once for all ``planned_steps``."""
-    from privseg.privacy.engine import SitePrivacy  # Opacus loads only for DP runs
-    from privseg.privacy.plan import DPPlan, unit_ids
+SPLITS = ("train", "val", "test")
 
-    plan = DPPlan.for_split(cfg, train, federated=False, site=site, steps=planned_steps)
-    return SitePrivacy(
-        cfg.privacy,
-        plan,
+
+def site_ledger(cfg: Config, cache: Any, site: str) -> tuple[Path, str]:
+    """Where the privacy ledger of ``site``'s data lives, and the data's key.
+
+    It belongs to the data, not to a run: by default the folder ``<cache>.ledgers`` beside the
+    prepared cache (it survives a rebuild or removal of the cache), or ``privacy.ledger_dir``;
+    one file per site and data key (the task and the site's patients). ``site = "central"``
+    is the pooled data of every site (central training).
+    """
+    from privseg.privacy.ledger import data_key, ledger_file, ledger_folder
+
+    sites = list(cache.sites) if site == "central" else [site]
+    patients = [
+        f"{s}/{p}" for s in sites for split in SPLITS for p in cache.split(s, split).patient_ids
+    ]
+    key = data_key(str(cache.manifest.get("task", "")), site, patients)
+    folder = Path(cfg.privacy.ledger_dir) if cfg.privacy.ledger_dir else ledger_folder(cache.root)
+    return ledger_file(folder, site, key), key
+
+
+def make_site_privacy(
+    cfg: Config, cache: Any, *, site: str, train: Any, planned_steps: int, run_id: str
+) -> Any:
+    """The site's DP-SGD engine on its data's ledger, noise calibrated once for the run."""
+    from privseg.privacy.engine import open_site_privacy  # Opacus loads only for DP runs
+
+    path, key = site_ledger(cfg, cache, site)
+    return open_site_privacy(
+        cfg,
+        train,
         site=site,
-        units=unit_ids(train, cfg.privacy.unit),
-        ledger_path=ledger_path,
+        ledger_path=path,
+        data_key=key,
+        planned_steps=planned_steps,
         run_id=run_id,
     )

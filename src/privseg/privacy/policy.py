@@ -1,0 +1,53 @@
+"""A site's own privacy policy is a floor: merged field by field with the server's request,
+only ever stricter, so no server (or config) can switch a site's DP off or weaken it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from privseg.config import PrivacyConfig
+
+UNIT_STRENGTH = {"slice": 0, "patient": 1}
+
+
+def _least(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _most(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyConfig, list[str]]:
+    """The privacy settings a site trains with, and what it changed in the request.
+
+    DP is on if either side turns it on or the site sets a budget; delta, the lifetime budget
+    and the target epsilon are the smaller of the two; the noise multiplier the larger (with
+    both a noise and a target, the larger resulting noise wins: see ``DPPlan``); the unit the
+    stronger; the site's accountant and ledger folder always (a server cannot move a site's
+    ledger). The site cannot tell its explicit values from defaults: its defaults (target 8,
+    delta 1e-5) are floors too.
+    """
+    wants_dp = own.enabled or requested.enabled or own.budget_epsilon is not None
+    if not wants_dp:
+        return dataclasses.replace(requested, ledger_dir=own.ledger_dir), []
+    merged = dataclasses.replace(
+        requested,
+        enabled=True,
+        noise_multiplier=_most(own.noise_multiplier, requested.noise_multiplier),
+        target_epsilon=_least(own.target_epsilon, requested.target_epsilon),
+        delta=min(own.delta, requested.delta),
+        unit=max(own.unit, requested.unit, key=UNIT_STRENGTH.__getitem__),
+        budget_epsilon=_least(own.budget_epsilon, requested.budget_epsilon),
+        accountant=own.accountant,
+        ledger_dir=own.ledger_dir,
+    )
+    changed = [
+        f"privacy.{f.name}: {getattr(requested, f.name)!r} -> {getattr(merged, f.name)!r}"
+        for f in dataclasses.fields(PrivacyConfig)
+        if f.name != "ledger_dir" and getattr(requested, f.name) != getattr(merged, f.name)
+    ]
+    merged.check()
+    return merged, changed
