@@ -128,6 +128,8 @@ def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = Non
                 str(tmp_path / site),
                 "--timeout",
                 "120",
+                "--budget",
+                "1000",
             )
         if kill is not None:
             _wait_rounds(run / "history.json", 1, server, 240)
@@ -192,6 +194,7 @@ def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) 
             out=tmp_path / "site",
             timeout=3,
             worker=False,
+            budget_epsilon=1000.0,
             echo=lambda _: None,
         )
     assert time.monotonic() - t0 < 90
@@ -236,6 +239,7 @@ def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
                 out=tmp_path / "site",
                 timeout=3,
                 worker=False,
+                budget_epsilon=1000.0,
                 echo=lambda _: None,
             )
 
@@ -255,7 +259,7 @@ def test_insecure_mode_warns_and_runs(tmp_path: Path, cache: Path) -> None:
         site = cluster.start(
             "site", "site", "--data", str(cache), "--site", "site-0", "--insecure",
             "--server", f"127.0.0.1:{port}", "--out", str(tmp_path / "site-0"),
-            "--timeout", "15",
+            "--timeout", "15", "--budget", "1000",
         )  # fmt: skip
         server.wait(240)
         assert server.returncode == 0, cluster.output("server")

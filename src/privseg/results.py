@@ -53,6 +53,7 @@ RUN_KEYS = (
     "dice_mean",
     "dice_sd",
     "epsilon_max",
+    "epsilon_run_max",
     "history",
     "seconds_per_epoch",
     "seconds_per_round",
@@ -71,6 +72,7 @@ STUDY_KEYS = (
     "attack",
     "audit",
     "threat_model",
+    "privacy",
 )
 
 
@@ -194,6 +196,13 @@ class RunResult:
         eps = [e for e in eps if e is not None]
         return max(eps) if eps else None
 
+    @property
+    def epsilon_run_max(self) -> float | None:
+        """The largest per-site epsilon of this run's own releases (what its target bounds)."""
+        eps = [s.privacy.get("epsilon_run") for s in self.sites if s.privacy]
+        eps = [e for e in eps if e is not None]
+        return max(eps) if eps else None
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "mode": self.mode,
@@ -204,6 +213,7 @@ class RunResult:
             "dice_mean": self.dice_mean,
             "dice_sd": self.dice_sd,
             "epsilon_max": self.epsilon_max,
+            "epsilon_run_max": self.epsilon_run_max,
             "history": self.history,
             "seconds_per_epoch": self.seconds_per_epoch,
             "seconds_per_round": self.seconds_per_round,
@@ -236,6 +246,9 @@ class StudyResult:
     runs: list[dict[str, Any]]
     attack: list[dict[str, Any]]
     audit: list[dict[str, Any]]
+    # per site: the grid's planned epsilon ("plan") and what the data spent ("spent": the
+    # rows of `privseg budget --data`, every release included)
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,6 +262,7 @@ class StudyResult:
             "attack": self.attack,
             "audit": self.audit,
             "threat_model": self.attack[0].get("threat_model", {}) if self.attack else {},
+            "privacy": self.privacy,
         }
 
     def write(self, path: Path) -> dict[str, Any]:

@@ -72,7 +72,13 @@ def site(
         None,
         "--config",
         "-c",
-        help="TOML whose privacy section this site enforces (else the server's).",
+        help="TOML whose [privacy] section is this site's floor (merged, only ever stricter).",
+    ),
+    budget: float | None = typer.Option(
+        None,
+        "--budget",
+        help="This site's lifetime epsilon budget over every run on its data (required here "
+        "or as privacy.budget_epsilon in --config).",
     ),
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
@@ -93,6 +99,7 @@ def site(
         timeout=timeout,
         worker=worker,
         privacy_config=config,
+        budget_epsilon=budget,
     )
     console.print(f"site {name}: done; local report {report}")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
-from privseg.errors import DataError, FederationError
+from privseg.errors import ConfigError, DataError, FederationError
 from privseg.federated.app_files import CONNECTION, toml_str, write_app, write_flower_home
 from privseg.federated.certs import CertFiles
 from privseg.federated.processes import (
@@ -30,7 +30,7 @@ from privseg.federated.processes import (
     signal_group,
     wait_for_port,
 )
-from privseg.io import read_json
+from privseg.io import atomic_write_text, read_json
 from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,27 @@ def check_site_data(data: Path, site: str) -> None:
         raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
 
 
+def site_policy(out: Path, config: Path | None, budget_epsilon: float | None) -> Path:
+    """The site's privacy floor as a TOML file (``out/site-privacy.toml`` when written here).
+
+    A deployed site always trains under its own lifetime budget: ``--budget`` or
+    ``privacy.budget_epsilon`` in its ``--config`` (the smaller when both), else refused.
+    """
+    own = Config.load(config) if config is not None else Config()
+    budgets = [b for b in (budget_epsilon, own.privacy.budget_epsilon) if b is not None]
+    if not budgets:
+        raise ConfigError(
+            "a site needs its own lifetime privacy budget: pass --budget EPSILON or set "
+            "privacy.budget_epsilon in the site's --config (what its patients may lose over "
+            "every run; `privseg budget --data CACHE` shows what is spent)"
+        )
+    policy = own.replace(**{"privacy.enabled": True, "privacy.budget_epsilon": min(budgets)})
+    path = out / "site-privacy.toml"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, policy.to_toml())
+    return path
+
+
 def join(
     *,
     data: Path,
@@ -226,21 +247,21 @@ def join(
     timeout: float = 60.0,
     worker: bool = True,
     privacy_config: Path | None = None,
+    budget_epsilon: float | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> Path:
     """Serve as site ``site`` until the server goes away; return the site's test report.
 
     ``timeout``: how long the SuperNode tries to (re)connect before giving up, so an
     unreachable server or a wrong certificate ends in an error, not a hang.
-    ``privacy_config``: a TOML file whose ``[privacy]`` section this site enforces, whatever
-    the server sends (the site, not the server, owns its privacy guarantee).
+    ``privacy_config``: a TOML file whose ``[privacy]`` section is this site's floor, whatever
+    the server sends (the site, not the server, owns its privacy guarantee); it or
+    ``budget_epsilon`` must give the site's lifetime budget.
     """
     data = Path(data).resolve()
     out = Path(out or Path.cwd() / f"privseg-{site}").resolve()
     check_site_data(data, site)
-    if privacy_config is not None:
-        privacy_config = Path(privacy_config).resolve()
-        Config.load(privacy_config)  # fail now on a bad file
+    privacy_config = site_policy(out, privacy_config, budget_epsilon)
     files = CertFiles(Path(certs)) if certs else None
     key = files.site_key(site) if files else None
     if not insecure:

@@ -57,7 +57,23 @@ def summarise(study: dict[str, Any]) -> str:
     parts = _utility_sentences(runs) + _dp_sentences(runs)
     parts.append(_attack_sentence(study.get("attack") or []))
     parts.append(_audit_sentence(study.get("audit") or []))
+    parts.append(_total_privacy_sentence(study))
     return " ".join(p for p in parts if p)
+
+
+def _total_privacy_sentence(study: dict[str, Any]) -> str:
+    """What each site's data spent over the whole study (its DP settings compose)."""
+    spent = [s for s in (study.get("privacy") or {}).get("spent") or [] if isinstance(s, dict)]
+    if not spent:
+        return ""
+    rows = [f"{s.get('name')} {_eps_phrase(s.get('epsilon'))}" for s in spent]
+    first = spent[0]
+    return (
+        "Every DP setting trained on the same patients, so their releases compose: over the "
+        f"whole study (and any earlier run on this data) each site's data spent {_join(rows)} "
+        f"(δ = {fmt(first.get('delta'), '.0e')}, {first.get('accountant')}, {first.get('unit')} "
+        "unit; recomputed from its ledger, every release listed in results.json)."
+    )
 
 
 def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:

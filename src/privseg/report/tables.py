@@ -134,8 +134,8 @@ def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_epsilon(run: dict[str, Any]) -> float | None:
-    """Epsilon actually spent by a DP run (the worst site), else its target."""
-    for k in ("epsilon_max", "target_epsilon"):
+    """Epsilon actually spent by a DP run taken alone (the worst site), else its target."""
+    for k in ("epsilon_run_max", "epsilon_max", "target_epsilon"):
         if is_num(run.get(k)):
             return float(run[k])
     return None

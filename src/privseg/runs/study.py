@@ -24,6 +24,7 @@ from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
 from privseg.results import StudyResult
 from privseg.run_folder import RunFolder
+from privseg.runs import privacy as study_privacy
 from privseg.runs.train import machine_info, train
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,9 @@ def run_study(
     folder.write_config(cfg)
     cache = resolve_cache(data, cfg, folder.cache, progress)
     settings = grid(cfg)
+    todo = [(st.key, st.config(cfg)) for st in settings]
+    todo = [(k, c) for k, c in todo if not _finished(folder.setting(k), c)]
+    plan = study_privacy.plan_grid(cfg, cache, todo)  # refuses a grid that would overspend
     runs: list[dict[str, Any]] = []
     for i, setting in enumerate(settings, 1):
         if on_setting:
@@ -127,6 +131,7 @@ def run_study(
         runs=runs,
         attack=attacks,
         audit=audits,
+        privacy={"plan": plan, "spent": study_privacy.spent(cfg, cache)},
     ).write(folder.results)
     from privseg.report.render import write_report
 
@@ -138,7 +143,7 @@ def _run_setting(
     setting: Setting, base: Config, cache: Any, run: RunFolder, progress: Progress
 ) -> dict[str, Any]:
     cfg = setting.config(base)
-    if run.results.is_file() and _same_config(run, cfg):
+    if _finished(run, cfg):
         log.info("skipping %s: %s exists with the same config", setting.key, run.results)
         results = read_json(run.results)
     else:
@@ -160,8 +165,10 @@ def _run_setting(
     return results
 
 
-def _same_config(run: RunFolder, cfg: Config) -> bool:
+def _finished(run: RunFolder, cfg: Config) -> bool:
     """A finished setting is reused only if it ran with exactly this configuration."""
+    if not run.results.is_file():
+        return False
     try:
         return run.load_config() == cfg
     except PrivsegError:
