@@ -59,6 +59,7 @@ class OutputFolder:
     kind: str
     created: bool
     owns: set[str] = field(default_factory=set)
+    marked: bool = False  # this claim wrote the marker (the folder was new or foreign)
     _fd: int | None = field(default=None, repr=False)
 
     def check_free(self, names: Iterable[str]) -> None:
@@ -102,9 +103,14 @@ class OutputFolder:
             shutil.rmtree(trash, ignore_errors=True)
 
     def release(self, *, failed: bool = False) -> None:
-        """Unlock; a folder this claim created and left empty is removed again on failure."""
-        if failed and self.created and set(os.listdir(self.root)) <= {MARKER, LOCK}:
-            shutil.rmtree(self.root, ignore_errors=True)
+        """Unlock. On failure, what this claim added to a folder and never used is removed."""
+        if failed and self.marked and not self.owns:
+            if self.created and set(os.listdir(self.root)) <= _HOUSEKEEPING:
+                shutil.rmtree(self.root, ignore_errors=True)
+            else:
+                for name in (MARKER, LOCK):
+                    with contextlib.suppress(OSError):
+                        (self.root / name).unlink()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -136,6 +142,7 @@ def claim_folder(
             _remove_leftovers(root)
         else:
             _write_marker(root, kind, set())
+            claim.marked = True
     except BaseException:
         claim.release(failed=True)
         raise

@@ -40,7 +40,7 @@ from privseg.data.sites import (
     split_patients,
     stable_hash,
 )
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError
 from privseg.io import write_json
 from privseg.output import claimed_folder
 from privseg.progress import Progress
@@ -244,7 +244,7 @@ def prepare_cache(
 def _check_labels(task: MSDTask, cfg: DataConfig) -> None:
     undeclared = sorted(set(cfg.labels) - set(task.labels))
     if undeclared:
-        raise DataError(
+        raise ConfigError(
             f"data.labels = {cfg.labels!r} is invalid for {task.root / DATASET_JSON}: label "
             f"value(s) {undeclared} are not among its declared 'labels' "
             f"{dict(sorted(task.labels.items()))}"
