@@ -18,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from privseg.errors import DataError
 from privseg.io import write_json
@@ -31,7 +32,17 @@ AFFINE_ATOL = 1e-3
 MAX_VOXELS = 2**30
 # Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds < 1032 n bytes.
 GZIP_MAX_RATIO = 1032
-_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
+# HeaderDataError / ImageDataError: scaling or layout fields a header cannot have (fuzz test).
+_READ_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    ImageDataError,
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+)
 
 
 @dataclass(frozen=True)
