@@ -46,6 +46,9 @@ KINDS = {
     "run": "run folder",
     "study": "study folder",
 }
+# Kinds whose folder is rebuilt and replaced: they may not even contain an input. Run and study
+# folders only gain files, so a study may read the cache it prepared inside itself.
+REBUILT_KINDS = frozenset({"task", "cache"})
 _HOUSEKEEPING = frozenset({MARKER, LOCK})
 # Folders this process claimed for its whole life (run and study folders): path -> lock fd.
 _HELD: dict[Path, OutputFolder] = {}
@@ -124,7 +127,7 @@ def claim_folder(
         raise ValueError(f"unknown output kind {kind!r}")
     root = Path(path)
     what = KINDS[kind]
-    check_not_input(root, inputs, folder=True)
+    check_not_input(root, inputs, folder=kind in REBUILT_KINDS)
     if root.exists() and not root.is_dir():
         raise DataError(f"{root} exists and is not a folder; a {what} must be written to a folder")
     marker = _check_owner(root, kind, overwrite)
