@@ -11,6 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
 LAYERS = {
     "errors": 0,
     "io": 0,
+    "output": 0,
     "progress": 0,
     "typed_config": 0,
     "config": 0,

@@ -127,7 +127,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_cache(
     phantom_dir: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "thesis.tex").write_text("precious")
-    with pytest.raises(DataError, match="not a slice cache"):
+    with pytest.raises(DataError, match="privseg did not create it"):
         prepare_cache(phantom_dir, tmp_path, SMALL, seed=0)
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 

@@ -75,8 +75,31 @@ class DataConfig:
         default="auto", metadata=rule(help="auto: the task's site map if it has one, else iid")
     )
     site_map: str = field(default="", metadata=rule(help="JSON/CSV patient->site file"))
+    site_name: str = field(
+        default="",
+        metadata=rule(help="name of the only site when data.sites = 1; '' = site-0"),
+    )
+    nan_hu: float | None = field(
+        default=None,
+        metadata=rule(
+            ge=-1e5, le=1e5, help="HU written over NaN image voxels; None = NaN is an error"
+        ),
+    )
 
     def check(self) -> None:
+        if self.site_name:
+            from privseg.errors import DataError
+            from privseg.output import check_site_name
+
+            try:
+                check_site_name(self.site_name, "data.site_name")
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.sites != 1:
+                raise ConfigError(
+                    f"data.site_name = {self.site_name!r} is invalid with data.sites = "
+                    f"{self.sites}: a site can only name itself when it prepares one site"
+                )
         lo, hi = (self.hu_window + [math.nan, math.nan])[:2]
         if len(self.hu_window) != 2 or not lo < hi:
             raise ConfigError(

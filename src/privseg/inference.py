@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +11,35 @@ import numpy as np
 import torch
 
 from privseg.io import atomic_write_bytes
+from privseg.output import check_output_file
+
+MASK_SUFFIXES = (".nii.gz", ".nii")
 
 
 def segment_nifti(
-    checkpoint: Path, image: Path, out: Path, *, batch_size: int = 32, threshold: float = 0.5
+    checkpoint: Path,
+    image: Path,
+    out: Path,
+    *,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically."""
-    from privseg.data.msd import load_image
+    """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically.
+
+    ``out`` is checked before any work: a NIfTI name in an existing folder, never the input,
+    an existing file only with ``overwrite``.
+    """
+    from privseg.data.msd import load_image, replace_nan
     from privseg.data.preprocess import image_to_model_input, mask_to_image_space
     from privseg.models.checkpoint import load_checkpoint
 
+    image, out = Path(image), Path(out)
+    check_output_file(out, inputs=[image, checkpoint], suffixes=MASK_SUFFIXES, overwrite=overwrite)
     model, cfg, _ = load_checkpoint(checkpoint)
     # Predict in the canonical (RAS) frame the model was trained in, then map back.
-    hu, canonical = load_image(image)  # validated: a readable 3D NIfTI
+    hu, canonical = load_image(image)  # validated: a readable 3D NIfTI with a usable affine
+    hu = replace_nan(hu, image, cfg.data.nan_hu)
     img = nib.load(image)
     slices = image_to_model_input(hu, cfg.data)
     model.eval()
@@ -42,10 +59,7 @@ def segment_nifti(
     result = nib.Nifti1Image(mask, img.affine, header)
     result.set_qform(img.affine)
     result.set_sform(img.affine)
-    out = Path(out)
-    suffix = ".nii.gz" if out.name.endswith(".gz") else ".nii"
-    tmp = out.with_name(f".{out.name}.partial{suffix}")
-    nib.save(result, tmp)
-    atomic_write_bytes(out, tmp.read_bytes())
-    tmp.unlink()
+    data = result.to_bytes()  # in memory: no temporary file of our own to leave behind
+    # atomic_write_bytes writes through mkstemp: the mask (patient data) is 0600.
+    atomic_write_bytes(out, gzip.compress(data) if out.name.lower().endswith(".gz") else data)
     return {"slices": int(mask.shape[2]), "foreground_voxels": int(mask.sum())}

@@ -6,9 +6,10 @@ writes or reads a run goes through :class:`RunFolder` instead of joining file na
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from privseg.config import Config
 from privseg.errors import DataError
 from privseg.io import atomic_write_text, read_json
 from privseg.models.checkpoint import load_checkpoint
+from privseg.output import hold_folder
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,18 @@ class RunFolder:
         return self.root / "cache"
 
     # ---- reading and writing -------------------------------------------------------------------
+    def claim(
+        self, kind: Literal["run", "study"] = "run", *, inputs: Iterable[str | Path] = ()
+    ) -> RunFolder:
+        """Own this folder for the rest of the process before writing anything into it.
+
+        Refuses a non-empty folder privseg did not create, a folder of another kind (a cache,
+        a study for a run), a folder that is or contains an input, and a folder another
+        process is writing to (see :mod:`privseg.output`). Re-entering our own run resumes it.
+        """
+        hold_folder(self.root, kind, inputs=inputs)
+        return self
+
     def write_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.config, cfg.to_toml())

@@ -31,6 +31,12 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file.", exists=False)
+OverwriteOption = typer.Option(
+    False,
+    "--overwrite",
+    help="Write into a non-empty folder privseg did not create (nothing privseg did not write "
+    "is replaced), or replace an existing output file.",
+)
 SetOption = typer.Option(
     None, "--set", "-s", help="Override a config field: section.field=value (repeatable)."
 )

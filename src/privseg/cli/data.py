@@ -9,6 +9,7 @@ from rich.table import Table
 
 from privseg.cli.common import (
     ConfigOption,
+    OverwriteOption,
     SetOption,
     console,
     load_config,
@@ -29,6 +30,7 @@ def synth(
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
     organ: str = typer.Option("liver", help="liver or pancreas"),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Write a seeded multi-site abdominal CT phantom as an MSD task folder."""
     from privseg.data.phantom import synth_task
@@ -43,6 +45,7 @@ def synth(
             slices=slices,
             organ=organ,
             progress=progress,
+            overwrite=overwrite,
         )
     console.print(
         f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}",
@@ -57,15 +60,21 @@ def prepare(
     src: Path = typer.Argument(..., help="MSD task folder (dataset.json, imagesTr, labelsTr)"),
     out: Path = typer.Option(..., "--out", help="cache folder to write"),
     sites: int | None = typer.Option(None, help="number of sites (overrides data.sites)"),
+    site_name: str | None = typer.Option(
+        None, "--site-name", help="this hospital's site name (only with one site; data.site_name)"
+    ),
+    overwrite: bool = OverwriteOption,
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
 ) -> None:
     """Slice an MSD task into per-site train/val/test caches (reused when up to date)."""
     from privseg.data.cache import prepare_cache
 
-    cfg = load_config(config, overrides, **{"data.sites": sites})
+    cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})
     with progress_bar(transient=True) as progress:
-        cache = prepare_cache(src, out, cfg.data, seed=cfg.seed, progress=progress)
+        cache = prepare_cache(
+            src, out, cfg.data, seed=cfg.seed, progress=progress, overwrite=overwrite
+        )
     state = "up to date, reused" if cache.reused else "built"
     console.print(
         f"slice cache {cache.root} ({state}), resolution {cache.resolution}",

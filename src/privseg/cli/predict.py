@@ -6,19 +6,20 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import console, user_errors
+from privseg.cli.common import OverwriteOption, console, user_errors
 
 
 @user_errors
 def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt of a run."),
     image: Path = typer.Option(..., "--image", help="CT volume (.nii or .nii.gz)."),
-    out: Path = typer.Option(..., "--out", help="Mask to write (.nii.gz)."),
+    out: Path = typer.Option(..., "--out", help="Mask to write (.nii.gz or .nii)."),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Apply the model slice by slice; write a mask with the input's affine and header."""
     from privseg.inference import segment_nifti
 
-    stats = segment_nifti(checkpoint, image, out)
+    stats = segment_nifti(checkpoint, image, out, overwrite=overwrite)
     console.print(
         f"wrote {out}: {stats['foreground_voxels']} foreground voxels in {stats['slices']} slices"
     )

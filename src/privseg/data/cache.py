@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config, DataConfig
-from privseg.data.msd import DATASET_JSON, Case, MSDTask, load_case, read_task
+from privseg.data.msd import (
+    DATASET_JSON,
+    Case,
+    MSDTask,
+    check_label_values,
+    load_case,
+    read_task,
+    replace_nan,
+)
 from privseg.data.preprocess import volume_to_slices
 from privseg.data.sites import (
     SITE_MAP_FILE,
@@ -31,8 +39,9 @@ from privseg.data.sites import (
     split_patients,
     stable_hash,
 )
-from privseg.errors import DataError
-from privseg.io import atomic_directory, write_json
+from privseg.errors import ConfigError, DataError
+from privseg.io import write_json
+from privseg.output import check_site_name, claimed_folder
 from privseg.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -115,7 +124,7 @@ class SliceCache:
             raise DataError(f"cache {self.root} has no site {site!r}; sites: {self.sites}")
         if split not in SPLITS:
             raise DataError(f"split {split!r} is unknown; expected one of {', '.join(SPLITS)}")
-        folder = self.root / site / split
+        folder = self.root / check_site_name(site, str(self.root / MANIFEST)) / split
         arrays = {}
         for name in ARRAYS:
             path = folder / f"{name}.npy"
@@ -142,6 +151,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     for key in ("fingerprint", "settings", "sites"):
         if key not in manifest:
             raise DataError(f"{path}: field {key!r} is missing")
+    if not isinstance(manifest["sites"], dict):
+        raise DataError(f"{path}: field 'sites' must be an object site -> splits")
+    for site in manifest["sites"]:
+        check_site_name(site, str(path))
     return manifest
 
 
@@ -168,13 +181,17 @@ def prepare_cache(
     *,
     seed: int,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> SliceCache:
     """Build (or reuse) the slice cache of task ``src`` in ``out``.
 
+    ``out`` is claimed through :mod:`privseg.output` (never a folder privseg did not write,
+    unless ``overwrite``; never the task itself; one writer at a time).
     ``progress(description, done, total)`` is called after each patient when given.
     """
     task = read_task(src)
     out = Path(out)
+    _check_labels(task, cfg)
     site_map = _site_map(task, cfg)
     partition = _partition(cfg, site_map)
     settings = {
@@ -184,34 +201,53 @@ def prepare_cache(
         "site_map": site_map,
     }
     fingerprint = _fingerprint(task, settings)
-    reused = _reusable(out, fingerprint)
-    if reused is not None:
-        log.info("slice cache %s is up to date; reusing it", out)
-        return reused
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / MANIFEST).exists():
-        raise DataError(f"{out} exists and is not a slice cache; refusing to overwrite it")
-
-    sites = assign_sites([c.case_id for c in task.cases], cfg.sites, partition, seed, site_map)
-    splits = {
-        s: split_patients(s, ids, cfg.val_fraction, cfg.test_fraction, seed)
-        for s, ids in sites.items()
-    }
-    shift = site_intensity(list(sites), seed) if partition == "non-iid" else {}
-    with atomic_directory(out) as tmp:
-        summary = _build(task, splits, shift, cfg, seed, tmp, progress)
-        write_json(
-            tmp / MANIFEST,
-            {
-                "version": FORMAT_VERSION,
-                "fingerprint": fingerprint,
-                "source": str(task.root.resolve()),
-                "task": task.name,
-                "settings": settings,
-                "intensity_shift": shift,
-                "sites": summary,
-            },
-        )
+    inputs = [task.root, *([cfg.site_map] if cfg.site_map else [])]
+    with claimed_folder(out, "cache", inputs=inputs, overwrite=overwrite) as claim:
+        reused = _reusable(out, fingerprint)
+        if reused is not None:
+            log.info("slice cache %s is up to date; reusing it", out)
+            return reused
+        sites = assign_sites([c.case_id for c in task.cases], cfg.sites, partition, seed, site_map)
+        if cfg.site_name:
+            if partition == "mapping":
+                raise DataError(
+                    f"data.site_name = {cfg.site_name!r} conflicts with the site map "
+                    f"({cfg.site_map or task.root / SITE_MAP_FILE}), which names the sites; "
+                    "set data.partition = iid to name the one site yourself"
+                )
+            (ids,) = sites.values()  # data.site_name is only valid with data.sites = 1
+            sites = {cfg.site_name: ids}
+        splits = {
+            s: split_patients(s, ids, cfg.val_fraction, cfg.test_fraction, seed)
+            for s, ids in sites.items()
+        }
+        shift = site_intensity(list(sites), seed) if partition == "non-iid" else {}
+        claim.check_free([MANIFEST, *splits])
+        with claim.build(anchor=MANIFEST) as tmp:
+            summary = _build(task, splits, shift, cfg, seed, tmp, progress)
+            write_json(
+                tmp / MANIFEST,
+                {
+                    "version": FORMAT_VERSION,
+                    "fingerprint": fingerprint,
+                    "source": str(task.root.resolve()),
+                    "task": task.name,
+                    "settings": settings,
+                    "intensity_shift": shift,
+                    "sites": summary,
+                },
+            )
     return SliceCache.open(out)
+
+
+def _check_labels(task: MSDTask, cfg: DataConfig) -> None:
+    undeclared = sorted(set(cfg.labels) - set(task.labels))
+    if undeclared:
+        raise ConfigError(
+            f"data.labels = {cfg.labels!r} is invalid for {task.root / DATASET_JSON}: label "
+            f"value(s) {undeclared} are not among its declared 'labels' "
+            f"{dict(sorted(task.labels.items()))}"
+        )
 
 
 def _site_map(task: MSDTask, cfg: DataConfig) -> dict[str, str] | None:
@@ -277,19 +313,34 @@ def _build(
             ids = by_split[split]
             parts = []
             for index, pid in enumerate(ids):
-                parts.append(_slice_case(cases[pid], index, cfg, seed, shift.get(site)))
+                parts.append(_slice_case(cases[pid], index, task, cfg, seed, shift.get(site)))
                 done += 1
                 if progress is not None:
                     progress(f"slicing {site}/{split}", done, total)
+            if ids and not any(len(p["z"]) for p in parts):
+                raise DataError(
+                    f"site {site!r} {split} split: its {len(ids)} patient(s) "
+                    f"({', '.join(ids[:5])}) "
+                    f"have no slice with foreground for data.labels = {cfg.labels or 'all > 0'} "
+                    f"and data.slice_policy = {cfg.slice_policy!r}; check the label files and "
+                    "data.labels, or use data.slice_policy = 'all'"
+                )
             summary[site][split] = _write_split(tmp / site / split, parts, ids, cfg.resolution)
     return summary
 
 
 def _slice_case(
-    case: Case, index: int, cfg: DataConfig, seed: int, shift: tuple[float, float] | None
+    case: Case,
+    index: int,
+    task: MSDTask,
+    cfg: DataConfig,
+    seed: int,
+    shift: tuple[float, float] | None,
 ) -> dict[str, np.ndarray]:
     volume = load_case(case)
-    image = volume.image if shift is None else volume.image * shift[0] + shift[1]
+    check_label_values(volume.label, task.labels, case.label)
+    image = replace_nan(volume.image, case.image, cfg.nan_hu)
+    image = image if shift is None else image * shift[0] + shift[1]
     rng = np.random.default_rng([seed, stable_hash(case.case_id)])
     images, labels, z = volume_to_slices(image, volume.label, cfg, rng=rng)
     return {
@@ -301,7 +352,7 @@ def _slice_case(
 
 
 def _write_split(folder: Path, parts: list[dict[str, np.ndarray]], ids: list[str], r: int) -> dict:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, mode=0o700)
     empty = {
         "images": np.zeros((0, r, r), np.float16),
         "labels": np.zeros((0, r, r), np.uint8),

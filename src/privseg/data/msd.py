@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from privseg.errors import DataError
 from privseg.io import write_json
@@ -24,7 +27,22 @@ DATASET_JSON = "dataset.json"
 NIFTI_SUFFIX = ".nii.gz"
 # Voxel-to-world matrices of an image and its label may differ by float noise from the writer.
 AFFINE_ATOL = 1e-3
-_READ_ERRORS = (ImageFileError, OSError, EOFError, zlib.error, gzip.BadGzipFile, ValueError)
+# A header is checked against its file before any voxel is read: a 30000^3 header on a tiny
+# file once ended in MemoryError. 2^30 voxels = 4 GiB as float32; a 512 x 512 x 2000 CT is 2^29.
+MAX_VOXELS = 2**30
+# Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds < 1032 n bytes.
+GZIP_MAX_RATIO = 1032
+# HeaderDataError / ImageDataError: scaling or layout fields a header cannot have (fuzz test).
+_READ_ERRORS = (
+    ImageFileError,
+    HeaderDataError,
+    ImageDataError,
+    OSError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    ValueError,
+)
 
 
 @dataclass(frozen=True)
@@ -114,12 +132,24 @@ def _parse_case(root: Path, entry: Any, index: int) -> Case:
     where = f"{root / DATASET_JSON}: training[{index}]"
     if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
         raise DataError(f"{where} = {entry!r}: expected an object with keys 'image' and 'label'")
-    image, label = root / str(entry["image"]), root / str(entry["label"])
+    image, label = (_task_path(root, entry[key], f"{where}.{key}") for key in ("image", "label"))
     if not image.is_file():
         raise DataError(f"{where}: image file {image} does not exist (its label is {label})")
     if not label.is_file():
         raise DataError(f"{where}: label file {label} does not exist (image {image} has no label)")
     return Case(case_id=case_id_of(image), image=image, label=label)
+
+
+def _task_path(root: Path, raw: Any, where: str) -> Path:
+    """A path listed in dataset.json: relative, and inside the task folder (symlinks allowed)."""
+    text = raw if isinstance(raw, str) else None
+    normal = os.path.normpath(text) if text else ""
+    if not text or "\x00" in text or os.path.isabs(text) or normal.split(os.sep)[0] in ("..", "."):
+        raise DataError(
+            f"{where} = {raw!r} is invalid: expected a relative path inside the task folder "
+            f"{root}, such as './imagesTr/case.nii.gz' (absolute paths and '..' are refused)"
+        )
+    return root / normal
 
 
 def _open(path: Path) -> nib.Nifti1Image:
@@ -129,21 +159,95 @@ def _open(path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path} is not a readable NIfTI file: {exc}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) != 3:
         raise DataError(f"{path}: expected a 3D NIfTI volume, got {type(img).__name__} {img.shape}")
+    _check_size(img, path)
+    _check_affine(img, path)
     return img
+
+
+def _check_size(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse a header whose voxel count the file cannot hold, before anything is allocated."""
+    voxels = math.prod(int(n) for n in img.shape)
+    try:
+        itemsize = img.get_data_dtype().itemsize
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: the header's data type is not readable: {exc}") from exc
+    if voxels > MAX_VOXELS:
+        raise DataError(
+            f"{path}: header shape {img.shape} = {voxels} voxels is over the limit of "
+            f"{MAX_VOXELS} voxels per volume"
+        )
+    need = voxels * itemsize + int(img.header.get("vox_offset", 0) or 0)
+    size = path.stat().st_size
+    name = path.name.lower()
+    holds = size * GZIP_MAX_RATIO if name.endswith(".gz") else size
+    if name.endswith((".nii", ".gz")) and need > holds:
+        raise DataError(
+            f"{path}: header shape {img.shape} of {img.get_data_dtype()} needs {need} bytes but "
+            f"the file ({size} bytes{', gzip' if name.endswith('.gz') else ''}) can hold at most "
+            f"{holds}: the header is wrong or the file is truncated"
+        )
+
+
+def _check_affine(img: nib.Nifti1Image, path: Path) -> None:
+    """A voxel-to-world matrix that cannot be oriented (zero or non-finite voxel size)."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    ok = affine.shape == (4, 4) and bool(np.all(np.isfinite(affine)))
+    if ok:
+        rotation = affine[:3, :3]
+        scale = np.linalg.norm(rotation, axis=0)
+        ok = bool(np.all(scale > 1e-6)) and abs(np.linalg.det(rotation)) > 1e-12 * scale.prod()
+    if not ok:
+        raise DataError(
+            f"{path}: the voxel-to-world affine (sform/qform, voxel sizes "
+            f"{tuple(float(z) for z in img.header.get_zooms()[:3])}) is singular or not finite; "
+            f"expected non-zero voxel sizes and independent axes:\n{np.round(affine, 4)}"
+        )
+
+
+def _canonical(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.as_closest_canonical(img)
+    except (nib.orientations.OrientationError, ValueError) as exc:
+        raise DataError(f"{path}: cannot orient the volume to RAS: {exc}") from exc
 
 
 def _data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         return img.get_fdata(dtype=np.float32)
-    except _READ_ERRORS as exc:
-        raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
+    except (*_READ_ERRORS, TypeError, MemoryError) as exc:
+        raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
 
 
 def load_image(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A CT volume as float32 HU [X, Y, Z] in canonical RAS, with the canonical image (affine)."""
     path = Path(path)
-    img = nib.as_closest_canonical(_open(path))
+    img = _canonical(_open(path), path)
     return _data(img, path), img
+
+
+def replace_nan(image: np.ndarray, path: Path, nan_hu: float | None) -> np.ndarray:
+    """NaN voxels are an error (they would poison every slice), or set to ``data.nan_hu``."""
+    nan = np.isnan(image)
+    if not nan.any():
+        return image
+    if nan_hu is None:
+        raise DataError(
+            f"{path}: {int(nan.sum())} image voxel(s) are NaN; set data.nan_hu (the HU written "
+            "over NaN voxels, e.g. -1024 for air) to accept them"
+        )
+    image = image.copy()
+    image[nan] = nan_hu
+    return image
+
+
+def check_label_values(label: np.ndarray, labels: dict[int, str], path: Path) -> None:
+    """Every label value must be declared in dataset.json's 'labels' (7 is not "foreground")."""
+    undeclared = sorted(set(np.unique(label).tolist()) - set(labels))
+    if undeclared:
+        raise DataError(
+            f"{path}: label value(s) {undeclared} are not declared in {DATASET_JSON} 'labels' "
+            f"{dict(sorted(labels.items()))}; declare them or fix the label file"
+        )
 
 
 def load_case(case: Case) -> Volume:
@@ -158,7 +262,7 @@ def load_case(case: Case) -> Volume:
             f"{case.label}: affine does not match image {case.image} (tolerance {AFFINE_ATOL}):\n"
             f"label\n{np.round(raw_lab.affine, 4)}\nimage\n{np.round(raw_img.affine, 4)}"
         )
-    img, lab = nib.as_closest_canonical(raw_img), nib.as_closest_canonical(raw_lab)
+    img, lab = _canonical(raw_img, case.image), _canonical(raw_lab, case.label)
     image = _data(img, case.image)
     label = _label_data(lab, case.label)
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
@@ -168,8 +272,10 @@ def load_case(case: Case) -> Volume:
 def _label_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)  # keeps an integer on-disk type: no float round trip
-    except _READ_ERRORS as exc:
-        raise DataError(f"{path} is truncated or corrupt: {exc}") from exc
+    except (*_READ_ERRORS, MemoryError) as exc:
+        raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
+    if data.dtype.kind not in "biuf":
+        raise DataError(f"{path}: label data type {data.dtype} is not numeric")
     if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or np.any(data != np.round(data))):
         raise DataError(f"{path}: label values must be integers (found non-integer values)")
     if data.size and (data.min() < 0 or data.max() > 255):

@@ -17,8 +17,9 @@ from scipy.ndimage import gaussian_filter
 
 from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
 from privseg.data.sites import SITE_MAP_FILE, site_name
-from privseg.errors import ConfigError, DataError
-from privseg.io import atomic_directory, write_json
+from privseg.errors import ConfigError
+from privseg.io import write_json
+from privseg.output import claimed_folder
 from privseg.progress import Progress
 
 ORGANS = {
@@ -95,40 +96,45 @@ def synth_task(
     slices: int = 32,
     organ: str = "liver",
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the phantom as an MSD task folder with ``sites.json``; returns the folder.
 
-    ``progress(description, done, total)`` is called after each patient when given.
+    ``out`` is claimed through :mod:`privseg.output`: a real task folder (or anything privseg
+    did not write) is never replaced. ``progress(description, done, total)`` is called after
+    each patient when given.
     """
     _check_args(sites, patients_per_site, size, slices, organ)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / DATASET_JSON).is_file():
-        raise DataError(f"{out} exists and is not an MSD task folder; refusing to overwrite it")
     total = sites * patients_per_site
     site_of: dict[str, str] = {}
-    with atomic_directory(out) as tmp:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        for s in range(sites):
-            sc = scanner(s, seed)
-            for p in range(patients_per_site):
-                case = f"{organ}_{s * patients_per_site + p:03d}"
-                rng = np.random.default_rng([seed, s, p])
-                hu, label = synth_patient(rng, sc, size=size, slices=slices, organ=organ)
-                _save(tmp, case, hu, label, sc)
-                site_of[case] = sc.name
-                if progress is not None:
-                    progress("synthesising phantom", len(site_of), total)
-        write_dataset_json(
-            tmp,
-            name=f"Phantom{organ.capitalize()}",
-            labels=ORGANS[organ],
-            case_ids=list(site_of),
-            description=f"privseg synthetic multi-site abdominal CT phantom ({organ}), seed {seed}",
-            reference="privseg.data.phantom",
-            licence="CC0-1.0",
-        )
-        write_json(tmp / SITE_MAP_FILE, site_of)
+    with claimed_folder(out, "task", overwrite=overwrite) as claim:
+        claim.check_free([DATASET_JSON, "imagesTr", "labelsTr", SITE_MAP_FILE])
+        with claim.build(anchor=DATASET_JSON) as tmp:
+            (tmp / "imagesTr").mkdir()
+            (tmp / "labelsTr").mkdir()
+            for s in range(sites):
+                sc = scanner(s, seed)
+                for p in range(patients_per_site):
+                    case = f"{organ}_{s * patients_per_site + p:03d}"
+                    rng = np.random.default_rng([seed, s, p])
+                    hu, label = synth_patient(rng, sc, size=size, slices=slices, organ=organ)
+                    _save(tmp, case, hu, label, sc)
+                    site_of[case] = sc.name
+                    if progress is not None:
+                        progress("synthesising phantom", len(site_of), total)
+            write_dataset_json(
+                tmp,
+                name=f"Phantom{organ.capitalize()}",
+                labels=ORGANS[organ],
+                case_ids=list(site_of),
+                description=(
+                    f"privseg synthetic multi-site abdominal CT phantom ({organ}), seed {seed}"
+                ),
+                reference="privseg.data.phantom",
+                licence="CC0-1.0",
+            )
+            write_json(tmp / SITE_MAP_FILE, site_of)
     return out
 
 

@@ -32,6 +32,8 @@ def _resize(stack: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     """Resize a [Z, H, W] stack in-plane: antialiased bilinear for images, nearest for masks."""
     if stack.shape[1:] == size:
         return stack
+    if len(stack) == 0:  # no slice selected (interpolate cannot take an empty batch)
+        return np.zeros((0, *size), dtype=np.uint8 if mode == "nearest" else np.float32)
     if mode == "nearest":  # torch's "nearest-exact": the source pixel under each target centre
         rows, cols = (_nearest_index(n, m) for n, m in zip(stack.shape[1:], size, strict=True))
         return stack[:, rows][:, :, cols]

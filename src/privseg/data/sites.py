@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from privseg.errors import DataError
+from privseg.output import check_site_name
 
 SPLITS = ("train", "val", "test")
 SITE_MAP_FILE = "sites.json"
 # Non-IID sites get at least this many patients, so train, val and test can each get one.
 MIN_SITE_PATIENTS = 3
+# Site names become folder names in caches and run folders: no separators, no '.'/'..'.
 
 
 def site_name(index: int) -> str:
@@ -43,12 +45,15 @@ def load_site_map(path: str | Path) -> dict[str, str]:
         raise DataError(f"site map {path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
         raise DataError(f'site map {path}: expected a JSON object {{"case_id": "site", ...}}')
-    return {str(k): v for k, v in raw.items()}
+    return {str(k): check_site_name(v, f"site map {path}") for k, v in raw.items()}
 
 
 def _read_csv_map(path: Path) -> dict[str, str]:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"site map {path} is not a readable CSV file: {exc}") from exc
     if not rows or not {"case_id", "site"} <= set(rows[0]):
         raise DataError(f"site map {path}: expected a CSV with header 'case_id,site'")
     out = {}
@@ -56,7 +61,7 @@ def _read_csv_map(path: Path) -> dict[str, str]:
         case, site = (row.get("case_id") or "").strip(), (row.get("site") or "").strip()
         if not case or not site:
             raise DataError(f"site map {path} line {line}: empty case_id or site")
-        out[case] = site
+        out[case] = check_site_name(site, f"site map {path} line {line}")
     return out
 
 
@@ -107,7 +112,7 @@ def _from_mapping(ids: list[str], n_sites: int, mapping: dict[str, str]) -> dict
     missing = [c for c in ids if c not in mapping]
     if missing:
         raise DataError(f"site map has no site for patient(s) {missing[:5]}; every case needs one")
-    names = sorted(set(mapping.values()))
+    names = sorted({check_site_name(s, "site map") for s in mapping.values()})
     if n_sites != len(names):
         raise DataError(
             f"site map defines {len(names)} sites ({', '.join(names)}) but data.sites = {n_sites}; "

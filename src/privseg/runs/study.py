@@ -103,7 +103,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run every setting of the grid (skipping finished ones), the attack, then the report."""
     progress = progress or no_progress
-    folder = RunFolder(Path(out))
+    folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()
     folder.write_config(cfg)
     cache = resolve_cache(data, cfg, folder.cache, progress)

@@ -44,8 +44,7 @@ def train(
     """Train in ``mode`` and write the run folder ``out``; return its results dictionary."""
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
-    folder = RunFolder(Path(out))
-    folder.root.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(Path(out)).claim("run", inputs=[data])
     apply_threads(cfg)
     cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
     folder.write_config(cfg)
