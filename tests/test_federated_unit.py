@@ -319,6 +319,7 @@ def test_a_site_that_drops_out_still_counts_in_epsilon_max(tmp_path: Path) -> No
     results = build_results(cfg, summary, wall_seconds=1.0).to_dict()
     gone = next(site for site in results["sites"] if site["name"] == "a")
     assert not gone["completed"] and gone["epsilon"] == pytest.approx(1.2)
+    assert gone["epsilon_lower_bound"] is True  # it may have reserved more before it died
     assert results["epsilon_max"] == pytest.approx(1.2)
 
 
@@ -447,3 +448,69 @@ def test_fedadam_checkpoint_holds_state_dicts_and_resumes_exactly(tmp_path: Path
     assert list(resumed["state_dict"]) == names
     for key, value in whole["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value)
+
+
+# ---- issue 14: nothing unaccounted leaves a DP site; the site's policy is a floor -------------
+def test_a_dp_train_reply_carries_exactly_the_accounted_keys(tmp_path: Path) -> None:
+    """No raw loss (unclipped, un-noised) and no timing (it reveals the Poisson batch size)."""
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    msg = train_message(small_cfg(), state())
+    msg.content[M.CONFIG][M.CFG_EVAL_INCOMING] = 1
+    metrics = ca.handle_train(msg, settings, fake_factory).content[M.METRICS]
+    assert set(metrics) == {M.NUM_EXAMPLES, M.EPSILON, M.DECLINED, M.VAL_DICE}
+    assert M.DP_TRAIN_KEYS - set(metrics) == {M.SECAGG_CLIPPED}  # SecAgg+ rounds only
+    plain = ca.handle_train(
+        train_message(small_cfg().replace(**{"privacy.enabled": False}), state()),
+        ca.SiteSettings("b", tmp_path, tmp_path),
+        fake_factory,
+    ).content[M.METRICS]
+    assert {M.TRAIN_LOSS, M.SECONDS} <= set(plain)  # without DP they may travel
+
+
+def test_a_dp_final_test_reply_has_no_spread_and_carries_the_releases(tmp_path: Path) -> None:
+    """With two test patients, the mean and sd of Dice would give each patient's Dice."""
+    msg = train_message(small_cfg(), state())
+    msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
+    msg.content[M.CONFIG][M.CFG_FINAL] = 1
+    reply = ca.handle_evaluate(msg, ca.SiteSettings("a", tmp_path, tmp_path), fake_factory)
+    assert set(reply.content[M.METRICS]) <= M.DP_EVAL_KEYS
+    assert M.DICE_SD not in reply.content[M.METRICS] and M.HD95 not in reply.content[M.METRICS]
+    assert M.reply_releases(reply.content) == [
+        {"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 0}
+    ]
+
+
+def test_a_site_policy_without_enabled_keeps_dp_on(tmp_path: Path) -> None:
+    """Finding 1: a site table with target, budget and unit but no `enabled` once replaced the
+    server's whole table and trained without DP (epsilon 0.0 reported)."""
+    own = tmp_path / "site.toml"
+    own.write_text('[privacy]\ntarget_epsilon = 2.0\nbudget_epsilon = 5.0\nunit = "patient"\n')
+    settings = ca.SiteSettings("a", tmp_path, tmp_path, privacy_config=own)
+    for server_dp in (True, False):
+        ca._TRAINERS.clear()
+        server = small_cfg().replace(
+            **{"privacy.enabled": server_dp, "privacy.target_epsilon": 8.0, "privacy.delta": 1e-4}
+        )
+        reply = ca.handle_train(train_message(server, state()), settings, fake_factory)
+        cfg = next(iter(ca._TRAINERS.values()))[1].cfg.privacy
+        assert cfg.enabled and cfg.unit == "patient" and cfg.budget_epsilon == 5.0
+        assert cfg.target_epsilon == 2.0 and cfg.delta == 1e-5  # the smaller of the two
+        assert reply.content[M.METRICS][M.EPSILON] > 0
+
+
+def test_the_server_rejects_an_update_without_dp_in_a_dp_run(tmp_path: Path) -> None:
+    """Finding 1, server side: never counted as epsilon 0."""
+    strategy = make_strategy(small_cfg())
+    arrays = M.pack_record(state(), None)
+    grid = FakeGrid(["a", "b", "c"], tmp_path)
+    ins = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [
+        Message(
+            M.site_reply("a", {M.NUM_EXAMPLES: 5, M.EPSILON: eps}, M.TRAIN_KEYS, arrays),
+            reply_to=ins[0],
+        )
+        for eps in (0.0,)
+    ]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new is None and strategy.last_train.contributors == []
+    assert "no DP guarantee" in strategy.last_train.failed[0]
