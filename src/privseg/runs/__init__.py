@@ -1,0 +1,1 @@
+"""Runs: the layer above training and federation (``train``, ``study``, ``attack``)."""

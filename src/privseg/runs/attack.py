@@ -1,0 +1,171 @@
+"""Attack and audit runs: read a run folder, attack one site's update, write the results.
+
+The library (:mod:`privseg.attack`) attacks a model on slices; this module adds what a run
+needs around it: the run's model, config, results and the site's slices from its folder, and
+the study's attack of every setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from privseg.attack.runner import (
+    attack_setting,
+    attacked_model,
+    audit_setting,
+    dp_setting,
+    run_attack_on_model,
+)
+from privseg.config import Config, apply_override
+from privseg.data.cache import SliceCache, SliceSplit
+from privseg.errors import DataError
+from privseg.io import write_json
+from privseg.models.checkpoint import load_checkpoint
+from privseg.progress import Progress
+from privseg.run_folder import RunFolder
+
+
+def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], SliceSplit]:
+    """A run folder's global model, config, results and ``site``'s training split."""
+    run = RunFolder(run_dir)
+    results = run.load_results()
+    cfg = run.load_config()
+    model = run.load_model()
+    cache_dir = results.get("cache_dir")
+    if not cache_dir:
+        raise DataError(f"{run.results} has no 'cache_dir': cannot find the site's slices")
+    cache = SliceCache.open(Path(cache_dir))
+    if site not in cache.sites:
+        raise DataError(f"site {site!r} is not in {cache_dir}; sites: {', '.join(cache.sites)}")
+    return model, cfg, results, cache.split(site, "train")
+
+
+def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
+    for row in results.get("sites") or []:
+        if row.get("name") == site:
+            return row
+    return {}
+
+
+def run_attack(
+    run_dir: Path,
+    *,
+    site: str,
+    threat: str | None = None,
+    batch_size: int | None = None,
+    iterations: int | None = None,
+    restarts: int | None = None,
+    mask: str | None = None,
+    targets: int | None = None,
+    epsilon: float | None = None,
+    overrides: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
+
+    ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
+    private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
+    """
+    model, cfg, results, split = load_run(run_dir, site)
+    changes = {
+        "attack.threat": threat,
+        "attack.batch_size": batch_size,
+        "attack.iterations": iterations,
+        "attack.restarts": restarts,
+        "attack.mask": mask,
+        "attack.targets": targets,
+    }
+    cfg = cfg.replace(**{k: v for k, v in changes.items() if v is not None})
+    if overrides:
+        raw = cfg.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        cfg = Config.from_dict(raw)
+    model, weights = attacked_model(cfg, model)
+    dp = None
+    if cfg.attack.threat == "T3" or epsilon is not None:
+        dp = dp_setting(
+            cfg,
+            split,
+            epsilon=epsilon,
+            site_row=_site_row(results, site),
+            federated=results.get("mode") == "federated",
+        )
+    result = run_attack_on_model(
+        model,
+        split.images,
+        split.labels,
+        cfg=cfg,
+        dp=dp,
+        patients=split.patient,
+        out_dir=RunFolder(run_dir).attack,
+        progress=progress,
+        meta={"site": site, "weights": weights},
+    )
+    return result
+
+
+def run_audit(
+    run_dir: Path,
+    *,
+    site: str,
+    trials: int | None = None,
+    candidates: int | None = None,
+    epsilon: float | None = None,
+) -> dict[str, Any]:
+    """The K-way identification audit on ``site``; writes ``RUN_DIR/attack/audit.json``.
+
+    The run's own DP noise when it was private (or sigma for ``epsilon``); a non-private run
+    is audited without noise (reported epsilon = infinity, bound 1).
+    """
+    model, cfg, results, split = load_run(run_dir, site)
+    model, weights = attacked_model(cfg, model)
+    row = _site_row(results, site)
+    dp = None
+    if epsilon is not None or row.get("noise_multiplier"):
+        dp = dp_setting(
+            cfg,
+            split,
+            epsilon=epsilon,
+            site_row=row,
+            federated=results.get("mode") == "federated",
+        )
+    result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
+    result.update({"site": site, "weights": weights})
+    write_json(RunFolder(run_dir).attack / "audit.json", result)
+    return result
+
+
+def run_attack_study(
+    cfg: Config,
+    *,
+    cache: Any,
+    checkpoint: Path | None,
+    out_dir: Path,
+    epsilons: list[float | None],
+    site: str | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
+    epsilon (sigma calibrated for the federated setting); an audit for each. Writes
+    ``out_dir/<setting>/attack.json|png`` and ``audit.json``."""
+    site = site or cache.sites[0]
+    split = cache.split(site, "train")
+    final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
+    model, weights = attacked_model(cfg, final)
+    if cfg.attack.threat == "T3":
+        cfg = cfg.replace(**{"attack.threat": "T1"})
+    attacks, audits = [], []
+    for eps in epsilons:
+        meta = {"site": site, "weights": weights}
+        res = attack_setting(model, split, cfg, eps, out_dir=out_dir, progress=progress, meta=meta)
+        key, dp = res["setting"], res["dp_setting"]
+        aud = audit_setting(model, split, cfg, dp)
+        aud.update({"site": site, "setting": key})
+        write_json(Path(out_dir) / key / "audit.json", aud)
+        attacks.append(res)
+        audits.append(aud)
+    return attacks, audits
