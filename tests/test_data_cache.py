@@ -39,7 +39,7 @@ def test_split_arrays_match_the_contract(phantom_cache: SliceCache) -> None:
 def test_volumes_are_ordered_by_z_and_match_the_source(
     phantom_cache: SliceCache, phantom_dir: Path
 ) -> None:
-    split = phantom_cache.split("site-1", "test")
+    split = phantom_cache.split("site-1", "val")
     (pid, images, labels), *_ = list(split.volumes())
     z = np.sort(split.z[split.patient == split.patient_ids.index(pid)])
     assert images.shape == labels.shape == (len(z), 32, 32)
@@ -48,6 +48,36 @@ def test_volumes_are_ordered_by_z_and_match_the_source(
     has_liver = (volume.label > 0).any(axis=(0, 1))
     assert labels.any(axis=(1, 2)).tolist() == has_liver[z].tolist()  # same slices, same order
     assert has_liver.sum() <= len(z) < volume.label.shape[2]  # foreground + some empty
+
+
+def test_test_cases_keep_every_slice_and_their_native_grid(
+    phantom_cache: SliceCache, phantom_dir: Path
+) -> None:
+    cases = {c.case_id: c for c in read_task(phantom_dir).cases}
+    split = phantom_cache.split("site-1", "test")
+    assert split.patient_ids and set(split.native) == set(split.patient_ids)
+    for pid, images, _ in split.volumes():
+        volume = load_case(cases[pid])
+        grid = split.native[pid]
+        assert grid.shape == volume.label.shape and grid.spacing == volume.spacing
+        assert len(images) == volume.label.shape[2]  # every slice, whatever the slice policy
+        assert np.array_equal(grid.label(), volume.label > 0)
+        assert grid.label_path is not None and grid.label_path.stat().st_mode & 0o777 == 0o600
+    # training cases record their grid but keep no native label
+    train = phantom_cache.split("site-1", "train")
+    assert all(g.label_path is None for g in train.native.values())
+    assert set(train.native) == set(train.patient_ids)
+
+
+def test_a_cache_of_the_previous_format_is_rebuilt(phantom_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    prepare_cache(phantom_dir, out, SMALL, seed=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(DataError, match="version"):
+        SliceCache.open(out)
+    again = prepare_cache(phantom_dir, out, SMALL, seed=0)
+    assert not again.reused and again.manifest["version"] == cache_module.FORMAT_VERSION
 
 
 def test_concat_pools_sites_and_renumbers_patients(phantom_cache: SliceCache) -> None:

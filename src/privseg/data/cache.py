@@ -1,6 +1,9 @@
 """Per-site, per-split 2D slice caches built once from an MSD task folder.
 
-Layout: ``out/manifest.json`` and ``out/<site>/<split>/{images,labels,patient,z}.npy``. The
+Layout: ``out/manifest.json`` and ``out/<site>/<split>/{images,labels,patient,z}.npy``; test
+splits keep every slice of a case and its binary label on the original grid
+(``out/<site>/test/native/<index>.npz``, mode 0600), so metrics can be computed there in mm.
+The manifest records each case's original grid (shape and spacing in canonical RAS). The
 manifest holds a fingerprint of the source files and the settings; a prepare with the same
 fingerprint reuses the cache, anything else rebuilds it. The folder is built under a temporary
 name and renamed into place, so an interrupted prepare never leaves a cache that is trusted.
@@ -12,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ import numpy as np
 
 from privseg.config import Config, DataConfig
 from privseg.data.msd import DATASET_JSON, Case, MSDTask, load_case, read_task
-from privseg.data.preprocess import volume_to_slices
+from privseg.data.preprocess import map_labels, volume_to_slices
 from privseg.data.sites import (
     SITE_MAP_FILE,
     SPLITS,
@@ -38,8 +42,37 @@ from privseg.progress import Progress
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-case original grid, test splits with every slice + native labels
 ARRAYS = ("images", "labels", "patient", "z")
+NATIVE_DIR = "native"
+EVALUATED_SPLIT = "test"
+"""The split whose cases keep every slice and their label on the original grid."""
+
+
+@dataclass(frozen=True)
+class NativeGrid:
+    """A case's original voxel grid in canonical RAS (the orientation the cache slices in).
+
+    ``shape`` is ``[X, Y, Z]``, ``spacing`` the voxel size in mm per axis; ``label_path`` (test
+    cases only) holds its binary foreground label on that grid.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    label_path: Path | None = None
+
+    def label(self) -> np.ndarray:
+        """The binary foreground label, bool ``[X, Y, Z]`` on the original grid."""
+        if self.label_path is None:
+            raise DataError("this case has no label on its original grid in the cache")
+        try:
+            with np.load(self.label_path) as data:
+                label = data["label"].astype(bool)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"cache file {self.label_path} is missing or corrupt: {exc}") from exc
+        if label.shape != self.shape:
+            raise DataError(f"{self.label_path}: shape {label.shape}, manifest says {self.shape}")
+        return label
 
 
 @dataclass
@@ -52,6 +85,7 @@ class SliceSplit:
     patient: np.ndarray  # int [N]
     z: np.ndarray  # int [N], slice index in the canonical volume
     patient_ids: list[str]
+    native: dict[str, NativeGrid] = dataclasses.field(default_factory=dict)  # by patient id
 
     def __len__(self) -> int:
         return len(self.images)
@@ -77,6 +111,7 @@ class SliceSplit:
             patient=np.concatenate([s.patient + o for s, o in zip(splits, offsets, strict=True)]),
             z=np.concatenate([s.z for s in splits]),
             patient_ids=[pid for s in splits for pid in s.patient_ids],
+            native={pid: g for s in splits for pid, g in s.native.items()},
         )
 
 
@@ -125,8 +160,25 @@ class SliceCache:
                 raise DataError(f"cache file {path} is missing or corrupt: {exc}") from exc
         if len({len(a) for a in arrays.values()}) != 1:
             raise DataError(f"cache folder {folder}: arrays have different lengths")
-        ids = list(self.manifest["sites"][site][split]["patient_ids"])
-        return SliceSplit(site=site, patient_ids=ids, **arrays)
+        entry = self.manifest["sites"][site][split]
+        ids = list(entry["patient_ids"])
+        return SliceSplit(
+            site=site, patient_ids=ids, native=_native_grids(folder, entry, ids), **arrays
+        )
+
+
+def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[str, NativeGrid]:
+    """Each case's original grid from the manifest, with its native label file when stored."""
+    grids = {}
+    for index, pid in enumerate(ids):
+        case = entry["cases"][pid]
+        label = folder / NATIVE_DIR / f"{index}.npz" if case.get("native_label") else None
+        grids[pid] = NativeGrid(
+            shape=tuple(int(n) for n in case["shape"]),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in case["spacing"]),  # type: ignore[arg-type]
+            label_path=label,
+        )
+    return grids
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -277,7 +329,10 @@ def _build(
             ids = by_split[split]
             parts = []
             for index, pid in enumerate(ids):
-                parts.append(_slice_case(cases[pid], index, cfg, seed, shift.get(site)))
+                part = _slice_case(
+                    cases[pid], index, cfg, seed, shift.get(site), native=split == EVALUATED_SPLIT
+                )
+                parts.append(part)
                 done += 1
                 if progress is not None:
                     progress(f"slicing {site}/{split}", done, total)
@@ -286,21 +341,40 @@ def _build(
 
 
 def _slice_case(
-    case: Case, index: int, cfg: DataConfig, seed: int, shift: tuple[float, float] | None
-) -> dict[str, np.ndarray]:
+    case: Case,
+    index: int,
+    cfg: DataConfig,
+    seed: int,
+    shift: tuple[float, float] | None,
+    *,
+    native: bool = False,
+) -> dict[str, Any]:
+    """One case's slices; with ``native`` (test cases) every slice, and its binary label on
+    the original grid, so predictions can be mapped back and scored there."""
     volume = load_case(case)
     image = volume.image if shift is None else volume.image * shift[0] + shift[1]
     rng = np.random.default_rng([seed, stable_hash(case.case_id)])
-    images, labels, z = volume_to_slices(image, volume.label, cfg, rng=rng)
+    policy = dataclasses.replace(cfg, slice_policy="all") if native else cfg
+    images, labels, z = volume_to_slices(image, volume.label, policy, rng=rng)
     return {
         "images": images.astype(np.float16),
         "labels": labels,
         "patient": np.full(len(z), index, dtype=np.int32),
         "z": z,
+        "case": {"shape": list(volume.label.shape), "spacing": list(volume.spacing)},
+        "native_label": map_labels(volume.label, cfg.labels) if native else None,
     }
 
 
-def _write_split(folder: Path, parts: list[dict[str, np.ndarray]], ids: list[str], r: int) -> dict:
+def _write_native_label(path: Path, label: np.ndarray) -> None:
+    """A test case's binary label on its original grid: compressed, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        np.savez_compressed(fh, label=label.astype(np.uint8))
+
+
+def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: int) -> dict:
     folder.mkdir(parents=True)
     empty = {
         "images": np.zeros((0, r, r), np.float16),
@@ -312,8 +386,14 @@ def _write_split(folder: Path, parts: list[dict[str, np.ndarray]], ids: list[str
         data = np.concatenate([p[name] for p in parts]) if parts else empty[name]
         np.save(folder / f"{name}.npy", data)
     labels = np.concatenate([p["labels"] for p in parts]) if parts else empty["labels"]
+    cases = {}
+    for index, (pid, part) in enumerate(zip(ids, parts, strict=True)):
+        cases[pid] = {**part["case"], "native_label": part["native_label"] is not None}
+        if part["native_label"] is not None:
+            _write_native_label(folder / NATIVE_DIR / f"{index}.npz", part["native_label"])
     return {
         "patient_ids": ids,
+        "cases": cases,
         "patients": len(ids),
         "slices": int(len(labels)),
         "foreground": int(labels.reshape(len(labels), -1).any(axis=1).sum()),

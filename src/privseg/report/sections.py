@@ -24,6 +24,7 @@ from privseg.report.tables import (
     cross_site_table,
     data_table,
     dice_table,
+    distance_units,
     dp_cost_table,
     epsilon_table,
     fmt_seconds,
@@ -34,7 +35,7 @@ from privseg.report.tables import (
     sorted_runs,
     time_per_unit,
 )
-from privseg.results import SLICE_UNIT_NOTE
+from privseg.results import NATIVE_UNITS, SLICE_UNIT_NOTE
 
 SECTIONS = {
     "summary": "Summary",
@@ -117,9 +118,11 @@ def _dice(runs: Runs) -> list[Block]:
     if not runs:
         return b + [_missing("no training runs")]
     t = dice_table(runs)
+    units = distance_units(runs)
+    grid = "each case's original grid" if units == NATIVE_UNITS else "the model grid"
     t.caption = (
-        "Test Dice, mean ± sd over patient volumes; Local only: each site's own model on "
-        "its own test split. HD95 is the mean over sites, in voxels of the model grid."
+        f"Test Dice, mean ± sd over patient volumes, on {grid}; Local only: each site's own "
+        f"model on its own test split. HD95 is the mean over sites, in {units}."
     )
     b.append(t)
     local = next((r for r in runs if r.get("mode") == "local"), None)

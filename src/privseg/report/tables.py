@@ -168,10 +168,16 @@ def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, A
 
 
 # ---- table builders -----------------------------------------------------------------------
+def distance_units(runs: list[dict[str, Any]]) -> str:
+    """The runs' common HD95 units; results without the key were scored on the model grid."""
+    found = {str(r.get("hd95_units") or "model-grid voxels") for r in runs}
+    return found.pop() if len(found) == 1 else "mixed units"
+
+
 def dice_table(runs: list[dict[str, Any]]) -> Table:
     """Dice mean ± sd over test patient volumes per site and overall, one row per setting."""
     names = site_names(runs)
-    t = Table(["Setting", *names, "Overall", "HD95 (voxels)"])
+    t = Table(["Setting", *names, "Overall", f"HD95 ({distance_units(runs)})"])
     for r in sorted_runs(runs):
         by_site = {s.get("name"): s for s in r.get("sites") or []}
         cells = [
