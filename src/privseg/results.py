@@ -73,6 +73,8 @@ RUN_KEYS = (
 FEDERATION_KEYS = ("strategy", "rounds", "local_steps", "secure_aggregation")
 PROVENANCE_KEYS = ("privseg_version", "run_id", "cache_dir", "machine", "privacy_note")
 STUDY_KEYS = (
+    "preset",
+    "quick",
     "privseg_version",
     "created",
     "machine",
@@ -252,8 +254,13 @@ class RunResult:
 
 @dataclass
 class StudyResult:
-    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits."""
+    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits.
 
+    ``preset`` is "quick" for ``privseg run --quick`` (a smoke test: ``quick`` is true and the
+    report draws no comparisons) and "full" otherwise.
+    """
+
+    preset: str
     privseg_version: str
     created: str
     machine: dict[str, Any]
@@ -266,6 +273,8 @@ class StudyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "preset": self.preset,
+            "quick": self.preset == "quick",
             "privseg_version": self.privseg_version,
             "created": self.created,
             "machine": self.machine,

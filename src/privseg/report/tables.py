@@ -6,7 +6,9 @@ already formatted strings, so Markdown and HTML show exactly the same numbers.
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,6 +19,9 @@ MISSING = "–"
 
 SETTING_ORDER = ("central", "local", "federated", "federated_dp")
 
+DID_NOT_LEARN_DICE = 0.1
+"""A setting whose mean test Dice is below this did not learn: reported so, never compared."""
+
 
 @dataclass
 class Table:
@@ -25,6 +30,7 @@ class Table:
     headers: list[str]
     rows: list[list[str]] = field(default_factory=list)
     caption: str = ""
+    name: str = ""  # the CSV's stem next to the report (tables/<name>.csv)
 
     def numeric_columns(self) -> list[bool]:
         """Columns whose every shown cell starts like a number: right-aligned, others left."""
@@ -46,6 +52,14 @@ class Table:
         if self.caption:
             out += ["", f"*{self.caption}*"]
         return "\n".join(out)
+
+    def to_csv(self) -> str:
+        """Headers and rows as CSV: the cells the report shows (MISSING stays an en dash)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.headers)
+        writer.writerows(self.rows)
+        return buf.getvalue()
 
     def to_html(self) -> str:
         cls = [' class="num"' if n else "" for n in self.numeric_columns()]
@@ -133,6 +147,17 @@ def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(runs, key=key)
 
 
+def learned(run: dict[str, Any]) -> bool | None:
+    """False when the run's mean test Dice is below :data:`DID_NOT_LEARN_DICE`; None unknown."""
+    dice = run.get("dice_mean")
+    return dice >= DID_NOT_LEARN_DICE if is_num(dice) else None
+
+
+def not_learned_label(run: dict[str, Any]) -> str:
+    """The run's label, marked when it did not learn (tables and the summary say the same)."""
+    return f"{run_label(run)} (did not learn)" if learned(run) is False else run_label(run)
+
+
 def run_epsilon(run: dict[str, Any]) -> float | None:
     """Epsilon actually spent by a DP run (the worst site), else its target."""
     for k in ("epsilon_max", "target_epsilon"):
@@ -177,7 +202,7 @@ def distance_units(runs: list[dict[str, Any]]) -> str:
 def dice_table(runs: list[dict[str, Any]]) -> Table:
     """Dice mean ± sd over test patient volumes per site and overall, one row per setting."""
     names = site_names(runs)
-    t = Table(["Setting", *names, "Overall", f"HD95 ({distance_units(runs)})"])
+    t = Table(["Setting", *names, "Overall", f"HD95 ({distance_units(runs)})"], name="dice")
     for r in sorted_runs(runs):
         by_site = {s.get("name"): s for s in r.get("sites") or []}
         cells = [
@@ -187,7 +212,7 @@ def dice_table(runs: list[dict[str, Any]]) -> Table:
         hd = [s.get("hd95") for s in by_site.values() if is_num(s.get("hd95"))]
         t.rows.append(
             [
-                run_label(r),
+                not_learned_label(r),
                 *cells,
                 fmt_pm(r.get("dice_mean"), r.get("dice_sd")),
                 fmt(sum(hd) / len(hd), ".1f") if hd else MISSING,
@@ -202,7 +227,7 @@ def cross_site_table(run: dict[str, Any]) -> Table | None:
     if not any(s.get("cross") for s in sites):
         return None
     names = [s.get("name") for s in sites]
-    t = Table(["Trained at \\ tested at", *names])
+    t = Table(["Trained at \\ tested at", *names], name="cross_site")
     for s in sites:
         cross = s.get("cross") or {}
         t.rows.append(
@@ -216,7 +241,10 @@ def cross_site_table(run: dict[str, Any]) -> Table | None:
 
 def dp_cost_table(runs: list[dict[str, Any]]) -> Table | None:
     """Seconds per round (or epoch) of each DP run next to its non-private twin and the ratio."""
-    t = Table(["Setting", "Per", "Seconds (DP)", "Seconds (non-private)", "Ratio DP / non-DP"])
+    t = Table(
+        ["Setting", "Per", "Seconds (DP)", "Seconds (non-private)", "Ratio DP / non-DP"],
+        name="dp_cost",
+    )
     for r in sorted_runs(runs):
         if not r.get("dp"):
             continue
@@ -251,7 +279,8 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
             "Clip C",
             "Accountant",
             "Unit",
-        ]
+        ],
+        name="epsilon",
     )
     for r in sorted_runs(runs):
         if not r.get("dp"):
@@ -291,7 +320,8 @@ def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> 
             "Prior PSNR (dB)",
             "Chance PSNR (dB)",
             "Reconstructed?",
-        ]
+        ],
+        name="attack",
     )
     for a, ok in zip(attacks, verdicts, strict=True):
         rate = a.get("reidentification_rate")
@@ -316,7 +346,9 @@ def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> 
 
 def audit_table(audits: list[dict[str, Any]]) -> Table:
     """Empirical membership audit: observed success rate against the rate that ε allows."""
-    t = Table(["ε", "δ", "Trials", "Candidates", "Success rate", "Bound from ε", "Held"])
+    t = Table(
+        ["ε", "δ", "Trials", "Candidates", "Success rate", "Bound from ε", "Held"], name="audit"
+    )
     for a in audits:
         t.rows.append(
             [
@@ -332,9 +364,11 @@ def audit_table(audits: list[dict[str, Any]]) -> Table:
     return t
 
 
-def key_value_table(d: dict[str, Any], headers: tuple[str, str] = ("Item", "Value")) -> Table:
+def key_value_table(
+    d: dict[str, Any], headers: tuple[str, str] = ("Item", "Value"), name: str = ""
+) -> Table:
     """Nested dicts flattened to ``a.b`` keys."""
-    t = Table(list(headers))
+    t = Table(list(headers), name=name)
 
     def walk(prefix: str, obj: dict[str, Any]) -> None:
         for k, v in obj.items():
@@ -351,7 +385,8 @@ def key_value_table(d: dict[str, Any], headers: tuple[str, str] = ("Item", "Valu
 def data_table(sites: list[dict[str, Any]]) -> Table:
     """Slices and patients per site and split."""
     t = Table(
-        ["Site", "Train slices", "Val slices", "Test slices", "Train patients", "Test patients"]
+        ["Site", "Train slices", "Val slices", "Test slices", "Train patients", "Test patients"],
+        name="data",
     )
     for s in sites:
         t.rows.append(
