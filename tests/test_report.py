@@ -384,6 +384,7 @@ def test_attack_grid_written_by_the_runner_is_embedded(study, tmp_path):
     paths = write_report({**study, "attack": [result], "runs": []}, root)
     assert paths["attack_1"].read_bytes() == png  # copied next to the report
     assert base64.b64encode(png).decode() in paths["html"].read_text()
+    assert "No DP: originals (top)" in paths["markdown"].read_text()
     assert "figures/attack_1.png" in paths["markdown"].read_text()
 
 
@@ -396,7 +397,7 @@ def test_quick_study_is_a_smoke_test_that_compares_nothing(study, tmp_path):
     paths = write_report(quick, tmp_path / "quick")
     md = paths["markdown"].read_text()
     assert md.startswith("# privseg smoke test (not a study)")
-    assert md.index("Smoke test: this is `privseg run --quick`") < md.index("## Summary")
+    assert md.index('Smoke test: this is "privseg run --quick"') < md.index("## Summary")
 
 
 def test_a_setting_that_did_not_learn_is_named_and_never_compared(study, tmp_path):

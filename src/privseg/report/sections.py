@@ -25,6 +25,7 @@ from privseg.report.summary import (
 from privseg.report.tables import (
     DID_NOT_LEARN_DICE,
     MISSING,
+    attack_label,
     attack_table,
     audit_table,
     baseline_for,
@@ -245,15 +246,11 @@ def _attack(study: dict[str, Any], sink: FigureSink) -> list[Block]:
         src = Path(grid) if Path(grid).is_absolute() else sink.out_dir / grid
         data = src.read_bytes() if src.is_file() else b""
         if not data.startswith(PNG_SIGNATURE):
-            b.append(
-                Note(f"Reconstruction grid for {a.get('label', 'attack')} not found at {grid}.")
-            )
+            b.append(Note(f"Reconstruction grid for {attack_label(a)} not found at {grid}."))
             continue
         name = f"attack_{i}"
         atomic_write_bytes(sink.path(name), data)
-        b.append(
-            sink.image(name, f"{a.get('label', 'attack')}: originals (top) and reconstructions.")
-        )
+        b.append(sink.image(name, f"{attack_label(a)}: originals (top) and reconstructions."))
     t = attack_table(attacks, [attack_reconstructs(a) for a in attacks])
     t.caption = (
         f"Reconstructed: median PSNR at least {RECONSTRUCTION_MARGIN_DB:g} dB above the "

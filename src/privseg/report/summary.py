@@ -73,9 +73,9 @@ def smoke_test_note(study: dict[str, Any]) -> str:
     ]
     size = f" ({', '.join(tiny)})" if tiny else ""
     return (
-        f"Smoke test: this is `privseg run --quick`, a tiny grid{size} that checks every "
+        f'Smoke test: this is "privseg run --quick", a tiny grid{size} that checks every '
         "part runs end to end. Its numbers are not results, and this report compares none "
-        "of them. Run `privseg run` without --quick for a study."
+        'of them. Run "privseg run" without --quick for a study.'
     )
 
 

@@ -304,6 +304,13 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
     return t if t.rows else None
 
 
+def attack_label(attack: dict[str, Any]) -> str:
+    """An attack's label; without one, what it attacked (no DP, or DP-SGD at its epsilon)."""
+    if attack.get("label"):
+        return str(attack["label"])
+    return f"DP-SGD ε={fmt_eps(attack.get('epsilon'))}" if attack.get("dp") else "No DP"
+
+
 def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> Table:
     """Attack metrics next to the two baselines that say whether a reconstruction means much."""
     t = Table(
@@ -327,7 +334,7 @@ def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> 
         rate = a.get("reidentification_rate")
         t.rows.append(
             [
-                str(a.get("label", "attack")),
+                attack_label(a),
                 fmt_value(a.get("threat")),
                 fmt_bool(a.get("dp")),
                 fmt_eps(a.get("epsilon")),
