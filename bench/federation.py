@@ -29,8 +29,9 @@ from statistics import mean, median
 import torch
 
 from privseg.config import Config
-from privseg.data.cache import SliceCache, prepare_cache
+from privseg.data.cache import SliceCache
 from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
 from privseg.federated.certs import make_certs
 from privseg.federated.processes import free_port
 from privseg.federated.simulation import run_federated

@@ -24,9 +24,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from privseg.config import Config, DataConfig
-from privseg.data.cache import SliceCache, prepare_cache
+from privseg.data.cache import SliceCache
 from privseg.data.msd import write_dataset_json
 from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
 from privseg.errors import PrivacyBudgetExceeded
 from privseg.federated import client_app as ca
 from privseg.io import read_json, write_json

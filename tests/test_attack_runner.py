@@ -78,8 +78,8 @@ def test_dp_setting_makes_it_t3_with_epsilon(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished-looking run folder: a small phantom cache, a U-Net checkpoint, results."""
-    from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
+    from privseg.data.prepare import prepare_cache
     from privseg.models import build_model
     from privseg.models.checkpoint import save_checkpoint
 

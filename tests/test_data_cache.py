@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import privseg.data.cache as cache_module
+import privseg.data.prepare as prepare_module
 from privseg.config import DataConfig
-from privseg.data.cache import SliceCache, SliceSplit, prepare_cache
+from privseg.data.cache import SliceCache, SliceSplit
 from privseg.data.msd import load_case, read_task
+from privseg.data.prepare import prepare_cache
 from privseg.data.preprocess import image_to_model_input
 from privseg.errors import DataError
 
@@ -39,7 +41,7 @@ def test_split_arrays_match_the_contract(phantom_cache: SliceCache) -> None:
 def test_volumes_are_ordered_by_z_and_match_the_source(
     phantom_cache: SliceCache, phantom_dir: Path
 ) -> None:
-    split = phantom_cache.split("site-1", "test")
+    split = phantom_cache.split("site-1", "val")
     (pid, images, labels), *_ = list(split.volumes())
     z = np.sort(split.z[split.patient == split.patient_ids.index(pid)])
     assert images.shape == labels.shape == (len(z), 32, 32)
@@ -48,6 +50,36 @@ def test_volumes_are_ordered_by_z_and_match_the_source(
     has_liver = (volume.label > 0).any(axis=(0, 1))
     assert labels.any(axis=(1, 2)).tolist() == has_liver[z].tolist()  # same slices, same order
     assert has_liver.sum() <= len(z) < volume.label.shape[2]  # foreground + some empty
+
+
+def test_test_cases_keep_every_slice_and_their_native_grid(
+    phantom_cache: SliceCache, phantom_dir: Path
+) -> None:
+    cases = {c.case_id: c for c in read_task(phantom_dir).cases}
+    split = phantom_cache.split("site-1", "test")
+    assert split.patient_ids and set(split.native) == set(split.patient_ids)
+    for pid, images, _ in split.volumes():
+        volume = load_case(cases[pid])
+        grid = split.native[pid]
+        assert grid.shape == volume.label.shape and grid.spacing == volume.spacing
+        assert len(images) == volume.label.shape[2]  # every slice, whatever the slice policy
+        assert np.array_equal(grid.label(), volume.label > 0)
+        assert grid.label_path is not None and grid.label_path.stat().st_mode & 0o777 == 0o600
+    # training cases record their grid but keep no native label
+    train = phantom_cache.split("site-1", "train")
+    assert all(g.label_path is None for g in train.native.values())
+    assert set(train.native) == set(train.patient_ids)
+
+
+def test_a_cache_of_the_previous_format_is_rebuilt(phantom_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    prepare_cache(phantom_dir, out, SMALL, seed=0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(DataError, match="version"):
+        SliceCache.open(out)
+    again = prepare_cache(phantom_dir, out, SMALL, seed=0)
+    assert not again.reused and again.manifest["version"] == cache_module.FORMAT_VERSION
 
 
 def test_concat_pools_sites_and_renumbers_patients(phantom_cache: SliceCache) -> None:
@@ -87,7 +119,7 @@ def test_interrupted_prepare_leaves_previous_cache_intact(
     prepare_cache(phantom_dir, out, SMALL, seed=0)
     before = _mtimes(out)
     calls = []
-    real = cache_module._slice_case
+    real = prepare_module._slice_case
 
     def crash_on_third(*args, **kwargs):
         calls.append(1)
@@ -95,7 +127,7 @@ def test_interrupted_prepare_leaves_previous_cache_intact(
             raise KeyboardInterrupt("power cut")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_module, "_slice_case", crash_on_third)
+    monkeypatch.setattr(prepare_module, "_slice_case", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         prepare_cache(phantom_dir, out, DataConfig(resolution=24), seed=0)
     assert SliceCache.open(out).resolution == 16 and _mtimes(out) == before

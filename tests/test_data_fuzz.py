@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
-from privseg.data.cache import prepare_cache
 from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
 from privseg.errors import PrivsegError
 from privseg.inference import segment_nifti
 from privseg.models import build_model

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
-from privseg.data.cache import SliceCache, prepare_cache
+from privseg.data.cache import SliceCache
 from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
 from privseg.errors import ConfigError, DataError
 from privseg.inference import segment_nifti
 from privseg.models import build_model

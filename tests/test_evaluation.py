@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+)
 from torch import nn
 
+from privseg.config import DataConfig
+from privseg.data.cache import NativeGrid
+from privseg.data.preprocess import label_to_model_target, mask_to_image_space
 from privseg.evaluation import dice, evaluate_split, surface_distances
+from privseg.results import MODEL_GRID_UNITS, NATIVE_UNITS
 
 
 def cube(shape: tuple[int, ...], lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:
@@ -52,6 +61,22 @@ def test_surface_distances_agree_with_monai(spacing: tuple) -> None:
     assert ours["hd95"] == pytest.approx(hd, rel=1e-5)
     assert ours["assd"] == pytest.approx(asd, rel=1e-5)
     assert ours["hd95"] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_surface_distances_agree_with_monai_on_random_anisotropic_masks(seed: int) -> None:
+    """Blobs that touch the image edge or not: the bounding-box crop must not change a thing."""
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    shape, spacing = (30, 24, 9), (0.74, 0.74, 3.0)
+    pred, target = (ndimage.gaussian_filter(rng.random(shape), 2) > 0.52 for _ in range(2))
+    ours = surface_distances(pred, target, spacing=spacing)
+    hd, asd = monai_distances(pred, target, spacing)
+    assert ours["hd95"] == pytest.approx(hd, rel=1e-6)
+    assert ours["assd"] == pytest.approx(asd, rel=1e-6)
+    as_batch = (torch.from_numpy(m)[None, None] for m in (pred, target))
+    assert dice(pred, target) == pytest.approx(float(compute_dice(*as_batch)))
 
 
 def test_surface_distances_of_a_shift_and_of_identical_masks() -> None:
@@ -138,3 +163,51 @@ def test_empty_split_does_not_crash() -> None:
     res = evaluate_split(Oracle(), FakeSplit(n_patients=0))
     assert res["n_patients"] == 0 and res["patients"] == []
     assert math.isnan(res["dice"]) and math.isnan(res["hd95"]) and math.isnan(res["slice_dice"])
+
+
+# ---- scoring on the original grid ----------------------------------------------------------
+class NativeSplit:
+    """One case on an anisotropic grid (X, Y, Z) = (40, 28, 7), spacing (0.7, 0.9, 2.5) mm; the
+    model-grid images are its resized label, so the Oracle predicts the resized label."""
+
+    SHAPE, SPACING = (40, 28, 7), (0.7, 0.9, 2.5)
+
+    def __init__(self, folder: Path) -> None:
+        label = np.zeros(self.SHAPE, dtype=np.uint8)
+        label[9:31, 5:19, 1:6] = 1
+        label[12:15, 19:22, 2:4] = 1  # a thin spur the 16 x 16 model grid distorts
+        self.native_label = label.astype(bool)
+        np.savez_compressed(folder / "0.npz", label=label)
+        self.labels = label_to_model_target(label, DataConfig(resolution=16))  # [Z, 16, 16]
+        self.images = (self.labels * 0.8 + 0.05).astype(np.float16)
+        self.native = {"case_0": NativeGrid(self.SHAPE, self.SPACING, folder / "0.npz")}
+
+    def volumes(self):  # noqa: ANN201
+        yield "case_0", self.images, self.labels
+
+
+def test_metrics_on_the_native_grid_in_mm_agree_with_monai(tmp_path: Path) -> None:
+    split = NativeSplit(tmp_path)
+    res = evaluate_split(Oracle(), split)
+    assert res["hd95_units"] == res["assd_units"] == NATIVE_UNITS == "mm"
+    # what predict would write: the model-grid mask mapped back to the case's grid
+    pred = mask_to_image_space(split.labels, split.SHAPE) > 0
+    hd, asd = monai_distances(pred, split.native_label, split.SPACING)
+    patient = res["patients"][0]
+    assert patient["hd95"] == pytest.approx(hd, rel=1e-6) and hd > 0
+    assert patient["assd"] == pytest.approx(asd, rel=1e-6)
+    assert patient["dice"] == pytest.approx(dice(pred, split.native_label))
+    assert 0.5 < patient["dice"] < 1.0
+    assert res["slice_dice"] == 1.0  # slice Dice stays on the model grid
+    # the same split without its native grid is scored on the model grid, and says so
+    split.native = {}
+    plain = evaluate_split(Oracle(), split)
+    assert plain["hd95_units"] == MODEL_GRID_UNITS and plain["dice"] == 1.0
+    assert plain["hd95"] == 0.0
+
+
+def test_native_scoring_needs_every_slice(tmp_path: Path) -> None:
+    split = NativeSplit(tmp_path)
+    split.images, split.labels = split.images[:5], split.labels[:5]
+    with pytest.raises(Exception, match="every slice"):
+        evaluate_split(Oracle(), split)

@@ -34,8 +34,8 @@ def _config(**fed: object) -> Config:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
+    from privseg.data.prepare import prepare_cache
 
     root = tmp_path_factory.mktemp("fed-data")
     cfg = _config()

@@ -69,8 +69,8 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) -> None:
-    from privseg.data.cache import prepare_cache
     from privseg.data.phantom import synth_task
+    from privseg.data.prepare import prepare_cache
     from privseg.privacy.accounting import epsilon
 
     cfg = e2e_config(sites=2, strategy="fedprox")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from privseg.report import figures
+from privseg.report.format import MISSING, fmt_pm
 from privseg.report.render import write_report
 from privseg.report.sections import SECTIONS
 from privseg.report.summary import attack_reconstructs, summarise
-from privseg.report.tables import MISSING, fmt_pm
+from privseg.report.tables import DID_NOT_LEARN_DICE
 from privseg.results import SLICE_UNIT_NOTE
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,6 +92,8 @@ def _run(
         "sites": sites,
         "dice_mean": sum(dice) / len(dice),
         "dice_sd": 0.052,
+        "hd95_units": "mm",
+        "assd_units": "mm",
         "epsilon_max": eps * 0.97 if dp and eps else None,
         "history": _history("round" if fed else "epoch", 4, max(dice), dp=dp),
         "seconds_per_round": sec if fed else None,
@@ -241,6 +244,7 @@ def test_full_report_writes_every_file_with_sections_and_numbers(study, tmp_path
     assert "resolution = 64" in md  # the config as TOML
     assert "1 h 02 min" in md  # wall time
     assert "figures/privacy_utility.png" in md
+    assert "| HD95 (mm) |" in md and "original grid" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 5
     assert 'src="http' not in html and "<link" not in html and "<script" not in html
@@ -282,7 +286,11 @@ def test_central_only_study_gets_notes_not_crashes(study, tmp_path):
     only["runs"][0]["sites"][1]["dice"] = math.nan
     only["runs"][0]["sites"][1]["dice_sd"] = None
     paths = write_report(only, tmp_path / "central")
-    assert set(paths) == {"learning_curves", "markdown", "html"}
+    assert {k for k in paths if not k.startswith("table_")} == {
+        "learning_curves",
+        "markdown",
+        "html",
+    }
     md = paths["markdown"].read_text()
     for title in SECTIONS.values():
         assert f"## {title}" in md
@@ -341,3 +349,92 @@ def test_reconstruction_grid_shows_at_most_eight_pairs():
     assert figures.reconstruction_grid_png(pairs[:8], result) == png
     one = figures.reconstruction_grid_png(pairs[:1], {**result, "dp": False, "targets": []})
     assert one.startswith(PNG)
+
+
+# ---- the report tells the truth about itself ---------------------------------------------
+def test_attack_grid_written_by_the_runner_is_embedded(study, tmp_path):
+    """The runner's result names its PNG relative to the study folder; the report embeds it."""
+    import base64
+
+    import torch
+
+    from conftest import TinySeg, phantom
+    from privseg.attack.runner import attack_setting
+    from privseg.config import Config
+    from privseg.io import read_json
+
+    root = tmp_path / "real"
+    torch.manual_seed(0)
+    x, y = phantom(24)
+    split = type(
+        "Split", (), {"images": x[:, 0].numpy(), "labels": y[:, 0].numpy(), "patient": None}
+    )
+    cfg = Config().replace(
+        **{
+            "data.resolution": 32,
+            "attack.iterations": 10,
+            "attack.restarts": 1,
+            "attack.targets": 2,
+        }
+    )
+    result = attack_setting(TinySeg(), split, cfg, None, out_dir=root / "attack", relative_to=root)
+    assert result["grid_png"] == "attack/no_dp/attack.png"
+    assert read_json(root / "attack" / "no_dp" / "attack.json")["grid_png"] == result["grid_png"]
+    png = (root / result["grid_png"]).read_bytes()
+    assert png.startswith(PNG)
+    paths = write_report({**study, "attack": [result], "runs": []}, root)
+    assert paths["attack_1"].read_bytes() == png  # copied next to the report
+    assert base64.b64encode(png).decode() in paths["html"].read_text()
+    assert "No DP: originals (top)" in paths["markdown"].read_text()
+    assert "figures/attack_1.png" in paths["markdown"].read_text()
+
+
+def test_quick_study_is_a_smoke_test_that_compares_nothing(study, tmp_path):
+    quick = {**copy.deepcopy(study), "preset": "quick", "quick": True}
+    text = summarise(quick)
+    assert text.startswith("Smoke test")
+    for claim in ("best non-private", "points lower", "was above", "With DP it failed", "held"):
+        assert claim not in text, claim
+    paths = write_report(quick, tmp_path / "quick")
+    md = paths["markdown"].read_text()
+    assert md.startswith("# privseg smoke test (not a study)")
+    assert md.index('Smoke test: this is "privseg run --quick"') < md.index("## Summary")
+
+
+def test_a_setting_that_did_not_learn_is_named_and_never_compared(study, tmp_path):
+    failed = copy.deepcopy(study)
+    local = next(r for r in failed["runs"] if r["setting"] == "local")
+    local["dice_mean"] = DID_NOT_LEARN_DICE / 2
+    dp8 = failed["runs"][-1]
+    dp8["dice_mean"] = 0.02
+    text = summarise(failed)
+    assert "Did not learn" in text and "Local only 0.050" in text and "0.020" in text
+    assert "sites training alone" not in text  # federated vs local: not compared
+    assert "at ε = 7.76" not in text  # the failed DP run is not in the DP sentences
+    md = write_report(failed, tmp_path / "failed")["markdown"].read_text()
+    assert "| Local only (did not learn) |" in md
+    assert "Not compared: Local only, Federated DP (ε=8) did not learn" in md
+    nothing = copy.deepcopy(study)
+    for r in nothing["runs"]:
+        r["dice_mean"] = 0.01
+    assert "No setting learned" in summarise(nothing)
+    assert "best non-private" not in summarise(nothing)
+
+
+def test_tables_are_csv_and_figures_svg_next_to_the_report(study, tmp_path):
+    import csv
+
+    out = tmp_path / "study"
+    paths = write_report(study, out)
+    for name in ("dice", "cross_site", "dp_cost", "epsilon", "attack", "audit", "data"):
+        assert paths[f"table_{name}"] == out / "tables" / f"{name}.csv", name
+    rows = list(csv.reader(paths["table_dice"].open()))
+    assert rows[0] == ["Setting", *SITES, "Overall", "HD95 (mm)"]
+    central = study["runs"][0]
+    assert rows[1][0] == "Centralised" and rows[1][-2] == fmt_pm(
+        central["dice_mean"], central["dice_sd"]
+    )
+    for stem in ("privacy_utility", "learning_curves", "dp_cost"):
+        svg = paths[stem].with_suffix(".svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "<svg" in svg, stem
+    assert "validation Dice" in (out / "figures" / "learning_curves.svg").read_text()

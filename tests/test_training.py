@@ -55,6 +55,11 @@ def test_central_training_beats_untrained_and_writes_run_folder(phantom_cache, t
     assert saved["mode"] == "central" and saved["dp"] is False
     assert [s["name"] for s in saved["sites"]] == phantom_cache.sites
     assert all(0.0 <= s["dice"] <= 1.0 for s in saved["sites"])
+    # distances on each test case's original grid, in mm, per run, site and patient
+    assert saved["hd95_units"] == saved["assd_units"] == "mm"
+    for s in saved["sites"]:
+        assert s["hd95_units"] == s["assd_units"] == "mm"
+        assert {"id", "dice", "hd95", "assd"} <= set(s["patients"][0])
     assert saved["wall_seconds"] > 0 and saved["seconds_per_epoch"] > 0
     assert len(saved["history"]) == cfg.train.epochs
     model, loaded_cfg, _ = load_checkpoint(out / "checkpoint.pt")

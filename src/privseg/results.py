@@ -42,7 +42,23 @@ SLICE_UNIT_NOTE = (
 )
 """What slice-level DP does not protect: results.json, the report and the run's warning."""
 
-SITE_KEYS = ("name", "n_train", "dice", "dice_sd", "hd95", "patients", *PRIVACY_KEYS)
+NATIVE_UNITS = "mm"
+"""Units of HD95 / ASSD scored on each case's original grid (every test split of a cache)."""
+MODEL_GRID_UNITS = "model-grid voxels"
+"""Units of HD95 / ASSD scored on the resized model grid (pixels in-plane, slices across)."""
+
+SITE_KEYS = (
+    "name",
+    "n_train",
+    "dice",
+    "dice_sd",
+    "hd95",
+    "hd95_units",
+    "assd",
+    "assd_units",
+    "patients",
+    *PRIVACY_KEYS,
+)
 SITE_OPTIONAL_KEYS = ("cross", "completed", "epsilon_lower_bound")
 RUN_KEYS = (
     "mode",
@@ -52,6 +68,8 @@ RUN_KEYS = (
     "sites",
     "dice_mean",
     "dice_sd",
+    "hd95_units",
+    "assd_units",
     "epsilon_max",
     "epsilon_run_max",
     "history",
@@ -62,6 +80,8 @@ RUN_KEYS = (
 FEDERATION_KEYS = ("strategy", "rounds", "local_steps", "secure_aggregation")
 PROVENANCE_KEYS = ("privseg_version", "run_id", "cache_dir", "machine", "privacy_note")
 STUDY_KEYS = (
+    "preset",
+    "quick",
     "privseg_version",
     "created",
     "machine",
@@ -103,6 +123,11 @@ class SiteResult:
     dice: float = math.nan
     dice_sd: float = math.nan
     hd95: float = math.nan
+    assd: float = math.nan
+    # Test metrics are scored on each case's original grid (mm): a site's scalar reply (which
+    # cannot carry text) comes from a cache's test split, so "mm" unless the result says.
+    hd95_units: str = NATIVE_UNITS
+    assd_units: str = NATIVE_UNITS
     patients: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
     cross: dict[str, float] | None = None  # local-only: Dice on the other sites' test splits
@@ -120,6 +145,9 @@ class SiteResult:
             dice=as_float(test.get("dice")),
             dice_sd=as_float(test.get("dice_sd")),
             hd95=as_float(test.get("hd95")),
+            assd=as_float(test.get("assd")),
+            hd95_units=str(test.get("hd95_units", NATIVE_UNITS)),
+            assd_units=str(test.get("assd_units", NATIVE_UNITS)),
             patients=list(test.get("patients", [])),
             privacy=privacy,
         )
@@ -131,6 +159,9 @@ class SiteResult:
             "dice": self.dice,
             "dice_sd": self.dice_sd,
             "hd95": self.hd95,
+            "hd95_units": self.hd95_units,
+            "assd": self.assd,
+            "assd_units": self.assd_units,
             "patients": self.patients,
         }
         if self.completed is not None:
@@ -189,6 +220,11 @@ class RunResult:
         dice = self._dice()
         return float(np.nanstd(dice)) if dice else math.nan
 
+    def units(self, metric: str) -> str | None:
+        """The sites' common units of ``metric`` ("hd95" or "assd"); "mixed" if they differ."""
+        found = {getattr(s, f"{metric}_units") for s in self.sites}
+        return found.pop() if len(found) == 1 else ("mixed" if found else None)
+
     @property
     def epsilon_max(self) -> float | None:
         """The largest per-site epsilon (never an average); None without DP."""
@@ -212,6 +248,8 @@ class RunResult:
             "sites": [s.to_dict() for s in self.sites],
             "dice_mean": self.dice_mean,
             "dice_sd": self.dice_sd,
+            "hd95_units": self.units("hd95"),
+            "assd_units": self.units("assd"),
             "epsilon_max": self.epsilon_max,
             "epsilon_run_max": self.epsilon_run_max,
             "history": self.history,
@@ -235,8 +273,13 @@ class RunResult:
 
 @dataclass
 class StudyResult:
-    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits."""
+    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits.
 
+    ``preset`` is "quick" for ``privseg run --quick`` (a smoke test: ``quick`` is true and the
+    report draws no comparisons) and "full" otherwise.
+    """
+
+    preset: str
     privseg_version: str
     created: str
     machine: dict[str, Any]
@@ -252,6 +295,8 @@ class StudyResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "preset": self.preset,
+            "quick": self.preset == "quick",
             "privseg_version": self.privseg_version,
             "created": self.created,
             "machine": self.machine,

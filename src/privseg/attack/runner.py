@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 
 GALLERY_OTHERS = 15
 CHANCE_SLICES = 8
+GRID_PNG = "attack.png"
+"""The reconstruction grid's file name in an attack's ``out_dir`` (next to ``attack.json``)."""
+
+
+def relative_path(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` (POSIX form), or absolute when it is not under ``base``."""
+    path, base = Path(path).resolve(), Path(base).resolve()
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
 
 
 # ---- DP setting of a site -----------------------------------------------------------------
@@ -120,11 +131,14 @@ def run_attack_on_model(
     label: str = "",
     device: str | torch.device = "cpu",
     meta: dict[str, Any] | None = None,
+    relative_to: Path | None = None,
 ) -> dict[str, Any]:
     """Attack ``cfg.attack.targets`` batches drawn from ``images``/``labels`` (a site's training
     slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_setting`) makes it T3.
 
-    With ``out_dir``, writes ``attack.json`` (``meta`` merged in) and ``attack.png`` there.
+    With ``out_dir``, writes ``attack.png`` (the reconstruction grid) and ``attack.json``
+    (``meta`` merged in) there; the result's ``grid_png`` is the PNG's path relative to
+    ``relative_to`` (the run or study folder whose report shows it; default ``out_dir``).
     Seeded by ``seed`` (default ``cfg.seed``): target choice, the attacker's initial dummies,
     the site's DP noise while the project's DP step is a stand-in. ``device`` runs victim and
     attacker there (the random draws stay on the CPU: a seed gives the same targets and dummies
@@ -219,8 +233,10 @@ def run_attack_on_model(
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
+        png = out_dir / GRID_PNG
+        atomic_write_bytes(png, reconstruction_grid_png(shown, result))
+        result["grid_png"] = relative_path(png, relative_to if relative_to else out_dir)
         write_json(out_dir / "attack.json", result)
-        atomic_write_bytes(out_dir / "attack.png", reconstruction_grid_png(shown, result))
     return result
 
 
@@ -277,11 +293,13 @@ def attack_setting(
     out_dir: Path | None = None,
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
+    relative_to: Path | None = None,
 ) -> dict[str, Any]:
     """One setting of the study's attack on a site's training ``split``: no DP (``epsilon``
     None) or the site's DP-SGD with sigma calibrated for ``epsilon`` (federated calibration).
     The result names it (``setting``: ``no_dp`` / ``dp_eps<E>``) and carries its
-    ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/``."""
+    ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/`` (``grid_png``
+    relative to ``relative_to``, see :func:`run_attack_on_model`)."""
     key = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
     dp = None if epsilon is None else dp_setting(cfg, split, epsilon=epsilon)
     return run_attack_on_model(
@@ -295,4 +313,5 @@ def attack_setting(
         progress=progress,
         label=f" ({key})",
         meta={"setting": key, **(meta or {})},
+        relative_to=relative_to,
     )

@@ -68,7 +68,7 @@ def prepare(
     overrides: list[str] | None = SetOption,
 ) -> None:
     """Slice an MSD task into per-site train/val/test caches (reused when up to date)."""
-    from privseg.data.cache import prepare_cache
+    from privseg.data.prepare import prepare_cache
 
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})
     with progress_bar(transient=True) as progress:

@@ -33,7 +33,12 @@ def run(
         cfg = quick_preset(cfg)
     with progress_bar() as progress:
         study = run_study(
-            cfg, data=data, out=out, progress=progress, on_setting=lambda s: console.log(s)
+            cfg,
+            data=data,
+            out=out,
+            progress=progress,
+            on_setting=lambda s: console.log(s),
+            preset="quick" if quick else "full",
         )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
     for col in ("setting", "Dice", "epsilon (max site)", "s / round or epoch"):

@@ -1,8 +1,9 @@
 """MSD reader, phantom generator, preprocessing, site partitions and slice cache."""
 
-from privseg.data.cache import SliceCache, SliceSplit, prepare_cache
+from privseg.data.cache import SliceCache, SliceSplit
 from privseg.data.msd import Case, MSDTask, Volume, load_case, load_image, read_task
 from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
 from privseg.data.preprocess import image_to_model_input, mask_to_image_space, window
 
 __all__ = [

@@ -1,6 +1,9 @@
 """Per-site, per-split 2D slice caches built once from an MSD task folder.
 
-Layout: ``out/manifest.json`` and ``out/<site>/<split>/{images,labels,patient,z}.npy``. The
+Layout: ``out/manifest.json`` and ``out/<site>/<split>/{images,labels,patient,z}.npy``; test
+splits keep every slice of a case and its binary label on the original grid
+(``out/<site>/test/native/<index>.npz``, mode 0600), so metrics can be computed there in mm.
+The manifest records each case's original grid (shape and spacing in canonical RAS). The
 manifest holds a fingerprint of the source files and the settings; a prepare with the same
 fingerprint reuses the cache, anything else rebuilds it. The folder is built under a temporary
 name and renamed into place, so an interrupted prepare never leaves a cache that is trusted.
@@ -9,7 +12,6 @@ name and renamed into place, so an interrupted prepare never leaves a cache that
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -19,36 +21,46 @@ from typing import Any
 
 import numpy as np
 
-from privseg.config import Config, DataConfig
-from privseg.data.msd import (
-    DATASET_JSON,
-    Case,
-    MSDTask,
-    check_label_values,
-    load_case,
-    read_task,
-    replace_nan,
-)
-from privseg.data.preprocess import volume_to_slices
 from privseg.data.sites import (
-    SITE_MAP_FILE,
     SPLITS,
-    assign_sites,
-    load_site_map,
-    site_intensity,
-    split_patients,
-    stable_hash,
 )
-from privseg.errors import ConfigError, DataError
-from privseg.io import write_json
-from privseg.output import check_site_name, claimed_folder
-from privseg.progress import Progress
+from privseg.errors import DataError
+from privseg.output import check_site_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-case original grid, test splits with every slice + native labels
 ARRAYS = ("images", "labels", "patient", "z")
+NATIVE_DIR = "native"
+EVALUATED_SPLIT = "test"
+"""The split whose cases keep every slice and their label on the original grid."""
+
+
+@dataclass(frozen=True)
+class NativeGrid:
+    """A case's original voxel grid in canonical RAS (the orientation the cache slices in).
+
+    ``shape`` is ``[X, Y, Z]``, ``spacing`` the voxel size in mm per axis; ``label_path`` (test
+    cases only) holds its binary foreground label on that grid.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    label_path: Path | None = None
+
+    def label(self) -> np.ndarray:
+        """The binary foreground label, bool ``[X, Y, Z]`` on the original grid."""
+        if self.label_path is None:
+            raise DataError("this case has no label on its original grid in the cache")
+        try:
+            with np.load(self.label_path) as data:
+                label = data["label"].astype(bool)
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"cache file {self.label_path} is missing or corrupt: {exc}") from exc
+        if label.shape != self.shape:
+            raise DataError(f"{self.label_path}: shape {label.shape}, manifest says {self.shape}")
+        return label
 
 
 @dataclass
@@ -61,6 +73,7 @@ class SliceSplit:
     patient: np.ndarray  # int [N]
     z: np.ndarray  # int [N], slice index in the canonical volume
     patient_ids: list[str]
+    native: dict[str, NativeGrid] = dataclasses.field(default_factory=dict)  # by patient id
 
     def __len__(self) -> int:
         return len(self.images)
@@ -86,6 +99,7 @@ class SliceSplit:
             patient=np.concatenate([s.patient + o for s, o in zip(splits, offsets, strict=True)]),
             z=np.concatenate([s.z for s in splits]),
             patient_ids=[pid for s in splits for pid in s.patient_ids],
+            native={pid: g for s in splits for pid, g in s.native.items()},
         )
 
 
@@ -100,7 +114,7 @@ class SliceCache:
     @classmethod
     def open(cls, root: str | Path) -> SliceCache:
         root = Path(root)
-        return cls(root, _read_manifest(root))
+        return cls(root, read_manifest(root))
 
     @property
     def sites(self) -> list[str]:
@@ -134,11 +148,28 @@ class SliceCache:
                 raise DataError(f"cache file {path} is missing or corrupt: {exc}") from exc
         if len({len(a) for a in arrays.values()}) != 1:
             raise DataError(f"cache folder {folder}: arrays have different lengths")
-        ids = list(self.manifest["sites"][site][split]["patient_ids"])
-        return SliceSplit(site=site, patient_ids=ids, **arrays)
+        entry = self.manifest["sites"][site][split]
+        ids = list(entry["patient_ids"])
+        return SliceSplit(
+            site=site, patient_ids=ids, native=_native_grids(folder, entry, ids), **arrays
+        )
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
+def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[str, NativeGrid]:
+    """Each case's original grid from the manifest, with its native label file when stored."""
+    grids = {}
+    for index, pid in enumerate(ids):
+        case = entry["cases"][pid]
+        label = folder / NATIVE_DIR / f"{index}.npz" if case.get("native_label") else None
+        grids[pid] = NativeGrid(
+            shape=tuple(int(n) for n in case["shape"]),  # type: ignore[arg-type]
+            spacing=tuple(float(v) for v in case["spacing"]),  # type: ignore[arg-type]
+            label_path=label,
+        )
+    return grids
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} is missing: {root} is not a prepared slice cache")
@@ -156,216 +187,3 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     for site in manifest["sites"]:
         check_site_name(site, str(path))
     return manifest
-
-
-def resolve_cache(
-    data: str | Path, cfg: Config, work_dir: Path, progress: Progress | None = None
-) -> SliceCache:
-    """Open a prepared slice cache, or prepare one from an MSD task folder into ``work_dir``."""
-    data = Path(data)
-    if (data / MANIFEST).is_file():
-        return SliceCache.open(data)
-    if (data / DATASET_JSON).is_file():
-        return prepare_cache(data, work_dir, cfg.data, seed=cfg.seed, progress=progress)
-    raise DataError(
-        f"{data} is neither a prepared cache ({MANIFEST}) nor an MSD task folder "
-        "(dataset.json); run `privseg data prepare` or `privseg data synth` first"
-    )
-
-
-# ---- building ----------------------------------------------------------------------------
-def prepare_cache(
-    src: str | Path,
-    out: str | Path,
-    cfg: DataConfig,
-    *,
-    seed: int,
-    progress: Progress | None = None,
-    overwrite: bool = False,
-) -> SliceCache:
-    """Build (or reuse) the slice cache of task ``src`` in ``out``.
-
-    ``out`` is claimed through :mod:`privseg.output` (never a folder privseg did not write,
-    unless ``overwrite``; never the task itself; one writer at a time).
-    ``progress(description, done, total)`` is called after each patient when given.
-    """
-    task = read_task(src)
-    out = Path(out)
-    _check_labels(task, cfg)
-    site_map = _site_map(task, cfg)
-    partition = _partition(cfg, site_map)
-    settings = {
-        "data": dataclasses.asdict(cfg),
-        "seed": seed,
-        "partition": partition,
-        "site_map": site_map,
-    }
-    fingerprint = _fingerprint(task, settings)
-    inputs = [task.root, *([cfg.site_map] if cfg.site_map else [])]
-    with claimed_folder(out, "cache", inputs=inputs, overwrite=overwrite) as claim:
-        reused = _reusable(out, fingerprint)
-        if reused is not None:
-            log.info("slice cache %s is up to date; reusing it", out)
-            return reused
-        sites = assign_sites([c.case_id for c in task.cases], cfg.sites, partition, seed, site_map)
-        if cfg.site_name:
-            if partition == "mapping":
-                raise DataError(
-                    f"data.site_name = {cfg.site_name!r} conflicts with the site map "
-                    f"({cfg.site_map or task.root / SITE_MAP_FILE}), which names the sites; "
-                    "set data.partition = iid to name the one site yourself"
-                )
-            (ids,) = sites.values()  # data.site_name is only valid with data.sites = 1
-            sites = {cfg.site_name: ids}
-        splits = {
-            s: split_patients(s, ids, cfg.val_fraction, cfg.test_fraction, seed)
-            for s, ids in sites.items()
-        }
-        shift = site_intensity(list(sites), seed) if partition == "non-iid" else {}
-        claim.check_free([MANIFEST, *splits])
-        with claim.build(anchor=MANIFEST) as tmp:
-            summary = _build(task, splits, shift, cfg, seed, tmp, progress)
-            write_json(
-                tmp / MANIFEST,
-                {
-                    "version": FORMAT_VERSION,
-                    "fingerprint": fingerprint,
-                    "source": str(task.root.resolve()),
-                    "task": task.name,
-                    "settings": settings,
-                    "intensity_shift": shift,
-                    "sites": summary,
-                },
-            )
-    return SliceCache.open(out)
-
-
-def _check_labels(task: MSDTask, cfg: DataConfig) -> None:
-    undeclared = sorted(set(cfg.labels) - set(task.labels))
-    if undeclared:
-        raise ConfigError(
-            f"data.labels = {cfg.labels!r} is invalid for {task.root / DATASET_JSON}: label "
-            f"value(s) {undeclared} are not among its declared 'labels' "
-            f"{dict(sorted(task.labels.items()))}"
-        )
-
-
-def _site_map(task: MSDTask, cfg: DataConfig) -> dict[str, str] | None:
-    if cfg.site_map:
-        return load_site_map(cfg.site_map)
-    if cfg.partition in ("auto", "mapping") and (task.root / SITE_MAP_FILE).is_file():
-        return load_site_map(task.root / SITE_MAP_FILE)
-    return None
-
-
-def _partition(cfg: DataConfig, site_map: dict[str, str] | None) -> str:
-    if cfg.partition == "auto":
-        return "mapping" if site_map is not None else "iid"
-    if cfg.partition == "mapping" and site_map is None:
-        raise DataError(
-            "data.partition = 'mapping' but there is no site map: set data.site_map or add "
-            f"{SITE_MAP_FILE} to the task folder"
-        )
-    return cfg.partition
-
-
-def _fingerprint(task: MSDTask, settings: dict[str, Any]) -> str:
-    """Hash of dataset.json's bytes, each case file's size and mtime, and the settings.
-
-    Hashing every volume would cost as much as reading it; size + mtime catch re-written files.
-    """
-    h = hashlib.sha256()
-    h.update((task.root / DATASET_JSON).read_bytes())
-    for case in task.cases:
-        for path in (case.image, case.label):
-            st = path.stat()
-            h.update(f"{path.relative_to(task.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
-
-
-def _reusable(out: Path, fingerprint: str) -> SliceCache | None:
-    try:
-        manifest = _read_manifest(out)
-    except DataError:
-        return None
-    if manifest["fingerprint"] != fingerprint:
-        return None
-    return SliceCache(out, manifest, reused=True)
-
-
-def _build(
-    task: MSDTask,
-    splits: dict[str, dict[str, list[str]]],
-    shift: dict[str, tuple[float, float]],
-    cfg: DataConfig,
-    seed: int,
-    tmp: Path,
-    progress: Progress | None,
-) -> dict[str, Any]:
-    """Load each case once, slice it, and write every site/split's arrays into ``tmp``."""
-    cases = {c.case_id: c for c in task.cases}
-    total, done = sum(len(ids) for sp in splits.values() for ids in sp.values()), 0
-    summary: dict[str, Any] = {}
-    for site, by_split in splits.items():
-        summary[site] = {}
-        for split in SPLITS:
-            ids = by_split[split]
-            parts = []
-            for index, pid in enumerate(ids):
-                parts.append(_slice_case(cases[pid], index, task, cfg, seed, shift.get(site)))
-                done += 1
-                if progress is not None:
-                    progress(f"slicing {site}/{split}", done, total)
-            if ids and not any(len(p["z"]) for p in parts):
-                raise DataError(
-                    f"site {site!r} {split} split: its {len(ids)} patient(s) "
-                    f"({', '.join(ids[:5])}) "
-                    f"have no slice with foreground for data.labels = {cfg.labels or 'all > 0'} "
-                    f"and data.slice_policy = {cfg.slice_policy!r}; check the label files and "
-                    "data.labels, or use data.slice_policy = 'all'"
-                )
-            summary[site][split] = _write_split(tmp / site / split, parts, ids, cfg.resolution)
-    return summary
-
-
-def _slice_case(
-    case: Case,
-    index: int,
-    task: MSDTask,
-    cfg: DataConfig,
-    seed: int,
-    shift: tuple[float, float] | None,
-) -> dict[str, np.ndarray]:
-    volume = load_case(case)
-    check_label_values(volume.label, task.labels, case.label)
-    image = replace_nan(volume.image, case.image, cfg.nan_hu)
-    image = image if shift is None else image * shift[0] + shift[1]
-    rng = np.random.default_rng([seed, stable_hash(case.case_id)])
-    images, labels, z = volume_to_slices(image, volume.label, cfg, rng=rng)
-    return {
-        "images": images.astype(np.float16),
-        "labels": labels,
-        "patient": np.full(len(z), index, dtype=np.int32),
-        "z": z,
-    }
-
-
-def _write_split(folder: Path, parts: list[dict[str, np.ndarray]], ids: list[str], r: int) -> dict:
-    folder.mkdir(parents=True, mode=0o700)
-    empty = {
-        "images": np.zeros((0, r, r), np.float16),
-        "labels": np.zeros((0, r, r), np.uint8),
-        "patient": np.zeros(0, np.int32),
-        "z": np.zeros(0, np.int32),
-    }
-    for name in ARRAYS:
-        data = np.concatenate([p[name] for p in parts]) if parts else empty[name]
-        np.save(folder / f"{name}.npy", data)
-    labels = np.concatenate([p["labels"] for p in parts]) if parts else empty["labels"]
-    return {
-        "patient_ids": ids,
-        "patients": len(ids),
-        "slices": int(len(labels)),
-        "foreground": int(labels.reshape(len(labels), -1).any(axis=1).sum()),
-    }

@@ -1,4 +1,10 @@
-"""Score a model on a slice split: predict every slice, stack per patient, 3D Dice and HD95."""
+"""Score a model on a slice split: predict every slice, stack per patient, 3D Dice and HD95.
+
+A split that knows its cases' original grids and labels (a cache's test split) is scored
+there: each stacked prediction is mapped back to the case's grid as ``privseg predict`` does
+(:func:`~privseg.data.preprocess.mask_to_image_space`) and compared with the original label,
+distances in mm. Other splits (validation) are scored on the model grid, in its voxels.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,34 @@ import numpy as np
 import torch
 from torch import nn
 
+from privseg.data.preprocess import mask_to_image_space
+from privseg.errors import DataError
 from privseg.evaluation.metrics import dice, surface_distances
-from privseg.results import nanmean
+from privseg.results import MODEL_GRID_UNITS, NATIVE_UNITS, nanmean
 
 
 class VolumeSource(Protocol):
     """What evaluation needs of a SliceSplit: ``(patient_id, images [Z,R,R], labels [Z,R,R])``."""
 
     def volumes(self) -> Any: ...
+
+
+def _native_grids(split: VolumeSource) -> dict[str, Any]:
+    """The split's cases with a label on their original grid (``SliceSplit.native``)."""
+    grids = getattr(split, "native", None) or {}
+    return {pid: g for pid, g in grids.items() if getattr(g, "label_path", None) is not None}
+
+
+def _on_native_grid(
+    patient_id: str, pred: np.ndarray, grid: Any
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(prediction, label, spacing in mm) on the case's original grid ``[X, Y, Z]``."""
+    if len(pred) != grid.shape[2]:
+        raise DataError(
+            f"case {patient_id}: the split holds {len(pred)} of its {grid.shape[2]} slices; "
+            "scoring on the original grid needs every slice (re-prepare the cache)"
+        )
+    return mask_to_image_space(pred, grid.shape) > 0, grid.label(), tuple(grid.spacing)
 
 
 @torch.no_grad()
@@ -42,27 +68,39 @@ def evaluate_split(
 
     Runs under ``torch.no_grad`` in eval mode and restores every submodule's previous
     train/eval flag, so it can be called in the middle of training. A slice is foreground where
-    ``sigmoid(logit) > threshold``. Distances are in pixels / slices (the cache keeps no spacing).
+    ``sigmoid(logit) > threshold``.
+
+    When every case of the split has a label on its original grid (``split.native``, a cache's
+    test split), Dice, HD95 and ASSD are computed there and distances are in mm
+    (``hd95_units`` = :data:`~privseg.results.NATIVE_UNITS`); otherwise on the model grid in
+    its voxels (:data:`~privseg.results.MODEL_GRID_UNITS`, spacing 1 per pixel and slice).
 
     Returns ``dice`` (mean over patient volumes), ``dice_sd`` (sample SD; 0.0 for one patient),
     ``hd95`` and ``assd`` (nanmean over patients; a patient with an empty prediction or label has
-    NaN there), ``slice_dice`` (mean 2D Dice over slices whose label is non-empty),
-    ``patients`` ([{"id", "dice", "hd95", "assd"}]) and ``n_patients``. An empty split gives NaN
-    metrics and ``n_patients = 0``.
+    NaN there), ``hd95_units`` / ``assd_units``, ``slice_dice`` (mean 2D Dice over model-grid
+    slices whose label is non-empty), ``patients`` ([{"id", "dice", "hd95", "assd"}]) and
+    ``n_patients``. An empty split gives NaN metrics and ``n_patients = 0``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size} is invalid: must be >= 1")
+    grids = _native_grids(split)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     patients: list[dict[str, Any]] = []
     slice_scores: list[float] = []
+    native = bool(grids)
     try:
         for patient_id, images, labels in split.volumes():
             pred = predict_volume(model, images, batch_size=batch_size, threshold=threshold)
             target = np.asarray(labels) > 0
-            dist = surface_distances(pred, target, spacing=(1.0,) * target.ndim)
-            patients.append({"id": str(patient_id), "dice": dice(pred, target), **dist})
             slice_scores += [dice(p, t) for p, t in zip(pred, target, strict=True) if t.any()]
+            spacing: tuple[float, ...] = (1.0,) * target.ndim
+            if native:
+                if patient_id not in grids:
+                    raise DataError(f"case {patient_id} has no label on its original grid")
+                pred, target, spacing = _on_native_grid(patient_id, pred, grids[patient_id])
+            dist = surface_distances(pred, target, spacing=spacing)
+            patients.append({"id": str(patient_id), "dice": dice(pred, target), **dist})
     finally:
         for m, was_training in modes:
             m.train(was_training)
@@ -73,6 +111,8 @@ def evaluate_split(
         "dice_sd": float(np.std(scores, ddof=1)) if n > 1 else (0.0 if n else math.nan),
         "hd95": nanmean([p["hd95"] for p in patients]),
         "assd": nanmean([p["assd"] for p in patients]),
+        "hd95_units": NATIVE_UNITS if native else MODEL_GRID_UNITS,
+        "assd_units": NATIVE_UNITS if native else MODEL_GRID_UNITS,
         "slice_dice": float(np.mean(slice_scores)) if slice_scores else math.nan,
         "patients": patients,
         "n_patients": n,

@@ -2,7 +2,8 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through
 ``pyplot``: no global backend switch, no figure registry to leak, safe inside training processes.
-Every ``plot_*`` PNG is written atomically at :data:`DPI`; :func:`reconstruction_grid_png`
+Every ``plot_*`` PNG is written atomically at :data:`DPI`, with an SVG of the same stem next
+to it; :func:`reconstruction_grid_png`
 returns its bytes (110 dpi) for the attack runner to write.
 """
 
@@ -50,12 +51,20 @@ def _style() -> Iterator[None]:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Render to PNG in memory, then write atomically (a crash never leaves half a PNG)."""
+    """Render to PNG and to SVG (same stem, text kept as text) in memory, then write each
+    atomically (a crash never leaves half a file). Returns the PNG's path."""
     FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    path = Path(path)
+    for fmt, target in (("png", path), ("svg", path.with_suffix(".svg"))):
+        buf = io.BytesIO()
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "privseg"}):
+            fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches="tight", metadata=_METADATA[fmt])
+        atomic_write_bytes(target, buf.getvalue())
+    return path
+
+
+_METADATA: dict[str, dict[str, Any]] = {"png": {}, "svg": {"Date": None}}
+"""No creation date in the SVG, so the same figure gives the same file."""
 
 
 def _num(v: Any) -> float:

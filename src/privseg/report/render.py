@@ -15,23 +15,41 @@ from typing import Any
 from privseg.io import atomic_write_text
 from privseg.report.blocks import to_html, to_markdown
 from privseg.report.sections import build_blocks
+from privseg.report.tables import Table
 
 log = logging.getLogger(__name__)
 
 
 def write_report(study: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``out_dir``.
+    """Write ``report.md``, ``report.html``, ``figures/*.png`` (plots also as ``.svg`` next to
+    them) and every table as ``tables/<name>.csv`` into ``out_dir``.
 
-    Returns the written paths: ``"markdown"``, ``"html"`` and one entry per figure stem
-    (``"privacy_utility"``, ``"learning_curves"``, ``"dp_cost"``, ``"attack_1"``, ...).
-    Attack grid paths in the study are resolved relative to ``out_dir``.
+    Returns the written paths: ``"markdown"``, ``"html"``, one entry per figure stem
+    (``"privacy_utility"``, ``"learning_curves"``, ``"dp_cost"``, ``"attack_1"``, ...; the PNG)
+    and one per table (``"table_dice"``, ...). Attack grid paths in the study are resolved
+    relative to ``out_dir``.
     """
     out_dir = Path(out_dir)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     blocks, written = build_blocks(study, out_dir)
+    written.update(write_tables(blocks, out_dir / "tables"))
     atomic_write_text(out_dir / "report.md", to_markdown(blocks))
     atomic_write_text(out_dir / "report.html", to_html(blocks))
     written["markdown"] = out_dir / "report.md"
     written["html"] = out_dir / "report.html"
     log.info("report written to %s", out_dir / "report.html")
+    return written
+
+
+def write_tables(blocks: list[Any], folder: Path) -> dict[str, Path]:
+    """Each table block as ``folder/<name>.csv`` (the cells the report shows), by its name;
+    a name used twice gets a number."""
+    written: dict[str, Path] = {}
+    for i, blk in enumerate(b for b in blocks if isinstance(b, Table)):
+        name = blk.name or f"table_{i + 1}"
+        if f"table_{name}" in written:
+            name = f"{name}_{i + 1}"
+        path = folder / f"{name}.csv"
+        atomic_write_text(path, blk.to_csv())
+        written[f"table_{name}"] = path
     return written

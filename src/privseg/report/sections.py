@@ -15,26 +15,34 @@ from typing import Any
 from privseg.io import atomic_write_bytes
 from privseg.report import figures
 from privseg.report.blocks import Block, Code, Heading, Image, Note, Para
-from privseg.report.summary import RECONSTRUCTION_MARGIN_DB, attack_reconstructs, summarise
+from privseg.report.format import MISSING, fmt_seconds, is_num
+from privseg.report.summary import (
+    RECONSTRUCTION_MARGIN_DB,
+    attack_reconstructs,
+    is_quick,
+    smoke_test_note,
+    summarise,
+)
 from privseg.report.tables import (
-    MISSING,
+    DID_NOT_LEARN_DICE,
+    attack_label,
     attack_table,
     audit_table,
     baseline_for,
     cross_site_table,
     data_table,
     dice_table,
+    distance_units,
     dp_cost_table,
     epsilon_table,
-    fmt_seconds,
-    is_num,
     key_value_table,
+    learned,
     run_epsilon,
     run_label,
     sorted_runs,
     time_per_unit,
 )
-from privseg.results import SLICE_UNIT_NOTE
+from privseg.results import NATIVE_UNITS, SLICE_UNIT_NOTE
 
 SECTIONS = {
     "summary": "Summary",
@@ -97,14 +105,19 @@ def build_blocks(study: dict[str, Any], out_dir: Path) -> tuple[list[Block], dic
 
 
 def _title(study: dict[str, Any]) -> list[Block]:
+    """The title line; a smoke test (``privseg run --quick``) says so before anything else."""
     data = study.get("data") or {}
-    return [
-        Heading("privseg study report", 1),
+    title = "privseg smoke test (not a study)" if is_quick(study) else "privseg study report"
+    b: list[Block] = [Heading(title, 1)]
+    if is_quick(study):
+        b.append(Note(smoke_test_note(study), "warning"))
+    b.append(
         Para(
             f"privseg {study.get('privseg_version', MISSING)} · created "
             f"{study.get('created', MISSING)} · data: {data.get('source', MISSING)}"
-        ),
-    ]
+        )
+    )
+    return b
 
 
 def _summary(study: dict[str, Any]) -> list[Block]:
@@ -117,9 +130,11 @@ def _dice(runs: Runs) -> list[Block]:
     if not runs:
         return b + [_missing("no training runs")]
     t = dice_table(runs)
+    units = distance_units(runs)
+    grid = "each case's original grid" if units == NATIVE_UNITS else "the model grid"
     t.caption = (
-        "Test Dice, mean ± sd over patient volumes; Local only: each site's own model on "
-        "its own test split. HD95 is the mean over sites, in voxels of the model grid."
+        f"Test Dice, mean ± sd over patient volumes, on {grid}; Local only: each site's own "
+        f"model on its own test split. HD95 is the mean over sites, in {units}."
     )
     b.append(t)
     local = next((r for r in runs if r.get("mode") == "local"), None)
@@ -135,9 +150,11 @@ def _dice(runs: Runs) -> list[Block]:
 
 def _privacy_utility(runs: Runs, sink: FigureSink) -> list[Block]:
     b: list[Block] = [Heading(SECTIONS["privacy_utility"])]
+    failed = [run_label(r) for r in runs if learned(r) is False]
+    runs = [r for r in runs if learned(r) is not False]  # a setting that did not learn: no point
     dp_runs = [r for r in runs if r.get("dp") and run_epsilon(r) is not None]
     if not dp_runs:
-        return b + [_missing("no DP runs")]
+        return b + [_missing("no DP run that learned"), *_not_compared(failed)]
     points = [(run_epsilon(r), r.get("dice_mean"), r.get("dice_sd"), run_label(r)) for r in dp_runs]
     refs = [
         (
@@ -155,7 +172,18 @@ def _privacy_utility(runs: Runs, sink: FigureSink) -> list[Block]:
             "scale); horizontal lines: non-private settings.",
         )
     )
-    return b
+    return b + _not_compared(failed)
+
+
+def _not_compared(labels: list[str]) -> list[Block]:
+    if not labels:
+        return []
+    return [
+        Note(
+            f"Not compared: {', '.join(labels)} did not learn (mean test Dice below "
+            f"{DID_NOT_LEARN_DICE:g})."
+        )
+    ]
 
 
 def _learning(runs: Runs, sink: FigureSink) -> list[Block]:
@@ -216,15 +244,11 @@ def _attack(study: dict[str, Any], sink: FigureSink) -> list[Block]:
         src = Path(grid) if Path(grid).is_absolute() else sink.out_dir / grid
         data = src.read_bytes() if src.is_file() else b""
         if not data.startswith(PNG_SIGNATURE):
-            b.append(
-                Note(f"Reconstruction grid for {a.get('label', 'attack')} not found at {grid}.")
-            )
+            b.append(Note(f"Reconstruction grid for {attack_label(a)} not found at {grid}."))
             continue
         name = f"attack_{i}"
         atomic_write_bytes(sink.path(name), data)
-        b.append(
-            sink.image(name, f"{a.get('label', 'attack')}: originals (top) and reconstructions.")
-        )
+        b.append(sink.image(name, f"{attack_label(a)}: originals (top) and reconstructions."))
     t = attack_table(attacks, [attack_reconstructs(a) for a in attacks])
     t.caption = (
         f"Reconstructed: median PSNR at least {RECONSTRUCTION_MARGIN_DB:g} dB above the "
@@ -234,7 +258,7 @@ def _attack(study: dict[str, Any], sink: FigureSink) -> list[Block]:
     threat = study.get("threat_model") or attacks[0].get("threat_model") or {}
     b.append(Heading("Threat model", 3))
     if isinstance(threat, dict) and threat:
-        b.append(key_value_table(threat, ("Aspect", "Assumption")))
+        b.append(key_value_table(threat, ("Aspect", "Assumption"), name="threat_model"))
     else:
         b.append(_missing("no threat model recorded"))
     return b
@@ -281,14 +305,14 @@ def _config_block(cfg: dict[str, Any]) -> Block:
     try:
         return Code(dumps_toml(cfg).strip(), "toml")
     except TypeError:
-        return key_value_table(cfg, ("Setting", "Value"))
+        return key_value_table(cfg, ("Setting", "Value"), name="config")
 
 
 def _machine(study: dict[str, Any], runs: Runs) -> list[Block]:
     b: list[Block] = [Heading(SECTIONS["machine"])]
     machine = study.get("machine") or {}
     if machine:
-        b.append(key_value_table(machine))
+        b.append(key_value_table(machine, name="machine"))
     else:
         b.append(_missing("no machine information"))
     lines = [f"Study wall time: {fmt_seconds(study.get('wall_seconds'))}."]

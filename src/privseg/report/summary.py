@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from privseg.report.format import fmt, fmt_eps, fmt_pm, is_num
 from privseg.report.tables import (
+    DID_NOT_LEARN_DICE,
     baseline_for,
-    fmt,
-    fmt_eps,
-    fmt_pm,
-    is_num,
+    learned,
+    not_learned_label,
     run_epsilon,
     run_label,
     sorted_runs,
@@ -51,10 +51,49 @@ def _eps_phrase(eps: float | None) -> str:
     return f"ε = {fmt_eps(eps)}" if eps is not None else "unknown ε"
 
 
+def is_quick(study: dict[str, Any]) -> bool:
+    """A smoke test (``privseg run --quick``), whose numbers are no results."""
+    return bool(study.get("quick")) or study.get("preset") == "quick"
+
+
+def smoke_test_note(study: dict[str, Any]) -> str:
+    """The warning at the top of a quick run's report."""
+    cfg = study.get("config") or {}
+    tiny = [
+        f"{k} {v}"
+        for k, v in (
+            ("resolution", (cfg.get("data") or {}).get("resolution")),
+            ("epochs", (cfg.get("train") or {}).get("epochs")),
+            ("rounds", (cfg.get("federated") or {}).get("rounds")),
+        )
+        if v is not None
+    ]
+    size = f" ({', '.join(tiny)})" if tiny else ""
+    return (
+        f'Smoke test: this is "privseg run --quick", a tiny grid{size} that checks every '
+        "part runs end to end. Its numbers are not results, and this report compares none "
+        'of them. Run "privseg run" without --quick for a study.'
+    )
+
+
 def summarise(study: dict[str, Any]) -> str:
-    """One paragraph of findings; each statement is conditioned on the numbers it reports."""
+    """One paragraph of findings; each statement is conditioned on the numbers it reports.
+
+    A smoke test gets what ran and nothing compared; a setting that did not learn (mean test
+    Dice below :data:`DID_NOT_LEARN_DICE`) is named as such and left out of every comparison.
+    """
     runs = [r for r in study.get("runs") or [] if isinstance(r, dict)]
-    parts = _utility_sentences(runs) + _dp_sentences(runs)
+    if is_quick(study):
+        return " ".join(
+            p for p in (_smoke_summary(study, runs), _total_privacy_sentence(study)) if p
+        )
+    comparable = [r for r in runs if learned(r) is not False]
+    parts = _not_learned_sentences(runs)
+    if comparable or not runs:
+        failed_dp = any(r.get("dp") and learned(r) is False for r in runs)
+        parts = (
+            _utility_sentences(comparable) + _dp_sentences(comparable, failed_dp=failed_dp) + parts
+        )
     parts.append(_attack_sentence(study.get("attack") or []))
     parts.append(_audit_sentence(study.get("audit") or []))
     parts.append(_total_privacy_sentence(study))
@@ -74,6 +113,47 @@ def _total_privacy_sentence(study: dict[str, Any]) -> str:
         f"(δ = {fmt(first.get('delta'), '.0e')}, {first.get('accountant')}, {first.get('unit')} "
         "unit; recomputed from its ledger, every release listed in results.json)."
     )
+
+
+def _not_learned_sentences(runs: list[dict[str, Any]]) -> list[str]:
+    failed = [r for r in sorted_runs(runs) if learned(r) is False]
+    if not failed:
+        return []
+    dice = _join([f"{run_label(r)} {fmt(r['dice_mean'])}" for r in failed])
+    if len(failed) == len(runs):
+        return [
+            f"No setting learned (mean test Dice {dice}; all below {DID_NOT_LEARN_DICE:g}), "
+            "so nothing is compared."
+        ]
+    verb = "does" if len(failed) == 1 else "do"
+    return [
+        f"Did not learn (mean test Dice below {DID_NOT_LEARN_DICE:g}): {dice}; "
+        f"{'this setting' if len(failed) == 1 else 'these settings'} {verb} not enter any "
+        "comparison."
+    ]
+
+
+def _smoke_summary(study: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """What a smoke test ran, with no comparison and no verdict on privacy."""
+    parts = [
+        "Smoke test: every setting below ran end to end on a tiny grid; the numbers only "
+        "show that the pipeline works and are not compared."
+    ]
+    if runs:
+        parts.append(
+            "Settings run (mean test Dice): "
+            + _join(
+                [f"{not_learned_label(r)} {fmt(r.get('dice_mean'))}" for r in sorted_runs(runs)]
+            )
+            + "."
+        )
+    attacks, audits = study.get("attack") or [], study.get("audit") or []
+    if attacks or audits:
+        parts.append(
+            f"The gradient-inversion attack ran in {len(attacks)} setting(s) and the empirical "
+            f"audit in {len(audits)}; their results are in the tables, without verdict."
+        )
+    return " ".join(parts)
 
 
 def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:
@@ -100,12 +180,16 @@ def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
-def _dp_sentences(runs: list[dict[str, Any]]) -> list[str]:
+def _dp_sentences(runs: list[dict[str, Any]], *, failed_dp: bool = False) -> list[str]:
     """DP Dice per spent ε, its cost against the non-private baseline, and the time ratio."""
     dp_runs = [r for r in sorted_runs(runs) if r.get("dp") and is_num(r.get("dice_mean"))]
     if not dp_runs:
         if runs:
-            return ["No DP run is in this study, so the cost of privacy is not measured."]
+            return (
+                []
+                if failed_dp
+                else ["No DP run is in this study, so the cost of privacy is not measured."]
+            )
         return []
     deltas = {
         s.get("delta") for r in dp_runs for s in r.get("sites") or [] if is_num(s.get("delta"))

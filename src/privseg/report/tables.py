@@ -6,16 +6,28 @@ already formatted strings, so Markdown and HTML show exactly the same numbers.
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-MISSING = "–"
-"""Shown for None, NaN and absent values, so a gap is never mistaken for a zero."""
+from privseg.report.format import (
+    MISSING,
+    fmt,
+    fmt_bool,
+    fmt_eps,
+    fmt_pm,
+    fmt_value,
+    is_num,
+)
 
 SETTING_ORDER = ("central", "local", "federated", "federated_dp")
+
+DID_NOT_LEARN_DICE = 0.1
+"""A setting whose mean test Dice is below this did not learn: reported so, never compared."""
 
 
 @dataclass
@@ -25,6 +37,7 @@ class Table:
     headers: list[str]
     rows: list[list[str]] = field(default_factory=list)
     caption: str = ""
+    name: str = ""  # the CSV's stem next to the report (tables/<name>.csv)
 
     def numeric_columns(self) -> list[bool]:
         """Columns whose every shown cell starts like a number: right-aligned, others left."""
@@ -47,6 +60,14 @@ class Table:
             out += ["", f"*{self.caption}*"]
         return "\n".join(out)
 
+    def to_csv(self) -> str:
+        """Headers and rows as CSV: the cells the report shows (MISSING stays an en dash)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.headers)
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
     def to_html(self) -> str:
         cls = [' class="num"' if n else "" for n in self.numeric_columns()]
         head = "".join(
@@ -65,58 +86,6 @@ class Table:
 _NUMBER = re.compile(r"^[-+]?(\d|\.\d)")
 
 
-# ---- number formatting --------------------------------------------------------------------
-def is_num(x: Any) -> bool:
-    """True for a finite int/float (bools excluded): the values we may compute with."""
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def fmt(x: Any, spec: str = ".3f") -> str:
-    """Format a number, or MISSING for None / NaN / inf / non-numbers."""
-    if not is_num(x):
-        return MISSING if x is None or isinstance(x, int | float) else str(x)
-    return format(x, spec)
-
-
-def fmt_pm(mean: Any, sd: Any, spec: str = ".3f") -> str:
-    """``mean ± sd``; only the mean when the spread is unknown."""
-    if not is_num(mean):
-        return MISSING
-    return f"{mean:{spec}} ± {sd:{spec}}" if is_num(sd) else format(mean, spec)
-
-
-def fmt_eps(x: Any) -> str:
-    return fmt(x, ".3g")
-
-
-def fmt_bool(x: Any, yes: str = "yes", no: str = "no") -> str:
-    return MISSING if x is None else (yes if x else no)
-
-
-def fmt_seconds(x: Any) -> str:
-    """Seconds as ``1 h 02 min``, ``3 min 05 s`` or ``12.3 s``."""
-    if not is_num(x):
-        return MISSING
-    if x >= 3600:
-        return f"{int(x // 3600)} h {int(x % 3600 // 60):02d} min"
-    if x >= 60:
-        return f"{int(x // 60)} min {int(x % 60):02d} s"
-    return f"{x:.1f} s"
-
-
-def fmt_value(v: Any) -> str:
-    """Any config / threat-model value as short text."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return fmt(v, "g")
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(fmt_value(i) for i in v) + "]"
-    if isinstance(v, dict):
-        return "; ".join(f"{k}: {fmt_value(i)}" for k, i in v.items())
-    return MISSING if v is None else str(v)
-
-
 # ---- study helpers ------------------------------------------------------------------------
 def run_label(run: dict[str, Any]) -> str:
     return str(run.get("label") or run.get("setting") or run.get("mode") or "run")
@@ -131,6 +100,17 @@ def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return rank, run_epsilon(r) if is_num(run_epsilon(r)) else math.inf
 
     return sorted(runs, key=key)
+
+
+def learned(run: dict[str, Any]) -> bool | None:
+    """False when the run's mean test Dice is below :data:`DID_NOT_LEARN_DICE`; None unknown."""
+    dice = run.get("dice_mean")
+    return dice >= DID_NOT_LEARN_DICE if is_num(dice) else None
+
+
+def not_learned_label(run: dict[str, Any]) -> str:
+    """The run's label, marked when it did not learn (tables and the summary say the same)."""
+    return f"{run_label(run)} (did not learn)" if learned(run) is False else run_label(run)
 
 
 def run_epsilon(run: dict[str, Any]) -> float | None:
@@ -168,10 +148,16 @@ def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, A
 
 
 # ---- table builders -----------------------------------------------------------------------
+def distance_units(runs: list[dict[str, Any]]) -> str:
+    """The runs' common HD95 units; results without the key were scored on the model grid."""
+    found = {str(r.get("hd95_units") or "model-grid voxels") for r in runs}
+    return found.pop() if len(found) == 1 else "mixed units"
+
+
 def dice_table(runs: list[dict[str, Any]]) -> Table:
     """Dice mean ± sd over test patient volumes per site and overall, one row per setting."""
     names = site_names(runs)
-    t = Table(["Setting", *names, "Overall", "HD95 (voxels)"])
+    t = Table(["Setting", *names, "Overall", f"HD95 ({distance_units(runs)})"], name="dice")
     for r in sorted_runs(runs):
         by_site = {s.get("name"): s for s in r.get("sites") or []}
         cells = [
@@ -181,7 +167,7 @@ def dice_table(runs: list[dict[str, Any]]) -> Table:
         hd = [s.get("hd95") for s in by_site.values() if is_num(s.get("hd95"))]
         t.rows.append(
             [
-                run_label(r),
+                not_learned_label(r),
                 *cells,
                 fmt_pm(r.get("dice_mean"), r.get("dice_sd")),
                 fmt(sum(hd) / len(hd), ".1f") if hd else MISSING,
@@ -196,7 +182,7 @@ def cross_site_table(run: dict[str, Any]) -> Table | None:
     if not any(s.get("cross") for s in sites):
         return None
     names = [s.get("name") for s in sites]
-    t = Table(["Trained at \\ tested at", *names])
+    t = Table(["Trained at \\ tested at", *names], name="cross_site")
     for s in sites:
         cross = s.get("cross") or {}
         t.rows.append(
@@ -210,7 +196,10 @@ def cross_site_table(run: dict[str, Any]) -> Table | None:
 
 def dp_cost_table(runs: list[dict[str, Any]]) -> Table | None:
     """Seconds per round (or epoch) of each DP run next to its non-private twin and the ratio."""
-    t = Table(["Setting", "Per", "Seconds (DP)", "Seconds (non-private)", "Ratio DP / non-DP"])
+    t = Table(
+        ["Setting", "Per", "Seconds (DP)", "Seconds (non-private)", "Ratio DP / non-DP"],
+        name="dp_cost",
+    )
     for r in sorted_runs(runs):
         if not r.get("dp"):
             continue
@@ -245,7 +234,8 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
             "Clip C",
             "Accountant",
             "Unit",
-        ]
+        ],
+        name="epsilon",
     )
     for r in sorted_runs(runs):
         if not r.get("dp"):
@@ -269,6 +259,13 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
     return t if t.rows else None
 
 
+def attack_label(attack: dict[str, Any]) -> str:
+    """An attack's label; without one, what it attacked (no DP, or DP-SGD at its epsilon)."""
+    if attack.get("label"):
+        return str(attack["label"])
+    return f"DP-SGD ε={fmt_eps(attack.get('epsilon'))}" if attack.get("dp") else "No DP"
+
+
 def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> Table:
     """Attack metrics next to the two baselines that say whether a reconstruction means much."""
     t = Table(
@@ -285,13 +282,14 @@ def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> 
             "Prior PSNR (dB)",
             "Chance PSNR (dB)",
             "Reconstructed?",
-        ]
+        ],
+        name="attack",
     )
     for a, ok in zip(attacks, verdicts, strict=True):
         rate = a.get("reidentification_rate")
         t.rows.append(
             [
-                str(a.get("label", "attack")),
+                attack_label(a),
                 fmt_value(a.get("threat")),
                 fmt_bool(a.get("dp")),
                 fmt_eps(a.get("epsilon")),
@@ -310,7 +308,9 @@ def attack_table(attacks: list[dict[str, Any]], verdicts: list[bool | None]) -> 
 
 def audit_table(audits: list[dict[str, Any]]) -> Table:
     """Empirical membership audit: observed success rate against the rate that ε allows."""
-    t = Table(["ε", "δ", "Trials", "Candidates", "Success rate", "Bound from ε", "Held"])
+    t = Table(
+        ["ε", "δ", "Trials", "Candidates", "Success rate", "Bound from ε", "Held"], name="audit"
+    )
     for a in audits:
         t.rows.append(
             [
@@ -326,9 +326,11 @@ def audit_table(audits: list[dict[str, Any]]) -> Table:
     return t
 
 
-def key_value_table(d: dict[str, Any], headers: tuple[str, str] = ("Item", "Value")) -> Table:
+def key_value_table(
+    d: dict[str, Any], headers: tuple[str, str] = ("Item", "Value"), name: str = ""
+) -> Table:
     """Nested dicts flattened to ``a.b`` keys."""
-    t = Table(list(headers))
+    t = Table(list(headers), name=name)
 
     def walk(prefix: str, obj: dict[str, Any]) -> None:
         for k, v in obj.items():
@@ -345,7 +347,8 @@ def key_value_table(d: dict[str, Any], headers: tuple[str, str] = ("Item", "Valu
 def data_table(sites: list[dict[str, Any]]) -> Table:
     """Slices and patients per site and split."""
     t = Table(
-        ["Site", "Train slices", "Val slices", "Test slices", "Train patients", "Test patients"]
+        ["Site", "Train slices", "Val slices", "Test slices", "Train patients", "Test patients"],
+        name="data",
     )
     for s in sites:
         t.rows.append(

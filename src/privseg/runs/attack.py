@@ -105,6 +105,7 @@ def run_attack(
         out_dir=RunFolder(run_dir).attack,
         progress=progress,
         meta={"site": site, "weights": weights},
+        relative_to=Path(run_dir),
     )
     return result
 
@@ -149,10 +150,12 @@ def run_attack_study(
     epsilons: list[float | None],
     site: str | None = None,
     progress: Progress | None = None,
+    relative_to: Path | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
     epsilon (sigma calibrated for the federated setting); an audit for each. Writes
-    ``out_dir/<setting>/attack.json|png`` and ``audit.json``."""
+    ``out_dir/<setting>/attack.json|png`` and ``audit.json``; each result's ``grid_png`` is
+    relative to ``relative_to`` (the study folder; default ``out_dir/<setting>``)."""
     site = site or cache.sites[0]
     split = cache.split(site, "train")
     final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
@@ -162,7 +165,16 @@ def run_attack_study(
     attacks, audits = [], []
     for eps in epsilons:
         meta = {"site": site, "weights": weights}
-        res = attack_setting(model, split, cfg, eps, out_dir=out_dir, progress=progress, meta=meta)
+        res = attack_setting(
+            model,
+            split,
+            cfg,
+            eps,
+            out_dir=out_dir,
+            progress=progress,
+            meta=meta,
+            relative_to=relative_to,
+        )
         key, dp = res["setting"], res["dp_setting"]
         aud = audit_setting(model, split, cfg, dp)
         aud.update({"site": site, "setting": key})

@@ -18,7 +18,7 @@ from typing import Any
 
 from privseg import __version__
 from privseg.config import Config
-from privseg.data.cache import resolve_cache
+from privseg.data.prepare import resolve_cache
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
@@ -28,6 +28,9 @@ from privseg.runs import privacy as study_privacy
 from privseg.runs.train import machine_info, train
 
 log = logging.getLogger(__name__)
+
+
+PRESETS = ("full", "quick")
 
 
 def quick_preset(cfg: Config) -> Config:
@@ -100,8 +103,15 @@ def run_study(
     out: Path,
     progress: Progress | None = None,
     on_setting: Callable[[str], None] | None = None,
+    preset: str = "full",
 ) -> dict[str, Any]:
-    """Run every setting of the grid (skipping finished ones), the attack, then the report."""
+    """Run every setting of the grid (skipping finished ones), the attack, then the report.
+
+    ``preset`` is recorded in the results: "quick" (:func:`quick_preset`) makes the report a
+    smoke test that draws no comparisons.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r} is invalid: allowed values are {', '.join(PRESETS)}")
     progress = progress or no_progress
     folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()
@@ -122,6 +132,7 @@ def run_study(
             on_setting("attack: gradient inversion and audit")
         attacks, audits = _run_attack(cfg, cache, folder, progress)
     study = StudyResult(
+        preset=preset,
         privseg_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         machine=machine_info(),
@@ -194,6 +205,7 @@ def _run_attack(
         out_dir=study.attack,
         epsilons=[None, max(cfg.study.epsilons)],
         progress=progress,
+        relative_to=study.root,
     )
     write_json(done, {"attack": attacks, "audit": audits, "config": cfg.to_dict()})
     return attacks, audits

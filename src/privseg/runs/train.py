@@ -18,7 +18,7 @@ import torch
 
 from privseg import __version__
 from privseg.config import Config
-from privseg.data.cache import resolve_cache
+from privseg.data.prepare import resolve_cache
 from privseg.errors import DataError
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult

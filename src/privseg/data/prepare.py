@@ -1,0 +1,296 @@
+"""Build a slice cache from a task folder (or reuse it when nothing changed); open or build.
+
+What a cache holds and how it is read is :mod:`privseg.data.cache`; this module writes it:
+one pass over the cases, every site and split written into a staging folder, published whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privseg.config import Config, DataConfig
+from privseg.data.cache import (
+    ARRAYS,
+    EVALUATED_SPLIT,
+    FORMAT_VERSION,
+    MANIFEST,
+    NATIVE_DIR,
+    SliceCache,
+    read_manifest,
+)
+from privseg.data.msd import (
+    DATASET_JSON,
+    Case,
+    MSDTask,
+    check_label_values,
+    load_case,
+    read_task,
+    replace_nan,
+)
+from privseg.data.preprocess import map_labels, volume_to_slices
+from privseg.data.sites import (
+    SITE_MAP_FILE,
+    SPLITS,
+    assign_sites,
+    load_site_map,
+    site_intensity,
+    split_patients,
+    stable_hash,
+)
+from privseg.errors import ConfigError, DataError
+from privseg.io import write_json
+from privseg.output import claimed_folder
+from privseg.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def resolve_cache(
+    data: str | Path, cfg: Config, work_dir: Path, progress: Progress | None = None
+) -> SliceCache:
+    """Open a prepared slice cache, or prepare one from an MSD task folder into ``work_dir``."""
+    data = Path(data)
+    if (data / MANIFEST).is_file():
+        return SliceCache.open(data)
+    if (data / DATASET_JSON).is_file():
+        return prepare_cache(data, work_dir, cfg.data, seed=cfg.seed, progress=progress)
+    raise DataError(
+        f"{data} is neither a prepared cache ({MANIFEST}) nor an MSD task folder "
+        "(dataset.json); run `privseg data prepare` or `privseg data synth` first"
+    )
+
+
+# ---- building ----------------------------------------------------------------------------
+def prepare_cache(
+    src: str | Path,
+    out: str | Path,
+    cfg: DataConfig,
+    *,
+    seed: int,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> SliceCache:
+    """Build (or reuse) the slice cache of task ``src`` in ``out``.
+
+    ``out`` is claimed through :mod:`privseg.output` (never a folder privseg did not write,
+    unless ``overwrite``; never the task itself; one writer at a time).
+    ``progress(description, done, total)`` is called after each patient when given.
+    """
+    task = read_task(src)
+    out = Path(out)
+    _check_labels(task, cfg)
+    site_map = _site_map(task, cfg)
+    partition = _partition(cfg, site_map)
+    settings = {
+        "data": dataclasses.asdict(cfg),
+        "seed": seed,
+        "partition": partition,
+        "site_map": site_map,
+    }
+    fingerprint = _fingerprint(task, settings)
+    inputs = [task.root, *([cfg.site_map] if cfg.site_map else [])]
+    with claimed_folder(out, "cache", inputs=inputs, overwrite=overwrite) as claim:
+        reused = _reusable(out, fingerprint)
+        if reused is not None:
+            log.info("slice cache %s is up to date; reusing it", out)
+            return reused
+        sites = assign_sites([c.case_id for c in task.cases], cfg.sites, partition, seed, site_map)
+        if cfg.site_name:
+            if partition == "mapping":
+                raise DataError(
+                    f"data.site_name = {cfg.site_name!r} conflicts with the site map "
+                    f"({cfg.site_map or task.root / SITE_MAP_FILE}), which names the sites; "
+                    "set data.partition = iid to name the one site yourself"
+                )
+            (ids,) = sites.values()  # data.site_name is only valid with data.sites = 1
+            sites = {cfg.site_name: ids}
+        splits = {
+            s: split_patients(s, ids, cfg.val_fraction, cfg.test_fraction, seed)
+            for s, ids in sites.items()
+        }
+        shift = site_intensity(list(sites), seed) if partition == "non-iid" else {}
+        claim.check_free([MANIFEST, *splits])
+        with claim.build(anchor=MANIFEST) as tmp:
+            summary = _build(task, splits, shift, cfg, seed, tmp, progress)
+            write_json(
+                tmp / MANIFEST,
+                {
+                    "version": FORMAT_VERSION,
+                    "fingerprint": fingerprint,
+                    "source": str(task.root.resolve()),
+                    "task": task.name,
+                    "settings": settings,
+                    "intensity_shift": shift,
+                    "sites": summary,
+                },
+            )
+    return SliceCache.open(out)
+
+
+def _check_labels(task: MSDTask, cfg: DataConfig) -> None:
+    undeclared = sorted(set(cfg.labels) - set(task.labels))
+    if undeclared:
+        raise ConfigError(
+            f"data.labels = {cfg.labels!r} is invalid for {task.root / DATASET_JSON}: label "
+            f"value(s) {undeclared} are not among its declared 'labels' "
+            f"{dict(sorted(task.labels.items()))}"
+        )
+
+
+def _site_map(task: MSDTask, cfg: DataConfig) -> dict[str, str] | None:
+    if cfg.site_map:
+        return load_site_map(cfg.site_map)
+    if cfg.partition in ("auto", "mapping") and (task.root / SITE_MAP_FILE).is_file():
+        return load_site_map(task.root / SITE_MAP_FILE)
+    return None
+
+
+def _partition(cfg: DataConfig, site_map: dict[str, str] | None) -> str:
+    if cfg.partition == "auto":
+        return "mapping" if site_map is not None else "iid"
+    if cfg.partition == "mapping" and site_map is None:
+        raise DataError(
+            "data.partition = 'mapping' but there is no site map: set data.site_map or add "
+            f"{SITE_MAP_FILE} to the task folder"
+        )
+    return cfg.partition
+
+
+def _fingerprint(task: MSDTask, settings: dict[str, Any]) -> str:
+    """Hash of dataset.json's bytes, each case file's size and mtime, and the settings.
+
+    Hashing every volume would cost as much as reading it; size + mtime catch re-written files.
+    """
+    h = hashlib.sha256()
+    h.update((task.root / DATASET_JSON).read_bytes())
+    for case in task.cases:
+        for path in (case.image, case.label):
+            st = path.stat()
+            h.update(f"{path.relative_to(task.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _reusable(out: Path, fingerprint: str) -> SliceCache | None:
+    try:
+        manifest = read_manifest(out)
+    except DataError:
+        return None
+    if manifest["fingerprint"] != fingerprint:
+        return None
+    return SliceCache(out, manifest, reused=True)
+
+
+def _build(
+    task: MSDTask,
+    splits: dict[str, dict[str, list[str]]],
+    shift: dict[str, tuple[float, float]],
+    cfg: DataConfig,
+    seed: int,
+    tmp: Path,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """Load each case once, slice it, and write every site/split's arrays into ``tmp``."""
+    cases = {c.case_id: c for c in task.cases}
+    total, done = sum(len(ids) for sp in splits.values() for ids in sp.values()), 0
+    summary: dict[str, Any] = {}
+    for site, by_split in splits.items():
+        summary[site] = {}
+        for split in SPLITS:
+            ids = by_split[split]
+            parts = []
+            for index, pid in enumerate(ids):
+                part = _slice_case(
+                    cases[pid],
+                    index,
+                    task,
+                    cfg,
+                    seed,
+                    shift.get(site),
+                    native=split == EVALUATED_SPLIT,
+                )
+                parts.append(part)
+                done += 1
+                if progress is not None:
+                    progress(f"slicing {site}/{split}", done, total)
+            if ids and not any(len(p["z"]) for p in parts):
+                raise DataError(
+                    f"site {site!r} {split} split: its {len(ids)} patient(s) "
+                    f"({', '.join(ids[:5])}) "
+                    f"have no slice with foreground for data.labels = {cfg.labels or 'all > 0'} "
+                    f"and data.slice_policy = {cfg.slice_policy!r}; check the label files and "
+                    "data.labels, or use data.slice_policy = 'all'"
+                )
+            summary[site][split] = _write_split(tmp / site / split, parts, ids, cfg.resolution)
+    return summary
+
+
+def _slice_case(
+    case: Case,
+    index: int,
+    task: MSDTask,
+    cfg: DataConfig,
+    seed: int,
+    shift: tuple[float, float] | None,
+    *,
+    native: bool = False,
+) -> dict[str, Any]:
+    """One case's slices; with ``native`` (test cases) every slice, and its binary label on
+    the original grid, so predictions can be mapped back and scored there."""
+    volume = load_case(case)
+    check_label_values(volume.label, task.labels, case.label)
+    image = replace_nan(volume.image, case.image, cfg.nan_hu)
+    image = image if shift is None else image * shift[0] + shift[1]
+    rng = np.random.default_rng([seed, stable_hash(case.case_id)])
+    policy = dataclasses.replace(cfg, slice_policy="all") if native else cfg
+    images, labels, z = volume_to_slices(image, volume.label, policy, rng=rng)
+    return {
+        "images": images.astype(np.float16),
+        "labels": labels,
+        "patient": np.full(len(z), index, dtype=np.int32),
+        "z": z,
+        "case": {"shape": list(volume.label.shape), "spacing": list(volume.spacing)},
+        "native_label": map_labels(volume.label, cfg.labels) if native else None,
+    }
+
+
+def _write_native_label(path: Path, label: np.ndarray) -> None:
+    """A test case's binary label on its original grid: compressed, readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        np.savez_compressed(fh, label=label.astype(np.uint8))
+
+
+def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: int) -> dict:
+    folder.mkdir(parents=True, mode=0o700)
+    empty = {
+        "images": np.zeros((0, r, r), np.float16),
+        "labels": np.zeros((0, r, r), np.uint8),
+        "patient": np.zeros(0, np.int32),
+        "z": np.zeros(0, np.int32),
+    }
+    for name in ARRAYS:
+        data = np.concatenate([p[name] for p in parts]) if parts else empty[name]
+        np.save(folder / f"{name}.npy", data)
+    labels = np.concatenate([p["labels"] for p in parts]) if parts else empty["labels"]
+    cases = {}
+    for index, (pid, part) in enumerate(zip(ids, parts, strict=True)):
+        cases[pid] = {**part["case"], "native_label": part["native_label"] is not None}
+        if part["native_label"] is not None:
+            _write_native_label(folder / NATIVE_DIR / f"{index}.npz", part["native_label"])
+    return {
+        "patient_ids": ids,
+        "cases": cases,
+        "patients": len(ids),
+        "slices": int(len(labels)),
+        "foreground": int(labels.reshape(len(labels), -1).any(axis=1).sum()),
+    }
