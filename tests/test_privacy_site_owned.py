@@ -269,3 +269,23 @@ def test_an_independent_accountant_recomputes_the_reported_epsilon(tmp_path: Pat
         )
         pld.compose(dpa.SelfComposedDpEvent(event, r["steps"]))
     assert reported == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
+
+
+def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(small_cache: Path) -> None:
+    """Finding 6: epsilon 1, 3 and 8 on the same patients compose to more than 8 (8.97 here,
+    PRV; the plain sum 12 is an upper bound)."""
+    from privseg.data.cache import SliceCache
+    from privseg.runs.privacy import plan_grid
+    from privseg.runs.study import grid
+
+    base = Config.from_dict(
+        {"data": {"resolution": 32, "sites": 2}, "study": {"epsilons": [1.0, 3.0, 8.0]}}
+    )
+    cache = SliceCache.open(small_cache)
+    todo = [(s.key, s.config(base)) for s in grid(base)]
+    plan = plan_grid(base, cache, todo)  # no budget: planned, logged, not refused
+    assert all(8.0 < p["planned_total"] < 1 + 3 + 8 for p in plan.values())
+    tight = base.replace(**{"privacy.budget_epsilon": 8.5})
+    todo = [(s.key, s.config(tight)) for s in grid(tight)]
+    with pytest.raises(PrivacyBudgetExceeded, match="would overspend site .* nothing was run"):
+        plan_grid(tight, cache, todo)

@@ -182,6 +182,10 @@ def hold_folder(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (
     return claim
 
 
+OVERWRITABLE = ("task", "cache")
+"""Kinds whose commands take --overwrite (data synth, data prepare); runs need a new folder."""
+
+
 def _check_owner(root: Path, kind: str, overwrite: bool) -> dict[str, Any] | None:
     """The folder's privseg marker, or None for a missing/empty folder; refuses the rest."""
     if not root.is_dir():
@@ -199,10 +203,14 @@ def _check_owner(root: Path, kind: str, overwrite: bool) -> dict[str, Any] | Non
     entries = sorted(set(os.listdir(root)) - _HOUSEKEEPING)
     if entries and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        hint = (
+            ", or pass --overwrite to add privseg's files next to these (none of them is replaced)"
+            if kind in OVERWRITABLE
+            else ""
+        )
         raise DataError(
             f"{root} is not empty ({shown}) and privseg did not create it (no {MARKER} marker): "
-            f"refusing to write a {what} into it. Choose a new or empty folder, or pass "
-            "--overwrite to add privseg's files next to these (none of them is replaced)"
+            f"refusing to write a {what} into it. Choose a new or empty folder{hint}"
         )
     return None
 

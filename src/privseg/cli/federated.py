@@ -57,7 +57,11 @@ def site(
         None, "--certs", help="Folder with ca.crt and sites/<site>.key."
     ),
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Site folder (ledger, report); default ./privseg-<site>."
+        None,
+        "--out",
+        "-o",
+        help="Site folder (its privacy floor and test report; the ledger stays with the "
+        "data); default ./privseg-<site>.",
     ),
     timeout: float = typer.Option(
         60.0, "--timeout", help="Seconds to keep trying to reach the server before giving up."

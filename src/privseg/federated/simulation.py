@@ -69,7 +69,8 @@ def run_federated(
 ) -> RunResult:
     """Run the federation in simulation; return its results.
 
-    Each site's ledger is ``out_dir/ledgers/<site>.sqlite`` and its local test report
+    Each site's ledger lives with its data (``<cache>.ledgers/``, see
+    ``training.trainer.site_ledger``) and its local test report is
     ``out_dir/sites/<site>.json`` (what a real site would keep to itself).
     ``sites`` and ``trainer_factory`` replace the slice cache and the real trainer in tests.
     """

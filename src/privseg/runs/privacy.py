@@ -1,7 +1,8 @@
 """A study's privacy, site by site: its whole grid planned before it starts, and what it spent.
 
 Every DP setting of ``privseg run`` trains on the same patients, so their releases compose in
-each site's ledger (epsilon 1, 3 and 8 cost about 12 together, not 8). The plan refuses a grid
+each site's ledger (epsilon 1, 3 and 8 compose to 8.97 on a small phantom with PRV, not 8; the
+plain sum 12 bounds it). The plan refuses a grid
 whose composition would pass a site's lifetime budget before any setting runs.
 """
 
