@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Message
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from privseg.config import Config
@@ -217,6 +218,11 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
                 f"in {RunFolder(s.out_dir).federated_state}"
             )
             raise FederationError(message)
+        if not _finite(new_arrays):  # never replace the global model by a non-finite one
+            raise FederationError(
+                f"round {rnd}: the aggregated global model is not finite (NaN or Inf); stopped "
+                f"after round {rnd - 1}, whose model is in {RunFolder(s.out_dir).federated_state}"
+            )
         arrays = new_arrays
         t_train = time.perf_counter()
         n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
@@ -300,3 +306,11 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         "releases": dict(strategy.last_releases),
         "n_train": n_train,
     }
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(
+        np.isfinite(a).all()
+        for a in (np.asarray(v.numpy()) for v in arrays.values())
+        if a.dtype.kind == "f"
+    )

@@ -44,6 +44,10 @@ class TrainRound:
         return float(np.average(loss[ok], weights=w[ok])) if ok.any() and w[ok].sum() else math.nan
 
 
+OUTLIER_FACTOR = 10.0
+"""An update whose norm is this many times the median of the other sites' is rejected."""
+
+
 def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     return MetricRecord()
 
@@ -66,6 +70,7 @@ class SiteAggregation(Strategy):
         """
         report = TrainRound()
         usable: list[Message] = []
+        norms: list[float] = []  # of the usable updates (new - global weights)
         for msg in replies:
             if msg.has_error():
                 report.failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
@@ -84,9 +89,57 @@ class SiteAggregation(Strategy):
                 )
                 continue
             report.sites[site] = metrics
+            if not secure:
+                problem, norm = self._check_update(msg)
+                if problem:
+                    report.failed.append(f"site {site}: {problem}; rejected for this round")
+                    continue
+                norms.append(norm)
             usable.append(msg)
             report.contributors.append(site)
+        if not secure:
+            self._drop_outliers(report, usable, norms)
         return report, usable
+
+    # ---- validation before aggregating --------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        """Remember the global weights the sites start from: updates are measured against them."""
+        self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
+
+    def _check_update(self, msg: Message) -> tuple[str, float]:
+        """Why a site's weights must not be averaged in ('' when they may: non-finite values are
+        refused), and the norm of its update against the global weights it started from."""
+        norm = 0.0
+        start = getattr(self, "_global", {})
+        for record in msg.content.array_records.values():
+            for key, value in record.items():
+                arr = np.asarray(value.numpy())
+                if arr.dtype.kind != "f":
+                    continue
+                if not np.isfinite(arr).all():
+                    bad = int((~np.isfinite(arr)).sum())
+                    return f"its weights hold {bad} non-finite values", math.nan
+                if key in start and start[key].shape == arr.shape:
+                    norm += float(np.sum((arr - start[key]) ** 2))
+        return "", math.sqrt(norm)
+
+    def _drop_outliers(self, report: TrainRound, usable: list[Message], norms: list[float]) -> None:
+        """With 3 or more updates, drop one whose norm (new - global weights) is more than
+        OUTLIER_FACTOR times the median of the others: a poisoned or broken site."""
+        if len(usable) < 3:
+            return
+        for i, msg in list(enumerate(usable))[::-1]:
+            others = float(np.median(norms[:i] + norms[i + 1 :]))
+            if others > 0 and norms[i] > OUTLIER_FACTOR * others:
+                site = M.reply_site(msg.content)
+                report.failed.append(
+                    f"site {site}: its update's norm {norms[i]:.4g} is over {OUTLIER_FACTOR:g}x "
+                    f"the median of the others ({others:.4g}); rejected for this round"
+                )
+                report.contributors.remove(site)
+                usable.pop(i)
+                norms.pop(i)
 
     def _summary(self, report: TrainRound) -> MetricRecord:
         return MetricRecord(
