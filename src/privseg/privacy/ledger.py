@@ -161,6 +161,18 @@ class PrivacyLedger:
         finally:
             con.close()
 
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's write lock from its first statement."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
     # ---- writes -------------------------------------------------------------------------
     def record(
         self,
@@ -180,15 +192,8 @@ class PrivacyLedger:
         if steps < 0:
             raise ValueError(f"steps = {steps} is invalid: must be >= 0")
         release = (float(noise_multiplier), float(sample_rate), int(steps))
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                rowid = self._insert(con, site, run_id, unit, release, accountant, delta, note)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            return rowid
+        with self._write() as con:
+            return self._insert(con, site, run_id, unit, release, accountant, delta, note)
 
     def reserve(
         self,
@@ -216,49 +221,43 @@ class PrivacyLedger:
         if unit not in UNITS:
             raise ConfigError(f"privacy.unit = {unit!r} is invalid: allowed {', '.join(UNITS)}")
         release = (float(noise_multiplier), float(sample_rate), int(steps))
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                rows = [
-                    self._valid(dict(zip(_COLUMNS, r, strict=True)))
-                    for r in con.execute(
-                        f"SELECT {', '.join(_COLUMNS)} FROM releases WHERE site = ? ORDER BY id",
-                        (site,),
-                    )
-                ]
-                units = {r["unit"] for r in rows}
-                if units - {unit}:
-                    raise ConfigError(
-                        f"site {site!r} refuses a {unit}-level release: its ledger {self.path} "
-                        f"holds {', '.join(sorted(units))}-level releases, and epsilons of "
-                        "different privacy units do not compose; keep privacy.unit = "
-                        f"{sorted(units)[0]!r} on this data"
-                    )
-                history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows]
-                after = accounting.epsilon([*history, release], delta=delta, accountant=accountant)
-                con.execute(_META)
-                held = con.execute("SELECT value FROM meta WHERE key = 'budget_epsilon'").fetchone()
-                budgets = [float(b) for b in (budget_epsilon, held and held[0]) if b is not None]
-                budget_epsilon = min(budgets) if budgets else None
-                if budget_epsilon is not None and after > budget_epsilon:
-                    spent = accounting.epsilon(history, delta=delta, accountant=accountant)
-                    raise PrivacyBudgetExceeded(
-                        f"site {site!r} refuses to train: it has spent epsilon {spent:.4g} "
-                        f"(delta={delta:g}, {accountant}) and the planned {steps} steps (noise "
-                        f"{noise_multiplier:.4g}, sample rate {sample_rate:.4g}) would bring it "
-                        f"to {after:.4g}, over its budget of {budget_epsilon:g}; see `privseg "
-                        f"budget {self.path}`"
-                    )
-                self._insert(con, site, run_id, unit, release, accountant, delta, note)
-                if budget_epsilon is not None:  # the ledger keeps the smallest budget ever set
-                    con.execute(
-                        "INSERT OR REPLACE INTO meta VALUES ('budget_epsilon', ?)",
-                        (repr(budget_epsilon),),
-                    )
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._write() as con:
+            rows = [
+                self._valid(dict(zip(_COLUMNS, r, strict=True)))
+                for r in con.execute(
+                    f"SELECT {', '.join(_COLUMNS)} FROM releases WHERE site = ? ORDER BY id",
+                    (site,),
+                )
+            ]
+            units = {r["unit"] for r in rows}
+            if units - {unit}:
+                raise ConfigError(
+                    f"site {site!r} refuses a {unit}-level release: its ledger {self.path} "
+                    f"holds {', '.join(sorted(units))}-level releases, and epsilons of "
+                    "different privacy units do not compose; keep privacy.unit = "
+                    f"{sorted(units)[0]!r} on this data"
+                )
+            history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows]
+            after = accounting.epsilon([*history, release], delta=delta, accountant=accountant)
+            con.execute(_META)
+            held = con.execute("SELECT value FROM meta WHERE key = 'budget_epsilon'").fetchone()
+            budgets = [float(b) for b in (budget_epsilon, held and held[0]) if b is not None]
+            budget_epsilon = min(budgets) if budgets else None
+            if budget_epsilon is not None and after > budget_epsilon:
+                spent = accounting.epsilon(history, delta=delta, accountant=accountant)
+                raise PrivacyBudgetExceeded(
+                    f"site {site!r} refuses to train: it has spent epsilon {spent:.4g} "
+                    f"(delta={delta:g}, {accountant}) and the planned {steps} steps (noise "
+                    f"{noise_multiplier:.4g}, sample rate {sample_rate:.4g}) would bring it "
+                    f"to {after:.4g}, over its budget of {budget_epsilon:g}; see `privseg "
+                    f"budget {self.path}`"
+                )
+            self._insert(con, site, run_id, unit, release, accountant, delta, note)
+            if budget_epsilon is not None:  # the ledger keeps the smallest budget ever set
+                con.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('budget_epsilon', ?)",
+                    (repr(budget_epsilon),),
+                )
         return after
 
     @staticmethod
@@ -293,23 +292,17 @@ class PrivacyLedger:
 
     def bind(self, key: str, site: str) -> None:
         """Tie this ledger to one site's data; a ledger of other data is refused."""
-        with self._connect() as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.execute(_META)
-                known = dict(con.execute("SELECT key, value FROM meta").fetchall())
-                if known.get("data_key", key) != key or known.get("site", site) != site:
-                    raise DataError(
-                        f"privacy ledger {self.path} belongs to site {known.get('site')!r} of "
-                        f"other data (key {known.get('data_key', '')[:16]}), not to site "
-                        f"{site!r} of this data (key {key[:16]}); refusing to mix them"
-                    )
-                con.execute("INSERT OR IGNORE INTO meta VALUES ('data_key', ?)", (key,))
-                con.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self._write() as con:
+            con.execute(_META)
+            known = dict(con.execute("SELECT key, value FROM meta").fetchall())
+            if known.get("data_key", key) != key or known.get("site", site) != site:
+                raise DataError(
+                    f"privacy ledger {self.path} belongs to site {known.get('site')!r} of "
+                    f"other data (key {known.get('data_key', '')[:16]}), not to site "
+                    f"{site!r} of this data (key {key[:16]}); refusing to mix them"
+                )
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('data_key', ?)", (key,))
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
 
     def meta(self) -> dict[str, str]:
         """What the ledger is tied to (``data_key``, ``site``) and holds (``budget_epsilon``)."""
