@@ -555,3 +555,18 @@ def test_an_update_far_outside_the_others_is_rejected(tmp_path: Path) -> None:
     strategy.aggregate_train(1, _replies(strategy, grid, {**ups, "d": 50 * torch.ones(2, 3)}))
     assert sorted(strategy.last_train.contributors) == ["a", "b", "c"]
     assert "site d" in strategy.last_train.failed[0] and "median" in strategy.last_train.failed[0]
+
+
+def test_a_site_that_stops_answering_is_logged_and_counted_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class SilentC(FakeGrid):
+        def answer(self, msg: Message) -> Message | None:
+            return None if self.sites[msg.metadata.dst_node_id] == "c" else super().answer(msg)
+
+    cfg = small_cfg(rounds=1, round_timeout=0.3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    with caplog.at_level("WARNING"):
+        summary = run_server(SilentC(["a", "b", "c"], tmp_path), s)
+    assert summary["history"][0]["failed"] == 1 and summary["history"][0]["sites"] == ["a", "b"]
+    assert "no reply within federated.round_timeout = 0.3 s" in caplog.text

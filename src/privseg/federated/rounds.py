@@ -195,8 +195,10 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
             new_arrays, _ = secure_train(grid, strategy, rnd, arrays, train_ins, fed, send=send)
         else:
+            train_ins = list(train_ins)
             replies = send(grid, train_ins, timeout=fed.round_timeout)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            strategy.last_train.failed.extend(_timed_out(train_ins, replies, fed.round_timeout))
         report = strategy.last_train
         if score_incoming and previous is not None:
             _set_val(previous, {k: v.get(M.VAL_DICE, math.nan) for k, v in report.sites.items()})
@@ -314,3 +316,13 @@ def _finite(arrays: ArrayRecord) -> bool:
         for a in (np.asarray(v.numpy()) for v in arrays.values())
         if a.dtype.kind == "f"
     )
+
+
+def _timed_out(sent: list[Message], replies: list[Message], timeout: float) -> list[str]:
+    """One 'failed' entry per node that did not answer within the round's timeout."""
+    answered = {m.metadata.src_node_id for m in replies}
+    return [
+        f"node {m.metadata.dst_node_id}: no reply within federated.round_timeout = {timeout:g} s"
+        for m in sent
+        if m.metadata.dst_node_id not in answered
+    ]
