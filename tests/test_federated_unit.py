@@ -517,7 +517,7 @@ def test_the_server_rejects_an_update_without_dp_in_a_dp_run(tmp_path: Path) -> 
 
 
 # ---- issue 15: validate before aggregating ------------------------------------------------------
-def _replies(strategy, grid, updates: dict[str, torch.Tensor]) -> list[Message]:
+def _site_updates(strategy, grid, updates: dict[str, torch.Tensor]) -> list[Message]:
     base = state()
     arrays = M.pack_record(base, None)
     ins = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
@@ -539,7 +539,7 @@ def test_a_non_finite_update_is_rejected_and_named(tmp_path: Path) -> None:
     grid = FakeGrid(["a", "b", "c"], tmp_path)
     nan = torch.full((2, 3), float("nan"))
     new, _ = strategy.aggregate_train(
-        1, _replies(strategy, grid, {"a": torch.ones(2, 3), "b": nan, "c": torch.ones(2, 3)})
+        1, _site_updates(strategy, grid, {"a": torch.ones(2, 3), "b": nan, "c": torch.ones(2, 3)})
     )
     assert strategy.last_train.contributors == ["a", "c"]
     assert (
@@ -552,7 +552,7 @@ def test_an_update_far_outside_the_others_is_rejected(tmp_path: Path) -> None:
     strategy = make_strategy(small_cfg())
     grid = FakeGrid(["a", "b", "c", "d"], tmp_path)
     ups = {"a": torch.ones(2, 3), "b": 1.2 * torch.ones(2, 3), "c": 0.9 * torch.ones(2, 3)}
-    strategy.aggregate_train(1, _replies(strategy, grid, {**ups, "d": 50 * torch.ones(2, 3)}))
+    strategy.aggregate_train(1, _site_updates(strategy, grid, {**ups, "d": 50 * torch.ones(2, 3)}))
     assert sorted(strategy.last_train.contributors) == ["a", "b", "c"]
     assert "site d" in strategy.last_train.failed[0] and "median" in strategy.last_train.failed[0]
 
