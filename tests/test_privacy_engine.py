@@ -52,7 +52,12 @@ def site(tmp_path: Path, units=None, *, batch=4, steps=100, **kw) -> SitePrivacy
     c = cfg(**kw)
     plan = DPPlan.build(c, n_units=count_units(units), batch_size=batch, steps=steps, site="a")
     return SitePrivacy(
-        c, plan, site="a", units=units, ledger=PrivacyLedger(tmp_path / "a.sqlite"), run_id="run1"
+        c,
+        plan,
+        site="a",
+        units=units,
+        ledgers={"a": PrivacyLedger(tmp_path / "a.sqlite")},
+        run_id="run1",
     )
 
 

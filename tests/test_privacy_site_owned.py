@@ -43,8 +43,7 @@ def site(tmp_path: Path, c: Config, run_id: str, steps: int = 50):
         c,
         Units(),
         site="a",
-        ledger_path=tmp_path / "a.sqlite",
-        data_key="k" * 64,
+        ledgers={"a": (tmp_path / "a.sqlite", "k" * 64)},
         planned_steps=steps,
         run_id=run_id,
     )
@@ -271,7 +270,9 @@ def test_an_independent_accountant_recomputes_the_reported_epsilon(tmp_path: Pat
     assert reported == pytest.approx(pld.get_epsilon(1e-5), rel=0.01)
 
 
-def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(small_cache: Path) -> None:
+def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(
+    small_cache: Path, tmp_path: Path
+) -> None:
     """Finding 6: epsilon 1, 3 and 8 on the same patients compose to more than 8 (8.97 here,
     PRV; the plain sum 12 is an upper bound)."""
     from privseg.data.cache import SliceCache
@@ -279,7 +280,11 @@ def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(small_cac
     from privseg.runs.study import grid
 
     base = Config.from_dict(
-        {"data": {"resolution": 32, "sites": 2}, "study": {"epsilons": [1.0, 3.0, 8.0]}}
+        {
+            "data": {"resolution": 32, "sites": 2},
+            "privacy": {"ledger_dir": str(tmp_path)},  # nothing spent yet on this data
+            "study": {"epsilons": [1.0, 3.0, 8.0]},
+        }
     )
     cache = SliceCache.open(small_cache)
     todo = [(s.key, s.config(base)) for s in grid(base)]
@@ -289,3 +294,21 @@ def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(small_cac
     todo = [(s.key, s.config(tight)) for s in grid(tight)]
     with pytest.raises(PrivacyBudgetExceeded, match="would overspend site .* nothing was run"):
         plan_grid(tight, cache, todo)
+
+
+def test_central_training_records_its_release_in_every_sites_ledger(
+    small_cache: Path, tmp_path: Path
+) -> None:
+    """Pooled data is every site's patients: the release counts where each one is accounted."""
+    from privseg.data.cache import SliceCache, SliceSplit
+    from privseg.training.trainer import CENTRAL, make_site_privacy, site_ledger
+
+    c = cfg(ledger_dir=str(tmp_path)).replace(**{"data.resolution": 32, "data.sites": 2})
+    cache = SliceCache.open(small_cache)
+    pooled = SliceSplit.concat([cache.split(s, "train") for s in cache.sites])
+    sp = make_site_privacy(c, cache, site=CENTRAL, train=pooled, planned_steps=5, run_id="c1")
+    sp.reserve(5)
+    for s in cache.sites:
+        ledger = PrivacyLedger(site_ledger(c, cache, s)[0])
+        assert ledger.steps(s) == 5 and ledger.releases(s)[0]["run_id"] == "c1"
+        assert sp.summary(s)["epsilon"] == pytest.approx(ledger.epsilon(site=s, **RDP))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class SitePrivacy:
-    """DP-SGD for one site: Poisson sampler, DP gradient, ledger and budget, all from one plan."""
+    """DP-SGD for one site: Poisson sampler, DP gradient, ledger and budget, all from one plan.
+
+    ``ledgers`` maps each site whose data the training touches to that data's ledger: one for
+    a site, every site's for central training on pooled data (each patient's release is
+    recorded where that patient's data is accounted).
+    """
 
     def __init__(
         self,
@@ -38,7 +44,7 @@ class SitePrivacy:
         *,
         site: str,
         units: np.ndarray,
-        ledger: PrivacyLedger,
+        ledgers: Mapping[str, PrivacyLedger],
         run_id: str | None = None,
     ) -> None:
         self.cfg = cfg
@@ -46,7 +52,8 @@ class SitePrivacy:
         self.site = site
         self.run_id = run_id or ""
         self.units = np.asarray(units)
-        self.ledger = ledger
+        self.ledgers = dict(ledgers)
+        self.data_site, self.ledger = next(iter(self.ledgers.items()))
         self.reserved = 0  # steps this run has reserved through this object
         self.sampler = PoissonUnitSampler(self.units, sample_rate=plan.sample_rate)
         self.gradient = DPGradient(
@@ -121,49 +128,56 @@ class SitePrivacy:
                 f"(sigma {self.noise_multiplier:.4g}) for {self.plan.steps} steps and has run "
                 f"{self.reserved}; more rounds or local steps than planned would pass its target"
             )
-        self.ledger.reserve(
-            site=self.site,
-            run_id=run_id if run_id is not None else self.run_id,
-            unit=self.plan.unit,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=int(steps),
-            accountant=self.plan.accountant,
-            delta=self.plan.delta,
-            budget_epsilon=self.cfg.budget_epsilon,
-            note=f"n_units={self.plan.n_units} C={self.plan.max_grad_norm:g}",
-        )
+        for name, ledger in self.ledgers.items():  # central: each site's data, same release
+            ledger.reserve(
+                site=name,
+                run_id=run_id if run_id is not None else self.run_id,
+                unit=self.plan.unit,
+                noise_multiplier=self.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=int(steps),
+                accountant=self.plan.accountant,
+                delta=self.plan.delta,
+                budget_epsilon=self.cfg.budget_epsilon,
+                note=f"by {self.site} n_units={self.plan.n_units} C={self.plan.max_grad_norm:g}",
+            )
         self.reserved += int(steps)
 
     # ---- reporting -----------------------------------------------------------------------
-    def epsilon(self) -> float:
-        """Cumulative epsilon of this site's data over every recorded release (all runs)."""
-        return self.ledger.epsilon(
-            delta=self.plan.delta, accountant=self.plan.accountant, site=self.site
+    def epsilon(self, site: str | None = None) -> float:
+        """Cumulative epsilon of a site's data over every recorded release (all runs); of the
+        worst site's when the training touches several."""
+        names = [site] if site is not None else list(self.ledgers)
+        return max(
+            self.ledgers[n].epsilon(delta=self.plan.delta, accountant=self.plan.accountant, site=n)
+            for n in names
         )
 
     def run_epsilon(self) -> float:
         """Epsilon of this run's own releases, taken alone (what ``target_epsilon`` bounds)."""
-        history = self.ledger.history(self.site, run_id=self.run_id)
+        history = self.ledger.history(self.data_site, run_id=self.run_id)
         return accounting.epsilon(history, delta=self.plan.delta, accountant=self.plan.accountant)
 
-    def summary(self) -> dict[str, Any]:
-        """The privacy fields of a results.json site entry: the total epsilon is recomputable
-        from ``releases`` (every release ever recorded on this site's data) alone."""
+    def summary(self, site: str | None = None) -> dict[str, Any]:
+        """The privacy fields of a results.json site entry (``site``'s data; default the
+        first): the total epsilon is recomputable from ``releases`` (every release ever
+        recorded on that data) alone."""
+        name = site or self.data_site
+        ledger = self.ledgers[name]
         return {
-            "epsilon": self.epsilon(),
+            "epsilon": self.epsilon(name),
             "epsilon_run": self.run_epsilon(),
             "delta": self.plan.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "steps": self.ledger.steps(self.site),
+            "steps": ledger.steps(name),
             "clip_norm": self.plan.max_grad_norm,
             "accountant": self.plan.accountant,
             "unit": self.plan.unit,
             "budget_epsilon": self.cfg.budget_epsilon,
             "expected_batch_size": self.expected_batch_size,
-            "ledger": str(self.ledger.path),
-            "releases": self.ledger.releases(self.site),
+            "ledger": str(ledger.path),
+            "releases": ledger.releases(name),
         }
 
 
@@ -172,44 +186,50 @@ def open_site_privacy(
     train: Any,
     *,
     site: str,
-    ledger_path: Path,
-    data_key: str,
+    ledgers: Mapping[str, tuple[Path, str]],
     planned_steps: int,
     run_id: str,
 ) -> SitePrivacy:
-    """The site's DP-SGD for one run on its data's ledger, calibrated once for the run.
+    """The DP-SGD of one run on its data's ledgers (``{data site: (path, data key)}``),
+    calibrated once for the run.
 
-    A resumed run (rows of ``run_id`` already in the ledger) calibrates only its remaining
-    steps, with its earlier releases counting toward ``target_epsilon``; every release on the
-    data counts toward ``budget_epsilon``.
+    A resumed run (rows of ``run_id`` already recorded) calibrates only its remaining steps,
+    its earlier releases counting toward ``target_epsilon``; every release on each site's data
+    counts toward that site's ``budget_epsilon`` (the strictest site sets the noise).
     """
-    ledger = PrivacyLedger(ledger_path)
-    ledger.bind(data_key, site)
-    held = ledger.budget()  # a run's config may lower the site's lifetime budget, never raise it
-    if held is not None and (cfg.privacy.budget_epsilon or math.inf) > held:
-        cfg = cfg.replace(**{"privacy.budget_epsilon": held})
-    spent = ledger.history(site)
-    mine = ledger.history(site, run_id=run_id)
+    opened: dict[str, PrivacyLedger] = {}
+    for name, (path, key) in ledgers.items():
+        opened[name] = PrivacyLedger(path)
+        opened[name].bind(key, name)
+    held = [b for b in (led.budget() for led in opened.values()) if b is not None]
+    if held and (cfg.privacy.budget_epsilon or math.inf) > min(held):
+        # a run's config may lower a site's lifetime budget, never raise it
+        cfg = cfg.replace(**{"privacy.budget_epsilon": min(held)})
+    first, ledger = next(iter(opened.items()))
+    mine = ledger.history(first, run_id=run_id)
     remaining = planned_steps - sum(n for _, _, n in mine)
     if remaining <= 0:
         raise PrivacyBudgetExceeded(
             f"site {site!r} refuses: run {run_id} already recorded its {planned_steps} planned "
             f"steps in {ledger.path}"
         )
-    plan = DPPlan.for_split(
-        cfg,
-        train,
-        federated=False,
-        site=site,
-        steps=remaining,
-        run_history=mine,
-        spent_history=spent,
-    )
+    plans = [
+        DPPlan.for_split(
+            cfg,
+            train,
+            federated=False,
+            site=name,
+            steps=remaining,
+            run_history=mine,
+            spent_history=led.history(name),
+        )
+        for name, led in opened.items()
+    ]
     return SitePrivacy(
         cfg.privacy,
-        plan,
+        max(plans, key=lambda p: p.noise_multiplier),
         site=site,
         units=unit_ids(train, cfg.privacy.unit),
-        ledger=ledger,
+        ledgers=opened,
         run_id=run_id,
     )

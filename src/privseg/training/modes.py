@@ -18,7 +18,7 @@ from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
-from privseg.training.trainer import SiteTrainer, make_site_privacy
+from privseg.training.trainer import CENTRAL, SiteTrainer, make_site_privacy
 
 
 def site_steps(cfg: Config, train: Any) -> int:
@@ -94,17 +94,19 @@ def run_central(
     vals = {s: cache.split(s, "val") for s in cache.sites}
     trainer, history, per_epoch = train_site(
         cfg,
-        name="central",
+        name=CENTRAL,
         train=train,
         val_splits=vals,
         cache=cache,
         run_id=run_id,
         progress=progress,
     )
-    privacy = trainer.privacy_summary()
     sites = [
         SiteResult.from_test(
-            s, len(cache.split(s, "train")), trainer.evaluate(None, cache.split(s, "test")), privacy
+            s,
+            len(cache.split(s, "train")),
+            trainer.evaluate(None, cache.split(s, "test")),
+            trainer.privacy_summary(s),  # each site's data has its own ledger
         )
         for s in cache.sites
     ]

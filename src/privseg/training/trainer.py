@@ -69,8 +69,9 @@ class SiteTrainer:
         """Training slices at this site (the FedAvg weight)."""
         return len(self.train_split)
 
-    def privacy_summary(self) -> dict[str, Any] | None:
-        return self.privacy.summary() if self.privacy is not None else None
+    def privacy_summary(self, site: str | None = None) -> dict[str, Any] | None:
+        """The privacy fields of ``site``'s data (default: this trainer's own)."""
+        return self.privacy.summary(site) if self.privacy is not None else None
 
     # ---- training --------------------------------------------------------------------------
     def fit(
@@ -207,6 +208,7 @@ def build_site_trainer(
 
 
 SPLITS = ("train", "val", "test")
+CENTRAL = "central"  # the trainer of pooled data: its releases go to every site's ledger
 
 
 def site_ledger(cfg: Config, cache: Any, site: str) -> tuple[Path, str]:
@@ -214,15 +216,11 @@ def site_ledger(cfg: Config, cache: Any, site: str) -> tuple[Path, str]:
 
     It belongs to the data, not to a run: by default the folder ``<cache>.ledgers`` beside the
     prepared cache (it survives a rebuild or removal of the cache), or ``privacy.ledger_dir``;
-    one file per site and data key (the task and the site's patients). ``site = "central"``
-    is the pooled data of every site (central training).
+    one file per site and data key (the task and the site's patients).
     """
     from privseg.privacy.ledger import data_key, ledger_file, ledger_folder
 
-    sites = list(cache.sites) if site == "central" else [site]
-    patients = [
-        f"{s}/{p}" for s in sites for split in SPLITS for p in cache.split(s, split).patient_ids
-    ]
+    patients = [p for split in SPLITS for p in cache.split(site, split).patient_ids]
     key = data_key(str(cache.manifest.get("task", "")), site, patients)
     folder = Path(cfg.privacy.ledger_dir) if cfg.privacy.ledger_dir else ledger_folder(cache.root)
     return ledger_file(folder, site, key), key
@@ -234,13 +232,12 @@ def make_site_privacy(
     """The site's DP-SGD engine on its data's ledger, noise calibrated once for the run."""
     from privseg.privacy.engine import open_site_privacy  # Opacus loads only for DP runs
 
-    path, key = site_ledger(cfg, cache, site)
+    touched = list(cache.sites) if site == CENTRAL else [site]  # central pools every site
     return open_site_privacy(
         cfg,
         train,
         site=site,
-        ledger_path=path,
-        data_key=key,
+        ledgers={s: site_ledger(cfg, cache, s) for s in touched},
         planned_steps=planned_steps,
         run_id=run_id,
     )
