@@ -59,6 +59,11 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
+def own_ledgers(cfg: Config, out: Path) -> Config:
+    """Each measured run on fresh ledgers: every run then pays the same accounting."""
+    return cfg.replace(**{"privacy.ledger_dir": str(out / "ledgers")})
+
+
 def plain(cfg: Config, cache: Path, out: Path) -> list[dict]:
     """The same rounds with no engine: fit every site, average, validate every site.
 
@@ -68,14 +73,10 @@ def plain(cfg: Config, cache: Path, out: Path) -> list[dict]:
     accounting.clear_cache()
     fed = cfg.federated
     sites = SliceCache.open(cache).sites
+    cfg = own_ledgers(cfg, out)
     trainers = [
         build_site_trainer(
-            cfg,
-            cache,
-            s,
-            ledger_path=out / f"{s}.sqlite",
-            planned_steps=fed.rounds * fed.local_steps,
-            run_id="plain",
+            cfg, cache, s, planned_steps=fed.rounds * fed.local_steps, run_id="plain"
         )
         for s in sites
     ]
@@ -234,7 +235,10 @@ def main() -> None:
             rows = {"plain": summary("plain", plain(cfg, Path(cache), root / f"plain{i}"))}
             if not args.skip_simulation:
                 sim = run_federated(
-                    cfg, cache_dir=Path(cache), out_dir=root / f"sim{i}", run_id="bench"
+                    own_ledgers(cfg, root / f"sim{i}"),
+                    cache_dir=Path(cache),
+                    out_dir=root / f"sim{i}",
+                    run_id=f"bench{i}",
                 )
                 rows["simulation"] = summary("simulation", sim.history)
                 pairs.append(rows["simulation"]["steady"] / rows["plain"]["steady"] - 1.0)

@@ -142,7 +142,9 @@ def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = Non
 
 
 def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
+    from privseg.data.cache import SliceCache
     from privseg.privacy.ledger import PrivacyLedger
+    from privseg.training.trainer import site_ledger
 
     cfg = _config()
     t0 = time.perf_counter()
@@ -154,10 +156,12 @@ def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
     assert [h["round"] for h in results["history"]] == [1, 2]
     assert sorted(s["name"] for s in results["sites"]) == SITES
     assert results["history"][-1]["sites"] == SITES
-    for site in results["sites"]:  # per-site epsilon is what the site's own ledger says
-        ledger = PrivacyLedger(tmp_path / site["name"] / "ledgers" / f"{site['name']}.sqlite")
+    data = SliceCache.open(cache)
+    for site in results["sites"]:  # per-site epsilon is what the ledger of its data says
+        ledger = PrivacyLedger(site_ledger(cfg, data, site["name"])[0])  # beside the data
         eps = ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
-        assert site["epsilon"] == pytest.approx(eps)
+        assert site["epsilon"] == pytest.approx(eps) and eps > 0
+        assert len(site["releases"]) == len(ledger.releases(site["name"]))  # sent at the end
         assert site["patients"] == []  # per-patient results stayed at the site
         report = json.loads(
             (tmp_path / site["name"] / "sites" / f"{site['name']}.json").read_text()

@@ -320,9 +320,9 @@ def _finite(arrays: ArrayRecord) -> bool:
 
 def _timed_out(sent: list[Message], replies: list[Message], timeout: float) -> list[str]:
     """One 'failed' entry per node that did not answer within the round's timeout."""
-    answered = {m.metadata.src_node_id for m in replies}
+    answered = {m.metadata.reply_to_message_id for m in replies}  # errors included
     return [
         f"node {m.metadata.dst_node_id}: no reply within federated.round_timeout = {timeout:g} s"
         for m in sent
-        if m.metadata.dst_node_id not in answered
+        if m.metadata.message_id not in answered
     ]
