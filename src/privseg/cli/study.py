@@ -41,15 +41,22 @@ def run(
             preset="quick" if quick else "full",
         )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
-    for col in ("setting", "Dice", "epsilon (max site)", "s / round or epoch"):
+    for col in (
+        "setting",
+        "Dice",
+        "ε this run (max site)",
+        "ε data total so far",
+        "s / round or epoch",
+    ):
         table.add_column(col)
     for r in study["runs"]:
-        eps = r.get("epsilon_max")
+        run_eps, total = r.get("epsilon_run_max"), r.get("epsilon_max")
         secs = r.get("seconds_per_round") or r.get("seconds_per_epoch")
         table.add_row(
             r["label"],
             f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
-            "–" if eps is None else f"{eps:.2f}",
+            "–" if run_eps is None else f"{run_eps:.2f}",
+            "–" if total is None else f"{total:.2f}",
             f"{secs:.2f}" if secs else "–",
         )
     console.print(table)
