@@ -49,8 +49,9 @@ def test_central_training_beats_untrained_and_writes_run_folder(phantom_cache, t
     untrained = _untrained_dice(cfg, phantom_cache.split(site, "test"))
     assert results["dice_mean"] > untrained + 0.2, (results["dice_mean"], untrained)
     assert results["dice_mean"] > 0.5
-    for name in ("config.toml", "results.json", "checkpoint.pt", "learning_curve.png"):
+    for name in ("config.toml", "results.json", "checkpoint.pt", "learning_curve.png", "run.log"):
         assert (out / name).is_file(), name
+    assert f"central run into {out}" in (out / "run.log").read_text()
     saved = json.loads((out / "results.json").read_text())
     assert saved["mode"] == "central" and saved["dp"] is False
     assert [s["name"] for s in saved["sites"]] == phantom_cache.sites
@@ -65,6 +66,21 @@ def test_central_training_beats_untrained_and_writes_run_folder(phantom_cache, t
     model, loaded_cfg, _ = load_checkpoint(out / "checkpoint.pt")
     assert loaded_cfg.model == cfg.model
     assert Config.load(out / "config.toml") == cfg
+
+
+def test_a_rejected_resume_leaves_the_run_folder_as_it_was(phantom_cache, tmp_path):
+    """A resume refused for another model once replaced the run's config.toml first."""
+    from privseg.errors import CheckpointError
+    from privseg.run_folder import RunFolder
+
+    out = tmp_path / "fed"
+    RunFolder(out).claim("run", inputs=[phantom_cache.root])
+    (out / "config.toml").write_text("# the run's own config\n")
+    other = _cfg(phantom_cache, **{"model.name": "monet"})
+    torch.save({"config": other.to_toml(), "round": 1}, out / "federated_state.pt")
+    with pytest.raises(CheckpointError, match="another model"):
+        train(_cfg(phantom_cache), data=phantom_cache.root, out=out, mode="federated", resume=True)
+    assert (out / "config.toml").read_text() == "# the run's own config\n"
 
 
 def test_dp_local_training_records_privacy_and_still_learns(phantom_cache, tmp_path):

@@ -47,6 +47,11 @@ class RunFolder:
         """A local-only site's own model."""
         return self.root / "checkpoints" / f"{site}.pt"
 
+    @property
+    def log(self) -> Path:
+        """privseg's log messages of the run (info and up)."""
+        return self.root / "run.log"
+
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
 

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privseg.config import Config
 from privseg.federated.rounds import ServerSettings, run_server
+from privseg.federated.state import load_state
 from privseg.results import PRIVACY_KEYS, RunResult, SiteResult
 from privseg.run_folder import RunFolder
 
@@ -108,6 +109,8 @@ def main(grid: Grid, context: Context) -> None:
     settings = ServerSettings.from_run_config(dict(context.run_config))
     folder = RunFolder(settings.out_dir)
     started = time.perf_counter()
+    if settings.resume:  # refuse an incompatible resume before the run's config is replaced
+        load_state(settings.out_dir, settings.cfg)
     folder.write_config(settings.cfg)
     summary = run_server(grid, settings)
     result = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)

@@ -6,11 +6,13 @@ data, and writes the folder; the modes themselves know nothing of each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +21,7 @@ import torch
 from privseg import __version__
 from privseg.config import Config
 from privseg.data.prepare import resolve_cache
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder
@@ -44,18 +46,26 @@ def train(
     """Train in ``mode`` and write the run folder ``out``; return its results dictionary."""
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
+    if resume and mode != "federated":
+        raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
+    if resume:  # refuse an incompatible resume before anything in the folder is replaced
+        from privseg.federated.state import load_state
+
+        load_state(folder.root, cfg)
     apply_threads(cfg)
-    cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
-    folder.write_config(cfg)
-    run_id = uuid.uuid4().hex
-    started = time.perf_counter()
-    if mode == "central":
-        result = run_central(cfg, cache, folder, progress, run_id=run_id)
-    elif mode == "local":
-        result = run_local(cfg, cache, folder, progress, run_id=run_id)
-    else:
-        result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
+    with run_log(folder):
+        cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
+        folder.write_config(cfg)
+        run_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        log.info("privseg %s: %s run into %s", __version__, mode, folder.root)
+        if mode == "central":
+            result = run_central(cfg, cache, folder, progress, run_id=run_id)
+        elif mode == "local":
+            result = run_local(cfg, cache, folder, progress, run_id=run_id)
+        else:
+            result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
     result.wall_seconds = time.perf_counter() - started
     result.provenance.update(
         {
@@ -87,6 +97,25 @@ def _run_federated(
         resume=resume,
         progress=on_round,
     )
+
+
+@contextlib.contextmanager
+def run_log(folder: RunFolder) -> Iterator[None]:
+    """privseg's log messages (info and up) also go to the run folder's ``run.log``."""
+    handler = logging.FileHandler(folder.log, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("privseg")
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def apply_threads(cfg: Config) -> None:
