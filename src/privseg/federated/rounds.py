@@ -216,7 +216,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
                 f"round {rnd}: only {len(report.contributors)} site(s) trained "
                 f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
                 f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
-                f"{len(report.failed)}. Stopped after round {rnd - 1}; the last global model is "
+                f"{len(report.failed)} ({'; '.join(report.failed) or 'none'}). Stopped after "
+                f"round {rnd - 1}; the last global model is "
                 f"in {RunFolder(s.out_dir).federated_state}"
             )
             raise FederationError(message)
