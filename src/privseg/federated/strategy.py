@@ -32,9 +32,10 @@ class TrainRound:
 
     @property
     def epsilon_max(self) -> float:
-        """The largest cumulative epsilon over every site that answered (never an average)."""
-        eps = [m[M.EPSILON] for m in self.sites.values() if not math.isnan(m.get(M.EPSILON, 0))]
-        return max(eps) if eps else 0.0
+        """The largest cumulative epsilon over every site that answered (never an average;
+        NaN when none reported one: a missing epsilon is never 0)."""
+        eps = [e for m in self.sites.values() if not math.isnan(e := m.get(M.EPSILON, math.nan))]
+        return max(eps) if eps else math.nan
 
     def train_loss(self, weighted: bool) -> float:
         rows = [self.sites[s] for s in self.contributors]

@@ -95,10 +95,6 @@ class SitePrivacy:
     def expected_batch_size(self) -> int:
         return self.plan.expected_batch_size
 
-    @property
-    def planned_steps(self) -> int:
-        return self.plan.steps
-
     # ---- training ------------------------------------------------------------------------
     def sample_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """(slice indices, unit group 0..k-1 per slice) of one Poisson batch; may be empty."""

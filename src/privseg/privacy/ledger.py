@@ -174,28 +174,23 @@ class PrivacyLedger:
                 raise
 
     # ---- writes -------------------------------------------------------------------------
-    def record(
-        self,
-        *,
-        site: str,
-        run_id: str,
-        unit: str,
-        noise_multiplier: float,
-        sample_rate: float,
-        steps: int,
-        accountant: str,
-        delta: float,
-        note: str = "",
-    ) -> int:
-        """Append one release without checks and return its id; durable when this returns.
-        Training goes through :meth:`reserve` (unit and budget checked in the same transaction)."""
-        if steps < 0:
-            raise ValueError(f"steps = {steps} is invalid: must be >= 0")
-        release = (float(noise_multiplier), float(sample_rate), int(steps))
-        with self._write() as con:
-            return self._insert(con, site, run_id, unit, release, accountant, delta, note)
+    def record(self, **release: Any) -> int:
+        """Append one release with no budget and return its row id (unit checked, durable when
+        this returns): the same path as :meth:`reserve`, which training uses."""
+        return self._reserve(budget_epsilon=None, **release)[0]
 
-    def reserve(
+    def reserve(self, *, budget_epsilon: float | None, **release: Any) -> float:
+        """Check and record one release in ONE write transaction; return the composed epsilon.
+
+        Refuses (nothing written) a release whose unit differs from the site's earlier ones
+        (epsilons of different units do not compose) and one whose composition with every
+        earlier release would pass ``budget_epsilon`` (or the smaller budget the ledger holds).
+        Concurrent reservations serialise on the SQLite write lock (``BEGIN IMMEDIATE``), so
+        they cannot both pass the check.
+        """
+        return self._reserve(budget_epsilon=budget_epsilon, **release)[1]
+
+    def _reserve(
         self,
         *,
         site: str,
@@ -208,14 +203,8 @@ class PrivacyLedger:
         delta: float,
         budget_epsilon: float | None,
         note: str = "",
-    ) -> float:
-        """Check and record one release in ONE write transaction; return the composed epsilon.
-
-        Refuses (nothing written) a release whose unit differs from the site's earlier ones
-        (epsilons of different units do not compose) and one whose composition with every
-        earlier release would pass ``budget_epsilon``. Concurrent reservations serialise on the
-        SQLite write lock (``BEGIN IMMEDIATE``), so they cannot both pass the check.
-        """
+    ) -> tuple[int, float]:
+        """(row id, composed epsilon) of one checked release: see :meth:`reserve`."""
         if steps <= 0:
             raise ValueError(f"steps = {steps} is invalid: must be > 0")
         if unit not in UNITS:
@@ -252,13 +241,13 @@ class PrivacyLedger:
                     f"to {after:.4g}, over its budget of {budget_epsilon:g}; see `privseg "
                     f"budget {self.path}`"
                 )
-            self._insert(con, site, run_id, unit, release, accountant, delta, note)
+            rowid = self._insert(con, site, run_id, unit, release, accountant, delta, note)
             if budget_epsilon is not None:  # the ledger keeps the smallest budget ever set
                 con.execute(
                     "INSERT OR REPLACE INTO meta VALUES ('budget_epsilon', ?)",
                     (repr(budget_epsilon),),
                 )
-        return after
+        return rowid, after
 
     @staticmethod
     def _insert(

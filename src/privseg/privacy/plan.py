@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -150,7 +150,7 @@ class DPPlan:
         budget_bound = False
         if cfg.budget_epsilon is not None:
             sigma, budget_bound = _within_budget(
-                cfg, site, float(sigma), sample_rate, steps, list(spent_history), accounting
+                cfg, site, float(sigma), sample_rate, steps, list(spent_history)
             )
         return cls(
             noise_multiplier=float(sigma),
@@ -202,9 +202,6 @@ class DPPlan:
             accountant=self.accountant,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _within_budget(
     cfg: PrivacyConfig,
@@ -213,10 +210,11 @@ def _within_budget(
     sample_rate: float,
     steps: int,
     spent: list[Release],
-    accounting: Any,
 ) -> tuple[float, bool]:
     """``sigma``, or the larger noise that keeps the site's lifetime epsilon within its budget;
     ``(sigma, raised)``. Raises PrivacyBudgetExceeded when nothing useful remains."""
+    from privseg.privacy import accounting
+
     budget = float(cfg.budget_epsilon)  # type: ignore[arg-type]
     after = accounting.epsilon(
         [*spent, (sigma, sample_rate, steps)], delta=cfg.delta, accountant=cfg.accountant
