@@ -185,7 +185,7 @@ def test_a_site_dies_mid_run(tmp_path: Path, cache: Path) -> None:
 
 def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) -> None:
     from privseg.errors import FederationError
-    from privseg.federated.deployment import join
+    from privseg.federated.site import join
 
     certs = make_certs(tmp_path / "certs", ["site-0"])
     t0 = time.monotonic()
@@ -206,8 +206,8 @@ def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) 
 
 def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
     from privseg.errors import FederationError
-    from privseg.federated.deployment import join
     from privseg.federated.processes import Processes, flower_bin, flower_env, wait_for_port
+    from privseg.federated.site import join
 
     good = make_certs(tmp_path / "good", ["site-0"])
     other = make_certs(tmp_path / "other", ["site-0"])  # another CA: the site cannot trust it

@@ -403,14 +403,14 @@ def test_aggregating_packed_equals_aggregating_per_tensor(tmp_path: Path, strate
             replies = [
                 Message(
                     M.site_reply(
-                        f"s{i}",
+                        f"s{msg.metadata.dst_node_id}",  # a node keeps its site's name
                         {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 1.0, M.EPSILON: 0.5},
                         M.TRAIN_KEYS,
                         M.pack_record(st, lay),
                     ),
                     reply_to=msg,
                 )
-                for i, (msg, (st, n)) in enumerate(zip(ins, sites, strict=True))
+                for msg, (st, n) in zip(ins, sites, strict=True)
             ]
             arrays, _ = strat.aggregate_train(rnd, replies)
             if packed:

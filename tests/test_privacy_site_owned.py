@@ -160,7 +160,7 @@ def test_the_site_floor_is_only_ever_stricter() -> None:
 
 
 def test_a_deployed_site_needs_its_own_budget(tmp_path: Path) -> None:
-    from privseg.federated.deployment import site_policy
+    from privseg.federated.site import site_policy
 
     with pytest.raises(ConfigError, match="--budget"):
         site_policy(tmp_path, None, None)

@@ -1,7 +1,8 @@
 """Claiming outputs: privseg never destroys what it did not write (issue 15).
 
-Every command that writes a folder (``data synth``, ``data prepare``, ``train``, ``run``) claims
-it here first, and ``predict`` claims its mask file here. The rules, in one place:
+Every command that writes a folder (``data synth``, ``data prepare``, ``train``, ``run``,
+``server``, ``site``, ``attack``, ``audit``) claims it here first, and ``predict`` claims its
+mask file here. The rules, in one place:
 
 * A folder privseg writes holds a marker file ``.privseg`` (JSON: signature, kind, version and
   the top-level entries privseg owns there). A non-empty folder without the marker is refused
@@ -45,6 +46,8 @@ KINDS = {
     "cache": "slice cache",
     "run": "run folder",
     "study": "study folder",
+    "site": "site folder",
+    "attack": "attack folder",
 }
 # Kinds whose folder is rebuilt and replaced: they may not even contain an input. Run and study
 # folders only gain files, so a study may read the cache it prepared inside itself.
@@ -74,6 +77,15 @@ class OutputFolder:
                 f"(not listed in {self.root / MARKER}); refusing. Move them away or choose "
                 "another folder"
             )
+
+    def own(self, names: Iterable[str]) -> None:
+        """Entries about to be written in place (not through :meth:`build`): refused when one
+        exists that privseg does not own; else listed in the marker before they are written."""
+        names = set(names)
+        self.check_free(names)
+        if not names <= self.owns:
+            self.owns |= names
+            _write_marker(self.root, self.kind, self.owns)
 
     @contextlib.contextmanager
     def build(self, anchor: str) -> Iterator[Path]:
@@ -182,8 +194,9 @@ def hold_folder(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (
     return claim
 
 
-OVERWRITABLE = ("task", "cache")
-"""Kinds whose commands take --overwrite (data synth, data prepare); runs need a new folder."""
+OVERWRITABLE = ("task", "cache", "attack")
+"""Kinds whose commands take --overwrite (data synth, data prepare, attack, audit); runs, sites
+and studies need a new folder."""
 
 
 def _check_owner(root: Path, kind: str, overwrite: bool) -> dict[str, Any] | None:

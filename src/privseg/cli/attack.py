@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from privseg.cli.common import SetOption, console, user_errors
+from privseg.cli.common import OverwriteOption, SetOption, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +37,7 @@ def attack(
     ),
     overrides: list[str] | None = SetOption,
     output: str = typer.Option("table", "--format", help="table | json"),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
     from privseg.cli.common import progress_bar
@@ -55,6 +56,7 @@ def attack(
             epsilon=epsilon,
             overrides=[*(overrides or []), *([f"attack.round={round_}"] if round_ else [])],
             progress=progress,
+            overwrite=overwrite,
         )
     if output == "json":
         console.print_json(json.dumps({k: v for k, v in res.items() if k != "targets"}))
@@ -124,11 +126,19 @@ def audit(
     candidates: int | None = typer.Option(None, "--candidates", help="K candidates per game."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Audit DP-SGD at this epsilon."),
     output: str = typer.Option("table", "--format", help="table | json"),
+    overwrite: bool = OverwriteOption,
 ) -> None:
     """Empirical K-way identification game against one DP-SGD release; write audit.json."""
     from privseg.runs.attack import run_audit
 
-    res = run_audit(run_dir, site=site, trials=trials, candidates=candidates, epsilon=epsilon)
+    res = run_audit(
+        run_dir,
+        site=site,
+        trials=trials,
+        candidates=candidates,
+        epsilon=epsilon,
+        overwrite=overwrite,
+    )
     if output == "json":
         console.print_json(json.dumps(res))
         return

@@ -86,7 +86,7 @@ def site(
     ),
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
-    from privseg.federated.deployment import join
+    from privseg.federated.site import join
 
     if insecure:
         err_console.print(

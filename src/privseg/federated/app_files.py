@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.federated.identity import SiteNodes, dumps_site_nodes
 from privseg.io import atomic_write_text
 
 CONNECTION = "privseg"
@@ -37,6 +38,7 @@ run-id = ""
 out-dir = ""
 resume = false
 expected-sites = 0
+site-nodes = ""
 """
 
 
@@ -58,9 +60,20 @@ def write_flower_home(home: Path, address: str, ca: Path | None) -> None:
 
 
 def write_app(
-    folder: Path, cfg: Config, *, run_id: str, out: Path, resume: bool, expected_sites: int = 0
+    folder: Path,
+    cfg: Config,
+    *,
+    run_id: str,
+    out: Path,
+    resume: bool,
+    expected_sites: int = 0,
+    site_nodes: SiteNodes | None = None,
 ) -> Path:
-    """The Flower App folder and its run-config file; returns the run-config path."""
+    """The Flower App folder and its run-config file; returns the run-config path.
+
+    ``site_nodes``: node id -> site, from the server's key registrations (the ServerApp checks
+    every reply's site against it).
+    """
     atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
     run_config = folder.parent / "run-config.toml"
     atomic_write_text(
@@ -72,6 +85,7 @@ def write_app(
                 f"out-dir = {toml_str(str(out.resolve()))}\n",
                 f"resume = {'true' if resume else 'false'}\n",
                 f"expected-sites = {int(expected_sites)}\n",
+                f"site-nodes = {toml_str(dumps_site_nodes(site_nodes) if site_nodes else '')}\n",
             ]
         ),
     )

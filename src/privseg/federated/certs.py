@@ -60,6 +60,22 @@ class CertFiles:
         return {p.stem: p for p in sorted(folder.glob("*.pub"))} if folder.is_dir() else {}
 
 
+def check_distinct_keys(keys: dict[str, Path]) -> None:
+    """Refuse two site names for one public key: a key must stand for one site only."""
+    seen: dict[bytes, str] = {}
+    for site, path in keys.items():
+        try:
+            material = b" ".join(path.read_bytes().split()[:2])  # type and key, not the comment
+        except OSError as exc:
+            raise FederationError(f"cannot read {path}: {exc.strerror}") from exc
+        other = seen.setdefault(material, site)
+        if other != site:
+            raise FederationError(
+                f"{keys[other]} and {path} hold the same public key: one key may stand for "
+                "one site only; remove one"
+            )
+
+
 def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 

@@ -1,7 +1,18 @@
-"""Local processes and ports: Flower's executables in their own process groups, stopped by id."""
+"""Local processes and ports: Flower's executables in their own process groups, stopped by id.
+
+A process started here belongs to the ``privseg`` process that started it and never outlives
+it: on Linux the kernel sends it SIGTERM when that parent dies, even by SIGKILL
+(``PR_SET_PDEATHSIG``), and privseg's own long-lived processes (the site worker, the SuperNode
+wrapper) also watch their parent (:func:`exit_with_parent`). Each writes a pid file (pid,
+argv, start time) beside its log, so a process left over by an older crash is found and
+stopped at the next start (:func:`stop_stale`) -- only when ``/proc`` shows that very process
+(same argv and start time) and it is one of privseg's (:func:`is_ours`).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import logging
 import os
 import random
@@ -12,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -88,9 +100,10 @@ class Processes:
                 env=env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - only prctl, getppid
             )
         self.procs[name] = (proc, log_file)
-        atomic_write_text(log_file.with_suffix(".pid"), f"{proc.pid}\n")  # for manual cleanup
+        write_pid_file(log_file.with_suffix(".pid"), proc.pid, argv)
         log.info("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         return proc
 
@@ -143,3 +156,123 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
         except OSError:
             time.sleep(0.3)
     return False
+
+
+# ---- owning child processes ----------------------------------------------------------------
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl() -> Any:
+    """libc's ``prctl`` (None off Linux), looked up before a fork, not in the child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies (Linux), and exits at
+    once if ``parent`` is already gone by the time the child runs."""
+    prctl = _prctl()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died between fork and prctl
+            os._exit(1)
+
+    return preexec
+
+
+def exit_with_parent(parent: int, *, grace: float = 10.0, every: float = 0.5) -> None:
+    """Watch ``parent`` from a daemon thread: once it is gone (the process was re-parented),
+    SIGTERM this process (its own clean exit), and ``os._exit`` after ``grace`` seconds if
+    that did not end it. The portable twin of :func:`die_with_parent`."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        log.warning("parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _proc_start(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, ``/proc/PID/stat`` field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return None if fields[0] == "Z" else int(fields[19])  # a zombie is gone
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _proc_argv(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def write_pid_file(path: Path, pid: int, argv: list[str]) -> None:
+    """What :func:`stop_stale` needs to recognise the process later: pid, argv, start time."""
+    record = {"pid": pid, "argv": [str(a) for a in argv], "started": _proc_start(pid)}
+    atomic_write_text(path, json.dumps(record) + "\n")
+
+
+OUR_PROGRAMS = ("flower-superlink", "flower-supernode")
+OUR_MODULES = ("privseg.federated.worker",)
+
+
+def is_ours(argv: list[str]) -> bool:
+    """Whether a command line is one privseg starts (a Flower service, or privseg's worker)."""
+    if not argv:
+        return False
+    program = Path(argv[0]).name
+    module = argv[2] if len(argv) > 2 and argv[1] == "-m" else None
+    return program in OUR_PROGRAMS or module in OUR_MODULES
+
+
+def stop_stale(path: Path, timeout: float = 10.0) -> int | None:
+    """Stop the process ``path`` (a pid file of :func:`write_pid_file`) names, if it is a
+    live process privseg started: same argv and start time in ``/proc``, and :func:`is_ours`.
+    Returns its pid when one was stopped; anything else (no file, a dead or reused pid, an
+    unreadable file, another program) is left alone."""
+    try:
+        record = json.loads(path.read_text())
+        pid, argv, started = int(record["pid"]), list(record["argv"]), record["started"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if started is None or pid <= 1 or pid == os.getpid():
+        return None
+    actual = _proc_argv(pid) or []
+    same = actual == argv or actual[1:] == argv  # [1:]: a script run by its #! interpreter
+    if _proc_start(pid) != started or not same or not is_ours(argv):
+        return None
+    log.warning("stopping pid %d, left over by an earlier run: %s", pid, " ".join(argv))
+    group = pid if _pgid(pid) == pid else None  # started as its own group's leader
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(group, sig)
+            else:
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _proc_start(pid) == started:
+            time.sleep(0.1)
+        if _proc_start(pid) != started:
+            return pid
+    return pid
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

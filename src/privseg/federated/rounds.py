@@ -25,6 +25,7 @@ from privseg.config import Config
 from privseg.errors import FederationError
 from privseg.federated import messages as M
 from privseg.federated.flower_compat import Backoff
+from privseg.federated.identity import SiteIdentity, SiteNodes, loads_site_nodes
 from privseg.federated.secagg import secure_train
 from privseg.federated.state import (
     initial_state,
@@ -59,6 +60,7 @@ class ServerSettings:
     node_wait: float | None = None  # seconds to wait for min_sites (default: round_timeout)
     expected_sites: int = 0  # before the first round, wait (node_wait) for this many sites
     poll: tuple[float, float, float] = POLL  # send_and_receive's (lo, hi, factor)
+    site_nodes: SiteNodes | None = None  # node id -> site, from the server's key registrations
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
@@ -71,6 +73,7 @@ class ServerSettings:
                 run_id=str(run_config[M.CFG_RUN_ID]),
                 resume=bool(run_config.get("resume", False)),
                 expected_sites=int(run_config.get("expected-sites", 0)),
+                site_nodes=loads_site_nodes(str(run_config.get("site-nodes", ""))),
             )
         except KeyError as exc:
             raise FederationError(f"the run config lacks {exc.args[0]!r}") from None
@@ -147,7 +150,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     cfg, fed = s.cfg, s.cfg.federated
     send = functools.partial(send_and_receive, poll=s.poll)
     s.out_dir.mkdir(parents=True, exist_ok=True)
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, SiteIdentity(s.site_nodes))
     saved = load_state(s.out_dir, cfg) if s.resume else None
     # The weights travel packed (one array per message, see M.pack); the layout goes with them.
     if saved is not None:
@@ -185,7 +188,10 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         n_train.update(old.get("n_train_sites", {}))
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
-        wait_for_sites(grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0)
+        nodes = wait_for_sites(
+            grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0
+        )
+        strategy.identity.keep_connected(nodes)
         # the sites score the previous round's global model on val before they train
         # (no separate evaluate exchange); only the last round has its own evaluate phase
         previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
@@ -287,7 +293,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         if s.progress is not None:
             s.progress(entry)
     # Final: the last global model on every site's test split, evaluated at the site.
-    wait_for_sites(grid, fed.min_sites, wait)
+    strategy.identity.keep_connected(wait_for_sites(grid, fed.min_sites, wait))
     strategy.aggregate_evaluate(
         fed.rounds + 1,
         send(

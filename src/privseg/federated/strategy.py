@@ -7,6 +7,7 @@ subclasses keep each site's metrics, report the MAX epsilon, skip sites that dec
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from privseg.config import Config
 from privseg.federated import messages as M
+from privseg.federated.identity import SiteIdentity
 from privseg.results import nanmean
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +33,7 @@ class TrainRound:
     contributors: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    refused: int = 0  # replies whose claimed site is not the node's (see identity.py)
 
     @property
     def epsilon_max(self) -> float:
@@ -58,6 +63,7 @@ class SiteAggregation(Strategy):
 
     weighted: bool = True
     dp: bool = False  # a DP run: an update without a positive epsilon is rejected
+    identity: SiteIdentity  # which node is which site (its registered key, see identity.py)
     last_train: TrainRound
     last_evaluate: dict[str, dict[str, float]]
     last_releases: dict[str, list[dict[str, Any]]]  # DP sites' release lists (final test)
@@ -77,6 +83,11 @@ class SiteAggregation(Strategy):
                 report.failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
                 continue
             site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
+            refused = self.identity.problem(msg.metadata.src_node_id, site)
+            if refused:
+                report.failed.append(refused)
+                report.refused += 1
+                continue
             no_weights = not secure and not msg.content.array_records
             if metrics.get(M.DECLINED, 0.0) >= 1.0 or no_weights:
                 report.sites[site] = metrics
@@ -178,6 +189,12 @@ class SiteAggregation(Strategy):
         """
         report, _ = self._sort_replies(replies, secure=True)
         report.failed.extend(failed)
+        if report.refused and mean is not None:  # the masked sum holds the refused updates too
+            report.failed.append(
+                "the secure sum includes the update of a node whose site identity was refused; "
+                "the sum is discarded"
+            )
+            mean = None
         if mean is None:  # nobody's update reached a model
             report.contributors = []
         self.last_train = report
@@ -198,6 +215,10 @@ class SiteAggregation(Strategy):
         for msg in replies:
             if not msg.has_error():
                 site = M.reply_site(msg.content)
+                refused = self.identity.problem(msg.metadata.src_node_id, site)
+                if refused:  # never a row of the results
+                    log.warning("round %d: evaluation reply refused: %s", server_round, refused)
+                    continue
                 per_site[site] = M.reply_metrics(msg.content)
                 releases = M.reply_releases(msg.content)
                 if releases is not None:
@@ -225,8 +246,9 @@ class SiteFedAdam(SiteAggregation, FedAdam):
     """FedAdam (Reddi et al. 2021): Adam on the averaged update at the server."""
 
 
-def make_strategy(cfg: Config) -> SiteAggregation:
-    """The strategy named by ``cfg.federated.strategy``."""
+def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggregation:
+    """The strategy named by ``cfg.federated.strategy``; ``identity`` checks which node is
+    which site (default: no registrations, first come holds a name)."""
     fed = cfg.federated
     common: dict[str, Any] = dict(
         fraction_train=1.0,
@@ -250,6 +272,7 @@ def make_strategy(cfg: Config) -> SiteAggregation:
     strategy.weighted = fed.weighted
     strategy.dp = cfg.privacy.enabled
     strategy.last_releases = {}
+    strategy.identity = identity or SiteIdentity()
     strategy.last_train = TrainRound()
     strategy.last_evaluate = {}
     return strategy

@@ -22,11 +22,11 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
 from privseg.federated import flower_compat as fc
+from privseg.federated.processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,6 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Stop when the ``privseg site`` process that started us is gone (even if killed)."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def serve(
     runtime_api: str, *, poll: tuple[float, float] = TASK_POLL, max_tasks: int | None = None
 ) -> None:
@@ -101,7 +90,7 @@ def serve(
 
     fc.fast_object_pulls()
     signal.signal(signal.SIGTERM, _interrupt)
-    _exit_with_parent(os.getppid())
+    exit_with_parent(os.getppid())  # `privseg site` is gone, even if killed: stop
     log.info("ClientApp worker polling the SuperNode at %s", runtime_api)
     client, done, backoff = fc.runtime_client(runtime_api, None), 0, fc.Backoff(*poll)
     try:
@@ -145,6 +134,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "supernode":
+        exit_with_parent(os.getppid())  # the SuperNode never outlives `privseg site`
         fc.supernode_main(sys.argv[2:])
     else:
         main()

@@ -7,12 +7,15 @@ the study's attack of every setting.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from privseg.attack.runner import (
+    GRID_PNG,
     attack_setting,
     attacked_model,
     audit_setting,
@@ -24,6 +27,7 @@ from privseg.data.cache import SliceCache, SliceSplit
 from privseg.errors import DataError
 from privseg.io import write_json
 from privseg.models.checkpoint import load_checkpoint
+from privseg.output import claimed_folder
 from privseg.progress import Progress
 from privseg.run_folder import RunFolder
 from privseg.typed_config import apply_override
@@ -42,6 +46,19 @@ def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any
     if site not in cache.sites:
         raise DataError(f"site {site!r} is not in {cache_dir}; sites: {', '.join(cache.sites)}")
     return model, cfg, results, cache.split(site, "train")
+
+
+@contextmanager
+def _attack_folder(
+    run_dir: Path, results: dict[str, Any], names: Iterable[str], *, overwrite: bool
+) -> Iterator[Path]:
+    """``RUN_DIR/attack``, claimed for writing ``names`` (refused when it is a folder privseg
+    did not create, unless ``overwrite``; even then none of its own files is replaced)."""
+    inputs = [Path(results["cache_dir"])] if results.get("cache_dir") else []
+    folder = RunFolder(run_dir).attack
+    with claimed_folder(folder, "attack", inputs=inputs, overwrite=overwrite) as claim:
+        claim.own(names)
+        yield folder
 
 
 def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
@@ -64,6 +81,7 @@ def run_attack(
     epsilon: float | None = None,
     overrides: list[str] | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
 
@@ -95,19 +113,21 @@ def run_attack(
             site_row=_site_row(results, site),
             federated=results.get("mode") == "federated",
         )
-    result = run_attack_on_model(
-        model,
-        split.images,
-        split.labels,
-        cfg=cfg,
-        dp=dp,
-        patients=split.patient,
-        out_dir=RunFolder(run_dir).attack,
-        progress=progress,
-        meta={"site": site, "weights": weights},
-        relative_to=Path(run_dir),
-    )
-    return result
+    with _attack_folder(
+        run_dir, results, ["attack.json", GRID_PNG], overwrite=overwrite
+    ) as out_dir:
+        return run_attack_on_model(
+            model,
+            split.images,
+            split.labels,
+            cfg=cfg,
+            dp=dp,
+            patients=split.patient,
+            out_dir=out_dir,
+            progress=progress,
+            meta={"site": site, "weights": weights},
+            relative_to=Path(run_dir),
+        )
 
 
 def run_audit(
@@ -117,6 +137,7 @@ def run_audit(
     trials: int | None = None,
     candidates: int | None = None,
     epsilon: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """The K-way identification audit on ``site``; writes ``RUN_DIR/attack/audit.json``.
 
@@ -135,9 +156,10 @@ def run_audit(
             site_row=row,
             federated=results.get("mode") == "federated",
         )
-    result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
-    result.update({"site": site, "weights": weights})
-    write_json(RunFolder(run_dir).attack / "audit.json", result)
+    with _attack_folder(run_dir, results, ["audit.json"], overwrite=overwrite) as out_dir:
+        result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
+        result.update({"site": site, "weights": weights})
+        write_json(out_dir / "audit.json", result)
     return result
 
 
