@@ -20,7 +20,7 @@ import pytest
 from conftest import e2e_config
 from privseg.config import Config
 from privseg.federated.certs import make_certs
-from privseg.federated.processes import free_port
+from privseg.federated.processes import free_port, stop_stale
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ class Cluster:
         for name in list(self.procs):
             self.stop(name)
         for pid_file in self.root.rglob("logs/*.pid"):  # children a CLI process left behind
-            _killpg(int(pid_file.read_text()), signal.SIGKILL)
+            stop_stale(pid_file)
 
 
 def _killpg(pid: int, sig: int) -> None:
