@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,37 @@ def test_cli_user_errors_exit_2(run_dir: Path, tmp_path: Path) -> None:
     assert out.exit_code == 2 and "attack.threat" in out.output
     out = runner.invoke(app, ["audit", str(tmp_path / "missing"), "--site", "a"])
     assert out.exit_code == 2
+
+
+def test_the_attack_folder_is_claimed_like_every_output(run_dir: Path, tmp_path: Path) -> None:
+    """RUN/attack is refused when privseg did not create it (--overwrite adds files next to the
+    user's and never replaces one), and one writer at a time holds it."""
+    from privseg.cli.app import app
+    from privseg.output import MARKER, claim_folder, read_marker
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("attack"))
+    mine = run / "attack"
+    mine.mkdir()
+    (mine / "attack.json").write_text("the user's")
+    runner = CliRunner()
+    attack = ["attack", str(run), "--site", "site-0", "--iterations", "2", "--targets", "1"]
+    out = runner.invoke(app, attack)
+    assert out.exit_code == 2 and "privseg did not create it" in out.output
+    out = runner.invoke(app, [*attack, "--overwrite"])
+    assert out.exit_code == 2 and "would replace attack.json" in out.output
+    assert (mine / "attack.json").read_text() == "the user's" and not (mine / MARKER).exists()
+    (mine / "attack.json").rename(mine / "notes.json")
+    out = runner.invoke(app, [*attack, "--overwrite"])
+    assert out.exit_code == 0, out.output
+    assert (mine / "notes.json").read_text() == "the user's"
+    assert set(read_marker(mine)["owns"]) == {"attack.json", "attack.png"}
+    audit = ["audit", str(run), "--site", "site-0", "--trials", "4", "--epsilon", "8"]
+    assert runner.invoke(app, audit).exit_code == 0  # privseg's folder now: no --overwrite
+    assert set(read_marker(mine)["owns"]) == {"attack.json", "attack.png", "audit.json"}
+    held = claim_folder(mine, "attack")  # another privseg process writing it
+    try:
+        out = runner.invoke(app, audit)
+        assert out.exit_code == 2 and "another privseg process" in out.output
+    finally:
+        held.release()

@@ -69,3 +69,21 @@ def test_site_without_data_is_a_user_error(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code == 2 and "not a prepared slice cache" in res.output
+
+
+def test_server_and_site_folders_are_claimed(tmp_path: Path, phantom_cache) -> None:
+    """A folder privseg did not create is refused before anything starts; nothing is added."""
+    files = make_certs(tmp_path / "certs", ["site-0", "site-1"])
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "draft.txt").write_text("mine")
+    server = ["server", "--out", str(foreign), "--certs", str(files.root)]
+    res = runner.invoke(app, server)
+    assert res.exit_code == 2 and "privseg did not create it" in res.output
+    site = ["site", "--data", str(phantom_cache.root), "--site", "site-0", "--budget", "5"]
+    site += ["--server", "127.0.0.1:1", "--certs", str(files.root)]
+    res = runner.invoke(app, [*site, "--out", str(foreign)])
+    assert res.exit_code == 2 and "privseg did not create it" in res.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["draft.txt"]
+    res = runner.invoke(app, [*site, "--out", str(phantom_cache.root)])  # an input
+    assert res.exit_code == 2 and "would replace the input" in res.output

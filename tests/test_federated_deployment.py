@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +21,13 @@ import pytest
 from conftest import e2e_config
 from privseg.config import Config
 from privseg.federated.certs import make_certs
-from privseg.federated.processes import free_port, stop_stale
+from privseg.federated.processes import _proc_start, free_port, stop_stale, write_pid_file
 
 pytestmark = pytest.mark.slow
 
 SITES = ["site-0", "site-1", "site-2"]
 CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
+WORKER = [sys.executable, "-m", "privseg.federated.worker", "--runtime-api", "127.0.0.1:1"]
 
 
 def _config(**fed: object) -> Config:
@@ -91,9 +93,22 @@ def _wait_rounds(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: flo
     raise AssertionError(f"{path} did not reach {n} rounds")
 
 
-def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = None) -> dict:
+def _federation(
+    tmp_path: Path,
+    cache: Path,
+    cfg: Config,
+    kill: str | None = None,
+    *,
+    registered: list[str] = SITES,
+    joining: dict[str, tuple[str, Path, Path]] | None = None,
+) -> dict:
+    """Run ``privseg server`` (``registered``: the site keys it registers) and one ``privseg
+    site`` per entry of ``joining`` (process name -> its --site, --certs and --data; default:
+    every registered site with the server's certificate folder and ``cache``)."""
     certs = tmp_path / "certs"
-    make_certs(certs, SITES)
+    if not certs.exists():  # a test may have made them itself
+        make_certs(certs, registered)
+    joining = joining or {site: (site, certs, cache) for site in registered}
     cfg_file = tmp_path / "cfg.toml"
     cfg_file.write_text(cfg.to_toml())
     port = free_port()
@@ -112,20 +127,20 @@ def _federation(tmp_path: Path, cache: Path, cfg: Config, kill: str | None = Non
             "--certs",
             str(certs),
         )
-        for site in SITES:
+        for name, (site, site_certs, data) in joining.items():
             cluster.start(
-                site,
+                name,
                 "site",
                 "--data",
-                str(cache),
+                str(data),
                 "--site",
                 site,
                 "--server",
                 f"127.0.0.1:{port}",
                 "--certs",
-                str(certs),
+                str(site_certs),
                 "--out",
-                str(tmp_path / site),
+                str(tmp_path / name),
                 "--timeout",
                 "120",
                 "--budget",
@@ -181,6 +196,97 @@ def test_a_site_dies_mid_run(tmp_path: Path, cache: Path) -> None:
         gone = next(s for s in results["sites"] if s["name"] == "site-2")
         assert not gone["completed"] and gone["epsilon"] > 0  # its spent budget still counts
         assert results["epsilon_max"] >= gone["epsilon"]
+
+
+def test_a_node_with_another_sites_key_is_refused(tmp_path: Path, cache: Path) -> None:
+    """Two authenticated nodes both call themselves site-0; one holds site-1's key. Its replies
+    are refused and logged at the server; the results hold site-0 once, with its own epsilon."""
+    from privseg.data.cache import SliceCache
+    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.training.trainer import site_ledger
+
+    cfg = _config(rounds=1, min_sites=1)
+    wrong = tmp_path / "wrong-certs"  # a hospital given the wrong key file under its own name
+    (wrong / "sites").mkdir(parents=True)
+    make_certs(tmp_path / "certs", ["site-0", "site-1"])
+    shutil.copy(tmp_path / "certs" / "ca.crt", wrong / "ca.crt")
+    shutil.copy(tmp_path / "certs" / "sites" / "site-1.key", wrong / "sites" / "site-0.key")
+    other = shutil.copytree(cache, tmp_path / "other-cache")  # its own data, its own ledger
+    results = _federation(
+        tmp_path,
+        cache,
+        cfg,
+        registered=["site-0", "site-1"],
+        joining={
+            "genuine": ("site-0", tmp_path / "certs", cache),
+            "impostor": ("site-0", wrong, other),
+        },
+    )
+    assert [s["name"] for s in results["sites"]] == ["site-0"]
+    assert results["history"][0]["sites"] == ["site-0"] and results["history"][0]["failed"] == 1
+    log = (tmp_path / "server.out").read_text()
+    assert "holds the key registered for site 'site-1' but its reply claims site 'site-0'" in log
+    ledger = PrivacyLedger(site_ledger(cfg, SliceCache.open(cache), "site-0")[0])
+    assert results["sites"][0]["epsilon"] == pytest.approx(
+        ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+    )
+
+
+def _live(pid: int) -> bool:
+    return _proc_start(pid) is not None  # a zombie has ended
+
+
+def _until(check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_privseg_site_owns_its_supernode_and_worker(tmp_path: Path, cache: Path) -> None:
+    """SIGKILL `privseg site`: its SuperNode and worker end within seconds. A restart stops
+    what an earlier crash left (verified as privseg's) and nothing else."""
+    certs = make_certs(tmp_path / "certs", ["site-0"]).root
+    out, logs = tmp_path / "site-0", tmp_path / "site-0" / "logs"
+    args = ["site", "--data", str(cache), "--site", "site-0", "--certs", str(certs)]
+    args += ["--server", f"127.0.0.1:{free_port()}", "--out", str(out), "--budget", "1000"]
+    cluster = Cluster(tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    leftover = None
+    try:
+        site = cluster.start("site", *args, "--timeout", "120")
+        children = {}
+
+        def started() -> bool:
+            for name in ("supernode", "worker"):
+                with contextlib.suppress(OSError, ValueError):
+                    children[name] = json.loads((logs / f"{name}.pid").read_text())["pid"]
+            return len(children) == 2 and all(_live(p) for p in children.values())
+
+        assert _until(started, 120), cluster.output("site")
+        site.kill()  # SIGKILL: privseg cannot clean up; the kernel and the watchdogs must
+        site.wait()
+        t0 = time.monotonic()
+        assert _until(lambda: not any(_live(p) for p in children.values()), 15), children
+        print(f"children gone {time.monotonic() - t0:.1f} s after SIGKILL")
+
+        # an older privseg's crash: its worker still runs; an unrelated pid is in the other file
+        leftover = subprocess.Popen(WORKER, start_new_session=True, stdin=subprocess.DEVNULL)
+        write_pid_file(logs / "worker.pid", leftover.pid, WORKER)
+        write_pid_file(logs / "supernode.pid", sleeper.pid, WORKER)  # the pid, reused
+        again = cluster.start("again", *args, "--timeout", "2")
+        assert again.wait(120) == 2  # the server is unreachable: a clear error, after the cleanup
+        assert f"stopped the worker (pid {leftover.pid})" in cluster.output("again")
+        assert leftover.wait(5) is not None
+        assert sleeper.poll() is None  # not privseg's: never touched
+    finally:
+        for proc in (sleeper, leftover):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+        cluster.stop_all()
 
 
 def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) -> None:
