@@ -9,6 +9,7 @@ then starts its own; they die with it (:mod:`privseg.federated.processes`).
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -191,6 +192,15 @@ def _serve_site(
         if key is not None and key.is_file():
             argv += ["--auth-supernode-private-key", str(key)]
         echo(f"site {site}: connecting to {server} ({'INSECURE' if insecure else 'TLS'})")
+
+        def fresh_report() -> bool:  # written by this run's final test evaluation
+            return report.is_file() and report.stat().st_mtime >= started
+
+        def finished() -> bool:
+            """The final evaluation is done and the server has gone: the SuperNode would only
+            retry for --timeout s more (Flower keeps a SuperNode for further runs)."""
+            return fresh_report() and not _reachable(server)
+
         give_up = time.monotonic() + timeout
         node_log = out / "logs" / "supernode.log"
         while True:
@@ -199,8 +209,8 @@ def _serve_site(
             # within the window, so sites may start before the server.
             offset = node_log.stat().st_size if node_log.exists() else 0
             node = procs.start("supernode", argv, env=env, log_file=node_log)
-            code = _wait_node(node, procs.procs.get("worker"))
-            if report.is_file() and report.stat().st_mtime >= started:
+            code = _wait_node(node, procs.procs.get("worker"), finished)
+            if fresh_report():
                 echo(f"site {site}: federation finished; local report in {report}")
                 return report
             with open(node_log, "rb") as fh:
@@ -231,15 +241,30 @@ def _serve_site(
         )
 
 
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at ``HOST:PORT`` (``[v6]:PORT`` too)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def _wait_node(
-    node: subprocess.Popen[bytes], worker: tuple[subprocess.Popen[bytes], Path] | None
-) -> int:
-    """The SuperNode's exit code; FederationError if the site worker dies first."""
+    node: subprocess.Popen[bytes],
+    worker: tuple[subprocess.Popen[bytes], Path] | None,
+    finished: Callable[[], bool],
+) -> int | None:
+    """The SuperNode's exit code, or None as soon as ``finished()``; FederationError if the
+    site worker dies first."""
     while True:
         try:
             return node.wait(1.0)
         except subprocess.TimeoutExpired:
             pass
+        if finished():
+            return None
         if worker is not None and worker[0].poll() is not None:
             text = worker[1].read_text(errors="replace") if worker[1].exists() else ""
             tail = "\n".join(text.strip().splitlines()[-15:])
