@@ -158,6 +158,8 @@ def deployment(cfg: Config, cache: Path, root: Path, worker: bool = True) -> lis
                         str(root / site),
                         "--timeout",
                         "120",
+                        "--budget",  # a deployed site trains only under its own budget
+                        "1000",
                         "--worker" if worker else "--no-worker",
                     ],
                     stdout=subprocess.DEVNULL,

@@ -174,7 +174,10 @@ def _prctl() -> Any:
 
 def die_with_parent(parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child gets SIGTERM when ``parent`` dies (Linux), and exits at
-    once if ``parent`` is already gone by the time the child runs."""
+    once if ``parent`` is already gone by the time the child runs.
+
+    The kernel ties the signal to the *thread* that forked: start children from a thread that
+    lives as long as they should (privseg starts them from the main thread)."""
     prctl = _prctl()
 
     def preexec() -> None:
