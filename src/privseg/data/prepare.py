@@ -220,7 +220,7 @@ def _build(
                 parts.append(part)
                 done += 1
                 if progress is not None:
-                    progress(f"slicing {site}/{split}", done, total)
+                    progress(f"slicing: {site}/{split}", done, total)
             if ids and not any(len(p["z"]) for p in parts):
                 raise DataError(
                     f"site {site!r} {split} split: its {len(ids)} patient(s) "

@@ -131,7 +131,8 @@ class SiteTrainer:
         lr = self.cfg.train.lr
         if self.cfg.train.lr_schedule == "cosine" and self.planned_steps:
             progress = min(self.steps_done / self.planned_steps, 1.0)
-            lr = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * progress))
+            low = self.cfg.train.lr_final
+            lr = low * lr + (1 - low) * lr * 0.5 * (1 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
