@@ -116,7 +116,7 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     lps[:3, 0] = row_cos * first.pixel_spacing[1]
     lps[:3, 1] = col_cos * first.pixel_spacing[0]
     lps[:3, 2] = step
-    lps[:3, 3] = first.position
+    lps[:3, 3] = slices[0].position  # the first slice along the normal
     hu = np.stack([_hu(s).T for s in slices], axis=-1)
     return hu, LPS_TO_RAS @ lps
 
