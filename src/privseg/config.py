@@ -53,6 +53,17 @@ class DataConfig:
             help="in-plane size in pixels (multiple of the model stride, 8)",
         ),
     )
+    spacing: float | None = field(
+        default=None,
+        metadata=rule(
+            ge=0.1,
+            le=50.0,
+            help=(
+                "in-plane pixel size in mm: resample each slice to it, then centre-crop or pad "
+                "to data.resolution; None = resize the whole slice to data.resolution"
+            ),
+        ),
+    )
     hu_window: list[float] = field(
         default_factory=lambda: [-150.0, 200.0],
         metadata=rule(help="HU window [low, high] mapped to [0, 1]"),

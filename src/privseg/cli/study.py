@@ -19,7 +19,12 @@ from privseg.cli.common import (
 
 @user_errors
 def run(
-    data: Path = typer.Option(..., "--data", "-d", help="MSD task folder or prepared cache."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Task folder (MSD, nnU-Net v2, DICOM series.csv) or prepared cache.",
+    ),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
     quick: bool = typer.Option(
         False, "--quick", help="Smoke test: a tiny grid (--preset quick; 2 min on 2 cores)."
