@@ -143,9 +143,11 @@ def main() -> None:
 
 
 def _digest(cfg: Config) -> str:
+    """Of what a centralised or local-only run depends on (not the federated section)."""
     import hashlib
 
-    return hashlib.sha256(cfg.to_toml().encode()).hexdigest()[:10]
+    raw = {k: v for k, v in cfg.to_dict().items() if k not in ("federated", "study")}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
 
 
 if __name__ == "__main__":

@@ -171,6 +171,12 @@ class TrainConfig:
         default=16,
         metadata=rule(ge=1, le=4096, help="(expected) batch size; with DP the Poisson mean"),
     )
+    chunk_slices: int = field(
+        default=32,
+        metadata=rule(
+            ge=1, le=4096, help="slices per forward pass; a larger batch accumulates gradients"
+        ),
+    )
     lr: float = field(default=2e-3, metadata=rule(gt=0.0, le=10.0))
     lr_schedule: LrSchedule = "cosine"
     lr_final: float = field(
