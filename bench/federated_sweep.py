@@ -42,7 +42,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     changes: dict[str, Any] = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        changes[key] = json.loads(value) if value[:1] in '0123456789-[{tf"' else value
+        try:
+            changes[key] = json.loads(value)  # numbers, booleans, lists
+        except json.JSONDecodeError:
+            changes[key] = value  # a plain string such as fedadam
     return name, changes
 
 
