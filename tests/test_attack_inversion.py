@@ -86,7 +86,8 @@ def test_t2_unroll_matches_the_site_update_exactly() -> None:
 
 def test_attacker_signature_takes_only_server_side_inputs() -> None:
     params = inspect.signature(reconstruct).parameters
-    assert list(params) == ["payload", "threat", "cfg", "mask", "generator"]
+    # on_iteration only reports progress (done, total): it receives nothing private
+    assert list(params) == ["payload", "threat", "cfg", "mask", "generator", "on_iteration"]
     assert params["mask"].kind is inspect.Parameter.KEYWORD_ONLY
     fields = set(ServerPayload.__dataclass_fields__)
     assert fields == {"model", "loss_fn", "update", "num_samples"}

@@ -114,3 +114,17 @@ def test_setup_logging_prints_privseg_records_and_leaves_other_loggers(
     assert "debug from privseg" in err and "another library" not in err
     setup_logging(verbose=False)
     assert len(root.handlers) == 1 and privseg_log_level.level == logging.INFO
+
+
+def test_a_finished_progress_bar_is_removed_and_the_next_run_gets_a_fresh_one():
+    from privseg.cli.common import progress_bar
+
+    with progress_bar(transient=True) as progress:
+        progress("federated: round 1/2", 1, 2)
+        progress("site-0: epoch 1/3", 1, 3)
+        assert len(progress.bar.tasks) == 2  # one bar per activity
+        progress("federated: round 2/2", 2, 2)
+        assert [t.description for t in progress.bar.tasks] == ["site-0: epoch 1/3"]
+        progress("federated: round 1/6", 1, 6)  # the DP run after the non-private one
+        fresh = [t for t in progress.bar.tasks if t.description.startswith("federated")]
+        assert len(fresh) == 1 and fresh[0].completed == 1 and fresh[0].total == 6

@@ -43,7 +43,8 @@ def test_file_then_overrides(tmp_path):
         ("privacy.enabled=maybe", ["privacy.enabled", "true or false"]),
         ("data.hu_window=[200, -150]", ["data.hu_window", "low < high"]),
         ("model.groups=3", ["model.groups", "divide"]),
-        ("study.epsilons=[]", ["study.epsilons", "non-empty"]),
+        ("study.epsilons=[]", ["study.epsilons", "privacy.noise_multiplier"]),
+        ("study.epsilons=[-1]", ["study.epsilons", "positive"]),
         ("data.val_fraction=0.8", ["val_fraction", "test_fraction", "< 1"]),
     ],
 )

@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -323,3 +324,120 @@ def test_fuzz_prepare_and_predict_fail_closed(tmp_path_factory: pytest.TempPathF
     elapsed = time.perf_counter() - started
     print(f"fuzz: {CASES} cases in {elapsed:.1f} s: {outcomes}")
     assert outcomes["ok"] > 10 and outcomes["refused"] > 100  # both paths were exercised
+
+
+# ---- nnU-Net v2 datasets (issue 17): the same promise for the nnU-Net reader ----------------
+NNUNET_CASES = 200
+
+
+def _nn_json(change: Callable[[dict, np.random.Generator], object], name: str) -> Mutation:
+    def mutate(root: Path, rng: np.random.Generator) -> None:
+        meta = json.loads((root / "dataset.json").read_text())
+        new = change(meta, rng)
+        (root / "dataset.json").write_text(json.dumps(meta if new is None else new))
+
+    mutate.__name__ = f"nnunet_json.{name}"
+    return mutate
+
+
+def _nn_image(root: Path, rng: np.random.Generator) -> Path:
+    images = sorted((root / "imagesTr").iterdir())
+    return images[int(rng.integers(len(images)))]
+
+
+def _nn_rename(suffix: str) -> Mutation:
+    def mutate(root: Path, rng: np.random.Generator) -> None:
+        image = _nn_image(root, rng)
+        image.rename(image.with_name(image.name.replace("_0000.nii.gz", suffix)))
+
+    mutate.__name__ = f"nnunet_rename{suffix}"
+    return mutate
+
+
+def _nn_extra(kind: str) -> Mutation:
+    def mutate(root: Path, rng: np.random.Generator) -> None:
+        image = _nn_image(root, rng)
+        if kind == "label":
+            shutil.copy(image, root / "labelsTr" / "stray.nii.gz")
+        else:
+            shutil.copy(image, image.with_name(image.name.replace("_0000", "_0001")))
+
+    mutate.__name__ = f"nnunet_extra.{kind}"
+    return mutate
+
+
+NNUNET_MUTATIONS: list[Mutation] = [
+    _nn_json(lambda m, r: m.update(numTraining=m["numTraining"] + 1), "numTraining+1"),
+    _nn_json(lambda m, r: m.update(numTraining="3"), "numTraining_str"),
+    _nn_json(lambda m, r: m.pop("numTraining"), "no_numTraining"),
+    _nn_json(lambda m, r: m.update(channel_names={"0": "CT", "1": "CT"}), "two_channels"),
+    _nn_json(lambda m, r: m.update(channel_names={"0": "T2"}), "mri"),
+    _nn_json(lambda m, r: m.update(channel_names=["CT"]), "channels_list"),
+    _nn_json(lambda m, r: m.update(labels={"background": 0, "liver": [1, 2]}), "region"),
+    _nn_json(lambda m, r: m.update(labels={"background": 0, "liver": 1.5}), "float_label"),
+    _nn_json(lambda m, r: m.update(labels={"liver": 1, "cancer": 2}), "no_background"),
+    _nn_json(lambda m, r: m.update(labels={"background": 0, "liver": 1}), "undeclared_2"),
+    _nn_json(lambda m, r: m.update(labels={"background": 0, "a": 1, "b": 1}), "same_value"),
+    _nn_json(lambda m, r: m.update(file_ending=".mha"), "mha"),
+    _nn_json(lambda m, r: m.update(file_ending=None), "ending_null"),
+    _nn_json(lambda m, r: m.update(regions_class_order=[1, 2]), "regions"),
+    _nn_json(lambda m, r: [m], "top_level_list"),
+    _nn_rename("_0001.nii.gz"),
+    _nn_rename(".nii.gz"),
+    _nn_rename("_0000.nii"),
+    _nn_extra("label"),
+    _nn_extra("channel"),
+    _file("delete"),
+    _file("truncate"),
+    _file("garbage"),
+    _file("flip_byte"),
+    _data(_voxel(np.nan), "nan"),
+    _data(_voxel(7), "seven"),
+    _data(lambda a, r: a[:, :, :1], "one_slice"),
+]
+
+
+def _nn_files(root: Path, rng: np.random.Generator) -> Path:
+    """An image or a label file of an nnU-Net dataset (for the shared file mutations)."""
+    folder = root / ("imagesTr" if rng.random() < 0.6 else "labelsTr")
+    files = sorted(folder.iterdir())
+    return files[int(rng.integers(len(files)))]
+
+
+# 200 cases: ~3 s on 2 cores (Nov 2026).
+def test_fuzz_prepare_of_nnunet_datasets_fails_closed(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from task_formats import to_nnunet
+
+    base = tmp_path_factory.mktemp("nnfuzz")
+    task = synth_task(base / "task", sites=1, patients_per_site=3, size=16, slices=4)
+    pristine = to_nnunet(task, base / "Dataset001_Fuzz")
+    # The shared file and data mutations pick MSD files through _files: point it at nnU-Net's.
+    monkeypatch.setattr(sys.modules[__name__], "_files", _nn_files)
+    rng = np.random.default_rng(17)
+    outcomes = {"ok": 0, "refused": 0}
+    for case in range(NNUNET_CASES):
+        root = tmp_path_factory.mktemp(f"nn{case}")
+        data = Path(shutil.copytree(pristine, root / "data"))
+        picked = [
+            NNUNET_MUTATIONS[int(i)]
+            for i in rng.integers(len(NNUNET_MUTATIONS), size=rng.integers(0, 3))
+        ]
+        what = f"case {case}: {[m.__name__ for m in picked]}"
+        for mutate in picked:
+            with contextlib.suppress(Exception):
+                mutate(data, rng)
+        out = root / "out" / "cache"
+        before = _snapshot(root, root / "out")
+        try:
+            prepare_cache(data, out, DataConfig(resolution=16, sites=1), seed=0)
+            outcomes["ok"] += 1
+        except PrivsegError as exc:
+            outcomes["refused"] += 1
+            assert str(exc) and not out.exists(), what
+        except Exception as exc:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{what}: traceback {type(exc).__name__}: {exc}")
+        assert _snapshot(root, root / "out") == before, f"{what}: wrote outside --out"
+    print(f"nnU-Net fuzz: {NNUNET_CASES} cases: {outcomes}")
+    assert outcomes["ok"] > 10 and outcomes["refused"] > 50

@@ -570,3 +570,17 @@ def test_a_site_that_stops_answering_is_logged_and_counted_failed(
         summary = run_server(SilentC(["a", "b", "c"], tmp_path), s)
     assert summary["history"][0]["failed"] == 1 and summary["history"][0]["sites"] == ["a", "b"]
     assert "no reply within federated.round_timeout = 0.3 s" in caplog.text
+
+
+def test_a_sites_error_is_reported_in_one_line_without_the_traceback():
+    from privseg.federated.strategy import short
+
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\n"
+        '  File "x.py", line 1, in f\n    raise DataError(...)\n'
+        "privseg.errors.DataError: cache: not a manifest\n\n"
+        "Exception ClientAppException occurred. Message: cache: not a manifest'>"
+    )
+    assert short(ray) == "cache: not a manifest"
+    assert short("plain reason") == "plain reason"
+    assert len(short("x" * 1000)) == 300

@@ -14,8 +14,10 @@ from privseg.report import figures
 from privseg.report.format import MISSING, fmt_pm
 from privseg.report.render import write_report
 from privseg.report.sections import SECTIONS
+from privseg.report.study_view import (
+    DID_NOT_LEARN_DICE,
+)
 from privseg.report.summary import attack_reconstructs, summarise
-from privseg.report.tables import DID_NOT_LEARN_DICE
 from privseg.results import SLICE_UNIT_NOTE
 
 PNG = b"\x89PNG\r\n\x1a\n"

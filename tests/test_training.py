@@ -164,3 +164,16 @@ def test_fit_reports_metrics_and_does_not_alias_weights(phantom_cache):
     key = next(iter(state))
     state[key].add_(1.0)
     assert not torch.equal(state[key], trainer.model.state_dict()[key])
+
+
+def test_a_batch_in_chunks_gives_the_same_gradient_as_one_pass(phantom_cache):
+    split = phantom_cache.split(phantom_cache.sites[0], "train")
+    grads, losses = [], []
+    for chunk in (16, 3):  # one pass over a batch of 8, or chunks of 3 + 3 + 2
+        cfg = _cfg(phantom_cache, **{"train.batch_size": 8, "train.chunk_slices": chunk})
+        trainer = SiteTrainer(cfg, name="a", train=split)
+        losses.append(trainer._gradient_step())  # the same seeded batch both times
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-7)

@@ -36,6 +36,7 @@ Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
+StudyCompute = Literal["equal", "as_configured"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
 
 
@@ -50,6 +51,17 @@ class DataConfig:
             le=1024,
             multiple_of=8,
             help="in-plane size in pixels (multiple of the model stride, 8)",
+        ),
+    )
+    spacing: float | None = field(
+        default=None,
+        metadata=rule(
+            ge=0.1,
+            le=50.0,
+            help=(
+                "in-plane pixel size in mm: resample each slice to it, then centre-crop or pad "
+                "to data.resolution; None = resize the whole slice to data.resolution"
+            ),
         ),
     )
     hu_window: list[float] = field(
@@ -141,14 +153,36 @@ class TrainConfig:
 
     epochs: int = field(
         default=6,
-        metadata=rule(ge=1, le=10_000, help="passes over the data (central and local modes)"),
+        metadata=rule(
+            ge=1,
+            le=10_000,
+            help="passes over the data (central and local modes); with `steps`, validations",
+        ),
+    )
+    steps: int = field(
+        default=0,
+        metadata=rule(
+            ge=0,
+            le=10_000_000,
+            help="optimizer steps (central and local modes); 0 = `epochs` passes over the data",
+        ),
     )
     batch_size: int = field(
         default=16,
         metadata=rule(ge=1, le=4096, help="(expected) batch size; with DP the Poisson mean"),
     )
+    chunk_slices: int = field(
+        default=32,
+        metadata=rule(
+            ge=1, le=4096, help="slices per forward pass; a larger batch accumulates gradients"
+        ),
+    )
     lr: float = field(default=2e-3, metadata=rule(gt=0.0, le=10.0))
     lr_schedule: LrSchedule = "cosine"
+    lr_final: float = field(
+        default=0.05,
+        metadata=rule(gt=0.0, le=1.0, help="the cosine schedule's last lr, as a fraction of lr"),
+    )
     weight_decay: float = field(default=0.0, metadata=rule(ge=0.0, le=1.0))
     threads: int = field(default=0, metadata=rule(ge=0, le=512, help="torch threads; 0 = all"))
 
@@ -282,12 +316,19 @@ class StudyConfig:
     settings: list[StudySetting] = field(
         default_factory=lambda: ["central", "local", "federated", "federated_dp", "attack"]
     )
+    compute: StudyCompute = field(
+        default="equal",
+        metadata=rule(
+            help="equal: central and local-only get the federated run's steps and slices per "
+            "site; as_configured: each mode's own [train] schedule"
+        ),
+    )
 
     def check(self) -> None:
-        if not self.epsilons or any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
+        if any(not (e > 0 and math.isfinite(e)) for e in self.epsilons):
             raise ConfigError(
-                f"study.epsilons = {self.epsilons!r} is invalid: expected a non-empty list of "
-                "positive, finite numbers"
+                f"study.epsilons = {self.epsilons!r} is invalid: expected a list of positive, "
+                "finite numbers (empty: one DP setting at privacy.noise_multiplier)"
             )
 
 
@@ -327,6 +368,13 @@ class Config:
             apply_override(raw, item)
         return cls.from_dict(raw)
 
+    def with_overrides(self, overrides: list[str]) -> Config:
+        """A validated copy with ``a.b=value`` overrides applied (``--set`` over a preset)."""
+        raw = self.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        return Config.from_dict(raw)
+
     def replace(self, **changes: Any) -> Config:
         """Return a validated copy with dotted-path changes, e.g. ``{"privacy.enabled": True}``."""
         raw = self.to_dict()
@@ -336,6 +384,12 @@ class Config:
 
     def validate(self) -> None:
         validate(self, prefix="")
+        if not self.study.epsilons and self.privacy.noise_multiplier is None:
+            raise ConfigError(
+                "study.epsilons = [] is invalid with privacy.noise_multiplier unset: the DP "
+                "setting then runs at the configured noise; set privacy.noise_multiplier or "
+                "list target epsilons"
+            )
 
     # ---- output -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ RUN_KEYS = (
     "seconds_per_epoch",
     "seconds_per_round",
     "wall_seconds",
+    "compute",
 )
 FEDERATION_KEYS = ("strategy", "rounds", "local_steps", "secure_aggregation")
 PROVENANCE_KEYS = ("privseg_version", "run_id", "cache_dir", "machine", "privacy_note")
@@ -93,7 +94,16 @@ STUDY_KEYS = (
     "audit",
     "threat_model",
     "privacy",
+    "compute_rule",
 )
+COMPUTE_RULES = {
+    "equal": (
+        "Equal compute: every setting takes rounds x local_steps sequential optimiser steps and "
+        "computes batch_size slice gradients per site and step (centralised: one pooled batch "
+        "of sites x batch_size)."
+    ),
+    "as_configured": "Each setting's own schedule: compute differs between settings.",
+}
 
 
 def nanmean(values: Iterable[float | None]) -> float:
@@ -188,6 +198,8 @@ class RunResult:
     seconds_per_epoch: float | None = None
     seconds_per_round: float | None = None
     wall_seconds: float = math.nan
+    # per site: sequential_steps, batch_size, slices_per_site (see privseg.runs.compute)
+    compute: dict[str, Any] | None = None
     federation: dict[str, Any] | None = None  # FEDERATION_KEYS, federated runs only
     provenance: dict[str, Any] = field(default_factory=dict)  # PROVENANCE_KEYS
 
@@ -256,6 +268,7 @@ class RunResult:
             "seconds_per_epoch": self.seconds_per_epoch,
             "seconds_per_round": self.seconds_per_round,
             "wall_seconds": self.wall_seconds,
+            "compute": self.compute,
         }
         if self.federation is not None:
             out.update({k: self.federation[k] for k in FEDERATION_KEYS})
@@ -308,6 +321,7 @@ class StudyResult:
             "audit": self.audit,
             "threat_model": self.attack[0].get("threat_model", {}) if self.attack else {},
             "privacy": self.privacy,
+            "compute_rule": COMPUTE_RULES[self.config["study"]["compute"]],
         }
 
     def write(self, path: Path) -> dict[str, Any]:

@@ -15,10 +15,8 @@ intensity scale is fixed by a public prior (:func:`anchor_scale`).
 Two sides live here and never share inputs: :func:`simulate_site_update` is the *victim*
 (it holds the private slices and returns only a :class:`ServerPayload`), :func:`reconstruct`
 is the *attacker* (it takes only the payload, the threat model and its own configuration; the
-label mask only in the worst-case ``mask="given"`` mode).
-
-What was tried, what inverts (MoNet at initialisation) and what resists (a trained MoNet, the
-U-Net), with the numbers: ``docs/ATTACK.md``.
+label mask only in the worst-case ``mask="given"`` mode). What inverts, what resists, with the
+numbers: ``docs/ATTACK.md``.
 """
 
 from __future__ import annotations
@@ -257,8 +255,11 @@ def reconstruct(
     *,
     mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    on_iteration: Callable[[int, int], None] = lambda done, total: None,
 ) -> Reconstruction:
     """Invert ``payload.update`` into ``threat.batch_size`` slices (Geiping et al. 2020).
+
+    ``on_iteration(done, total)`` is called after each optimisation step, over all restarts.
 
     Sees only server-side information. ``mask`` (the true label masks) is accepted only in the
     ``given`` mask mode, the stated worst case; in ``joint`` mode mask logits are optimised
@@ -280,9 +281,11 @@ def reconstruct(
     given = _as_batch(mask).float().to(target[0].device) if mask is not None else None
     best: Reconstruction | None = None
     losses = []
-    for _ in range(cfg.restarts):
+    total = cfg.restarts * cfg.iterations
+    for r in range(cfg.restarts):
+        tick = lambda i, r=r: on_iteration(r * cfg.iterations + i, total)  # noqa: E731
         rec = _one_restart(
-            model, params0, target, payload.loss_fn, threat, cfg, shape, given, generator
+            model, params0, target, payload.loss_fn, threat, cfg, shape, given, generator, tick
         )
         losses.append(rec.matching_loss)
         if best is None or rec.matching_loss < best.matching_loss:
@@ -352,6 +355,7 @@ def _one_restart(
     shape: tuple[int, ...],
     given: torch.Tensor | None,
     generator: torch.Generator | None,
+    tick: Callable[[int], None],
 ) -> Reconstruction:
     device = target[0].device  # the dummies live where the server holds the model
     x = torch.rand(shape, generator=generator).to(device).requires_grad_(True)
@@ -369,7 +373,8 @@ def _one_restart(
     n = cfg.iterations
     milestones = sorted({max(1, int(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    for _ in range(n):
+    for i in range(n):
+        tick(i)
         labels = _labels(model, params0, x, threat.mask, given, mask_logits)
         update = unrolled_update(model, params0, x, labels, loss_fn, threat, create_graph=True)
         loss = layer_cosine_loss(update, target, norms) + cfg.tv_weight * total_variation(x)

@@ -166,7 +166,10 @@ def run_attack_on_model(
     shown: list[tuple[np.ndarray, np.ndarray]] = []
     started = time.perf_counter()
     for t, idx in enumerate(batches):
-        progress(f"attack{label}: target {t + 1}/{len(batches)}", t, len(batches))
+
+        def on_iteration(i: int, n: int, t: int = t) -> None:
+            progress(f"attack{label}: target {t + 1}/{len(batches)}", t * n + i, len(batches) * n)
+
         x, y = x_all[idx][:, None], y_all[idx][:, None]
         payload = simulate_site_update(
             model, x.to(device), y.to(device), threat, loss_fn=loss_fn, generator=victim_gen
@@ -177,6 +180,7 @@ def run_attack_on_model(
             cfg.attack,
             mask=y.to(device) if threat.mask == "given" else None,
             generator=attacker_gen,
+            on_iteration=on_iteration,
         )
         rec.images, rec.masks, rec.prior = rec.images.cpu(), rec.masks.cpu(), rec.prior.cpu()
         chance = [x_all[_others(int(i), pats, n, CHANCE_SLICES, rng)] for i in idx]

@@ -63,9 +63,30 @@ def load_config(path: Path | None, overrides: list[str] | None, **changes: Any) 
     return cfg.replace(**changes) if changes else cfg
 
 
+class BarProgress:
+    """A ``progress(description, completed, total)`` callback drawing rich progress bars.
+
+    One bar per activity (the text before ":", e.g. "site-0" of "site-0: epoch 2/3"), updated
+    in place; a finished bar is removed, so the next run of the same kind starts a fresh one
+    (its own elapsed time) and the screen keeps only what is running.
+    """
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, description: str, completed: int, total: int) -> None:
+        key = description.split(":")[0]
+        if key not in self.tasks:
+            self.tasks[key] = self.bar.add_task(description, total=total)
+        self.bar.update(self.tasks[key], description=description, completed=completed, total=total)
+        if total and completed >= total:
+            self.bar.remove_task(self.tasks.pop(key))
+
+
 @contextlib.contextmanager
-def progress_bar(transient: bool = False) -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(description, completed, total)`` callback drawn as a rich progress bar."""
+def progress_bar(transient: bool = False) -> Iterator[BarProgress]:
+    """Rich progress bars on stderr for the duration of the block."""
     bar = Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -75,17 +96,8 @@ def progress_bar(transient: bool = False) -> Iterator[Callable[[str, int, int], 
         console=err_console,
         transient=transient,
     )
-    tasks: dict[str, Any] = {}
-
-    def update(description: str, completed: int, total: int) -> None:
-        # One bar per activity ("site-0: epoch 2/3", "slicing site-1/val"), updated in place.
-        key = (description.split(":")[0].split() or [""])[0]
-        if key not in tasks:
-            tasks[key] = bar.add_task(description, total=total)
-        bar.update(tasks[key], description=description, completed=completed, total=total)
-
     with bar:
-        yield update
+        yield BarProgress(bar)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -57,7 +57,11 @@ def synth(
 @app.command()
 @user_errors
 def prepare(
-    src: Path = typer.Argument(..., help="MSD task folder (dataset.json, imagesTr, labelsTr)"),
+    src: Path = typer.Argument(
+        ...,
+        help="task folder: MSD or nnU-Net v2 (dataset.json), or DICOM series (series.csv, "
+        "or the CSV itself)",
+    ),
     out: Path = typer.Option(..., "--out", help="cache folder to write"),
     sites: int | None = typer.Option(None, help="number of sites (overrides data.sites)"),
     site_name: str | None = typer.Option(
@@ -67,7 +71,8 @@ def prepare(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
 ) -> None:
-    """Slice an MSD task into per-site train/val/test caches (reused when up to date)."""
+    """Slice a task (MSD, nnU-Net v2, DICOM) into per-site train/val/test caches (reused when
+    up to date)."""
     from privseg.data.prepare import prepare_cache
 
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})

@@ -19,18 +19,36 @@ from privseg.cli.common import (
 
 @user_errors
 def run(
-    data: Path = typer.Option(..., "--data", "-d", help="MSD task folder or prepared cache."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Task folder (MSD, nnU-Net v2, DICOM series.csv) or prepared cache.",
+    ),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny grid (about a minute)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smoke test: a tiny grid (--preset quick; 2 min on 2 cores)."
+    ),
+    preset: str = typer.Option(
+        "full",
+        "--preset",
+        help="full (the demo's study: 5 min on 2 cores for 3 sites x 10 phantom patients), quick, "
+        "or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
+    ),
     config: Path | None = ConfigOption,
     set_: list[str] | None = SetOption,
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
-    from privseg.runs.study import quick_preset, run_study
+    from privseg.errors import ConfigError
+    from privseg.runs.study import PRESETS, run_study
 
-    cfg = load_config(config, set_)
     if quick:
-        cfg = quick_preset(cfg)
+        preset = "quick"
+    if preset not in PRESETS:
+        allowed = ", ".join(PRESETS)
+        raise ConfigError(f"--preset {preset!r} is invalid: allowed values are {allowed}")
+    # the preset over the config file, the user's --set over both
+    cfg = PRESETS[preset](load_config(config, None)).with_overrides(set_ or [])
     with progress_bar() as progress:
         study = run_study(
             cfg,
@@ -38,7 +56,7 @@ def run(
             out=out,
             progress=progress,
             on_setting=lambda s: console.log(s),
-            preset="quick" if quick else "full",
+            preset=preset,
         )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
     for col in (

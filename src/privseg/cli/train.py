@@ -19,7 +19,12 @@ from privseg.cli.common import (
 
 @user_errors
 def train(
-    data: Path = typer.Option(..., "--data", "-d", help="Prepared cache dir or MSD task folder."),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Prepared cache dir or task folder (MSD, nnU-Net v2, DICOM series.csv).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
     mode: str = typer.Option("central", "--mode", "-m", help="central | local | federated"),
     dp: bool | None = typer.Option(None, "--dp/--no-dp", help="DP-SGD at every site."),

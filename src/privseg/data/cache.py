@@ -1,9 +1,10 @@
-"""Per-site, per-split 2D slice caches built once from an MSD task folder.
+"""Per-site, per-split 2D slice caches built once from a task folder (MSD, nnU-Net, DICOM).
 
 Layout: ``out/manifest.json`` and ``out/<site>/<split>/{images,labels,patient,z}.npy``; test
 splits keep every slice of a case and its binary label on the original grid
 (``out/<site>/test/native/<index>.npz``, mode 0600), so metrics can be computed there in mm.
-The manifest records each case's original grid (shape and spacing in canonical RAS). The
+The manifest records each case's original grid (shape and spacing in canonical RAS) and its
+in-plane transform to the model grid (:class:`~privseg.data.preprocess.PlaneTransform`). The
 manifest holds a fingerprint of the source files and the settings; a prepare with the same
 fingerprint reuses the cache, anything else rebuilds it. The folder is built under a temporary
 name and renamed into place, so an interrupted prepare never leaves a cache that is trusted.
@@ -21,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from privseg.data.sites import (
-    SPLITS,
-)
+from privseg.data.preprocess import PlaneTransform, mask_to_image_space
+from privseg.data.sites import SPLITS
 from privseg.errors import DataError
 from privseg.output import check_site_name
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2  # 2: per-case original grid, test splits with every slice + native labels
+# 2: per-case original grid, test splits with every slice + native labels; 3: per-case plane
+# transform (data.spacing)
+FORMAT_VERSION = 3
 ARRAYS = ("images", "labels", "patient", "z")
 NATIVE_DIR = "native"
 EVALUATED_SPLIT = "test"
@@ -42,12 +44,18 @@ class NativeGrid:
     """A case's original voxel grid in canonical RAS (the orientation the cache slices in).
 
     ``shape`` is ``[X, Y, Z]``, ``spacing`` the voxel size in mm per axis; ``label_path`` (test
-    cases only) holds its binary foreground label on that grid.
+    cases only) holds its binary foreground label on that grid; ``plane`` is how its slices
+    became model slices (``None``: the plain resize to R x R).
     """
 
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     label_path: Path | None = None
+    plane: PlaneTransform | None = None
+
+    def to_native(self, mask: np.ndarray) -> np.ndarray:
+        """A model-grid mask ``[Z, R, R]`` of this case -> bool ``[X, Y, Z]`` on its grid."""
+        return mask_to_image_space(mask, self.shape, self.plane) > 0
 
     def label(self) -> np.ndarray:
         """The binary foreground label, bool ``[X, Y, Z]`` on the original grid."""
@@ -159,13 +167,20 @@ def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[s
     """Each case's original grid from the manifest, with its native label file when stored."""
     grids = {}
     for index, pid in enumerate(ids):
-        case = entry["cases"][pid]
-        label = folder / NATIVE_DIR / f"{index}.npz" if case.get("native_label") else None
-        grids[pid] = NativeGrid(
-            shape=tuple(int(n) for n in case["shape"]),  # type: ignore[arg-type]
-            spacing=tuple(float(v) for v in case["spacing"]),  # type: ignore[arg-type]
-            label_path=label,
-        )
+        try:
+            case = entry["cases"][pid]
+            shape = tuple(int(n) for n in case["shape"])
+            grids[pid] = NativeGrid(
+                shape=shape,  # type: ignore[arg-type]
+                spacing=tuple(float(v) for v in case["spacing"]),  # type: ignore[arg-type]
+                label_path=folder / NATIVE_DIR / f"{index}.npz" if case["native_label"] else None,
+                plane=PlaneTransform.from_dict(case["plane"], shape),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(
+                f"{folder.parent.parent / MANIFEST}: case {pid!r} has no valid original grid: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     return grids
 
 

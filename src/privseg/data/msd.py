@@ -9,9 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
+from privseg.data.task import Case, Task, Volume, duplicate_ids, task_path
 from privseg.errors import DataError
 from privseg.io import write_json
 
@@ -33,7 +32,7 @@ MAX_VOXELS = 2**30
 # Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds < 1032 n bytes.
 GZIP_MAX_RATIO = 1032
 # HeaderDataError / ImageDataError: scaling or layout fields a header cannot have (fuzz test).
-_READ_ERRORS = (
+NIFTI_READ_ERRORS = (
     ImageFileError,
     HeaderDataError,
     ImageDataError,
@@ -45,75 +44,44 @@ _READ_ERRORS = (
 )
 
 
-@dataclass(frozen=True)
-class Case:
-    """One training case of a task: an image and its label file."""
-
-    case_id: str
-    image: Path
-    label: Path
-
-
-@dataclass(frozen=True)
-class MSDTask:
-    """A validated task folder; ``labels`` maps label value to name (0 = background)."""
-
-    root: Path
-    name: str
-    labels: dict[int, str]
-    cases: list[Case]
-    meta: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-@dataclass
-class Volume:
-    """One case in canonical RAS: ``image`` float32 HU and ``label`` uint8, both [X, Y, Z]."""
-
-    case_id: str
-    image: np.ndarray
-    label: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
-
-
 def case_id_of(path: str | Path) -> str:
     """``imagesTr/liver_7.nii.gz`` -> ``liver_7``."""
     name = Path(path).name
     return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else Path(name).stem
 
 
-def read_task(root: str | Path) -> MSDTask:
+def read_task(root: str | Path) -> Task:
     """Read and check ``dataset.json`` and that every listed image and label file exists."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"task folder {root} does not exist (expected an MSD task folder)")
-    meta = _read_dataset_json(root / DATASET_JSON)
+    meta = read_dataset_json(root / DATASET_JSON)
+    if not isinstance(meta.get("training"), list):
+        raise DataError(
+            f"{root / DATASET_JSON}: field 'training' is missing or not a list; expected "
+            '[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]'
+        )
     labels = _parse_labels(meta.get("labels"), root / DATASET_JSON)
     cases = [_parse_case(root, entry, i) for i, entry in enumerate(meta["training"])]
     if not cases:
         raise DataError(f"{root / DATASET_JSON}: 'training' is empty; expected at least one case")
-    ids = [c.case_id for c in cases]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    dupes = duplicate_ids(cases)
     if dupes:
         raise DataError(f"{root / DATASET_JSON}: 'training' lists case ids twice: {dupes}")
     name = str(meta.get("name") or root.name)
-    return MSDTask(root=root, name=name, labels=labels, cases=cases, meta=meta)
+    return Task(root, name, labels, cases, index=root / DATASET_JSON, kind="msd", meta=meta)
 
 
-def _read_dataset_json(path: Path) -> dict[str, Any]:
+def read_dataset_json(path: Path) -> dict[str, Any]:
+    """``dataset.json`` as a JSON object (MSD and nnU-Net v2 share the name)."""
     if not path.is_file():
-        raise DataError(f"{path} is missing: an MSD task folder needs a dataset.json")
+        raise DataError(f"{path} is missing: an MSD or nnU-Net task folder needs a dataset.json")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object at the top level")
-    if not isinstance(meta.get("training"), list):
-        raise DataError(
-            f"{path}: field 'training' is missing or not a list; expected "
-            '[{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}, ...]'
-        )
     return meta
 
 
@@ -132,7 +100,10 @@ def _parse_case(root: Path, entry: Any, index: int) -> Case:
     where = f"{root / DATASET_JSON}: training[{index}]"
     if not isinstance(entry, dict) or not {"image", "label"} <= set(entry):
         raise DataError(f"{where} = {entry!r}: expected an object with keys 'image' and 'label'")
-    image, label = (_task_path(root, entry[key], f"{where}.{key}") for key in ("image", "label"))
+    image, label = (
+        task_path(root, entry[key], f"{where}.{key}", "./imagesTr/case.nii.gz")
+        for key in ("image", "label")
+    )
     if not image.is_file():
         raise DataError(f"{where}: image file {image} does not exist (its label is {label})")
     if not label.is_file():
@@ -140,22 +111,11 @@ def _parse_case(root: Path, entry: Any, index: int) -> Case:
     return Case(case_id=case_id_of(image), image=image, label=label)
 
 
-def _task_path(root: Path, raw: Any, where: str) -> Path:
-    """A path listed in dataset.json: relative, and inside the task folder (symlinks allowed)."""
-    text = raw if isinstance(raw, str) else None
-    normal = os.path.normpath(text) if text else ""
-    if not text or "\x00" in text or os.path.isabs(text) or normal.split(os.sep)[0] in ("..", "."):
-        raise DataError(
-            f"{where} = {raw!r} is invalid: expected a relative path inside the task folder "
-            f"{root}, such as './imagesTr/case.nii.gz' (absolute paths and '..' are refused)"
-        )
-    return root / normal
-
-
-def _open(path: Path) -> nib.Nifti1Image:
+def open_nifti(path: Path) -> nib.Nifti1Image:
+    """A 3D NIfTI with a usable affine and a size its file can hold (nothing read yet)."""
     try:
         img = nib.load(path)
-    except _READ_ERRORS as exc:
+    except NIFTI_READ_ERRORS as exc:
         raise DataError(f"{path} is not a readable NIfTI file: {exc}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) != 3:
         raise DataError(f"{path}: expected a 3D NIfTI volume, got {type(img).__name__} {img.shape}")
@@ -214,14 +174,19 @@ def _canonical(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
 def _data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         return img.get_fdata(dtype=np.float32)
-    except (*_READ_ERRORS, TypeError, MemoryError) as exc:
+    except (*NIFTI_READ_ERRORS, TypeError, MemoryError) as exc:
         raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
 
 
 def load_image(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A CT volume as float32 HU [X, Y, Z] in canonical RAS, with the canonical image (affine)."""
     path = Path(path)
-    img = _canonical(_open(path), path)
+    return canonical_data(open_nifti(path), path)
+
+
+def canonical_data(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """``img`` reoriented to canonical RAS: (float32 voxels [X, Y, Z], the canonical image)."""
+    img = _canonical(img, path)
     return _data(img, path), img
 
 
@@ -240,8 +205,13 @@ def replace_nan(image: np.ndarray, path: Path, nan_hu: float | None) -> np.ndarr
     return image
 
 
-def check_label_values(label: np.ndarray, labels: dict[int, str], path: Path) -> None:
-    """Every label value must be declared in dataset.json's 'labels' (7 is not "foreground")."""
+def check_label_values(label: np.ndarray, labels: dict[int, str] | None, path: Path) -> None:
+    """Every label value must be declared in dataset.json's 'labels' (7 is not "foreground").
+
+    ``labels = None``: the format declares no labels (DICOM); every value 0..255 is accepted.
+    """
+    if labels is None:
+        return
     undeclared = sorted(set(np.unique(label).tolist()) - set(labels))
     if undeclared:
         raise DataError(
@@ -252,7 +222,11 @@ def check_label_values(label: np.ndarray, labels: dict[int, str], path: Path) ->
 
 def load_case(case: Case) -> Volume:
     """Load image and label, checking that they share shape and affine and labels are integers."""
-    raw_img, raw_lab = _open(case.image), _open(case.label)
+    return volume_of(case, open_nifti(case.image), open_nifti(case.label))
+
+
+def volume_of(case: Case, raw_img: nib.Nifti1Image, raw_lab: nib.Nifti1Image) -> Volume:
+    """Pair an opened image and label of ``case`` (same shape and affine) as a canonical Volume."""
     if raw_img.shape != raw_lab.shape:
         raise DataError(
             f"{case.label}: shape {raw_lab.shape} does not match image {case.image} {raw_img.shape}"
@@ -262,8 +236,8 @@ def load_case(case: Case) -> Volume:
             f"{case.label}: affine does not match image {case.image} (tolerance {AFFINE_ATOL}):\n"
             f"label\n{np.round(raw_lab.affine, 4)}\nimage\n{np.round(raw_img.affine, 4)}"
         )
-    img, lab = _canonical(raw_img, case.image), _canonical(raw_lab, case.label)
-    image = _data(img, case.image)
+    image, img = canonical_data(raw_img, case.image)
+    lab = _canonical(raw_lab, case.label)
     label = _label_data(lab, case.label)
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
     return Volume(case.case_id, image, label, img.affine.copy(), spacing)  # type: ignore[arg-type]
@@ -272,7 +246,7 @@ def load_case(case: Case) -> Volume:
 def _label_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)  # keeps an integer on-disk type: no float round trip
-    except (*_READ_ERRORS, MemoryError) as exc:
+    except (*NIFTI_READ_ERRORS, MemoryError) as exc:
         raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
     if data.dtype.kind not in "biuf":
         raise DataError(f"{path}: label data type {data.dtype} is not numeric")

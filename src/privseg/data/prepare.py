@@ -1,5 +1,8 @@
 """Build a slice cache from a task folder (or reuse it when nothing changed); open or build.
 
+The task folder may be any format :mod:`privseg.data.sources` reads (MSD, nnU-Net v2, DICOM
+series); every case arrives as the same Volume, so there is one building path.
+
 What a cache holds and how it is read is :mod:`privseg.data.cache`; this module writes it:
 one pass over the cases, every site and split written into a staging folder, published whole.
 """
@@ -26,16 +29,8 @@ from privseg.data.cache import (
     SliceCache,
     read_manifest,
 )
-from privseg.data.msd import (
-    DATASET_JSON,
-    Case,
-    MSDTask,
-    check_label_values,
-    load_case,
-    read_task,
-    replace_nan,
-)
-from privseg.data.preprocess import map_labels, volume_to_slices
+from privseg.data.msd import check_label_values, replace_nan
+from privseg.data.preprocess import PlaneTransform, map_labels, volume_to_slices
 from privseg.data.sites import (
     SITE_MAP_FILE,
     SPLITS,
@@ -45,6 +40,8 @@ from privseg.data.sites import (
     split_patients,
     stable_hash,
 )
+from privseg.data.sources import FORMATS, case_files, is_source, load_volume, read_source
+from privseg.data.task import Case, Task
 from privseg.errors import ConfigError, DataError
 from privseg.io import write_json
 from privseg.output import claimed_folder
@@ -56,15 +53,15 @@ log = logging.getLogger(__name__)
 def resolve_cache(
     data: str | Path, cfg: Config, work_dir: Path, progress: Progress | None = None
 ) -> SliceCache:
-    """Open a prepared slice cache, or prepare one from an MSD task folder into ``work_dir``."""
+    """Open a prepared slice cache, or prepare one from a task folder into ``work_dir``."""
     data = Path(data)
     if (data / MANIFEST).is_file():
         return SliceCache.open(data)
-    if (data / DATASET_JSON).is_file():
+    if is_source(data):
         return prepare_cache(data, work_dir, cfg.data, seed=cfg.seed, progress=progress)
     raise DataError(
-        f"{data} is neither a prepared cache ({MANIFEST}) nor an MSD task folder "
-        "(dataset.json); run `privseg data prepare` or `privseg data synth` first"
+        f"{data} is neither a prepared cache ({MANIFEST}) nor {FORMATS}; run "
+        "`privseg data prepare` or `privseg data synth` first"
     )
 
 
@@ -84,7 +81,7 @@ def prepare_cache(
     unless ``overwrite``; never the task itself; one writer at a time).
     ``progress(description, done, total)`` is called after each patient when given.
     """
-    task = read_task(src)
+    task = read_source(src)
     out = Path(out)
     _check_labels(task, cfg)
     site_map = _site_map(task, cfg)
@@ -107,7 +104,7 @@ def prepare_cache(
             if partition == "mapping":
                 raise DataError(
                     f"data.site_name = {cfg.site_name!r} conflicts with the site map "
-                    f"({cfg.site_map or task.root / SITE_MAP_FILE}), which names the sites; "
+                    f"({_site_map_source(task, cfg)}), which names the sites; "
                     "set data.partition = iid to name the one site yourself"
                 )
             (ids,) = sites.values()  # data.site_name is only valid with data.sites = 1
@@ -135,22 +132,35 @@ def prepare_cache(
     return SliceCache.open(out)
 
 
-def _check_labels(task: MSDTask, cfg: DataConfig) -> None:
+def _check_labels(task: Task, cfg: DataConfig) -> None:
+    if task.labels is None:  # the format declares no labels (DICOM)
+        return
     undeclared = sorted(set(cfg.labels) - set(task.labels))
     if undeclared:
         raise ConfigError(
-            f"data.labels = {cfg.labels!r} is invalid for {task.root / DATASET_JSON}: label "
+            f"data.labels = {cfg.labels!r} is invalid for {task.index}: label "
             f"value(s) {undeclared} are not among its declared 'labels' "
             f"{dict(sorted(task.labels.items()))}"
         )
 
 
-def _site_map(task: MSDTask, cfg: DataConfig) -> dict[str, str] | None:
+def _site_map(task: Task, cfg: DataConfig) -> dict[str, str] | None:
+    """``data.site_map``, else the task's own: its index's (DICOM CSV ``site``), ``sites.json``."""
     if cfg.site_map:
         return load_site_map(cfg.site_map)
-    if cfg.partition in ("auto", "mapping") and (task.root / SITE_MAP_FILE).is_file():
+    if cfg.partition not in ("auto", "mapping"):
+        return None
+    if task.site_map is not None:
+        return task.site_map
+    if (task.root / SITE_MAP_FILE).is_file():
         return load_site_map(task.root / SITE_MAP_FILE)
     return None
+
+
+def _site_map_source(task: Task, cfg: DataConfig) -> str:
+    if cfg.site_map:
+        return cfg.site_map
+    return f"{task.index} 'site'" if task.site_map is not None else str(task.root / SITE_MAP_FILE)
 
 
 def _partition(cfg: DataConfig, site_map: dict[str, str] | None) -> str:
@@ -159,20 +169,21 @@ def _partition(cfg: DataConfig, site_map: dict[str, str] | None) -> str:
     if cfg.partition == "mapping" and site_map is None:
         raise DataError(
             "data.partition = 'mapping' but there is no site map: set data.site_map or add "
-            f"{SITE_MAP_FILE} to the task folder"
+            f"{SITE_MAP_FILE} to the task folder (or a 'site' column to a DICOM series.csv)"
         )
     return cfg.partition
 
 
-def _fingerprint(task: MSDTask, settings: dict[str, Any]) -> str:
-    """Hash of dataset.json's bytes, each case file's size and mtime, and the settings.
+def _fingerprint(task: Task, settings: dict[str, Any]) -> str:
+    """Hash of the index's bytes (dataset.json, series.csv), each case file's size and mtime,
+    and the settings.
 
     Hashing every volume would cost as much as reading it; size + mtime catch re-written files.
     """
     h = hashlib.sha256()
-    h.update((task.root / DATASET_JSON).read_bytes())
+    h.update(task.kind.encode() + b"\n" + task.index.read_bytes())
     for case in task.cases:
-        for path in (case.image, case.label):
+        for path in case_files(task, case):
             st = path.stat()
             h.update(f"{path.relative_to(task.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -190,7 +201,7 @@ def _reusable(out: Path, fingerprint: str) -> SliceCache | None:
 
 
 def _build(
-    task: MSDTask,
+    task: Task,
     splits: dict[str, dict[str, list[str]]],
     shift: dict[str, tuple[float, float]],
     cfg: DataConfig,
@@ -220,7 +231,7 @@ def _build(
                 parts.append(part)
                 done += 1
                 if progress is not None:
-                    progress(f"slicing {site}/{split}", done, total)
+                    progress(f"slicing: {site}/{split}", done, total)
             if ids and not any(len(p["z"]) for p in parts):
                 raise DataError(
                     f"site {site!r} {split} split: its {len(ids)} patient(s) "
@@ -236,7 +247,7 @@ def _build(
 def _slice_case(
     case: Case,
     index: int,
-    task: MSDTask,
+    task: Task,
     cfg: DataConfig,
     seed: int,
     shift: tuple[float, float] | None,
@@ -245,19 +256,24 @@ def _slice_case(
 ) -> dict[str, Any]:
     """One case's slices; with ``native`` (test cases) every slice, and its binary label on
     the original grid, so predictions can be mapped back and scored there."""
-    volume = load_case(case)
+    volume = load_volume(task, case)
     check_label_values(volume.label, task.labels, case.label)
     image = replace_nan(volume.image, case.image, cfg.nan_hu)
     image = image if shift is None else image * shift[0] + shift[1]
     rng = np.random.default_rng([seed, stable_hash(case.case_id)])
     policy = dataclasses.replace(cfg, slice_policy="all") if native else cfg
-    images, labels, z = volume_to_slices(image, volume.label, policy, rng=rng)
+    plane = PlaneTransform.of(volume.label.shape, volume.spacing, cfg)
+    images, labels, z = volume_to_slices(image, volume.label, policy, rng=rng, plane=plane)
     return {
         "images": images.astype(np.float16),
         "labels": labels,
         "patient": np.full(len(z), index, dtype=np.int32),
         "z": z,
-        "case": {"shape": list(volume.label.shape), "spacing": list(volume.spacing)},
+        "case": {
+            "shape": list(volume.label.shape),
+            "spacing": list(volume.spacing),
+            "plane": plane.to_dict(),
+        },
         "native_label": map_labels(volume.label, cfg.labels) if native else None,
     }
 

@@ -1,8 +1,9 @@
 """Score a model on a slice split: predict every slice, stack per patient, 3D Dice and HD95.
 
 A split that knows its cases' original grids and labels (a cache's test split) is scored
-there: each stacked prediction is mapped back to the case's grid as ``privseg predict`` does
-(:func:`~privseg.data.preprocess.mask_to_image_space`) and compared with the original label,
+there: each stacked prediction is mapped back to the case's grid through the case's own
+plane transform (``NativeGrid.to_native``, i.e.
+:func:`~privseg.data.preprocess.mask_to_image_space`) and compared with the original label,
 distances in mm. Other splits (validation) are scored on the model grid, in its voxels.
 """
 
@@ -15,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from privseg.data.preprocess import mask_to_image_space
 from privseg.errors import DataError
 from privseg.evaluation.metrics import dice, surface_distances
 from privseg.results import MODEL_GRID_UNITS, NATIVE_UNITS, nanmean
@@ -42,7 +42,7 @@ def _on_native_grid(
             f"case {patient_id}: the split holds {len(pred)} of its {grid.shape[2]} slices; "
             "scoring on the original grid needs every slice (re-prepare the cache)"
         )
-    return mask_to_image_space(pred, grid.shape) > 0, grid.label(), tuple(grid.spacing)
+    return grid.to_native(pred), grid.label(), tuple(grid.spacing)
 
 
 @torch.no_grad()

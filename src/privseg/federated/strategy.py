@@ -54,6 +54,14 @@ OUTLIER_FACTOR = 10.0
 """An update whose norm is this many times the median of the other sites' is rejected."""
 
 
+def short(reason: str, limit: int = 300) -> str:
+    """A site's error in one line: the message, without the Ray/Flower traceback around it."""
+    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
+    found = [ln.split("Message:", 1)[1].strip() for ln in lines if "Message:" in ln]
+    text = (found or lines or [""])[-1].rstrip("'>")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _no_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
     return MetricRecord()
 
@@ -80,7 +88,7 @@ class SiteAggregation(Strategy):
         norms: list[float] = []  # of the usable updates (new - global weights)
         for msg in replies:
             if msg.has_error():
-                report.failed.append(f"node {msg.metadata.src_node_id}: {msg.error.reason}")
+                report.failed.append(f"node {msg.metadata.src_node_id}: {short(msg.error.reason)}")
                 continue
             site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
             refused = self.identity.problem(msg.metadata.src_node_id, site)

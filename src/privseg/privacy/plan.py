@@ -47,9 +47,12 @@ def steps_per_epoch(n_units: int, batch_size: int) -> int:
 
 
 def planned_steps(cfg: Config, n_units: int = 0, *, federated: bool) -> int:
-    """A site's steps in the whole run: rounds x local steps, or epochs over its units."""
+    """A site's steps in the whole run: rounds x local steps, ``train.steps``, or epochs over
+    its units."""
     if federated:
         return cfg.federated.rounds * cfg.federated.local_steps
+    if cfg.train.steps:
+        return cfg.train.steps
     batch = expected_batch_size(cfg.train.batch_size, n_units)
     return cfg.train.epochs * steps_per_epoch(n_units, batch)
 

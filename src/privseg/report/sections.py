@@ -16,6 +16,15 @@ from privseg.io import atomic_write_bytes
 from privseg.report import figures
 from privseg.report.blocks import Block, Code, Heading, Image, Note, Para
 from privseg.report.format import MISSING, fmt_seconds, is_num
+from privseg.report.study_view import (
+    DID_NOT_LEARN_DICE,
+    baseline_for,
+    learned,
+    run_epsilon,
+    run_label,
+    sorted_runs,
+    time_per_unit,
+)
 from privseg.report.summary import (
     RECONSTRUCTION_MARGIN_DB,
     attack_reconstructs,
@@ -24,11 +33,10 @@ from privseg.report.summary import (
     summarise,
 )
 from privseg.report.tables import (
-    DID_NOT_LEARN_DICE,
     attack_label,
     attack_table,
     audit_table,
-    baseline_for,
+    compute_table,
     cross_site_table,
     data_table,
     dice_table,
@@ -36,11 +44,6 @@ from privseg.report.tables import (
     dp_cost_table,
     epsilon_table,
     key_value_table,
-    learned,
-    run_epsilon,
-    run_label,
-    sorted_runs,
-    time_per_unit,
 )
 from privseg.results import NATIVE_UNITS, SLICE_UNIT_NOTE
 
@@ -91,7 +94,7 @@ def build_blocks(study: dict[str, Any], out_dir: Path) -> tuple[list[Block], dic
     blocks = [
         *_title(study),
         *_summary(study),
-        *_dice(runs),
+        *_dice(runs, study.get("compute_rule")),
         *_privacy_utility(runs, sink),
         *_learning(runs, sink),
         *_dp_cost(runs, sink),
@@ -124,8 +127,8 @@ def _summary(study: dict[str, Any]) -> list[Block]:
     return [Heading(SECTIONS["summary"]), Para(summarise(study))]
 
 
-def _dice(runs: Runs) -> list[Block]:
-    """Test Dice per setting, then the local-only models scored on every site."""
+def _dice(runs: Runs, compute_rule: str | None) -> list[Block]:
+    """Test Dice per setting, the compute each got, then local-only models on every site."""
     b: list[Block] = [Heading(SECTIONS["dice"])]
     if not runs:
         return b + [_missing("no training runs")]
@@ -137,6 +140,10 @@ def _dice(runs: Runs) -> list[Block]:
         f"model on its own test split. HD95 is the mean over sites, in {units}."
     )
     b.append(t)
+    compute = compute_table(runs)
+    if compute:
+        compute.caption = "Compute per site. " + (compute_rule or "")
+        b.append(compute)
     local = next((r for r in runs if r.get("mode") == "local"), None)
     cross = cross_site_table(local) if local else None
     b.append(Heading("Local-only models across sites", 3))

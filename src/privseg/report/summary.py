@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from privseg.report.format import fmt, fmt_eps, fmt_pm, is_num
-from privseg.report.tables import (
+from privseg.report.study_view import (
     DID_NOT_LEARN_DICE,
     baseline_for,
+    federated_beats_local_cross_site,
     learned,
     not_learned_label,
     run_epsilon,
@@ -175,7 +176,23 @@ def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:
         verb = "above" if fed["dice_mean"] > local["dice_mean"] else "not above"
         parts.append(
             f"Federated training ({fmt(fed['dice_mean'])}) was {verb} sites "
-            f"training alone ({fmt(local['dice_mean'])})."
+            f"training alone ({fmt(local['dice_mean'])}, each on its own test split)"
+        )
+        beats = federated_beats_local_cross_site(runs)
+        if beats is not None:
+            parts[-1] += (
+                "; on each site's test split it was "
+                + ("above" if beats else "not above")
+                + " every other site's local-only model."
+            )
+        else:
+            parts[-1] += "."
+    central = next((r for r in plain if r.get("mode") == "central"), None)
+    if central and fed:
+        gap = fed["dice_mean"] - central["dice_mean"]
+        parts.append(
+            f"Federated training was {fmt(abs(gap))} Dice {'above' if gap > 0 else 'below'} "
+            f"centralised training ({fmt(central['dice_mean'])})."
         )
     return parts
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +22,14 @@ from privseg.report.format import (
     fmt_value,
     is_num,
 )
-
-SETTING_ORDER = ("central", "local", "federated", "federated_dp")
-
-DID_NOT_LEARN_DICE = 0.1
-"""A setting whose mean test Dice is below this did not learn: reported so, never compared."""
+from privseg.report.study_view import (
+    baseline_for,
+    not_learned_label,
+    run_label,
+    site_names,
+    sorted_runs,
+    time_per_unit,
+)
 
 
 @dataclass
@@ -86,67 +88,6 @@ class Table:
 _NUMBER = re.compile(r"^[-+]?(\d|\.\d)")
 
 
-# ---- study helpers ------------------------------------------------------------------------
-def run_label(run: dict[str, Any]) -> str:
-    return str(run.get("label") or run.get("setting") or run.get("mode") or "run")
-
-
-def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs in the paper's order (central, local, federated, DP by increasing epsilon)."""
-
-    def key(r: dict[str, Any]) -> tuple[int, float]:
-        s = r.get("setting")
-        rank = SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER)
-        return rank, run_epsilon(r) if is_num(run_epsilon(r)) else math.inf
-
-    return sorted(runs, key=key)
-
-
-def learned(run: dict[str, Any]) -> bool | None:
-    """False when the run's mean test Dice is below :data:`DID_NOT_LEARN_DICE`; None unknown."""
-    dice = run.get("dice_mean")
-    return dice >= DID_NOT_LEARN_DICE if is_num(dice) else None
-
-
-def not_learned_label(run: dict[str, Any]) -> str:
-    """The run's label, marked when it did not learn (tables and the summary say the same)."""
-    return f"{run_label(run)} (did not learn)" if learned(run) is False else run_label(run)
-
-
-def run_epsilon(run: dict[str, Any]) -> float | None:
-    """Epsilon actually spent by a DP run taken alone (the worst site), else its target."""
-    for k in ("epsilon_run_max", "epsilon_max", "target_epsilon"):
-        if is_num(run.get(k)):
-            return float(run[k])
-    return None
-
-
-def site_names(runs: list[dict[str, Any]]) -> list[str]:
-    """Every site seen in any run, in first-seen order."""
-    names: list[str] = []
-    for r in runs:
-        for s in r.get("sites") or []:
-            if s.get("name") not in names:
-                names.append(s.get("name"))
-    return names
-
-
-def time_per_unit(run: dict[str, Any]) -> tuple[float | None, str]:
-    """(seconds, "round"|"epoch") for a run: federated runs by round, others by epoch."""
-    for key, unit in (("seconds_per_round", "round"), ("seconds_per_epoch", "epoch")):
-        if is_num(run.get(key)):
-            return float(run[key]), unit
-    return None, "round" if run.get("mode") == "federated" else "epoch"
-
-
-def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The non-private run of the same mode: what a DP run's cost is measured against."""
-    for r in runs:
-        if not r.get("dp") and r.get("mode") == run.get("mode"):
-            return r
-    return None
-
-
 # ---- table builders -----------------------------------------------------------------------
 def distance_units(runs: list[dict[str, Any]]) -> str:
     """The runs' common HD95 units; results without the key were scored on the model grid."""
@@ -171,6 +112,31 @@ def dice_table(runs: list[dict[str, Any]]) -> Table:
                 *cells,
                 fmt_pm(r.get("dice_mean"), r.get("dice_sd")),
                 fmt(sum(hd) / len(hd), ".1f") if hd else MISSING,
+            ]
+        )
+    return t
+
+
+def compute_table(runs: list[dict[str, Any]]) -> Table | None:
+    """The compute each setting got, per site (``compute`` of each run's results)."""
+    rows = [r for r in sorted_runs(runs) if isinstance(r.get("compute"), dict)]
+    if not rows:
+        return None
+    t = Table(
+        ["Setting", "Sequential steps", "Slices per step per site", "Slice gradients per site"],
+        name="compute",
+    )
+    for r in rows:
+        c = r["compute"]
+        per_step = c.get("batch_size")
+        if r.get("mode") == "central" and per_step and len(r.get("sites") or []):
+            per_step = per_step / len(r["sites"])  # one pooled batch shared by the sites
+        t.rows.append(
+            [
+                run_label(r),
+                fmt_value(c.get("sequential_steps")),
+                fmt(per_step, ".3g"),
+                fmt(c.get("slices_per_site"), ".0f"),
             ]
         )
     return t

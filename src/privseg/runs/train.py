@@ -25,6 +25,7 @@ from privseg.errors import ConfigError, DataError
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder
+from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ def train(
         else:
             result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
     result.wall_seconds = time.perf_counter() - started
+    sizes = {s: len(cache.split(s, "train")) for s in cache.sites}
+    result.compute = compute_of(cfg, mode, sizes)
     result.provenance.update(
         {
             "privseg_version": __version__,

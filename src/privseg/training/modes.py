@@ -22,7 +22,7 @@ from privseg.training.trainer import CENTRAL, SiteTrainer, make_site_privacy
 
 
 def site_steps(cfg: Config, train: Any) -> int:
-    """Steps for ``train.epochs`` passes over the site's units (slices or patients)."""
+    """``train.steps``, or the steps of ``train.epochs`` passes over the site's units."""
     unit = cfg.privacy.unit if cfg.privacy.enabled else "slice"
     return planned_steps(cfg, count_units(unit_ids(train, unit)), federated=False)
 
@@ -37,13 +37,14 @@ def train_site(
     run_id: str,
     progress: Progress,
 ) -> tuple[SiteTrainer, list[dict[str, Any]], float]:
-    """Train one model for ``cfg.train.epochs`` epochs on ``train``; validate after each epoch.
+    """Train one model on ``train`` in ``train.epochs`` parts; validate after each part.
 
     Validation Dice is computed for the learning curve only; the final model is reported (no
     model selection on private validation data).
     """
     total = site_steps(cfg, train)
-    per_epoch = max(1, total // cfg.train.epochs)
+    parts = min(cfg.train.epochs, total)  # an epoch, or a part of ``train.steps``
+    per_epoch = total // parts
     privacy = None
     if cfg.privacy.enabled:
         privacy = make_site_privacy(
@@ -53,12 +54,12 @@ def train_site(
     history: list[dict[str, Any]] = []
     done = 0
     train_seconds = 0.0
-    for epoch in range(1, cfg.train.epochs + 1):
-        steps = per_epoch if epoch < cfg.train.epochs else total - done
+    for epoch in range(1, parts + 1):
+        steps = per_epoch if epoch < parts else total - done
         base = done
 
         def on_step(i: int, n: int, base: int = base, epoch: int = epoch) -> None:
-            progress(f"{name}: epoch {epoch}/{cfg.train.epochs}", base + i, total)
+            progress(f"{name}: epoch {epoch}/{parts}", base + i, total)
 
         _, metrics = trainer.fit(None, steps, run_id=run_id, on_step=on_step)
         done += steps
@@ -75,7 +76,7 @@ def train_site(
                 "seconds": metrics["seconds"],
             }
         )
-    return trainer, history, train_seconds / cfg.train.epochs
+    return trainer, history, train_seconds / parts
 
 
 def run_central(

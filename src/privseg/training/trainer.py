@@ -131,7 +131,8 @@ class SiteTrainer:
         lr = self.cfg.train.lr
         if self.cfg.train.lr_schedule == "cosine" and self.planned_steps:
             progress = min(self.steps_done / self.planned_steps, 1.0)
-            lr = 0.05 * lr + 0.95 * lr * 0.5 * (1 + math.cos(math.pi * progress))
+            low = self.cfg.train.lr_final
+            lr = low * lr + (1 - low) * lr * 0.5 * (1 + math.cos(math.pi * progress))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -146,9 +147,19 @@ class SiteTrainer:
             return float(stats.get("loss", math.nan))
         idx = self._next_batch()
         images, labels = self._load(split, idx)
-        loss = self.loss_fn(self.model(images), labels).mean()
-        loss.backward()
-        return float(loss.detach())
+        # The loss is a mean of per-sample losses, so slices can pass in chunks of at most
+        # train.chunk_slices with accumulated gradients: the same step, bounded memory (a
+        # pooled batch of 96 MoNet slices at 256² took over 23 GiB in one pass).
+        total = 0.0
+        for x, y in zip(
+            images.split(self.cfg.train.chunk_slices),
+            labels.split(self.cfg.train.chunk_slices),
+            strict=True,
+        ):
+            loss = self.loss_fn(self.model(x), y).sum() / len(images)
+            loss.backward()
+            total += float(loss.detach())
+        return total
 
     def _next_batch(self) -> np.ndarray:
         batch = next(self._batches, None)

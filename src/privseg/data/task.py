@@ -1,0 +1,75 @@
+"""What every input reader gives prepare: a :class:`Task` of :class:`Case` s, each loaded as a
+:class:`Volume`. The readers (MSD, nnU-Net v2, DICOM series) differ only in how they find the
+cases and read the image; :mod:`privseg.data.sources` picks the reader.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privseg.errors import DataError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training case: an image (a NIfTI file, or a DICOM series folder) and its label file."""
+
+    case_id: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated input folder.
+
+    ``labels`` maps label value to name (0 = background), or is ``None`` when the format
+    declares none (DICOM: any integer 0..255 is accepted). ``index`` is the file that lists or
+    describes the cases (``dataset.json``, ``series.csv``); ``kind`` names the reader
+    (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a patient -> site map the index carries
+    itself (the DICOM CSV's ``site`` column).
+    """
+
+    root: Path
+    name: str
+    labels: dict[int, str] | None
+    cases: list[Case]
+    index: Path
+    kind: str = "msd"
+    site_map: dict[str, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Volume:
+    """One case in canonical RAS: ``image`` float32 HU and ``label`` uint8, both [X, Y, Z]."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def task_path(root: Path, raw: Any, where: str, example: str) -> Path:
+    """A path listed in a task's index: relative, inside the task folder (symlinks allowed)."""
+    text = raw if isinstance(raw, str) else None
+    normal = os.path.normpath(text) if text else ""
+    if not text or "\x00" in text or os.path.isabs(text) or normal.split(os.sep)[0] in ("..", "."):
+        raise DataError(
+            f"{where} = {raw!r} is invalid: expected a relative path inside the task folder "
+            f"{root}, such as {example!r} (absolute paths and '..' are refused)"
+        )
+    return root / normal
+
+
+def duplicate_ids(cases: list[Case]) -> list[str]:
+    """Case ids listed more than once, sorted."""
+    counts = Counter(c.case_id for c in cases)
+    return sorted(i for i, n in counts.items() if n > 1)
