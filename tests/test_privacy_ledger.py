@@ -153,3 +153,16 @@ def test_budget_cli(tmp_path: Path) -> None:
     assert res.exit_code == 2
     res = runner.invoke(_cli(), ["budget", str(tmp_path / "missing.db")])
     assert res.exit_code == 2
+
+
+def test_budget_table_never_shortens_a_site_name(tmp_path: Path, monkeypatch) -> None:
+    from privseg.cli.common import console
+
+    name = "university-hospital-of-somewhere"
+    path = tmp_path / "l.sqlite"
+    PrivacyLedger(path).record(
+        site=name, run_id="r", noise_multiplier=1.0, sample_rate=0.05, steps=10, **KW
+    )
+    monkeypatch.setattr(console, "width", 80)  # a narrow terminal
+    res = CliRunner().invoke(_cli(), ["budget", str(path), "--accountant", "rdp"])
+    assert res.exit_code == 0 and name in res.stdout, res.stdout

@@ -27,13 +27,8 @@ from privseg.federated.processes import free_port, stop_stale
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
-# every party runs in its own folder: this privseg, whatever the working folder; a terminal
-# wide enough for `privseg budget`'s table (rich shortens cells to fit 80 columns)
-ENV = {
-    **os.environ,
-    "PYTHONPATH": str(Path(privseg.__file__).resolve().parents[1]),
-    "COLUMNS": "160",
-}
+# every party runs in its own folder: this privseg, whatever the working folder
+ENV = {**os.environ, "PYTHONPATH": str(Path(privseg.__file__).resolve().parents[1])}
 HOSPITALS = ["hospital-a", "hospital-b"]
 PLACEHOLDERS = {"SERVER", "LISTEN", "PORT", "SITE", "CT"}
 # who runs which command, in the walkthrough's order; server and site keep running

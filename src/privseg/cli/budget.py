@@ -47,8 +47,15 @@ def budget(
         typer.echo(json.dumps({"sites": sites}, indent=2))
         return
     table = Table(title="privacy spent per site's data (every release, all runs)")
+    longest = max((len(r["name"]) for r in sites), default=4)
     for col in ("site", "unit", "releases", "steps", "epsilon", "delta", "budget", "remaining"):
-        table.add_column(col, justify="left" if col in ("site", "unit") else "right")
+        # a site's name is never shortened: it is what a hospital looks for in the table
+        table.add_column(
+            col,
+            justify="left" if col in ("site", "unit") else "right",
+            no_wrap=col == "site",
+            min_width=longest if col == "site" else None,
+        )
     for r in sites:
         eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
         bud = "-" if r["budget_epsilon"] is None else f"{r['budget_epsilon']:g}"
