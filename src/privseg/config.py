@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,15 @@ SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
 Accountant = Literal["prv", "rdp"]
 PrivacyUnit = Literal["slice", "patient"]
-GradPath = Literal["batched", "loop", "opacus", "functorch"]
+GradPath = Literal["auto", "batched", "loop", "opacus", "functorch"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
+#: What ``train.device`` may name (``privseg.device.resolve_device`` turns it into a device).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::\d+)?")
+DEVICE_VALUES = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
 
 
 @dataclass
@@ -151,6 +155,19 @@ class TrainConfig:
     lr_schedule: LrSchedule = "cosine"
     weight_decay: float = field(default=0.0, metadata=rule(ge=0.0, le=1.0))
     threads: int = field(default=0, metadata=rule(ge=0, le=512, help="torch threads; 0 = all"))
+    device: str = field(
+        default="auto",
+        metadata=rule(
+            help="where models, batches, the DP step and evaluation run: auto (the first CUDA "
+            "GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+        ),
+    )
+
+    def check(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"train.device = {self.device!r} is invalid: allowed values are {DEVICE_VALUES}"
+            )
 
 
 @dataclass
@@ -173,7 +190,11 @@ class PrivacyConfig:
         metadata=rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
     )
     grad_path: GradPath = field(
-        default="batched", metadata=rule(help="per-sample gradient implementation")
+        default="auto",
+        metadata=rule(
+            help="per-sample gradient implementation; auto = the measured fastest on the "
+            "device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)"
+        ),
     )
     ledger_dir: str | None = field(
         default=None,

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from privseg.cli.common import SetOption, console, user_errors
+from privseg.cli.common import DeviceOption, SetOption, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +37,7 @@ def attack(
     ),
     overrides: list[str] | None = SetOption,
     output: str = typer.Option("table", "--format", help="table | json"),
+    device: str | None = DeviceOption,
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
     from privseg.cli.common import progress_bar
@@ -55,6 +56,7 @@ def attack(
             epsilon=epsilon,
             overrides=[*(overrides or []), *([f"attack.round={round_}"] if round_ else [])],
             progress=progress,
+            device=device or "auto",
         )
     if output == "json":
         console.print_json(json.dumps({k: v for k, v in res.items() if k != "targets"}))

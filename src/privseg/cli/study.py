@@ -9,6 +9,7 @@ from rich.table import Table
 
 from privseg.cli.common import (
     ConfigOption,
+    DeviceOption,
     SetOption,
     console,
     load_config,
@@ -22,13 +23,14 @@ def run(
     data: Path = typer.Option(..., "--data", "-d", help="MSD task folder or prepared cache."),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
     quick: bool = typer.Option(False, "--quick", help="Tiny grid (about a minute)."),
+    device: str | None = DeviceOption,
     config: Path | None = ConfigOption,
     set_: list[str] | None = SetOption,
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
     from privseg.runs.study import quick_preset, run_study
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_, **{"train.device": device})
     if quick:
         cfg = quick_preset(cfg)
     with progress_bar() as progress:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
+from privseg.device import resolve_device
 from privseg.errors import ConfigError, DataError, FederationError
 from privseg.federated.app_files import CONNECTION, toml_str, write_app, write_flower_home
 from privseg.federated.certs import CertFiles
@@ -215,13 +216,20 @@ def check_site_data(data: Path, site: str) -> None:
         raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
 
 
-def site_policy(out: Path, config: Path | None, budget_epsilon: float | None) -> Path:
+def site_policy(
+    out: Path, config: Path | None, budget_epsilon: float | None, device: str | None = None
+) -> Path:
     """The site's privacy floor as a TOML file (``out/site-privacy.toml`` when written here).
 
     A deployed site always trains under its own lifetime budget: ``--budget`` or
     ``privacy.budget_epsilon`` in its ``--config`` (the smaller when both), else refused.
+    Its ``train.device`` (``device``, else its ``--config``'s) is where it trains, whatever
+    the server asks; a GPU this machine lacks is refused here, before the site starts.
     """
     own = Config.load(config) if config is not None else Config()
+    if device is not None:
+        own = own.replace(**{"train.device": device})
+    resolve_device(own.train.device)
     budgets = [b for b in (budget_epsilon, own.privacy.budget_epsilon) if b is not None]
     if not budgets:
         raise ConfigError(
@@ -249,6 +257,7 @@ def join(
     privacy_config: Path | None = None,
     budget_epsilon: float | None = None,
     echo: Callable[[str], None] | None = None,
+    device: str | None = None,
 ) -> Path:
     """Serve as site ``site`` until the server goes away; return the site's test report.
 
@@ -261,7 +270,7 @@ def join(
     data = Path(data).resolve()
     out = Path(out or Path.cwd() / f"privseg-{site}").resolve()
     check_site_data(data, site)
-    privacy_config = site_policy(out, privacy_config, budget_epsilon)
+    privacy_config = site_policy(out, privacy_config, budget_epsilon, device)
     files = CertFiles(Path(certs)) if certs else None
     key = files.site_key(site) if files else None
     if not insecure:

@@ -21,6 +21,7 @@ import torch
 from privseg import __version__
 from privseg.config import Config
 from privseg.data.prepare import resolve_cache
+from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
@@ -48,6 +49,7 @@ def train(
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
     if resume and mode != "federated":
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
+    device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
     if resume:  # refuse an incompatible resume before anything in the folder is replaced
         from privseg.federated.state import load_state
@@ -57,9 +59,10 @@ def train(
     with run_log(folder):
         cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
         folder.write_config(cfg)
+        device_name = describe_device(device)
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
-        log.info("privseg %s: %s run into %s", __version__, mode, folder.root)
+        log.info("privseg %s: %s run into %s on %s", __version__, mode, folder.root, device_name)
         if mode == "central":
             result = run_central(cfg, cache, folder, progress, run_id=run_id)
         elif mode == "local":
@@ -73,6 +76,7 @@ def train(
             "run_id": run_id,
             "cache_dir": str(Path(cache.root).resolve()),
             "machine": machine_info(),
+            "device": device_name,
         }
     )
     results = result.write(folder.results)
