@@ -43,8 +43,13 @@ def train(
     progress: Progress = no_progress,
     resume: bool = False,
     cache_dir: Path | None = None,
+    simulation: str | None = None,
 ) -> dict[str, Any]:
-    """Train in ``mode`` and write the run folder ``out``; return its results dictionary."""
+    """Train in ``mode`` and write the run folder ``out``; return its results dictionary.
+
+    ``simulation``: where a federated run's sites run, "ray" or "in-process" (default: Ray
+    when installed, see :func:`privseg.federated.simulation.run_federated`).
+    """
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
     if resume and mode != "federated":
@@ -68,7 +73,9 @@ def train(
         elif mode == "local":
             result = run_local(cfg, cache, folder, progress, run_id=run_id)
         else:
-            result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
+            result = _run_federated(
+                cfg, cache, folder, progress, run_id=run_id, resume=resume, backend=simulation
+            )
     result.wall_seconds = time.perf_counter() - started
     result.provenance.update(
         {
@@ -85,7 +92,14 @@ def train(
 
 
 def _run_federated(
-    cfg: Config, cache: Any, folder: RunFolder, progress: Progress, *, run_id: str, resume: bool
+    cfg: Config,
+    cache: Any,
+    folder: RunFolder,
+    progress: Progress,
+    *,
+    run_id: str,
+    resume: bool,
+    backend: str | None,
 ) -> RunResult:
     from privseg.federated.simulation import run_federated
 
@@ -100,6 +114,7 @@ def _run_federated(
         run_id=run_id,
         resume=resume,
         progress=on_round,
+        backend=backend,
     )
 
 
