@@ -149,6 +149,34 @@ def test_trainer_moves_to_its_device_and_hands_out_cpu_weights(phantom_cache) ->
         assert all(torch.equal(runs["cpu"][k], runs["auto"][k]) for k in runs["cpu"])
 
 
+def _checkpoint_and_volume(tmp_path):
+    import nibabel as nib
+
+    from privseg.models import build_model
+    from privseg.models.checkpoint import save_checkpoint
+
+    cfg = Config().replace(**{"data.resolution": 32, "model.features": 8})
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "c.pt", build_model(cfg.model).state_dict(), cfg)
+    data = np.random.default_rng(0).normal(0, 300, size=(40, 36, 5)).astype(np.float32)
+    image = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.5, 1.0])), image)
+    return ckpt, image
+
+
+def test_predict_on_the_cpu_device_is_the_default_prediction(tmp_path) -> None:
+    import nibabel as nib
+
+    from privseg.inference import segment_nifti
+
+    ckpt, image = _checkpoint_and_volume(tmp_path)
+    masks = []
+    for name, kwargs in (("default", {}), ("cpu", {"device": "cpu"})):
+        segment_nifti(ckpt, image, tmp_path / f"{name}.nii.gz", **kwargs)
+        masks.append(np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj))
+    np.testing.assert_array_equal(masks[0], masks[1])
+
+
 # ---- the CLI ---------------------------------------------------------------------------------
 @no_cuda
 @pytest.mark.parametrize("command", ["train", "run", "predict", "attack"])
@@ -270,3 +298,16 @@ def test_cuda_training_evaluation_and_checkpoint(phantom_cache, tmp_path, exact_
     path = save_checkpoint(tmp_path / "c.pt", states["cuda"], cfg)
     model, _, _ = load_checkpoint(path, torch.device("cuda", 0))
     assert next(model.parameters()).device.type == "cuda"
+
+
+@needs_cuda
+def test_cuda_prediction_equals_the_cpu_one(tmp_path, exact_cuda) -> None:
+    import nibabel as nib
+
+    from privseg.inference import segment_nifti
+
+    ckpt, image = _checkpoint_and_volume(tmp_path)
+    for device in ("cpu", "cuda"):
+        segment_nifti(ckpt, image, tmp_path / f"{device}.nii.gz", device=device)
+    cpu, gpu = (np.asarray(nib.load(tmp_path / f"{d}.nii.gz").dataobj) for d in ("cpu", "cuda"))
+    assert (cpu != gpu).mean() < 1e-3  # a logit at the threshold may flip

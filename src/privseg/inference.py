@@ -40,7 +40,8 @@ def segment_nifti(
     target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
     image, out = Path(image), Path(out)
     check_output_file(out, inputs=[image, checkpoint], suffixes=MASK_SUFFIXES, overwrite=overwrite)
-    model, cfg, _ = load_checkpoint(checkpoint, target)
+    model, cfg, _ = load_checkpoint(checkpoint)
+    model.to(target)
     # Predict in the canonical (RAS) frame the model was trained in, then map back.
     hu, canonical = load_image(image)  # validated: a readable 3D NIfTI with a usable affine
     hu = replace_nan(hu, image, cfg.data.nan_hu)

@@ -33,10 +33,12 @@ from privseg.privacy.sampling import secure_generator
 
 GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
 #: ``privacy.grad_path = "auto"`` by device type. CPU: measured (bench/dp_step.py, see
-#: CHUNK_PIXELS). CUDA: PROVISIONAL, not yet measured on a GPU: "batched" (exact on every
-#: project model, no Opacus fallback for empty batches) until bench/gpu_session.sh has
-#: compared it with loop, opacus, functorch and ghost clipping (docs/GPU.md).
-AUTO_GRAD_PATH = {"cpu": "batched", "cuda": "batched"}
+#: CHUNK_PIXELS). CUDA: PROVISIONAL, "opacus", the fastest DP path measured on a GPU so far
+#: (one H200, U-Net 16 features, batch 32, before "batched" existed; docs/BENCHMARKS.md):
+#: Opacus hooks 4.4x / 4.7x / 2.9x the plain step at 64 / 128 / 256 px, fast gradient clipping
+#: 4.3x / 4.4x / 2.8x, the loop 48x / 41x / 20x. "batched" on a GPU is unmeasured:
+#: bench/gpu_session.sh compares all of them (docs/GPU.md).
+AUTO_GRAD_PATH = {"cpu": "batched", "cuda": "opacus"}
 #: Pixels per ``batched`` chunk: 4 slices of 64x64 (bench/dp_step.py, batch 32, 2 threads: at
 #: 64 px, chunks of 4 keep the peak memory near the fastest non-private step's, 8 were ~3 %
 #: faster at 2.4x the memory; from 128 px on, one slice per pass is enough work and single-slice

@@ -137,7 +137,7 @@ def run_study(
         preset=preset,
         privseg_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        machine={**machine_info(), "device": describe_device(device)},
+        machine={"device": describe_device(device), **machine_info()},
         data=_data_summary(cache, data, cfg),
         config=cfg.to_dict(),
         wall_seconds=time.perf_counter() - started,
