@@ -26,10 +26,14 @@ Memory: each variant alone in a fresh subprocess; extra peak RSS = the kernel's 
 (VmHWM, reset via /proc/self/clear_refs once model and data are built) minus RSS at that point,
 so imports and weights are not counted (falls back to ru_maxrss where the reset is refused).
 
-On ``--device cuda`` the timings synchronise the GPU and memory is the extra peak of
-``torch.cuda.max_memory_allocated`` (also in a fresh process per variant).
+On ``--device cuda`` (or ``cuda:N``, ``auto``) the timings synchronise the GPU, the default
+DP path is ``privacy.grad_path = "auto"`` resolved for the device, and memory is the extra peak
+of ``torch.cuda.max_memory_allocated`` over two steps, measured in this process (the caching
+allocator's counters are exact per reset; a fresh process per variant would cost a CUDA start
+each). The table is the same on every device.
 
     python bench/dp_step.py --resolution 64 128 256 --repeats 5 [--variants plain dp-loop ...]
+    python bench/dp_step.py --device cuda --model monet --resolution 64 128 256
 """
 
 from __future__ import annotations
@@ -219,23 +223,23 @@ def _reset_peak() -> bool:
         return False
 
 
+def cuda_extra_peak_mb(step: Callable[[], None]) -> float:
+    """Extra peak GPU memory (MB) of two steps over what was allocated before them."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def memory_child(variant: str, args: argparse.Namespace) -> None:
     """Run in a fresh process: print the extra peak RSS (MB) of a few steps of ``variant``."""
     import gc
 
     step = make_step(variant, args)
     gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        out = {"variant": variant, "extra_mb": peak - base, "base_mb": base, "method": "cuda"}
-        print(json.dumps(out))
-        return
     if _reset_peak():
         base, method = _status_mb("VmRSS"), "VmHWM after clear_refs"
     else:  # ru_maxrss cannot be reset: import peaks may hide the step's own memory
@@ -286,7 +290,12 @@ def bench_resolution(args: argparse.Namespace) -> dict:
             _sync(args.device)
             times[v].append(time.perf_counter() - t)
     med = {v: statistics.median(ts) for v, ts in times.items()}
-    mem = {v: measure_memory(v, args) for v in variants} if not args.no_memory else {}
+    if args.no_memory:
+        mem = {}
+    elif args.device.startswith("cuda"):
+        mem = {v: cuda_extra_peak_mb(steps[v]) for v in variants}
+    else:
+        mem = {v: measure_memory(v, args) for v in variants}
     fastest = min((v for v in variants if v in NONPRIVATE), key=med.__getitem__)
     return {"resolution": args.resolution, "median_s": med, "extra_peak_mb": mem,
             "fastest_nonprivate": fastest}  # fmt: skip
@@ -301,7 +310,7 @@ def print_table(r: dict) -> None:
               flush=True)  # fmt: skip
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="unet")
     ap.add_argument("--features", type=int, default=16)
@@ -316,48 +325,53 @@ def main() -> None:
         "--chunk", type=int, default=None, help="slices per batched chunk (default: by size)"
     )
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
         help="a subset (at least one non-private and the default DP path)",
     )  # fmt: skip
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.child:
-        args.resolution = args.resolution[0]
-        memory_child(args.child, args)
-        return
+    return ap
 
+
+def run(args: argparse.Namespace) -> dict:
+    """Print the table for every resolution; return the summary (also bench/gpu_session.py)."""
     from privseg.config import DataConfig, PrivacyConfig
+    from privseg.device import describe_device, resolve_device
+    from privseg.privacy.dp_sgd import resolve_grad_path
 
-    default_path = "dp-" + PrivacyConfig().grad_path
+    device = resolve_device(args.device, field="--device")
+    args.device = str(device)
+    default_path = "dp-" + resolve_grad_path(PrivacyConfig().grad_path, device)
     if default_path not in args.variants or not set(args.variants) & set(NONPRIVATE):
-        ap.error(f"--variants must include {default_path} and a non-private variant")
+        raise ValueError(f"--variants must include {default_path} and a non-private variant")
     results = []
     resolutions = list(args.resolution)
     print(f"model={args.model} batch={args.batch} threads={args.threads} repeats={args.repeats} "
-          f"device={args.device}")  # fmt: skip
+          f"device={describe_device(device)} chunk={args.chunk or 'by size'}")  # fmt: skip
     print(f"{'res':>5} {'variant':>12} {'median s':>9} {'x fastest':>9} {'extra MB':>9}")
     for res in resolutions:
         args.resolution = res
         results.append(bench_resolution(args))
         print_table(results[-1])  # as each resolution finishes: 256^2 takes long
+    args.resolution = resolutions
     # the summary is for the default resolution when it was measured
     default_res = DataConfig().resolution
     last = next((r for r in results if r["resolution"] == default_res), results[0])
     fast = last["fastest_nonprivate"]
     mem = last["extra_peak_mb"]
     opacus = last["median_s"].get("dp-opacus")
-    summary = {
+    return {
         "model": args.model,
         "resolution": last["resolution"],
         "batch": args.batch,
         "threads": args.threads,
+        "chunk": args.chunk,
         "default_path": default_path.removeprefix("dp-"),
         "fastest_nonprivate": fast,
         "time_ratio": last["median_s"][default_path] / last["median_s"][fast],
         "device": args.device,
+        "device_name": describe_device(device),
         "time_ratio_opacus": None if opacus is None else opacus / last["median_s"][fast],
         "memory_ratio": (mem[default_path] / mem[fast]) if mem and mem[fast] > 0 else None,
         "memory_ratio_opacus": (
@@ -365,6 +379,20 @@ def main() -> None:
         ),
         "results": results,
     }
+
+
+def main() -> None:
+    ap = parser()
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        args.resolution = args.resolution[0]
+        memory_child(args.child, args)
+        return
+    try:
+        summary = run(args)
+    except ValueError as exc:
+        ap.error(str(exc))
     print(json.dumps(summary))
 
 

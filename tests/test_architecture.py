@@ -16,6 +16,7 @@ LAYERS = {
     "typed_config": 0,
     "config": 0,
     "results": 0,
+    "device": 0,
     "data": 1,
     "models": 1,
     "evaluation": 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,35 @@ def test_federation_prints_paired_overheads_json_last() -> None:
     assert summary["deployment_seconds_per_round_overhead"] is None
     assert set(summary["seconds_per_round"]) == {"plain", "simulation"}
     assert "simulation overhead per pair" in out
+
+
+@pytest.mark.slow
+def test_gpu_session_runs_every_section_tiny_on_the_cpu(tmp_path: Path) -> None:
+    """The one script a GPU session runs, in its --tiny mode on the CPU, through its shell
+    wrapper: a typo must not cost the GPU's few minutes."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": "none"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH.parent / "src"),
+                                                      env.get("PYTHONPATH")]))  # fmt: skip
+    cmd = ["bash", str(BENCH / "gpu_session.sh"), "--device", "cpu", "--tiny"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900,
+                   cwd=BENCH.parent, env=env)  # fmt: skip
+    record = json.loads((tmp_path / "gpu_session.json").read_text())
+    sections = record["sections"]
+    assert list(sections) == ["env", "tests", "noise", "dp_step", "study", "chunks"]
+    assert not [name for name, s in sections.items() if "error" in s or "skipped" in s]
+    assert sections["tests"]["returncode"] == 0
+    for model in ("monet", "unet"):  # sigma * C = 0.38 * 1.2, both ways of drawing
+        row = sections["noise"][model]
+        assert row["cpu_draw_copy_std"] == pytest.approx(0.456, rel=0.05)
+        assert row["device_draw_std"] == pytest.approx(0.456, rel=0.05)
+    for model in ("monet", "unet"):
+        summary = sections["dp_step"][model]
+        assert summary["default_path"] == "batched" and summary["device"] == "cpu"
+        assert set(summary["results"][0]["median_s"]) == {
+            "plain", "micro4", "micro8", "dp-batched", "dp-loop", "dp-opacus", "dp-functorch",
+            "dp-ghost"}  # fmt: skip
+        assert sections["chunks"]["2"][model]["chunk"] == 2
+    run = sections["study"]["runs"]["cpu"]
+    assert run["device"] == "cpu" and run["slices_per_second"] > 0 and 0 <= run["dice"] <= 1
+    assert (tmp_path / "gpu_session.log").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_session.json", "gpu_session.log"]

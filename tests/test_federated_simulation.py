@@ -1,4 +1,4 @@
-"""Flower's simulation engine (Ray) end to end, with fake site trainers (fast to train)."""
+"""Flower's simulation engine (Ray, or in-process) end to end, with fake site trainers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 from conftest import SIZES, e2e_config, fake_factory, fake_ledger, small_cfg
 from privseg.errors import FederationError
+from privseg.federated import client_app as ca
+from privseg.federated import flower_compat as fc
 from privseg.federated.simulation import run_federated
 from privseg.io import read_json
 
@@ -65,6 +67,34 @@ def test_simulation_three_sites_one_declines(tmp_path: Path) -> None:
     assert read_json(fake_ledger(tmp_path / "run", "a"))["steps"] == 12
     status = read_json(tmp_path / "run" / "federation_status.json")
     assert status["status"] == "stopped" and status["round"] == 3
+
+
+def test_simulation_without_ray_runs_every_site_in_process(tmp_path: Path) -> None:
+    """Where Ray is missing (a GPU machine's image), Flower's engine runs the ClientApps in
+    this process: same rounds, declines and ledgers; the trainers are released afterwards."""
+    import sys
+
+    saved = sys.modules.get(fc.RAY_BACKEND_MODULE)
+    cfg = small_cfg(rounds=2, round_timeout=60.0)
+    results = run_federated(
+        cfg,
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "run",
+        run_id="inproc",
+        sites=["a", "b", "tight"],
+        trainer_factory=fake_factory,
+        backend="in-process",
+    ).to_dict()
+    assert [h["declined"] for h in results["history"]] == [[], ["tight"]]
+    for site in results["sites"]:
+        ledger = read_json(fake_ledger(tmp_path / "run", site["name"]))
+        assert site["epsilon"] == pytest.approx(ledger["epsilon"])
+    assert not ca._TRAINERS  # no model outlives the run in this process
+    assert sys.modules.get(fc.RAY_BACKEND_MODULE) is saved  # Flower's own module is back
+    with pytest.raises(ValueError, match="backend = 'threads' is invalid"):
+        run_federated(
+            cfg, cache_dir=tmp_path, out_dir=tmp_path / "x", run_id="x", backend="threads"
+        )
 
 
 @pytest.mark.slow

@@ -126,6 +126,11 @@ def test_internal_values_and_behaviour() -> None:
     assert SubStatus.COMPLETED and SubStatus.FAILED and TaskType.CLIENT_APP
     assert ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert "legacy_results" in {f.name for f in dataclasses.fields(WorkflowState)}
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    # in_process_simulation replaces the module the engine builds its backend from
+    assert "from .backend.raybackend import RayBackend" in inspect.getsource(vce_api.start_vce)
+    assert vce_api.__name__.rsplit(".", 1)[0] + ".backend.raybackend" == fc.RAY_BACKEND_MODULE
 
 
 def _flwr_imports(path: Path) -> list[tuple[str, list[str]]]:

@@ -10,15 +10,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from privseg.privacy.dp_sgd import (
-    GRAD_PATHS,
-    DPGradient,
-    PoissonUnitSampler,
-    _chunks,
-    chunk_slices_for,
-    secure_generator,
-)
+from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, _chunks, chunk_slices_for
 from privseg.privacy.per_sample import per_sample_grads
+from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
 
 
 class TinyNet(nn.Module):

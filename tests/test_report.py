@@ -174,6 +174,7 @@ def study(tmp_path: Path, grid_png: bytes) -> dict[str, Any]:
         "privseg_version": "0.1.0",
         "created": "2026-11-27T02:00:00+00:00",
         "machine": {
+            "device": "cuda:0 (NVIDIA H200)",
             "cpu": "x86_64",
             "cores": 2,
             "torch_threads": 2,
@@ -245,6 +246,7 @@ def test_full_report_writes_every_file_with_sections_and_numbers(study, tmp_path
     assert "honest-but-curious server" in md
     assert "resolution = 64" in md  # the config as TOML
     assert "1 h 02 min" in md  # wall time
+    assert "| device | cuda:0 (NVIDIA H200) |" in md  # where the study computed
     assert "figures/privacy_utility.png" in md
     assert "| HD95 (mm) |" in md and "original grid" in md
     html = (out / "report.html").read_text()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from privseg.config import Config
+from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivacyBudgetExceeded
 from privseg.models import build_model
 from privseg.models.checkpoint import load_checkpoint
@@ -54,6 +55,7 @@ def test_central_training_beats_untrained_and_writes_run_folder(phantom_cache, t
     assert f"central run into {out}" in (out / "run.log").read_text()
     saved = json.loads((out / "results.json").read_text())
     assert saved["mode"] == "central" and saved["dp"] is False
+    assert saved["device"] == describe_device(resolve_device("auto"))  # where it trained
     assert [s["name"] for s in saved["sites"]] == phantom_cache.sites
     assert all(0.0 <= s["dice"] <= 1.0 for s in saved["sites"])
     # distances on each test case's original grid, in mm, per run, site and patient

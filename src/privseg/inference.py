@@ -24,19 +24,24 @@ def segment_nifti(
     batch_size: int = 32,
     threshold: float = 0.5,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically.
 
     ``out`` is checked before any work: a NIfTI name in an existing folder, never the input,
-    an existing file only with ``overwrite``.
+    an existing file only with ``overwrite``. ``device``: "auto", "cpu", "cuda" or "cuda:N"
+    (see :func:`privseg.device.resolve_device`).
     """
     from privseg.data.msd import load_image, replace_nan
     from privseg.data.preprocess import image_to_model_input, mask_to_image_space
+    from privseg.device import resolve_device
     from privseg.models.checkpoint import load_checkpoint
 
+    target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
     image, out = Path(image), Path(out)
     check_output_file(out, inputs=[image, checkpoint], suffixes=MASK_SUFFIXES, overwrite=overwrite)
     model, cfg, _ = load_checkpoint(checkpoint)
+    model.to(target)
     # Predict in the canonical (RAS) frame the model was trained in, then map back.
     hu, canonical = load_image(image)  # validated: a readable 3D NIfTI with a usable affine
     hu = replace_nan(hu, image, cfg.data.nan_hu)
@@ -47,7 +52,8 @@ def segment_nifti(
     with torch.no_grad():
         for i in range(0, len(slices), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(slices[i : i + batch_size]))[:, None]
-            preds.append((torch.sigmoid(model(x.float()))[:, 0] > threshold).numpy())
+            prob = torch.sigmoid(model(x.float().to(target)))
+            preds.append((prob[:, 0] > threshold).cpu().numpy())
     mask_canonical = mask_to_image_space(np.concatenate(preds).astype(np.uint8), hu.shape)
     # Reorient to the input's own orientation so the mask overlays the input voxel for voxel.
     orig_ornt = nib.orientations.io_orientation(img.affine)

@@ -79,7 +79,16 @@ RUN_KEYS = (
     "compute",
 )
 FEDERATION_KEYS = ("strategy", "rounds", "local_steps", "secure_aggregation")
-PROVENANCE_KEYS = ("privseg_version", "run_id", "cache_dir", "machine", "privacy_note")
+PROVENANCE_KEYS = (
+    "privseg_version",
+    "run_id",
+    "cache_dir",
+    "machine",
+    "device",
+    "privacy_note",
+)
+"""``device``: where the run computed (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``), from
+``train.device``; absent where this process trained nothing (a deployment's server)."""
 STUDY_KEYS = (
     "preset",
     "quick",

@@ -298,12 +298,13 @@ def attack_setting(
     progress: Progress | None = None,
     meta: dict[str, Any] | None = None,
     relative_to: Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """One setting of the study's attack on a site's training ``split``: no DP (``epsilon``
     None) or the site's DP-SGD with sigma calibrated for ``epsilon`` (federated calibration).
     The result names it (``setting``: ``no_dp`` / ``dp_eps<E>``) and carries its
     ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/`` (``grid_png``
-    relative to ``relative_to``, see :func:`run_attack_on_model`)."""
+    relative to ``relative_to``; ``device``, see :func:`run_attack_on_model`)."""
     key = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
     dp = None if epsilon is None else dp_setting(cfg, split, epsilon=epsilon)
     return run_attack_on_model(
@@ -318,4 +319,5 @@ def attack_setting(
         label=f" ({key})",
         meta={"setting": key, **(meta or {})},
         relative_to=relative_to,
+        device=device,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from privseg.cli.common import OverwriteOption, SetOption, console, user_errors
+from privseg.cli.common import DeviceOption, OverwriteOption, SetOption, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +38,7 @@ def attack(
     overrides: list[str] | None = SetOption,
     output: str = typer.Option("table", "--format", help="table | json"),
     overwrite: bool = OverwriteOption,
+    device: str | None = DeviceOption,
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
     from privseg.cli.common import progress_bar
@@ -57,6 +58,7 @@ def attack(
             overrides=[*(overrides or []), *([f"attack.round={round_}"] if round_ else [])],
             progress=progress,
             overwrite=overwrite,
+            device=device or "auto",
         )
     if output == "json":
         console.print_json(json.dumps({k: v for k, v in res.items() if k != "targets"}))

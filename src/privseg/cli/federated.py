@@ -8,6 +8,7 @@ import typer
 
 from privseg.cli.common import (
     ConfigOption,
+    DeviceOption,
     SetOption,
     console,
     err_console,
@@ -84,6 +85,7 @@ def site(
         help="This site's lifetime epsilon budget over every run on its data (required here "
         "or as privacy.budget_epsilon in --config).",
     ),
+    device: str | None = DeviceOption,
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
     from privseg.federated.site import join
@@ -104,6 +106,7 @@ def site(
         worker=worker,
         privacy_config=config,
         budget_epsilon=budget,
+        device=device,
     )
     console.print(f"site {name}: done; local report {report}")
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from privseg.cli.common import (
     ConfigOption,
+    DeviceOption,
     SetOption,
     console,
     load_config,
@@ -35,6 +36,7 @@ def run(
         help="full (the demo's study: 5 min on 2 cores for 3 sites x 10 phantom patients), quick, "
         "or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
     ),
+    device: str | None = DeviceOption,
     config: Path | None = ConfigOption,
     set_: list[str] | None = SetOption,
 ) -> None:
@@ -49,6 +51,8 @@ def run(
         raise ConfigError(f"--preset {preset!r} is invalid: allowed values are {allowed}")
     # the preset over the config file, the user's --set over both
     cfg = PRESETS[preset](load_config(config, None)).with_overrides(set_ or [])
+    if device is not None:
+        cfg = cfg.replace(**{"train.device": device})
     with progress_bar() as progress:
         study = run_study(
             cfg,

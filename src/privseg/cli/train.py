@@ -9,6 +9,7 @@ from rich.table import Table
 
 from privseg.cli.common import (
     ConfigOption,
+    DeviceOption,
     SetOption,
     console,
     load_config,
@@ -33,6 +34,7 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs (central/local)."),
     rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds."),
     resume: bool = typer.Option(False, "--resume", help="Continue a federated run."),
+    device: str | None = DeviceOption,
     config: Path | None = ConfigOption,
     set_: list[str] | None = SetOption,
 ) -> None:
@@ -48,6 +50,7 @@ def train(
             "privacy.delta": delta,
             "train.epochs": epochs,
             "federated.rounds": rounds,
+            "train.device": device,
         },
     )
     with progress_bar() as progress:

@@ -102,8 +102,8 @@ def get_trainer(
     cached = _TRAINERS.get(key)
     cfg = Config.from_dict(tomllib.loads(toml))
     if settings.privacy_config is not None:
-        own = Config.load(settings.privacy_config).privacy
-        privacy, changed = apply_floor(cfg.privacy, own)
+        own = Config.load(settings.privacy_config)  # the site's floor and its device
+        privacy, changed = apply_floor(cfg.privacy, own.privacy)
         if changed and cached is None:
             log.warning(
                 "site %s applies its privacy floor (%s) to the server's request: %s",
@@ -111,13 +111,22 @@ def get_trainer(
                 settings.privacy_config,
                 "; ".join(changed),
             )
-        cfg = dataclasses.replace(cfg, privacy=privacy)
+        # the site's hardware is its own business: it trains on its own train.device
+        train = dataclasses.replace(cfg.train, device=own.train.device)
+        cfg = dataclasses.replace(cfg, privacy=privacy, train=train)
     if cached is None or cached[0] != toml:
         trainer = factory(
             cfg, settings, planned_steps=int(config[M.CFG_PLANNED_STEPS]), run_id=run_id
         )
         _TRAINERS[key] = (toml, trainer)
     return cfg, _TRAINERS[key][1]
+
+
+def release_trainers(run_id: str | None = None) -> None:
+    """Forget the trainers of ``run_id`` (None: all) held in this process: their models,
+    device memory and ledger handles (a simulation run in this process is over)."""
+    for key in [k for k in _TRAINERS if run_id is None or k[0] == run_id]:
+        del _TRAINERS[key]
 
 
 # ---- the site's work, independent of Flower (also run by the deployment worker) -------------

@@ -15,16 +15,21 @@ Why the patches (Flower 1.42, checked in its source):
   retries them sooner (see there).
 - The site worker (:mod:`privseg.federated.worker`) runs ClientApp tasks in its own process
   with Flower's task I/O functions (``flwr.supernode.runtime.run_clientapp``), wrapped here.
+- Flower's simulation engine always builds a Ray backend; :func:`in_process_simulation` runs
+  it without Ray (where Ray is not installed, e.g. a GPU machine whose image lacks it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
 import time
 import tomllib
+import types
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 FLOWER_VERSION = "1.42.0"
@@ -59,7 +64,13 @@ INTERNALS: dict[str, tuple[str, ...]] = {
     "flwr.server.compat.grid_client_proxy": ("GridClientProxy",),
     "flwr.server.workflow.constant": ("MAIN_CONFIGS_RECORD", "MAIN_PARAMS_RECORD", "Key"),
     "flwr.server.workflow.secure_aggregation.secaggplus_workflow": ("WorkflowState",),
+    "flwr.server.superlink.fleet.vce.vce_api": ("start_vce",),
+    "flwr.server.superlink.fleet.vce.backend.backend": ("Backend",),
+    "flwr.clientapp.client_app": ("ClientAppException", "LoadClientAppError"),
 }
+#: The module Flower's simulation engine imports its backend from (``vce_api.start_vce``:
+#: ``from .backend.raybackend import RayBackend``, whatever backend name it is given).
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 
 #: Flower's SuperExec polls for a task every second by default (a private variable sets it)
 SUPEREXEC_POLL_ENV = ("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
@@ -324,3 +335,54 @@ def legacy_context(strategy: Any, server_round: int, start_time: float, arrays: 
 def legacy_results(state: Any) -> list[tuple[Any, Any]]:
     """The (proxy, FitRes) pairs SecAggPlusWorkflow has collected in its ``WorkflowState``."""
     return list(state.legacy_results)
+
+
+# ---- simulation without Ray ----------------------------------------------------------------------
+@contextlib.contextmanager
+def in_process_simulation() -> Iterator[str]:
+    """Flower's simulation engine with every ClientApp message run in this process, one at a
+    time (as our single Ray actor does), no Ray needed; yields the backend name to pass to
+    ``run_simulation`` (not "ray": Flower exits when "ray" is asked for and Ray is missing).
+
+    While open, :data:`RAY_BACKEND_MODULE` is a stand-in whose ``RayBackend`` runs messages in
+    the engine's worker thread; the real module (if imported) is put back afterwards.
+    """
+    from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
+    from flwr.server.superlink.fleet.vce.backend.backend import Backend
+
+    class InProcessBackend(Backend):
+        def __init__(self, backend_config: Any) -> None:
+            self.app_fn: Any = None
+
+        def build(self, app_fn: Any) -> None:
+            self.app_fn = app_fn
+
+        @property
+        def num_workers(self) -> int:
+            return 1
+
+        def is_worker_idle(self) -> bool:
+            return True
+
+        def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+            try:  # errors reach the server as a ClientApp error reply, as with Ray
+                return self.app_fn()(message=message, context=context), context
+            except LoadClientAppError:
+                raise
+            except Exception as exc:
+                raise ClientAppException(str(exc)) from exc
+
+        def terminate(self) -> None:
+            pass
+
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE)
+    stand_in.RayBackend = InProcessBackend  # type: ignore[attr-defined]
+    saved = sys.modules.get(RAY_BACKEND_MODULE)
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
+    try:
+        yield "in-process"
+    finally:
+        if saved is None:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
+        else:
+            sys.modules[RAY_BACKEND_MODULE] = saved

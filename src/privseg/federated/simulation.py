@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -13,7 +14,8 @@ from typing import Any
 
 from privseg.config import Config
 from privseg.errors import DataError, FederationError
-from privseg.federated.client_app import TrainerFactory, make_client_app
+from privseg.federated.client_app import TrainerFactory, make_client_app, release_trainers
+from privseg.federated.flower_compat import in_process_simulation
 from privseg.federated.rounds import RoundCallback, ServerSettings
 from privseg.federated.server_app import build_results, make_server_app, save_final
 from privseg.io import read_json
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 #: Replies land in an in-memory state: polling it every 5-50 ms costs nothing, while the
 #: deployment poll (up to 10 % of the phase) added ~0.2 s to every simulated round.
 SIMULATION_POLL = (0.005, 0.05, 0.02)
+BACKENDS = ("ray", "in-process")
 
 
 def backend_config(cpus: int | None = None) -> dict[str, Any]:
@@ -66,6 +69,7 @@ def run_federated(
     sites: list[str] | None = None,
     trainer_factory: TrainerFactory | None = None,
     cpus: int | None = None,
+    backend: str | None = None,
 ) -> RunResult:
     """Run the federation in simulation; return its results.
 
@@ -73,10 +77,20 @@ def run_federated(
     ``training.trainer.site_ledger``) and its local test report is
     ``out_dir/sites/<site>.json`` (what a real site would keep to itself).
     ``sites`` and ``trainer_factory`` replace the slice cache and the real trainer in tests.
+    ``backend``: where the sites' ClientApps run, "ray" (one Ray actor) or "in-process" (this
+    process, no Ray: also what a machine without Ray gets); None = "ray" when installed.
     """
     from flwr.simulation import run_simulation
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # quiet; no GPUs used
+    if backend is None:
+        backend = "ray" if importlib.util.find_spec("ray") is not None else "in-process"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r} is invalid: allowed {', '.join(BACKENDS)}")
+    if backend == "in-process":
+        log.info("simulation without Ray: the sites' ClientApps run in this process")
+    # Ray would hide the GPUs from actors that reserve none (ours: one actor trains every site
+    # in turn, on train.device); "0" leaves CUDA_VISIBLE_DEVICES as it is (and quiets Ray).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,18 +120,22 @@ def run_federated(
         {"sites": ",".join(sites), "data-dir": str(cache_dir), "out-dir": str(out_dir)},
         trainer_factory,
     )
-    with _quiet():
+    engine = in_process_simulation() if backend == "in-process" else contextlib.nullcontext("ray")
+    with _quiet(), engine as backend_name:
         try:
             run_simulation(
                 server_app=make_server_app(settings, on_done=done.update),
                 client_app=client,
                 num_supernodes=len(sites),
+                backend_name=backend_name,
                 backend_config=backend_config(cpus),  # type: ignore[arg-type]
             )
         except FederationError:
             raise
         except RuntimeError as exc:
             raise FederationError(f"the simulation failed: {exc}") from exc
+        finally:
+            release_trainers()  # in-process, the sites' models would outlive the run
     if not done:
         raise FederationError("the simulation ended without a result (see the log above)")
     reports = {}

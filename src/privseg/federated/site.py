@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.device import resolve_device
 from privseg.errors import ConfigError, DataError, FederationError
 from privseg.federated.app_files import toml_str
 from privseg.federated.certs import CertFiles
@@ -49,13 +50,18 @@ def check_site_data(data: Path, site: str) -> None:
         raise DataError(f"site {site!r} is not in {data} (it holds {', '.join(sites)})")
 
 
-def site_policy(out: Path, config: Path | None, budget_epsilon: float | None) -> Path:
+def site_policy(
+    out: Path, config: Path | None, budget_epsilon: float | None, device: str | None = None
+) -> Path:
     """The site's privacy floor as a TOML file (``out/site-privacy.toml`` when written here).
 
     A deployed site always trains under its own lifetime budget: ``--budget`` or
     ``privacy.budget_epsilon`` in its ``--config`` (the smaller when both), else refused.
     """
     own = Config.load(config) if config is not None else Config()
+    if device is not None:
+        own = own.replace(**{"train.device": device})
+    resolve_device(own.train.device)  # a GPU this machine lacks is refused before the site starts
     budgets = [b for b in (budget_epsilon, own.privacy.budget_epsilon) if b is not None]
     if not budgets:
         raise ConfigError(
@@ -83,6 +89,7 @@ def join(
     privacy_config: Path | None = None,
     budget_epsilon: float | None = None,
     echo: Callable[[str], None] | None = None,
+    device: str | None = None,
 ) -> Path:
     """Serve as site ``site`` until the server goes away; return the site's test report.
 
@@ -118,7 +125,7 @@ def join(
             pid = stop_stale(out / "logs" / f"{name}.pid")
             if pid is not None:
                 echo(f"site {site}: stopped the {name} (pid {pid}) an earlier run left behind")
-        privacy_config = site_policy(out, privacy_config, budget_epsilon)
+        privacy_config = site_policy(out, privacy_config, budget_epsilon, device)
         return _serve_site(
             data=data,
             site=site,

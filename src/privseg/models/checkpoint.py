@@ -94,8 +94,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """Rebuild the model from the stored config and load its weights; returns it in eval mode."""
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild the model from the stored config and load its weights; returns it in eval mode
+    on ``device`` (a resolved torch device; the file's tensors are read onto the CPU, so a
+    checkpoint saved anywhere loads anywhere)."""
     payload = read_checkpoint(path)
     try:
         cfg = Config.from_dict(payload["config"])
@@ -111,5 +115,5 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, Config, dict[str, Any]
             f"{path} does not match model {cfg.model.name!r} "
             f"(features={cfg.model.features}): {detail}"
         ) from exc
-    model.eval()
+    model.to(device).eval()
     return model, cfg, dict(payload.get("extra") or {})

@@ -1,8 +1,9 @@
 """Differential privacy at each site: accounting (pure), ledger (durable), budget, DP-SGD."""
 
 from privseg.privacy.accounting import calibrate_noise, epsilon
-from privseg.privacy.dp_sgd import DPGradient, PoissonUnitSampler, secure_generator
+from privseg.privacy.dp_sgd import DPGradient
 from privseg.privacy.ledger import PrivacyLedger
+from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
 
 __all__ = [
     "DPGradient",

@@ -8,14 +8,16 @@ Interchangeable per-unit gradient paths give identical results (speed: ``bench/d
 ``"batched"`` (per-sample gradients from one batched pass per chunk of about 4 slices, see
 :mod:`privseg.privacy.per_sample`; chunks sharded over threads; the fastest on CPU),
 ``"loop"`` (one backward per unit, sharded over threads; the leanest), ``"opacus"`` (Opacus's
-per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``).
+per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``); ``"auto"`` picks one per
+device (:data:`AUTO_GRAD_PATH`).
+
+Everything runs where the model's parameters are (CPU or CUDA); norms, clip factors and noise
+are computed in the parameters' dtype (float32 for privseg's models, never lower).
 """
 
 from __future__ import annotations
 
 import math
-import secrets
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,61 +27,45 @@ import numpy as np
 import torch
 from torch import nn
 
+from privseg.privacy.opacus_grads import opacus_per_sample
 from privseg.privacy.per_sample import per_sample_grads
+from privseg.privacy.sampling import secure_generator
 
 GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
+#: ``privacy.grad_path = "auto"`` by device type. CPU: measured (bench/dp_step.py, see
+#: CHUNK_PIXELS). CUDA: PROVISIONAL, "opacus", the fastest DP path measured on a GPU so far
+#: (one H200, U-Net 16 features, batch 32, before "batched" existed; docs/BENCHMARKS.md):
+#: Opacus hooks 4.4x / 4.7x / 2.9x the plain step at 64 / 128 / 256 px, fast gradient clipping
+#: 4.3x / 4.4x / 2.8x, the loop 48x / 41x / 20x. "batched" on a GPU is unmeasured:
+#: bench/gpu_session.sh compares all of them (docs/GPU.md).
+AUTO_GRAD_PATH = {"cpu": "batched", "cuda": "opacus"}
 #: Pixels per ``batched`` chunk: 4 slices of 64x64 (bench/dp_step.py, batch 32, 2 threads: at
 #: 64 px, chunks of 4 keep the peak memory near the fastest non-private step's, 8 were ~3 %
 #: faster at 2.4x the memory; from 128 px on, one slice per pass is enough work and single-slice
 #: chunks, i.e. the loop, were fastest).
 CHUNK_PIXELS = 4 * 64 * 64
+#: The same on CUDA, PROVISIONAL until measured (bench/gpu_session.sh times chunks of 4 to
+#: 32 slices): a GPU wants large kernels, so the whole batch of 32 in one pass up to 128 px,
+#: 16 slices per pass at 256 px.
+CUDA_CHUNK_PIXELS = 16 * 256 * 256
 
 
 def chunk_slices_for(images: torch.Tensor) -> int:
-    """Slices per ``batched`` chunk for slices of this size (at least one)."""
-    return max(1, CHUNK_PIXELS // max(1, math.prod(images.shape[2:])))
+    """Slices per ``batched`` chunk for slices of this size on their device (at least one)."""
+    pixels = CUDA_CHUNK_PIXELS if images.device.type == "cuda" else CHUNK_PIXELS
+    return max(1, pixels // max(1, math.prod(images.shape[2:])))
+
+
+def resolve_grad_path(grad_path: str, device: torch.device) -> str:
+    """The per-unit gradient path ``grad_path`` names on ``device`` ("auto": by device)."""
+    if grad_path != "auto":
+        return grad_path
+    return AUTO_GRAD_PATH.get(torch.device(device).type, AUTO_GRAD_PATH["cpu"])
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One shard's result: sum of its clipped unit gradients, its summed loss, its unit norms.
 _Part = tuple[list[torch.Tensor], float, dict[int, float]]
-
-
-def secure_generator() -> torch.Generator:
-    """A CPU torch generator seeded from OS entropy, never from the experiment seed.
-
-    The seed is secret, so the noise cannot be replayed by whoever knows the config. This is
-    not Opacus's ``secure_mode`` (that needs ``torchcsprng``, which cannot be installed here,
-    and also hardens against floating-point attacks on the Gaussian sampler).
-    """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(secrets.randbits(63))
-    return gen
-
-
-class PoissonUnitSampler:
-    """Each step includes each unit independently with probability ``sample_rate``."""
-
-    def __init__(
-        self, units: np.ndarray, *, sample_rate: float, rng: np.random.Generator | None = None
-    ) -> None:
-        units = np.asarray(units)
-        if units.ndim != 1:
-            raise ValueError(f"units must be a 1-D array of unit ids per slice, got {units.shape}")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate = {sample_rate!r} is invalid: must be in (0, 1]")
-        self.unit_ids, self._unit_of_slice = np.unique(units, return_inverse=True)
-        self.n_units = len(self.unit_ids)
-        self.sample_rate = float(sample_rate)
-        # OS entropy: the batch composition is part of what DP hides.
-        self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """(slice indices of the selected units, group id 0..k-1 of each such slice)."""
-        chosen = self.rng.random(self.n_units) < self.sample_rate
-        idx = np.flatnonzero(chosen[self._unit_of_slice])
-        relabel = np.cumsum(chosen) - 1
-        return idx.astype(np.int64), relabel[self._unit_of_slice[idx]].astype(np.int64)
 
 
 def _dense_groups(groups: Any, n: int) -> tuple[torch.Tensor, int]:
@@ -140,7 +126,7 @@ class DPGradient:
         max_grad_norm: float,
         noise_multiplier: float,
         expected_batch_size: float,
-        grad_path: str = "batched",
+        grad_path: str = "auto",
         chunk_slices: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -152,16 +138,22 @@ class DPGradient:
             raise ValueError(
                 f"expected_batch_size = {expected_batch_size!r} is invalid: must be > 0"
             )
-        if grad_path not in GRAD_PATHS:
-            raise ValueError(f"grad_path = {grad_path!r} is invalid: allowed {GRAD_PATHS}")
+        if grad_path != "auto" and grad_path not in GRAD_PATHS:
+            raise ValueError(
+                f"grad_path = {grad_path!r} is invalid: allowed 'auto' or one of {GRAD_PATHS}"
+            )
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
         if chunk_slices is not None and not chunk_slices >= 1:
             raise ValueError(f"chunk_slices = {chunk_slices!r} is invalid: must be >= 1")
-        self.grad_path = grad_path
+        self.grad_path = grad_path  # "auto": resolve_grad_path on the parameters' device
         self.chunk_slices = chunk_slices  # None: chunk_slices_for(images)
-        self.generator = generator if generator is not None else secure_generator()
+        # A given generator draws the noise on its own device (copied to the parameters'): a
+        # seeded CPU one makes a simulation reproducible on any device. None: an OS-seeded
+        # generator on the parameters' device, made on first use.
+        self.generator = generator
+        self._own_generators: dict[torch.device, torch.Generator] = {}
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._threads: tuple[int, ThreadPoolExecutor] | None = None
 
@@ -181,18 +173,27 @@ class DPGradient:
         self._validate(model)
         params = [p for p in model.parameters() if p.requires_grad]
         group_t, k = _dense_groups(groups, len(images))
+        path = self.path_on(params[0].device if params else images.device)
         if k == 0:
             summed = [torch.zeros_like(p) for p in params]
             loss, norms = float("nan"), torch.zeros(0)
-        elif self.grad_path in ("loop", "batched"):
-            summed, loss, norms = self._sharded(model, params, loss_fn, images, labels, group_t, k)
+        elif path in ("loop", "batched"):
+            summed, loss, norms = self._sharded(
+                model, params, loss_fn, images, labels, group_t, k, loop=path == "loop"
+            )
         else:  # both Opacus paths: hooks, or vmap(grad) for every layer
-            summed, loss, norms = self._opacus(model, params, loss_fn, images, labels, group_t, k)
+            summed, loss, norms = self._opacus(
+                model, params, loss_fn, images, labels, group_t, k, functorch=path == "functorch"
+            )
         std = self.noise_multiplier * self.max_grad_norm
         for p, s in zip(params, summed, strict=True):
             p.grad = (s + self._noise(std, s)) / self.expected_batch_size
         clipped = float((norms > self.max_grad_norm).double().mean()) if k else 0.0
         return {"loss": loss, "units": k, "clipped_fraction": clipped}
+
+    def path_on(self, device: torch.device) -> str:
+        """The per-unit gradient path this object runs for parameters on ``device``."""
+        return resolve_grad_path(self.grad_path, device)
 
     def _validate(self, model: nn.Module) -> None:
         """Refuse layers that couple samples (BatchNorm...): clipping would not bound a unit."""
@@ -206,16 +207,17 @@ class DPGradient:
         self._validated.add(model)
 
     def _noise(self, std: float, ref: torch.Tensor) -> torch.Tensor:
-        """Opacus's ``_generate_noise`` (non-secure branch), in the reference's dtype."""
+        """Opacus's ``_generate_noise`` (non-secure branch), in the reference's dtype, drawn
+        on the generator's device and moved to the reference's."""
         if std == 0:
             return torch.zeros_like(ref)
+        gen = self.generator
+        if gen is None:
+            gen = self._own_generators.get(ref.device)
+            if gen is None:
+                gen = self._own_generators[ref.device] = secure_generator(ref.device)
         noise = torch.normal(
-            mean=0.0,
-            std=std,
-            size=ref.shape,
-            generator=self.generator,
-            dtype=ref.dtype,
-            device=self.generator.device,
+            mean=0.0, std=std, size=ref.shape, generator=gen, dtype=ref.dtype, device=gen.device
         )
         return noise.to(ref.device)
 
@@ -229,20 +231,22 @@ class DPGradient:
         labels: torch.Tensor,
         groups: torch.Tensor,
         k: int,
+        *,
+        loop: bool,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
         """The loop and batched paths: work items (one unit, or a chunk of whole units; the
         loop's chunks hold one unit) sharded over ``torch.get_num_threads()`` worker threads,
-        each single-threaded.
+        each single-threaded (on the CPU; a GPU runs the items in order from one thread).
 
         A pass over one unit or a few slices is too small for intra-op threads to help; the
         ops release the GIL, so threads over items use the cores. Shard ``j`` takes items
         ``j, j+w, ...`` and the partial sums are added in shard order, so the result does not
         depend on thread timing.
         """
-        size = 1 if self.grad_path == "loop" else self.chunk_slices or chunk_slices_for(images)
+        size = 1 if loop else self.chunk_slices or chunk_slices_for(images)
         items = _chunks(groups, k, size)
         saved = torch.get_num_threads()
-        workers = min(saved, len(items))
+        workers = 1 if params and params[0].device.type != "cpu" else min(saved, len(items))
 
         def shard(mine: list[list[int]]) -> _Part:
             return self._clipped_sum(model, params, loss_fn, images, labels, groups, mine)
@@ -309,42 +313,14 @@ class DPGradient:
         labels: torch.Tensor,
         groups: torch.Tensor,
         k: int,
+        *,
+        functorch: bool,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """One batched pass with Opacus hooks, wrapped for this call only: the hooks and
-        per-sample attributes are removed afterwards, so the caller's model is left as it was
-        (same parameter tensors; ``p.grad`` is overwritten by the caller)."""
-        from opacus import GradSampleModule
-
-        if not model.training:
-            raise ValueError(
-                f"grad_path {self.grad_path!r} needs model.train(): Opacus only "
-                "capture activations in training mode"
-            )
-        saved = [p.grad for p in params]
-        gsm = GradSampleModule(
-            model,
-            batch_first=True,
-            loss_reduction="sum",
-            force_functorch=self.grad_path == "functorch",
+        """Per-slice gradients from Opacus (hooks, or ``vmap(grad)`` everywhere), summed
+        per unit and clipped."""
+        per_slice, loss = opacus_per_sample(
+            model, params, loss_fn, images, labels, functorch=functorch
         )
-        try:
-            per_sample = loss_fn(gsm(images), labels)
-            loss = float(per_sample.detach().mean())
-            with warnings.catch_warnings():
-                # images never require grad, so Opacus's full backward hooks always say so
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                per_sample.sum().backward()
-            per_slice = [
-                p.new_zeros((len(images), *p.shape))
-                if getattr(p, "grad_sample", None) is None
-                else p.grad_sample
-                for p in params
-            ]
-        finally:
-            gsm.remove_hooks()
-            _strip_opacus_attrs(model)
-            for p, g in zip(params, saved, strict=True):
-                p.grad = g
         summed, norms = clip_and_sum(per_unit(per_slice, groups, k), self.max_grad_norm)
         return summed, loss, norms.detach().double().cpu()
 
@@ -378,19 +354,3 @@ def _unit_grads(
     if torch.equal(local, torch.arange(len(units))):  # one slice per unit, in order
         return per_slice, float(losses.sum())
     return per_unit(per_slice, local, len(units)), float(losses.sum())
-
-
-def _strip_opacus_attrs(model: nn.Module) -> None:
-    for p in model.parameters():
-        for name in ("grad_sample", "_current_grad_sample", "_forward_counter"):
-            if hasattr(p, name):
-                delattr(p, name)
-    for m in model.modules():
-        for name in (
-            "activations",
-            "max_batch_len",
-            "autograd_grad_sample_hooks",
-            "ft_compute_sample_grad",
-        ):
-            if name in m.__dict__:
-                delattr(m, name)

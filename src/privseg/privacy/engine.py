@@ -21,9 +21,10 @@ from torch import nn
 from privseg.config import Config, PrivacyConfig
 from privseg.errors import PrivacyBudgetExceeded
 from privseg.privacy import accounting
-from privseg.privacy.dp_sgd import DPGradient, LossFn, PoissonUnitSampler, secure_generator
+from privseg.privacy.dp_sgd import DPGradient, LossFn
 from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.plan import DPPlan, unit_ids
+from privseg.privacy.sampling import PoissonUnitSampler
 from privseg.results import SLICE_UNIT_NOTE
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ class SitePrivacy:
             max_grad_norm=plan.max_grad_norm,
             noise_multiplier=plan.noise_multiplier,
             expected_batch_size=plan.expected_batch_size,
-            grad_path=cfg.grad_path,
-            generator=secure_generator(),
+            grad_path=cfg.grad_path,  # noise: an OS-seeded generator on the model's device
         )
         log.info(
             "DP-SGD site=%s unit=%s n=%d q=%.4g sigma=%.4g C=%g steps=%d delta=%g "

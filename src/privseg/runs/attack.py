@@ -24,6 +24,7 @@ from privseg.attack.runner import (
 )
 from privseg.config import Config
 from privseg.data.cache import SliceCache, SliceSplit
+from privseg.device import resolve_device
 from privseg.errors import DataError
 from privseg.io import write_json
 from privseg.models.checkpoint import load_checkpoint
@@ -82,12 +83,16 @@ def run_attack(
     overrides: list[str] | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
 
     ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
     private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
+    ``device`` ("auto", "cpu", "cuda", "cuda:N") runs victim and attacker there: this
+    machine's, not the run's ``train.device`` (the run may have trained elsewhere).
     """
+    target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
     model, cfg, results, split = load_run(run_dir, site)
     changes = {
         "attack.threat": threat,
@@ -127,6 +132,7 @@ def run_attack(
             progress=progress,
             meta={"site": site, "weights": weights},
             relative_to=Path(run_dir),
+            device=target,
         )
 
 
@@ -177,7 +183,9 @@ def run_attack_study(
     """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
     epsilon (sigma calibrated for the federated setting); an audit for each. Writes
     ``out_dir/<setting>/attack.json|png`` and ``audit.json``; each result's ``grid_png`` is
-    relative to ``relative_to`` (the study folder; default ``out_dir/<setting>``)."""
+    relative to ``relative_to`` (the study folder; default ``out_dir/<setting>``). The attacks
+    run on ``train.device``; the audits (one-slice steps) on the CPU."""
+    device = resolve_device(cfg.train.device)
     site = site or cache.sites[0]
     split = cache.split(site, "train")
     final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
@@ -196,6 +204,7 @@ def run_attack_study(
             progress=progress,
             meta=meta,
             relative_to=relative_to,
+            device=device,
         )
         key, dp = res["setting"], res["dp_setting"]
         aud = audit_setting(model, split, cfg, dp)

@@ -19,6 +19,7 @@ from typing import Any
 from privseg import __version__
 from privseg.config import Config
 from privseg.data.prepare import resolve_cache
+from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
@@ -148,6 +149,7 @@ def run_study(
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is invalid: allowed values are {', '.join(PRESETS)}")
     progress = progress or no_progress
+    device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()
     folder.write_config(cfg)
@@ -170,7 +172,7 @@ def run_study(
         preset=preset,
         privseg_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
-        machine=machine_info(),
+        machine={"device": describe_device(device), **machine_info()},
         data=_data_summary(cache, data, cfg),
         config=cfg.to_dict(),
         wall_seconds=time.perf_counter() - started,

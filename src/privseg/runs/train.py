@@ -21,6 +21,7 @@ import torch
 from privseg import __version__
 from privseg.config import Config
 from privseg.data.prepare import resolve_cache
+from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
@@ -43,12 +44,18 @@ def train(
     progress: Progress = no_progress,
     resume: bool = False,
     cache_dir: Path | None = None,
+    simulation: str | None = None,
 ) -> dict[str, Any]:
-    """Train in ``mode`` and write the run folder ``out``; return its results dictionary."""
+    """Train in ``mode`` and write the run folder ``out``; return its results dictionary.
+
+    ``simulation``: where a federated run's sites run, "ray" or "in-process" (default: Ray
+    when installed, see :func:`privseg.federated.simulation.run_federated`).
+    """
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
     if resume and mode != "federated":
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
+    device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
     if resume:  # refuse an incompatible resume before anything in the folder is replaced
         from privseg.federated.state import load_state
@@ -58,15 +65,18 @@ def train(
     with run_log(folder):
         cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
         folder.write_config(cfg)
+        device_name = describe_device(device)
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
-        log.info("privseg %s: %s run into %s", __version__, mode, folder.root)
+        log.info("privseg %s: %s run into %s on %s", __version__, mode, folder.root, device_name)
         if mode == "central":
             result = run_central(cfg, cache, folder, progress, run_id=run_id)
         elif mode == "local":
             result = run_local(cfg, cache, folder, progress, run_id=run_id)
         else:
-            result = _run_federated(cfg, cache, folder, progress, run_id=run_id, resume=resume)
+            result = _run_federated(
+                cfg, cache, folder, progress, run_id=run_id, resume=resume, backend=simulation
+            )
     result.wall_seconds = time.perf_counter() - started
     sizes = {s: len(cache.split(s, "train")) for s in cache.sites}
     result.compute = compute_of(cfg, mode, sizes)
@@ -76,6 +86,7 @@ def train(
             "run_id": run_id,
             "cache_dir": str(Path(cache.root).resolve()),
             "machine": machine_info(),
+            "device": device_name,
         }
     )
     results = result.write(folder.results)
@@ -84,7 +95,14 @@ def train(
 
 
 def _run_federated(
-    cfg: Config, cache: Any, folder: RunFolder, progress: Progress, *, run_id: str, resume: bool
+    cfg: Config,
+    cache: Any,
+    folder: RunFolder,
+    progress: Progress,
+    *,
+    run_id: str,
+    resume: bool,
+    backend: str | None,
 ) -> RunResult:
     from privseg.federated.simulation import run_federated
 
@@ -99,6 +117,7 @@ def _run_federated(
         run_id=run_id,
         resume=resume,
         progress=on_round,
+        backend=backend,
     )
 
 

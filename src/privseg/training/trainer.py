@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from privseg.config import Config
+from privseg.device import describe_device, resolve_device
 from privseg.errors import DataError
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models import initial_model
@@ -50,8 +51,9 @@ class SiteTrainer:
         self.train_split = train
         self.splits = {"train": train, "val": val, "test": test}
         self.privacy = privacy
-        # the same initial weights for every mode and site
-        self.model: nn.Module = initial_model(cfg.model, cfg.seed)
+        self.device = resolve_device(cfg.train.device)
+        # the same initial weights for every mode, site and device (built on the CPU, moved)
+        self.model: nn.Module = initial_model(cfg.model, cfg.seed).to(self.device)
         self.loss_fn = DiceBCELoss()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -62,12 +64,21 @@ class SiteTrainer:
         # the privacy engine's OS-entropy sampler, never from this seed.
         self._rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
         self._batches: Iterator[np.ndarray] = iter(())
+        if privacy is not None:
+            path = privacy.gradient.path_on(self.device)
+            log.info("site %s trains on %s (DP-SGD path %s)", name, self.describe_device(), path)
+        else:
+            log.info("site %s trains on %s", name, self.describe_device())
 
     # ---- facts ---------------------------------------------------------------------------
     @property
     def num_examples(self) -> int:
         """Training slices at this site (the FedAvg weight)."""
         return len(self.train_split)
+
+    def describe_device(self) -> str:
+        """The device this trainer computes on, as results.json records it."""
+        return describe_device(self.device)
 
     def privacy_summary(self, site: str | None = None) -> dict[str, Any] | None:
         """The privacy fields of ``site``'s data (default: this trainer's own)."""
@@ -108,7 +119,8 @@ class SiteTrainer:
                 # costs no privacy (a proximal loss term would be wiped out by DP-SGD).
                 for pname, p in self.model.named_parameters():
                     if p.grad is not None and pname in global_state:
-                        p.grad.add_(p.detach() - global_state[pname].to(p.dtype), alpha=mu)
+                        w_global = global_state[pname].to(p.device, p.dtype)
+                        p.grad.add_(p.detach() - w_global, alpha=mu)
             self.optimizer.step()
             self.steps_done += 1
             if on_step is not None:
@@ -124,8 +136,9 @@ class SiteTrainer:
         return self.state_dict(), metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """A detached copy of the weights (safe to send or keep while training goes on)."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A detached CPU copy of the weights (safe to send, save or keep while training goes
+        on, whatever the training device)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def _set_lr(self) -> None:
         lr = self.cfg.train.lr
@@ -140,13 +153,13 @@ class SiteTrainer:
         split = self.train_split
         if self.privacy is not None:
             idx, groups = self.privacy.sample_batch()
-            images, labels = self._load(split, idx)
+            images, labels = self._load(split, idx, self.device)
             stats = self.privacy.step_gradients(
                 self.model, self.loss_fn, images, labels, torch.as_tensor(groups)
             )
             return float(stats.get("loss", math.nan))
         idx = self._next_batch()
-        images, labels = self._load(split, idx)
+        images, labels = self._load(split, idx, self.device)
         # The loss is a mean of per-sample losses, so slices can pass in chunks of at most
         # train.chunk_slices with accumulated gradients: the same step, bounded memory (a
         # pooled batch of 96 MoNet slices at 256² took over 23 GiB in one pass).
@@ -171,7 +184,9 @@ class SiteTrainer:
         return batch
 
     @staticmethod
-    def _load(split: Any, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(
+        split: Any, idx: np.ndarray, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(idx, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
         inverse = np.empty_like(order)
@@ -179,7 +194,10 @@ class SiteTrainer:
         sorted_idx = idx[order]  # memory-mapped reads are faster in file order
         images = np.asarray(split.images[sorted_idx], dtype=np.float32)[inverse]
         labels = np.asarray(split.labels[sorted_idx], dtype=np.float32)[inverse]
-        return torch.from_numpy(images)[:, None], torch.from_numpy(labels)[:, None]
+        return (
+            torch.from_numpy(images)[:, None].to(device),
+            torch.from_numpy(labels)[:, None].to(device),
+        )
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(

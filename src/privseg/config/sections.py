@@ -1,29 +1,15 @@
-"""One typed, validated configuration for every privseg command.
-
-The config is a tree of dataclasses. It is read from a TOML file, then CLI overrides
-(``section.field=value``) are applied, then every field is validated. A bad value raises
-:class:`~privseg.errors.ConfigError` naming the field, the value and what is allowed.
-"""
+"""The sections of the config (``[data]``, ``[model]``, ...): one dataclass each, every field
+with its rule; :class:`privseg.config.Config` assembles them."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import tomllib
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from privseg.errors import ConfigError
-from privseg.typed_config import (
-    apply_override,
-    build,
-    dumps_toml,
-    none_to_string,
-    rule,
-    set_path,
-    validate,
-)
+from privseg.typed_config import rule
 
 ModelName = Literal["unet", "monet"]
 Partition = Literal["auto", "mapping", "iid", "non-iid"]
@@ -31,13 +17,16 @@ SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
 Accountant = Literal["prv", "rdp"]
 PrivacyUnit = Literal["slice", "patient"]
-GradPath = Literal["batched", "loop", "opacus", "functorch"]
+GradPath = Literal["auto", "batched", "loop", "opacus", "functorch"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
 StudyCompute = Literal["equal", "as_configured"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
+#: What ``train.device`` may name (``privseg.device.resolve_device`` turns it into a device).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::\d+)?")
+DEVICE_VALUES = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
 
 
 @dataclass
@@ -185,6 +174,19 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata=rule(ge=0.0, le=1.0))
     threads: int = field(default=0, metadata=rule(ge=0, le=512, help="torch threads; 0 = all"))
+    device: str = field(
+        default="auto",
+        metadata=rule(
+            help="where models, batches, the DP step and evaluation run: auto (the first CUDA "
+            "GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+        ),
+    )
+
+    def check(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"train.device = {self.device!r} is invalid: allowed values are {DEVICE_VALUES}"
+            )
 
 
 @dataclass
@@ -207,7 +209,11 @@ class PrivacyConfig:
         metadata=rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
     )
     grad_path: GradPath = field(
-        default="batched", metadata=rule(help="per-sample gradient implementation")
+        default="auto",
+        metadata=rule(
+            help="per-sample gradient implementation; auto = the measured fastest on the "
+            "device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)"
+        ),
     )
     ledger_dir: str | None = field(
         default=None,
@@ -330,71 +336,3 @@ class StudyConfig:
                 f"study.epsilons = {self.epsilons!r} is invalid: expected a list of positive, "
                 "finite numbers (empty: one DP setting at privacy.noise_multiplier)"
             )
-
-
-@dataclass
-class Config:
-    """The whole configuration of a privseg run."""
-
-    seed: int = field(default=0, metadata=rule(ge=0, le=2**31 - 1))
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    federated: FederatedConfig = field(default_factory=FederatedConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-
-    # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Config:
-        cfg = build(cls, raw, prefix="")
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-        """Read TOML (or defaults when path is None), apply ``a.b=value`` overrides, validate."""
-        raw: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist")
-            try:
-                raw = tomllib.loads(p.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-        for item in overrides or []:
-            apply_override(raw, item)
-        return cls.from_dict(raw)
-
-    def with_overrides(self, overrides: list[str]) -> Config:
-        """A validated copy with ``a.b=value`` overrides applied (``--set`` over a preset)."""
-        raw = self.to_dict()
-        for item in overrides:
-            apply_override(raw, item)
-        return Config.from_dict(raw)
-
-    def replace(self, **changes: Any) -> Config:
-        """Return a validated copy with dotted-path changes, e.g. ``{"privacy.enabled": True}``."""
-        raw = self.to_dict()
-        for key, value in changes.items():
-            set_path(raw, key.replace("__", "."), value)
-        return Config.from_dict(raw)
-
-    def validate(self) -> None:
-        validate(self, prefix="")
-        if not self.study.epsilons and self.privacy.noise_multiplier is None:
-            raise ConfigError(
-                "study.epsilons = [] is invalid with privacy.noise_multiplier unset: the DP "
-                "setting then runs at the configured noise; set privacy.noise_multiplier or "
-                "list target epsilons"
-            )
-
-    # ---- output -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_toml(self) -> str:
-        """TOML has no null: an unset optional field is written as the string "none"."""
-        return dumps_toml(none_to_string(self.to_dict()))

@@ -1,0 +1,72 @@
+"""Per-slice gradients from Opacus, for the ``"opacus"`` and ``"functorch"`` grad paths.
+
+Opacus's ``GradSampleModule`` wraps the caller's model for one pass only: its hooks and
+per-sample attributes are removed afterwards, so the model is left as it was (same parameter
+tensors, same ``p.grad``). Clipping and noise stay in :mod:`privseg.privacy.dp_sgd`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def opacus_per_sample(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    functorch: bool,
+) -> tuple[list[torch.Tensor], float]:
+    """(one ``[n, *p.shape]`` gradient per parameter in ``params``, the mean slice loss) from
+    one batched pass with Opacus hooks (``functorch``: ``vmap(grad)`` for every layer)."""
+    from opacus import GradSampleModule
+
+    if not model.training:
+        name = "functorch" if functorch else "opacus"
+        raise ValueError(
+            f"grad_path {name!r} needs model.train(): Opacus only capture activations "
+            "in training mode"
+        )
+    saved = [p.grad for p in params]
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=functorch)
+    try:
+        per_sample = loss_fn(gsm(images), labels)
+        loss = float(per_sample.detach().mean())
+        with warnings.catch_warnings():
+            # images never require grad, so Opacus's full backward hooks always say so
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            per_sample.sum().backward()
+        per_slice = [
+            p.new_zeros((len(images), *p.shape))
+            if getattr(p, "grad_sample", None) is None
+            else p.grad_sample
+            for p in params
+        ]
+    finally:
+        gsm.remove_hooks()
+        _strip_opacus_attrs(model)
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+    return per_slice, loss
+
+
+def _strip_opacus_attrs(model: nn.Module) -> None:
+    for p in model.parameters():
+        for name in ("grad_sample", "_current_grad_sample", "_forward_counter"):
+            if hasattr(p, name):
+                delattr(p, name)
+    for m in model.modules():
+        for name in (
+            "activations",
+            "max_batch_len",
+            "autograd_grad_sample_hooks",
+            "ft_compute_sample_grad",
+        ):
+            if name in m.__dict__:
+                delattr(m, name)
