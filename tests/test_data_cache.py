@@ -14,6 +14,7 @@ import privseg.data.prepare as prepare_module
 from privseg.config import DataConfig
 from privseg.data.cache import SliceCache, SliceSplit
 from privseg.data.msd import load_case, read_task
+from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.data.preprocess import image_to_model_input
 from privseg.errors import DataError
@@ -183,3 +184,12 @@ def test_non_iid_partition_shifts_site_intensities(phantom_dir: Path, tmp_path: 
         assert not np.array_equal(images, image_to_model_input(hu, cfg).astype(np.float16))
     iid = prepare_cache(phantom_dir, tmp_path / "iid", replace(cfg, partition="iid"), seed=0)
     assert iid.manifest["intensity_shift"] == {}
+
+
+def test_a_site_too_small_for_a_validation_split_still_prepares(tmp_path):
+    """2 patients a site: one trains, one tests, none validates (was a reshape traceback)."""
+    task = synth_task(tmp_path / "task", sites=2, patients_per_site=2, size=32, slices=8)
+    cache = prepare_cache(task, tmp_path / "cache", DataConfig(resolution=16, sites=2), seed=0)
+    counts = cache.counts()
+    assert all(counts[s]["val"]["slices"] == 0 for s in cache.sites), counts
+    assert all(counts[s]["train"]["slices"] > 0 for s in cache.sites), counts

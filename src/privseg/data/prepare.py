@@ -308,5 +308,5 @@ def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: i
         "cases": cases,
         "patients": len(ids),
         "slices": int(len(labels)),
-        "foreground": int(labels.reshape(len(labels), -1).any(axis=1).sum()),
+        "foreground": int(np.any(labels, axis=tuple(range(1, labels.ndim))).sum()),
     }
