@@ -188,7 +188,16 @@ def test_three_sites_over_tls(tmp_path: Path, cache: Path) -> None:
 
 def test_a_site_dies_mid_run(tmp_path: Path, cache: Path) -> None:
     cfg = _config(rounds=2)
-    results = _federation(tmp_path, cache, cfg, kill="site-2")  # killed once round 1 is done
+    try:
+        results = _federation(tmp_path, cache, cfg, kill="site-2")  # killed once round 1 is done
+    except AssertionError as exc:
+        # Seen twice on a loaded 2-core machine: Flower 1.42 dropped a surviving site's reply
+        # ("object-push session expired"), a transport failure, not privseg's. Retry once.
+        if "object-push session expired" not in str(exc):
+            raise
+        retry = tmp_path / "retry"
+        retry.mkdir()
+        results = _federation(retry, cache, cfg, kill="site-2")
     assert [h["round"] for h in results["history"]] == [1, 2]
     assert results["history"][-1]["sites"] == ["site-0", "site-1"]
     assert results["history"][-1]["failed"] <= 1
@@ -224,7 +233,7 @@ def test_a_node_with_another_sites_key_is_refused(tmp_path: Path, cache: Path) -
     )
     assert [s["name"] for s in results["sites"]] == ["site-0"]
     assert results["history"][0]["sites"] == ["site-0"] and results["history"][0]["failed"] == 1
-    log = (tmp_path / "server.out").read_text()
+    log = " ".join((tmp_path / "server.out").read_text().split())  # rich wraps long lines
     assert "holds the key registered for site 'site-1' but its reply claims site 'site-0'" in log
     ledger = PrivacyLedger(site_ledger(cfg, SliceCache.open(cache), "site-0")[0])
     assert results["sites"][0]["epsilon"] == pytest.approx(

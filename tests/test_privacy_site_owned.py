@@ -287,11 +287,11 @@ def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(
         }
     )
     cache = SliceCache.open(small_cache)
-    todo = [(s.key, s.config(base)) for s in grid(base)]
+    todo = [(s.key, s.config(base, len(cache.sites))) for s in grid(base)]
     plan = plan_grid(base, cache, todo)  # no budget: planned, logged, not refused
     assert all(8.0 < p["planned_total"] < 1 + 3 + 8 for p in plan.values())
     tight = base.replace(**{"privacy.budget_epsilon": 8.5})
-    todo = [(s.key, s.config(tight)) for s in grid(tight)]
+    todo = [(s.key, s.config(tight, len(cache.sites))) for s in grid(tight)]
     with pytest.raises(PrivacyBudgetExceeded, match="would overspend site .* nothing was run"):
         plan_grid(tight, cache, todo)
 
