@@ -1,10 +1,11 @@
 """Benchmark (issue 18): the paper's preset as a federated DP study on the phantom, on a device.
 
-The preset (Knolle et al., PLOS ONE 2021): MoNet, 256 x 256, federated averaging after every
-batch (``federated.local_steps = 1``), unweighted FedAvg, batch 32 (the Poisson mean), clip norm
-1.2, noise multiplier 0.38, Adam lr 1e-3 (constant), RDP accounting, one slice per privacy
-unit, delta 1e-5. It runs privseg's own federated training (``privseg.runs.train.train``,
-mode federated) on the built-in phantom, so the numbers are those of ``privseg train``.
+The preset (``privseg run --preset paper``; Ziller et al. 2021): MoNet, 256 x 256, federated
+averaging after every batch (``federated.local_steps = 1``), unweighted FedAvg, batch 32 (the
+Poisson mean), clip norm 1.2, noise multiplier 0.38, Adam lr 1e-3 decayed to 1e-4, RDP
+accounting, one slice per privacy unit, delta 1e-5. It runs privseg's own federated training
+(``privseg.runs.train.train``, mode federated) on the built-in phantom, so the numbers are
+those of ``privseg train``.
 
 Printed (and with ``--json`` written): training slices per second (``sites x local_steps x
 batch`` expected slices per round over the rounds' train phase, Flower's in-process message
@@ -28,24 +29,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-PAPER = {
-    "model.name": "monet",
-    "data.resolution": 256,
-    "federated.local_steps": 1,
-    "federated.strategy": "fedavg",
-    "federated.weighted": False,
-    "train.batch_size": 32,
-    "train.lr": 1e-3,
-    "train.lr_schedule": "constant",
-    "train.weight_decay": 0.0,
-    "privacy.enabled": True,
-    "privacy.max_grad_norm": 1.2,
-    "privacy.noise_multiplier": 0.38,
-    "privacy.target_epsilon": None,
-    "privacy.accountant": "rdp",
-    "privacy.unit": "slice",
-    "privacy.delta": 1e-5,
-}
+
+def paper() -> Any:
+    """The paper preset (one place: ``privseg.runs.study.paper_preset``) with DP on."""
+    from privseg.config import Config
+    from privseg.runs.study import paper_preset
+
+    return paper_preset(Config()).replace(**{"privacy.enabled": True})
+
+
 #: --tiny: the same code path in about a minute on two CPU cores
 TINY = {"sites": 2, "patients": 5, "slices": 8, "size": 32, "resolution": 32, "rounds": 2,
         "batch": 8, "features": 8}  # fmt: skip
@@ -58,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--patients", type=int, default=40, help="phantom patients per site")
     ap.add_argument("--slices", type=int, default=32, help="phantom slices per patient")
     ap.add_argument("--size", type=int, default=128, help="phantom in-plane voxels")
-    ap.add_argument("--resolution", type=int, default=PAPER["data.resolution"])
+    ap.add_argument("--resolution", type=int, default=256, help="paper: 256")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=PAPER["train.batch_size"])
+    ap.add_argument("--batch", type=int, default=32, help="paper: 32")
     ap.add_argument("--features", type=int, default=16, help="MoNet's first level (paper: 16)")
     ap.add_argument(
         "--simulation",
@@ -76,11 +68,8 @@ def parser() -> argparse.ArgumentParser:
 
 def config(args: argparse.Namespace) -> Any:
     """The paper preset at this benchmark's sizes and device (a validated privseg Config)."""
-    from privseg.config import Config
-
-    return Config().replace(
+    return paper().replace(
         **{
-            **PAPER,
             "data.resolution": args.resolution,
             "data.sites": args.sites,
             "train.batch_size": args.batch,
@@ -148,7 +137,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         **summarise(results, cfg, args),
         "prepare_seconds": prep_s,
-        "preset": {**PAPER, **{k: getattr(args, k) for k in ("resolution", "batch", "features")}},
+        "config": cfg.to_dict(),
         "sites": args.sites,
         "patients_per_site": args.patients,
         "rounds": args.rounds,
