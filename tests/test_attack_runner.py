@@ -76,6 +76,20 @@ def test_dp_setting_makes_it_t3_with_epsilon(tmp_path: Path) -> None:
     assert res["targets"][0]["mask_dice"] is not None
 
 
+@pytest.mark.parametrize("mask", ["joint", "given", "predicted"])
+def test_the_attack_runs_on_a_two_class_model(mask: str) -> None:
+    """With data.classes the server's model has one output per class; the site's update and
+    the attacker's masks have as many channels, and the audit plays on them too."""
+    x, y = phantom(24)
+    bits = y[:, 0].numpy().astype(np.uint8)
+    bits[:, R // 3 : R // 2, R // 3 : R // 2] |= 2  # a second class inside the first
+    model = TinySeg()
+    model.head = torch.nn.Conv2d(8, 2, 1)
+    cfg = _cfg(**{"attack.targets": 1, "attack.mask": mask, "data.classes": {"a": [1], "b": [2]}})
+    res = run_attack_on_model(model, x[:, 0].numpy(), bits, cfg=cfg)
+    assert len(res["targets"]) == 1 and np.isfinite(res["psnr_median"])
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished-looking run folder: a small phantom cache, a U-Net checkpoint, results."""

@@ -49,9 +49,12 @@ def test_model_input_of_a_slice_ignores_the_rest_of_the_volume() -> None:
 
 def test_label_mapping() -> None:
     label = np.array([0, 1, 2, 3])
-    assert map_labels(label).tolist() == [0, 1, 1, 1]
-    assert map_labels(label, [2]).tolist() == [0, 0, 1, 0]
-    assert map_labels(label, [1, 2]).tolist() == [0, 1, 1, 0]
+    assert map_labels(label, DataConfig()).tolist() == [0, 1, 1, 1]
+    assert map_labels(label, DataConfig(labels=[2])).tolist() == [0, 0, 1, 0]
+    assert map_labels(label, DataConfig(labels=[1, 2])).tolist() == [0, 1, 1, 0]
+    # overlapping classes: bit 0 liver (1 or 2), bit 1 tumour (2)
+    two = DataConfig(classes={"liver": [1, 2], "tumour": [2]})
+    assert map_labels(label, two).tolist() == [0, 1, 3, 0]
 
 
 def test_slice_policy_foreground_keeps_fraction_of_empty_slices() -> None:

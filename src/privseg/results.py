@@ -57,6 +57,7 @@ SITE_KEYS = (
     "assd",
     "assd_units",
     "patients",
+    "classes",
     *PRIVACY_KEYS,
 )
 SITE_OPTIONAL_KEYS = ("cross", "completed", "epsilon_lower_bound")
@@ -68,6 +69,7 @@ RUN_KEYS = (
     "sites",
     "dice_mean",
     "dice_sd",
+    "classes",
     "hd95_units",
     "assd_units",
     "epsilon_max",
@@ -148,6 +150,8 @@ class SiteResult:
     hd95_units: str = NATIVE_UNITS
     assd_units: str = NATIVE_UNITS
     patients: list[dict[str, Any]] = field(default_factory=list)
+    # per class (data.classes; one "foreground" by default): {name: {dice, dice_sd, hd95, assd}}
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None
     cross: dict[str, float] | None = None  # local-only: Dice on the other sites' test splits
     completed: bool | None = None  # federated: the site answered the final test evaluation
@@ -168,6 +172,10 @@ class SiteResult:
             hd95_units=str(test.get("hd95_units", NATIVE_UNITS)),
             assd_units=str(test.get("assd_units", NATIVE_UNITS)),
             patients=list(test.get("patients", [])),
+            classes={
+                str(n): {k: as_float(v) for k, v in m.items()}
+                for n, m in dict(test.get("classes") or {}).items()
+            },
             privacy=privacy,
         )
 
@@ -182,6 +190,7 @@ class SiteResult:
             "assd": self.assd,
             "assd_units": self.assd_units,
             "patients": self.patients,
+            "classes": self.classes,
         }
         if self.completed is not None:
             entry["completed"] = self.completed
@@ -241,6 +250,25 @@ class RunResult:
         dice = self._dice()
         return float(np.nanstd(dice)) if dice else math.nan
 
+    @property
+    def classes(self) -> dict[str, dict[str, float]]:
+        """Per class: Dice mean and SD over all test patient volumes (site means when no
+        patient carries the class's own Dice, as in a deployment's scalar replies)."""
+        names = list(dict.fromkeys(n for s in self.sites for n in s.classes))
+        out = {}
+        for name in names:
+            dice = [
+                p["classes"][name]["dice"] if "classes" in p else p["dice"]
+                for s in self.sites
+                if name in s.classes
+                for p in s.patients
+            ] or [s.classes[name].get("dice", math.nan) for s in self.sites if name in s.classes]
+            out[name] = {
+                "dice_mean": nanmean(dice),
+                "dice_sd": float(np.nanstd(dice)) if dice else math.nan,
+            }
+        return out
+
     def units(self, metric: str) -> str | None:
         """The sites' common units of ``metric`` ("hd95" or "assd"); "mixed" if they differ."""
         found = {getattr(s, f"{metric}_units") for s in self.sites}
@@ -269,6 +297,7 @@ class RunResult:
             "sites": [s.to_dict() for s in self.sites],
             "dice_mean": self.dice_mean,
             "dice_sd": self.dice_sd,
+            "classes": self.classes,
             "hd95_units": self.units("hd95"),
             "assd_units": self.units("assd"),
             "epsilon_max": self.epsilon_max,

@@ -90,6 +90,14 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{name} = {value!r} is invalid: expected a list")
         return [_coerce(item_tp, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} = {value!r} is invalid: expected a table {{key = value}}")
+        return {
+            _coerce(key_tp, k, f"{name} key {k!r}"): _coerce(item_tp, v, f"{name}.{k}")
+            for k, v in value.items()
+        }
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -166,6 +174,8 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (keys are plain names, checked by the config)
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 

@@ -336,7 +336,7 @@ def anchor_scale(x: torch.Tensor, labels: torch.Tensor) -> None:
     """Rescale each dummy in place so the organ under its mask has the public prior intensity
     :data:`ORGAN_PRIOR` (the 99th percentile :data:`BRIGHT_PRIOR` for an empty mask)."""
     for b in range(x.shape[0]):
-        m = labels[b] > 0.5
+        m = labels[b].amax(0, keepdim=True) > 0.5  # any class: the organ (with its lesions)
         if bool(m.any()):
             level, want = x[b][m].mean(), ORGAN_PRIOR
         else:
@@ -362,8 +362,9 @@ def _one_restart(
     prior = x.detach().clone()
     variables = [x]
     mask_logits = None
-    if threat.mask == "joint":
-        mask_logits = (0.1 * torch.randn(shape, generator=generator)).to(device)
+    if threat.mask == "joint":  # one mask channel per class (the model's outputs)
+        out = _labels(model, params0, x, "predicted", None, None)
+        mask_logits = (0.1 * torch.randn(out.shape, generator=generator)).to(device)
         mask_logits.requires_grad_(True)
         variables.append(mask_logits)
     labels0 = _labels(model, params0, x, threat.mask, given, mask_logits).detach()

@@ -22,6 +22,7 @@ from privseg.attack.audit import audit_model
 from privseg.attack.inversion import default_loss, reconstruct, simulate_site_update
 from privseg.attack.threat import ThreatModel
 from privseg.config import Config
+from privseg.data.classes import bits_to_target
 from privseg.errors import DataError
 from privseg.io import atomic_write_bytes, write_json
 from privseg.privacy.plan import DPPlan
@@ -151,7 +152,7 @@ def run_attack_on_model(
     seed = cfg.seed if seed is None else seed
     loss_fn = loss_fn if loss_fn is not None else default_loss()
     x_all = torch.as_tensor(np.asarray(images, dtype=np.float32))
-    y_all = torch.as_tensor(np.asarray(labels, dtype=np.float32))
+    y_all = bits_to_target(labels, cfg.data.n_classes)  # [N, C, R, R], C = data.classes
     pats = None if patients is None else np.asarray(patients)
     n = len(x_all)
     if threat is None:
@@ -170,7 +171,7 @@ def run_attack_on_model(
         def on_iteration(i: int, n: int, t: int = t) -> None:
             progress(f"attack{label}: target {t + 1}/{len(batches)}", t * n + i, len(batches) * n)
 
-        x, y = x_all[idx][:, None], y_all[idx][:, None]
+        x, y = x_all[idx][:, None], y_all[idx]
         payload = simulate_site_update(
             model, x.to(device), y.to(device), threat, loss_fn=loss_fn, generator=victim_gen
         )
@@ -257,7 +258,7 @@ def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str
     from privseg.models import initial_model
 
     if cfg.attack.round == "first" or final is None:
-        model = initial_model(cfg.model, cfg.seed).eval()
+        model = initial_model(cfg.model, cfg.seed, cfg.data.n_classes).eval()
         return model, f"round 1: the initial global model (seed {cfg.seed})"
     return final, "the run's final global model"
 
@@ -275,7 +276,7 @@ def audit_setting(
     return audit_model(
         model,
         split.images,
-        split.labels,
+        bits_to_target(split.labels, cfg.data.n_classes),
         clip_norm=float(dp["clip_norm"]) if dp else cfg.privacy.max_grad_norm,
         noise_multiplier=float(dp["noise_multiplier"]) if dp else 0.0,
         epsilon=dp.get("epsilon") if dp else None,

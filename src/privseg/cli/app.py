@@ -8,6 +8,7 @@ from privseg.cli import attack as attack_cli
 from privseg.cli import budget as budget_cli
 from privseg.cli import config as config_cli
 from privseg.cli import data as data_cli
+from privseg.cli import export as export_cli
 from privseg.cli import federated as federated_cli
 from privseg.cli import predict as predict_cli
 from privseg.cli import study as study_cli
@@ -37,7 +38,7 @@ app.command("train")(train_cli.train)
 
 # Subcommand groups whose modules own their registration (one module per subcommand group).
 app.add_typer(data_cli.app, name="data")
-for _module in (budget_cli, federated_cli, attack_cli, study_cli, predict_cli):
+for _module in (budget_cli, federated_cli, attack_cli, study_cli, predict_cli, export_cli):
     _module.register(app)
 
 

@@ -1,29 +1,70 @@
-"""`privseg predict`: segment a CT volume with a trained checkpoint."""
+"""`privseg predict`: segment CT volumes (NIfTI files or DICOM series) with a checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from privseg.cli.common import DeviceOption, OverwriteOption, console, user_errors
+from privseg.cli.common import DeviceOption, OverwriteOption, console, progress_bar, user_errors
+
+MASK_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _describe(stats: dict[str, Any]) -> str:
+    counts = stats["class_voxels"]
+    voxels = (
+        f"{stats['foreground_voxels']} foreground voxels"
+        if list(counts) == ["foreground"]
+        else ", ".join(f"{n} {v} voxels" for n, v in counts.items())
+    )
+    extra = [v for k, v in stats["files"].items() if k != "mask"]
+    also = f" (also {', '.join(extra)})" if extra else ""
+    return f"wrote {stats['files']['mask']}: {voxels} in {stats['slices']} slices{also}"
 
 
 @user_errors
 def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt of a run."),
-    image: Path = typer.Option(..., "--image", help="CT volume (.nii or .nii.gz)."),
-    out: Path = typer.Option(..., "--out", help="Mask to write (.nii.gz or .nii)."),
+    image: Path = typer.Option(
+        ...,
+        "--image",
+        help="A CT: a .nii/.nii.gz file or a DICOM series folder; or a folder of them "
+        "(NIfTI files or one subfolder per series) when --out is a folder.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="Mask to write (.nii.gz or .nii); a folder (created) for a folder of CTs: "
+        "<case>.nii.gz each.",
+    ),
+    probabilities: bool = typer.Option(
+        False,
+        "--probabilities",
+        help="Also write <mask>_prob.nii.gz: one sigmoid probability per class (4th axis), "
+        "steps of 1/255.",
+    ),
+    preview: bool = typer.Option(
+        False, "--preview", help="Also write <mask>_preview.png: 4 slices, each class outlined."
+    ),
     overwrite: bool = OverwriteOption,
     device: str | None = DeviceOption,
 ) -> None:
-    """Apply the model slice by slice; write a mask with the input's affine and header."""
-    from privseg.inference import segment_nifti
+    """Apply the model slice by slice; each mask has its input's grid and affine and the
+    label values of the training data (data.classes)."""
+    from privseg.inference import segment_folder, segment_nifti
 
-    stats = segment_nifti(checkpoint, image, out, overwrite=overwrite, device=device or "auto")
-    console.print(
-        f"wrote {out}: {stats['foreground_voxels']} foreground voxels in {stats['slices']} slices"
-    )
+    options = {"overwrite": overwrite, "device": device or "auto"}
+    options |= {"probabilities": probabilities, "preview": preview}
+    if not image.is_dir() or out.name.lower().endswith(MASK_SUFFIXES):  # one CT
+        console.print(_describe(segment_nifti(checkpoint, image, out, **options)))
+        return
+    with progress_bar() as bar:
+        results = segment_folder(checkpoint, image, out, progress=bar, **options)
+    for stats in results:
+        console.print(_describe(stats))
+    console.print(f"{len(results)} CT(s) segmented into {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -60,6 +60,15 @@ class DataConfig:
     labels: list[int] = field(
         default_factory=list, metadata=rule(help="label values kept as foreground; [] = all > 0")
     )
+    classes: dict[str, list[int]] = field(
+        default_factory=dict,
+        metadata=rule(
+            help=(
+                "segmentation classes as label values, e.g. {liver = [1, 2], tumour = [2]} "
+                "(may overlap: one sigmoid channel each); {} = one class, data.labels"
+            )
+        ),
+    )
     slice_policy: SlicePolicy = field(
         default="foreground", metadata=rule(help="all slices, or foreground + some empty")
     )
@@ -109,12 +118,34 @@ class DataConfig:
             )
         if any(v <= 0 for v in self.labels):
             raise ConfigError(f"data.labels = {self.labels!r} is invalid: label values must be > 0")
+        self._check_classes()
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError(
                 f"data.val_fraction + data.test_fraction = "
                 f"{self.val_fraction + self.test_fraction:g} is invalid: must be < 1 "
                 "so that some patients are left for training"
             )
+
+    @property
+    def n_classes(self) -> int:
+        """Output channels of the network: one per class, one for the merged foreground."""
+        return len(self.classes) or 1
+
+    def _check_classes(self) -> None:
+        if not self.classes:
+            return
+        why = None
+        if self.labels:
+            why = "set data.labels = [] (each class names its own label values)"
+        elif len(self.classes) > 8:
+            why = "at most 8 classes"  # a uint8 bit set per pixel
+        for name, values in self.classes.items():
+            if not name[:1].isalpha() or not name.replace("_", "").replace("-", "").isalnum():
+                why = f"class name {name!r} must start with a letter and hold only a-z, 0-9, _, -"
+            elif not values or any(v <= 0 for v in values):
+                why = f"class {name!r} needs one or more label values > 0"
+        if why:
+            raise ConfigError(f"data.classes = {self.classes!r} is invalid: {why}")
 
 
 @dataclass

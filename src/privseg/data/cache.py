@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from privseg.config import DataConfig
+from privseg.data.classes import Classes
 from privseg.data.preprocess import PlaneTransform, mask_to_image_space
 from privseg.data.sites import SPLITS
 from privseg.errors import DataError
@@ -54,16 +56,17 @@ class NativeGrid:
     plane: PlaneTransform | None = None
 
     def to_native(self, mask: np.ndarray) -> np.ndarray:
-        """A model-grid mask ``[Z, R, R]`` of this case -> bool ``[X, Y, Z]`` on its grid."""
-        return mask_to_image_space(mask, self.shape, self.plane) > 0
+        """A model-grid mask ``[Z, R, R]`` of this case -> uint8 ``[X, Y, Z]`` on its grid
+        (class bit sets, as the cache's labels)."""
+        return mask_to_image_space(mask, self.shape, self.plane)
 
     def label(self) -> np.ndarray:
-        """The binary foreground label, bool ``[X, Y, Z]`` on the original grid."""
+        """The label as class bit sets, uint8 ``[X, Y, Z]`` on the original grid."""
         if self.label_path is None:
             raise DataError("this case has no label on its original grid in the cache")
         try:
             with np.load(self.label_path) as data:
-                label = data["label"].astype(bool)
+                label = data["label"].astype(np.uint8)  # format 3 wrote bool: bit 0
         except (OSError, ValueError, KeyError, EOFError) as exc:
             raise DataError(f"cache file {self.label_path} is missing or corrupt: {exc}") from exc
         if label.shape != self.shape:
@@ -77,11 +80,12 @@ class SliceSplit:
 
     site: str
     images: np.ndarray  # float16 [N, R, R] in [0, 1], memory-mapped when read from a cache
-    labels: np.ndarray  # uint8 [N, R, R], 0/1
+    labels: np.ndarray  # uint8 [N, R, R], class bit sets (one class: 0/1)
     patient: np.ndarray  # int [N]
     z: np.ndarray  # int [N], slice index in the canonical volume
     patient_ids: list[str]
     native: dict[str, NativeGrid] = dataclasses.field(default_factory=dict)  # by patient id
+    classes: Classes | None = None  # what the label bits mean (None: not from a cache)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -108,6 +112,7 @@ class SliceSplit:
             z=np.concatenate([s.z for s in splits]),
             patient_ids=[pid for s in splits for pid in s.patient_ids],
             native={pid: g for s in splits for pid, g in s.native.items()},
+            classes=splits[0].classes,
         )
 
 
@@ -127,6 +132,13 @@ class SliceCache:
     @property
     def sites(self) -> list[str]:
         return list(self.manifest["sites"])
+
+    @property
+    def classes(self) -> Classes:
+        """The classes its labels were encoded with (``data.classes`` at prepare time)."""
+        data = self.manifest["settings"]["data"]
+        table = {str(k): list(v) for k, v in dict(data.get("classes") or {}).items()}
+        return Classes.of(DataConfig(labels=list(data.get("labels") or []), classes=table))
 
     @property
     def resolution(self) -> int:
@@ -159,7 +171,11 @@ class SliceCache:
         entry = self.manifest["sites"][site][split]
         ids = list(entry["patient_ids"])
         return SliceSplit(
-            site=site, patient_ids=ids, native=_native_grids(folder, entry, ids), **arrays
+            site=site,
+            patient_ids=ids,
+            native=_native_grids(folder, entry, ids),
+            classes=self.classes,
+            **arrays,
         )
 
 

@@ -274,7 +274,7 @@ def _slice_case(
             "spacing": list(volume.spacing),
             "plane": plane.to_dict(),
         },
-        "native_label": map_labels(volume.label, cfg.labels) if native else None,
+        "native_label": map_labels(volume.label, cfg) if native else None,
     }
 
 

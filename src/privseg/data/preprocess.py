@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from privseg.config import DataConfig
+from privseg.data.classes import Classes
 
 
 def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -29,10 +30,9 @@ def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def map_labels(label: np.ndarray, keep: Sequence[int] = ()) -> np.ndarray:
-    """Binary foreground: every value > 0 when ``keep`` is empty, else only the listed values."""
-    fg = label > 0 if not keep else np.isin(label, list(keep))
-    return fg.astype(np.uint8)
+def map_labels(label: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Label values -> the uint8 class bit set of ``cfg`` (one class: the 0/1 foreground)."""
+    return Classes.of(cfg).encode(label)
 
 
 def _resize(stack: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -131,13 +131,14 @@ class PlaneTransform:
         return out
 
     def to_image(self, mask: np.ndarray) -> np.ndarray:
-        """Model masks ``[Z, R, R]`` -> uint8 ``[Z, X, Y]`` on the original in-plane grid."""
+        """Model masks ``[Z, R, R]`` (0/1 or class bit sets) -> uint8 ``[Z, X, Y]`` on the
+        original in-plane grid, values kept."""
         r = self.resolution
         if mask.ndim != 3 or mask.shape[1:] != (r, r):
             raise ValueError(f"mask shape {mask.shape} is not [Z, {r}, {r}]")
         canvas = np.zeros((len(mask), *self.size), dtype=np.uint8)
         mx, my, rx, ry = self._window()
-        canvas[:, rx, ry] = np.asarray(mask)[:, mx, my] > 0
+        canvas[:, rx, ry] = np.asarray(mask)[:, mx, my]  # class bit sets survive nearest
         return _resize(canvas, self.shape, "nearest")
 
 
@@ -157,9 +158,9 @@ def image_to_model_input(
 def label_to_model_target(
     label: np.ndarray, cfg: DataConfig, plane: PlaneTransform | None = None
 ) -> np.ndarray:
-    """A label volume [X, Y, Z] -> binary axial masks uint8 [Z, R, R]."""
+    """A label volume [X, Y, Z] -> axial class bit sets uint8 [Z, R, R] (see ``data.classes``)."""
     plane = plane or PlaneTransform.of(label.shape, None, cfg)
-    return plane.to_model(map_labels(np.moveaxis(label, -1, 0), cfg.labels), "nearest")
+    return plane.to_model(map_labels(np.moveaxis(label, -1, 0), cfg), "nearest")
 
 
 def mask_to_image_space(
@@ -210,7 +211,7 @@ def volume_to_slices(
     Slices are chosen on the full-resolution mask, so a small structure that vanishes when
     downsampled still counts as foreground.
     """
-    foreground = map_labels(label, cfg.labels).any(axis=(0, 1))
+    foreground = map_labels(label, cfg).any(axis=(0, 1))
     z = select_slices(foreground, cfg.slice_policy, cfg.empty_fraction, rng)
     images = image_to_model_input(image_hu[:, :, z], cfg, plane)
     masks = label_to_model_target(label[:, :, z], cfg, plane)

@@ -202,6 +202,8 @@ def site_evaluate(
         M.HD95: result.get("hd95"),
         M.N_PATIENTS: result.get("n_patients", len(result.get("patients", []))),
     }
+    for key, metrics in zip(M.CLASS_DICE, result.get("classes", {}).values(), strict=False):
+        out[key] = metrics.get("dice")
     out[M.NUM_EXAMPLES] = out[M.N_PATIENTS]
     if int(config.get(M.CFG_FINAL, 0)):
         privacy = trainer.privacy_summary()

@@ -68,6 +68,8 @@ VAL_DICE = "val_dice_nonprivate"
 DICE_SD = "dice_sd"
 HD95 = "hd95"
 N_PATIENTS = "n_patients"
+# mean test Dice of class k (data.classes order; the server knows the names from the config)
+CLASS_DICE = tuple(f"dice_class_{k}" for k in range(8))  # data.classes holds at most 8
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"
@@ -79,17 +81,20 @@ TRAIN_KEYS = frozenset(
     {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED, VAL_DICE}
 )
 PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
-EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *PRIVACY_SCALARS})
+EVAL_KEYS = frozenset(
+    {NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *CLASS_DICE, *PRIVACY_SCALARS}
+)
 # In a DP run nothing unaccounted leaves a site: no raw loss (unclipped, un-noised), no timing
 # (it reveals the Poisson batch sizes), no spread of the test Dice (with two test patients the
 # mean and sd give each patient's Dice). The train reply carries the weights, the example
 # count (the FedAvg weight), the site's epsilon, the decline flag and the non-private val Dice
 # (and with SecAgg+ the count of clipped update coordinates: a function of the DP-noised update,
 # i.e. post-processing, so covered by the guarantee);
-# the final test reply the mean test Dice (non-private), the patient count and the DP
+# the final test reply the mean test Dice per class and over classes (non-private, like the
+# Dice itself), the patient count and the DP
 # parameters, plus the release list (SITE record) so results.json can be re-checked.
 DP_TRAIN_KEYS = frozenset({NUM_EXAMPLES, EPSILON, DECLINED, VAL_DICE, SECAGG_CLIPPED})
-DP_EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, N_PATIENTS, *PRIVACY_SCALARS})
+DP_EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, N_PATIENTS, *CLASS_DICE, *PRIVACY_SCALARS})
 RELEASES = "releases"  # in the SITE record of a DP site's final test reply: JSON list
 
 

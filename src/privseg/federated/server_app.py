@@ -15,6 +15,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from privseg.config import Config
+from privseg.data.classes import Classes
+from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import load_state
 from privseg.results import PRIVACY_KEYS, RunResult, SiteResult
@@ -48,7 +50,10 @@ def build_results(
             if not completed:  # dropped out: what it last reported, it may have spent more
                 privacy["epsilon"] = last_eps.get(name)
         site = SiteResult.from_test(
-            name, rep.get("n_train", summary["n_train"].get(name)), rep.get("test", scal), privacy
+            name,
+            rep.get("n_train", summary["n_train"].get(name)),
+            rep.get("test") or _from_scalars(scal, cfg),
+            privacy,
         )
         site.completed = completed
         if privacy is not None:
@@ -65,6 +70,13 @@ def build_results(
         "secure_aggregation": fed.secure_aggregation,
     }
     return result
+
+
+def _from_scalars(scal: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """A site's test metrics from its scalar reply (a deployment: no report file here)."""
+    names = Classes.of(cfg.data).names
+    classes = {n: {"dice": scal[k]} for n, k in zip(names, M.CLASS_DICE, strict=False) if k in scal}
+    return {**scal, "classes": classes}
 
 
 def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str) -> None:

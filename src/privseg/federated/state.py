@@ -23,7 +23,7 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The round-0 global model (seeded, so simulation and deployment start alike)."""
     from privseg.models import initial_model
 
-    model = initial_model(cfg.model, cfg.seed)
+    model = initial_model(cfg.model, cfg.seed, cfg.data.n_classes)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

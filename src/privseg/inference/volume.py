@@ -1,19 +1,175 @@
-"""Inference on whole CT volumes with the same windowing and resizing as training."""
+"""Inference on whole CT volumes with the same windowing, spacing and classes as training.
+
+An input is a NIfTI file or a DICOM series folder; the mask is written in the input's own voxel
+grid and affine (for DICOM: the series' voxel order and RAS affine, as dicom2nifti writes it),
+with the label values of the training data (:meth:`~privseg.data.classes.Classes.output_values`).
+"""
 
 from __future__ import annotations
 
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from torch import nn
 
+from privseg.config import Config
 from privseg.io import atomic_write_bytes
 from privseg.output import check_output_file
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
+PREVIEW_SUFFIX = "_preview.png"
+PROBABILITY_SUFFIX = "_prob.nii.gz"
+
+
+@dataclass(frozen=True)
+class CTInput:
+    """A CT volume as the model sees it (canonical RAS, HU) and the grid its outputs go to."""
+
+    path: Path
+    hu: np.ndarray  # float32 [X, Y, Z] canonical RAS
+    zooms: tuple[float, float, float]  # mm per canonical axis
+    canonical_affine: np.ndarray
+    affine: np.ndarray  # the input's own grid: outputs are written on it
+    header: nib.Nifti1Header | None  # the NIfTI input's header (None for DICOM)
+
+
+def read_ct(path: str | Path, nan_hu: float | None) -> CTInput:
+    """A NIfTI file or a DICOM series folder, validated (a clear DataError naming it)."""
+    from privseg.data.dicom import read_dicom_series
+    from privseg.data.msd import canonical_data, open_nifti, replace_nan
+
+    path = Path(path)
+    if path.is_dir():
+        hu_series, affine = read_dicom_series(path)
+        original = nib.Nifti1Image(hu_series, affine)
+        header = None
+    else:
+        original = open_nifti(path)
+        affine, header = original.affine, original.header
+    hu, canonical = canonical_data(original, path)
+    hu = replace_nan(hu, path, nan_hu)
+    zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    return CTInput(path, hu, zooms, canonical.affine, np.asarray(affine), header)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def predict_ct(
+    model: nn.Module,
+    cfg: Config,
+    ct: CTInput,
+    *,
+    batch_size: int = 32,
+    threshold: float = 0.5,
+    probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(class bit sets uint8 ``[X, Y, Z]``, probabilities uint8 ``[C, X, Y, Z]`` in 1/255 or
+    None), both on the canonical grid. The slices go through the case's own plane transform
+    (``data.spacing``) and come back through its inverse, nearest neighbour."""
+    from privseg.data.classes import probabilities_to_bits
+    from privseg.data.preprocess import PlaneTransform, image_to_model_input, mask_to_image_space
+
+    plane = PlaneTransform.of(ct.hu.shape, ct.zooms, cfg.data)
+    slices = image_to_model_input(ct.hu, cfg.data, plane)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    bits, probs = [], []
+    for i in range(0, len(slices), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(slices[i : i + batch_size]))[:, None]
+        prob = torch.sigmoid(model(x.float().to(device)).float())
+        bits.append(probabilities_to_bits(prob, threshold))
+        if probabilities:
+            probs.append(torch.round(prob * 255).to(torch.uint8).cpu().numpy())
+    mask = mask_to_image_space(np.concatenate(bits), ct.hu.shape, plane)
+    if not probabilities:
+        return mask, None
+    stacked = np.concatenate(probs)  # [Z, C, R, R]
+    per_class = [
+        mask_to_image_space(np.ascontiguousarray(stacked[:, k]), ct.hu.shape, plane)
+        for k in range(stacked.shape[1])
+    ]
+    return mask, np.stack(per_class)
+
+
+def _to_input_grid(volume: np.ndarray, ct: CTInput) -> np.ndarray:
+    """A canonical ``[X, Y, Z, ...]`` array reoriented to the input's own voxel order."""
+    orig = nib.orientations.io_orientation(ct.affine)
+    can = nib.orientations.io_orientation(ct.canonical_affine)
+    return nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(can, orig))
+
+
+def _nifti_bytes(
+    data: np.ndarray, ct: CTInput, out: Path, dtype: type, scale: float = 1.0
+) -> bytes:
+    header = ct.header.copy() if ct.header is not None else nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data.astype(dtype), ct.affine, header)
+    img.header.set_slope_inter(scale, 0.0)
+    img.set_qform(ct.affine, code=1)
+    img.set_sform(ct.affine, code=1)
+    raw = img.to_bytes()  # in memory: no temporary file of our own to leave behind
+    return gzip.compress(raw) if out.name.lower().endswith(".gz") else raw
+
+
+def companions(out: Path, probabilities: bool, preview: bool) -> dict[str, Path]:
+    """The files written next to a mask ``out``: ``mask_prob.nii.gz``, ``mask_preview.png``."""
+    ending = next((s for s in MASK_SUFFIXES if out.name.lower().endswith(s)), "")
+    stem = out.name[: len(out.name) - len(ending)]  # a wrong suffix is refused by the claim
+    files = {"mask": out}
+    if probabilities:
+        files["probabilities"] = out.with_name(stem + PROBABILITY_SUFFIX)
+    if preview:
+        files["preview"] = out.with_name(stem + PREVIEW_SUFFIX)
+    return files
+
+
+def claim_outputs(files: dict[str, Path], inputs: list[Path], overwrite: bool) -> None:
+    """Check every output before any work: suffix, folder, never an input, no clobbering."""
+    for kind, path in files.items():
+        suffixes = {"preview": (".png",), "probabilities": (".nii.gz",)}.get(kind, MASK_SUFFIXES)
+        check_output_file(path, inputs=inputs, suffixes=suffixes, overwrite=overwrite)
+
+
+def write_outputs(
+    files: dict[str, Path], ct: CTInput, cfg: Config, mask: np.ndarray, probs: np.ndarray | None
+) -> dict[str, Any]:
+    """Write the label map (and probabilities, preview) on the input's grid, each atomically
+    and 0600 (patient data)."""
+    from privseg.data.classes import Classes
+
+    classes = Classes.of(cfg.data)
+    labels = _to_input_grid(classes.to_label_map(mask), ct)
+    atomic_write_bytes(files["mask"], _nifti_bytes(labels, ct, files["mask"], np.uint8))
+    if probs is not None and "probabilities" in files:
+        channels_last = _to_input_grid(np.moveaxis(probs, 0, -1), ct)  # [X, Y, Z, C]
+        data = _nifti_bytes(channels_last, ct, files["probabilities"], np.uint8, 1 / 255)
+        atomic_write_bytes(files["probabilities"], data)
+    if "preview" in files:
+        from privseg.inference.preview import preview_png
+
+        preview_png(files["preview"], ct.hu, mask, cfg.data.hu_window, classes.names, ct.zooms)
+    counts = {n: int(classes.channel(mask, k).sum()) for k, n in enumerate(classes.names)}
+    return {
+        "input": str(ct.path),
+        "files": {k: str(v) for k, v in files.items()},
+        "slices": int(mask.shape[2]),
+        "foreground_voxels": int((mask > 0).sum()),
+        "class_voxels": counts,
+    }
+
+
+def load_model(checkpoint: Path, device: str) -> tuple[nn.Module, Config]:
+    from privseg.device import resolve_device
+    from privseg.models.checkpoint import load_checkpoint
+
+    target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
+    model, cfg, _ = load_checkpoint(checkpoint)
+    return model.to(target), cfg
 
 
 def segment_nifti(
@@ -25,47 +181,22 @@ def segment_nifti(
     threshold: float = 0.5,
     overwrite: bool = False,
     device: str = "auto",
+    probabilities: bool = False,
+    preview: bool = False,
 ) -> dict[str, Any]:
-    """Segment ``image`` with ``checkpoint`` and write the mask NIfTI ``out`` atomically.
+    """Segment ``image`` (a NIfTI file or a DICOM series folder) and write the mask NIfTI
+    ``out`` (plus ``*_prob.nii.gz`` and ``*_preview.png`` when asked), atomically.
 
-    ``out`` is checked before any work: a NIfTI name in an existing folder, never the input,
-    an existing file only with ``overwrite``. ``device``: "auto", "cpu", "cuda" or "cuda:N"
-    (see :func:`privseg.device.resolve_device`).
+    Every output is checked before any work: a NIfTI name in an existing folder, never the
+    input, an existing file only with ``overwrite``. ``device``: "auto", "cpu", "cuda" or
+    "cuda:N" (see :func:`privseg.device.resolve_device`).
     """
-    from privseg.data.msd import load_image, replace_nan
-    from privseg.data.preprocess import image_to_model_input, mask_to_image_space
-    from privseg.device import resolve_device
-    from privseg.models.checkpoint import load_checkpoint
-
-    target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
     image, out = Path(image), Path(out)
-    check_output_file(out, inputs=[image, checkpoint], suffixes=MASK_SUFFIXES, overwrite=overwrite)
-    model, cfg, _ = load_checkpoint(checkpoint)
-    model.to(target)
-    # Predict in the canonical (RAS) frame the model was trained in, then map back.
-    hu, canonical = load_image(image)  # validated: a readable 3D NIfTI with a usable affine
-    hu = replace_nan(hu, image, cfg.data.nan_hu)
-    img = nib.load(image)
-    slices = image_to_model_input(hu, cfg.data)
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(slices), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(slices[i : i + batch_size]))[:, None]
-            prob = torch.sigmoid(model(x.float().to(target)))
-            preds.append((prob[:, 0] > threshold).cpu().numpy())
-    mask_canonical = mask_to_image_space(np.concatenate(preds).astype(np.uint8), hu.shape)
-    # Reorient to the input's own orientation so the mask overlays the input voxel for voxel.
-    orig_ornt = nib.orientations.io_orientation(img.affine)
-    can_ornt = nib.orientations.io_orientation(canonical.affine)
-    transform = nib.orientations.ornt_transform(can_ornt, orig_ornt)
-    mask = nib.orientations.apply_orientation(mask_canonical, transform).astype(np.uint8)
-    header = img.header.copy()
-    header.set_data_dtype(np.uint8)
-    result = nib.Nifti1Image(mask, img.affine, header)
-    result.set_qform(img.affine)
-    result.set_sform(img.affine)
-    data = result.to_bytes()  # in memory: no temporary file of our own to leave behind
-    # atomic_write_bytes writes through mkstemp: the mask (patient data) is 0600.
-    atomic_write_bytes(out, gzip.compress(data) if out.name.lower().endswith(".gz") else data)
-    return {"slices": int(mask.shape[2]), "foreground_voxels": int(mask.sum())}
+    files = companions(out, probabilities, preview)
+    claim_outputs(files, [image, checkpoint], overwrite)
+    model, cfg = load_model(checkpoint, device)
+    ct = read_ct(image, cfg.data.nan_hu)
+    mask, probs = predict_ct(
+        model, cfg, ct, batch_size=batch_size, threshold=threshold, probabilities=probabilities
+    )
+    return write_outputs(files, ct, cfg, mask, probs)

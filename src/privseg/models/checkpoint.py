@@ -103,7 +103,7 @@ def load_checkpoint(
     payload = read_checkpoint(path)
     try:
         cfg = Config.from_dict(payload["config"])
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.data.n_classes)
     except PrivsegError as exc:
         raise CheckpointError(f"{path} holds an invalid config: {exc}") from exc
     try:

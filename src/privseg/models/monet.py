@@ -118,6 +118,7 @@ class MoNet(nn.Module):
         self,
         *,
         in_channels: int = 1,
+        out_channels: int = 1,
         features: int = 16,
         groups: int = 4,
         dropout: float = 0.2,
@@ -146,7 +147,7 @@ class MoNet(nn.Module):
             self.fuse.append(ConvNormELU(w + f, w, groups=groups))
             self.dec.append(RDDC(w, groups=groups, dropout=dropout))
             f = w
-        self.head = nn.Conv2d(f, 1, 1)
+        self.head = nn.Conv2d(f, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []

@@ -17,18 +17,20 @@ from privseg.models.unet import UNet
 _WIDTH_MULTIPLES = {"unet": (1, 2, 4, 8), "monet": (1, 2, 4)}
 
 
-def _unet(cfg: ModelConfig) -> nn.Module:
-    return UNet(features=cfg.features, groups=cfg.groups, dropout=cfg.dropout)
+def _unet(cfg: ModelConfig, classes: int) -> nn.Module:
+    return UNet(out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout)
 
 
-def _monet(cfg: ModelConfig) -> nn.Module:
-    return MoNet(features=cfg.features, groups=cfg.groups, dropout=cfg.dropout)
+def _monet(cfg: ModelConfig, classes: int) -> nn.Module:
+    return MoNet(
+        out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout
+    )
 
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {"unet": _unet, "monet": _monet}
+MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"unet": _unet, "monet": _monet}
 
 
-def get_builder(name: str) -> Callable[[ModelConfig], nn.Module]:
+def get_builder(name: str) -> Callable[[ModelConfig, int], nn.Module]:
     """Look up a builder; an unknown name raises ConfigError naming ``model.name``."""
     try:
         return MODELS[name]
@@ -41,8 +43,8 @@ def get_builder(name: str) -> Callable[[ModelConfig], nn.Module]:
         ) from None
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Build the configured model (float32, train mode).
+def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:
+    """Build the configured model (float32, train mode), one output channel per class.
 
     Validates again here because a ModelConfig can be built without ``Config.validate``.
     """
@@ -62,12 +64,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         raise ConfigError(
             f"model.dropout = {cfg.dropout!r} is invalid: allowed values are >= 0.0 and < 1.0"
         )
-    return builder(cfg)
+    return builder(cfg, classes)
 
 
-def initial_model(cfg: ModelConfig, seed: int) -> nn.Module:
+def initial_model(cfg: ModelConfig, seed: int, classes: int = 1) -> nn.Module:
     """The round-0 global model: seeded, so every site, every mode, the server and the attacker
     (who received it in round 1) hold the same weights; the caller's RNG state is untouched."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return build_model(cfg)
+        return build_model(cfg, classes)

@@ -50,10 +50,16 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """``[B, in_channels, R, R]`` (R a multiple of 8) -> logits ``[B, 1, R, R]``."""
+    """``[B, in_channels, R, R]`` (R a multiple of 8) -> logits ``[B, out_channels, R, R]``."""
 
     def __init__(
-        self, *, in_channels: int = 1, features: int = 16, groups: int = 4, dropout: float = 0.0
+        self,
+        *,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: int = 16,
+        groups: int = 4,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         w = [features, 2 * features, 4 * features, 8 * features]
@@ -63,7 +69,7 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(
             Up(w[i + 1], w[i], groups=groups, dropout=dropout) for i in reversed(range(3))
         )
-        self.head = nn.Conv2d(w[0], 1, 1)
+        self.head = nn.Conv2d(w[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []

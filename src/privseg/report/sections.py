@@ -36,6 +36,7 @@ from privseg.report.tables import (
     attack_label,
     attack_table,
     audit_table,
+    class_table,
     compute_table,
     cross_site_table,
     data_table,
@@ -140,6 +141,14 @@ def _dice(runs: Runs, compute_rule: str | None) -> list[Block]:
         f"model on its own test split. HD95 is the mean over sites, in {units}."
     )
     b.append(t)
+    classes = class_table(runs)
+    if classes:
+        classes.caption = (
+            "Per class (data.classes; classes may overlap): test Dice, mean ± sd over patient "
+            f"volumes; HD95 the mean over sites, in {units}. A patient with a class in neither "
+            "label nor prediction scores Dice 1 for it."
+        )
+        b.append(classes)
     compute = compute_table(runs)
     if compute:
         compute.caption = "Compute per site. " + (compute_rule or "")

@@ -117,6 +117,31 @@ def dice_table(runs: list[dict[str, Any]]) -> Table:
     return t
 
 
+def class_table(runs: list[dict[str, Any]]) -> Table | None:
+    """Per class (``data.classes``): Dice over test patient volumes and HD95 (mean over sites),
+    one row per setting; None with one class (the Dice table says it all)."""
+    names = list(dict.fromkeys(n for r in runs for n in r.get("classes") or {}))
+    if len(names) < 2:
+        return None
+    units = distance_units(runs)
+    t = Table(
+        ["Setting", *(f"{n} Dice" for n in names), *(f"{n} HD95 ({units})" for n in names)],
+        name="classes",
+    )
+    for r in sorted_runs(runs):
+        per_class = r.get("classes") or {}
+        dice = [
+            fmt_pm(*(per_class.get(n, {}).get(k) for k in ("dice_mean", "dice_sd"))) for n in names
+        ]
+        hd95 = []
+        for n in names:
+            v = [(s.get("classes") or {}).get(n, {}).get("hd95") for s in r.get("sites") or []]
+            v = [x for x in v if is_num(x)]
+            hd95.append(fmt(sum(v) / len(v), ".1f") if v else MISSING)
+        t.rows.append([not_learned_label(r), *dice, *hd95])
+    return t
+
+
 def compute_table(runs: list[dict[str, Any]]) -> Table | None:
     """The compute each setting got, per site (``compute`` of each run's results)."""
     rows = [r for r in sorted_runs(runs) if isinstance(r.get("compute"), dict)]

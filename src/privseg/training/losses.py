@@ -15,9 +15,10 @@ from torch import nn
 class DiceBCELoss(nn.Module):
     """``dice_weight * (1 - soft Dice) + bce_weight * mean BCE``, one value per sample.
 
-    ``forward(logits [B,1,H,W], target [B,1,H,W]) -> [B]``. Soft Dice uses ``sigmoid(logits)``
-    over the sample's own pixels; ``smooth`` keeps it defined (and ~0 loss) on empty slices
-    predicted empty.
+    ``forward(logits [B,C,H,W], target [B,C,H,W]) -> [B]``, C the classes (sigmoid each, they
+    may overlap). Soft Dice uses ``sigmoid(logits)`` over the sample's own pixels, per class,
+    then the mean over classes; ``smooth`` keeps it defined (and ~0 loss) on empty slices
+    predicted empty. With C = 1 this is the paper's binary loss.
     """
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, smooth: float = 1.0):
@@ -35,13 +36,14 @@ class DiceBCELoss(nn.Module):
         if logits.shape != target.shape:
             raise ValueError(
                 f"logits {tuple(logits.shape)} and target {tuple(target.shape)} must have the "
-                "same shape [B, 1, H, W]"
+                "same shape [B, C, H, W]"
             )
         target = target.to(logits.dtype)
-        dims = tuple(range(1, logits.dim()))
+        pixels = tuple(range(2, logits.dim()))
         prob = torch.sigmoid(logits)
-        inter = (prob * target).sum(dims)
-        denom = prob.sum(dims) + target.sum(dims)
-        dice = (2.0 * inter + self.smooth) / (denom + self.smooth)
+        inter = (prob * target).sum(pixels)
+        denom = prob.sum(pixels) + target.sum(pixels)
+        dice = ((2.0 * inter + self.smooth) / (denom + self.smooth)).mean(1)  # [B, C] -> [B]
+        dims = tuple(range(1, logits.dim()))
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dims)
         return self.dice_weight * (1.0 - dice) + self.bce_weight * bce

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from privseg.config import Config
+from privseg.data.classes import Classes, bits_to_target
 from privseg.device import describe_device, resolve_device
 from privseg.errors import DataError
 from privseg.evaluation.evaluate import evaluate_split
@@ -52,8 +53,17 @@ class SiteTrainer:
         self.splits = {"train": train, "val": val, "test": test}
         self.privacy = privacy
         self.device = resolve_device(cfg.train.device)
+        self.classes = Classes.of(cfg.data)
+        cached = getattr(train, "classes", None)
+        if cached is not None and cached != self.classes:
+            raise DataError(
+                f"site {name}: the cache's labels were prepared for classes ({cached}) but "
+                f"data.classes / data.labels give ({self.classes}); prepare the cache again "
+                "with this config"
+            )
         # the same initial weights for every mode, site and device (built on the CPU, moved)
-        self.model: nn.Module = initial_model(cfg.model, cfg.seed).to(self.device)
+        self.model: nn.Module = initial_model(cfg.model, cfg.seed, len(self.classes))
+        self.model.to(self.device)
         self.loss_fn = DiceBCELoss()
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -183,9 +193,8 @@ class SiteTrainer:
             batch = next(self._batches)
         return batch
 
-    @staticmethod
     def _load(
-        split: Any, idx: np.ndarray, device: torch.device
+        self, split: Any, idx: np.ndarray, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(idx, dtype=np.int64)
         order = np.argsort(idx, kind="stable")
@@ -193,10 +202,10 @@ class SiteTrainer:
         inverse[order] = np.arange(len(order))
         sorted_idx = idx[order]  # memory-mapped reads are faster in file order
         images = np.asarray(split.images[sorted_idx], dtype=np.float32)[inverse]
-        labels = np.asarray(split.labels[sorted_idx], dtype=np.float32)[inverse]
+        labels = np.asarray(split.labels[sorted_idx])[inverse]  # class bit sets
         return (
             torch.from_numpy(images)[:, None].to(device),
-            torch.from_numpy(labels)[:, None].to(device),
+            bits_to_target(labels, len(self.classes)).to(device),
         )
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -209,7 +218,7 @@ class SiteTrainer:
             self.model.load_state_dict(state_dict)
         if data is None:
             return {"dice": math.nan, "dice_sd": math.nan, "n_patients": 0, "patients": []}
-        return evaluate_split(self.model, data)
+        return evaluate_split(self.model, data, classes=self.classes.names)
 
 
 def build_site_trainer(
