@@ -137,3 +137,32 @@ def test_a_cache_prepared_for_other_classes_is_refused(phantom_cache) -> None:
     cfg = Config().with_overrides(["data.resolution=32", "data.classes={a = [1], b = [2]}"])
     with pytest.raises(DataError, match="prepared for classes"):
         SiteTrainer(cfg, name=site, train=train)
+
+
+def test_a_class_value_the_task_does_not_declare_is_refused(phantom_dir, tmp_path) -> None:
+    from privseg.data.prepare import prepare_cache
+
+    cfg = DataConfig(resolution=16, classes={"liver": [1, 2], "vessel": [5]})
+    with pytest.raises(ConfigError, match=r"data.classes = .* value\(s\) \[5\] are not among"):
+        prepare_cache(phantom_dir, tmp_path / "cache", cfg, seed=0)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_two_class_cache_holds_both_classes_on_both_grids(phantom_dir, tmp_path) -> None:
+    """The cache's labels are class bit sets: liver where 1 or 2, tumour where 2, on the model
+    grid and on each test case's original grid."""
+    from privseg.data.msd import load_image, read_task
+    from privseg.data.prepare import prepare_cache
+
+    cfg = DataConfig(resolution=32, classes={"liver": [1, 2], "tumour": [2]})
+    cache = prepare_cache(phantom_dir, tmp_path / "cache", cfg, seed=0)
+    assert cache.classes == Classes.of(cfg)
+    seen = set()
+    for site in cache.sites:
+        split = cache.split(site, "test")
+        seen |= set(np.unique(split.labels).tolist())
+        for pid, grid in split.native.items():
+            case = next(c for c in read_task(phantom_dir).cases if c.case_id == pid)
+            label, _ = load_image(case.label)
+            assert np.array_equal(grid.label(), Classes.of(cfg).encode(label.astype(np.uint8)))
+    assert seen <= {0, 1, 3} and 3 in seen  # tumour never outside liver

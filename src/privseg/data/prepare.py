@@ -135,13 +135,17 @@ def prepare_cache(
 def _check_labels(task: Task, cfg: DataConfig) -> None:
     if task.labels is None:  # the format declares no labels (DICOM)
         return
-    undeclared = sorted(set(cfg.labels) - set(task.labels))
-    if undeclared:
-        raise ConfigError(
-            f"data.labels = {cfg.labels!r} is invalid for {task.index}: label "
-            f"value(s) {undeclared} are not among its declared 'labels' "
-            f"{dict(sorted(task.labels.items()))}"
-        )
+    for field, value, values in (
+        ("data.labels", cfg.labels, cfg.labels),
+        ("data.classes", cfg.classes, [v for vs in cfg.classes.values() for v in vs]),
+    ):
+        undeclared = sorted(set(values) - set(task.labels))
+        if undeclared:
+            raise ConfigError(
+                f"{field} = {value!r} is invalid for {task.index}: label "
+                f"value(s) {undeclared} are not among its declared 'labels' "
+                f"{dict(sorted(task.labels.items()))}"
+            )
 
 
 def _site_map(task: Task, cfg: DataConfig) -> dict[str, str] | None:
