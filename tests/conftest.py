@@ -183,7 +183,13 @@ class FakeTrainer:
             "hd95": 2.0,
             "n_patients": 2,
             "patients": [{"id": f"{self.name}-{i}", "dice": dice, "hd95": 2.0} for i in range(2)],
+            "classes": {n: {"dice": dice - 0.1 * k} for k, n in enumerate(self._class_names())},
         }
+
+    def _class_names(self) -> tuple[str, ...]:
+        from privseg.data.classes import Classes
+
+        return Classes.of(self.cfg.data).names
 
     def privacy_summary(self):
         if not self.cfg.privacy.enabled:

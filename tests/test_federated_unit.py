@@ -117,6 +117,29 @@ def test_eval_reply_is_scalar_and_report_stays_local(tmp_path: Path) -> None:
     assert report["test"]["patients"][0]["id"] == "b-0"  # per-patient results: site folder only
 
 
+def test_per_class_dice_leaves_a_site_as_scalars_and_is_named_by_the_server(
+    tmp_path: Path,
+) -> None:
+    """A deployed server has no site report: each class's mean test Dice travels as one scalar
+    (dice_class_<k>, in data.classes order) and the server names it from the config."""
+    from privseg.federated.server_app import scalars_to_test_metrics
+
+    cfg = small_cfg().with_overrides(["data.classes={liver = [1, 2], tumour = [2]}"])
+    msg = train_message(cfg, state())
+    msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
+    msg.content[M.CONFIG][M.CFG_FINAL] = 1
+    reply = ca.handle_evaluate(msg, ca.SiteSettings("b", tmp_path, tmp_path / "b"), fake_factory)
+    metrics = dict(reply.content[M.METRICS])
+    assert set(metrics) <= M.EVAL_KEYS and M.CLASS_DICE[2] not in metrics
+    assert metrics[M.CLASS_DICE[0]] == pytest.approx(0.71)
+    assert metrics[M.CLASS_DICE[1]] == pytest.approx(0.61)
+    classes = scalars_to_test_metrics(metrics, cfg)["classes"]
+    assert classes == {
+        "liver": {"dice": pytest.approx(0.71)},
+        "tumour": {"dice": pytest.approx(0.61)},
+    }
+
+
 def test_trainer_is_built_once_per_run_and_site(tmp_path: Path) -> None:
     settings = ca.SiteSettings("a", tmp_path, tmp_path)
     cfg = small_cfg()

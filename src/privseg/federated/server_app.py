@@ -52,7 +52,7 @@ def build_results(
         site = SiteResult.from_test(
             name,
             rep.get("n_train", summary["n_train"].get(name)),
-            rep.get("test") or _from_scalars(scal, cfg),
+            rep.get("test") or scalars_to_test_metrics(scal, cfg),
             privacy,
         )
         site.completed = completed
@@ -72,7 +72,7 @@ def build_results(
     return result
 
 
-def _from_scalars(scal: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def scalars_to_test_metrics(scal: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """A site's test metrics from its scalar reply (a deployment: no report file here)."""
     names = Classes.of(cfg.data).names
     classes = {n: {"dice": scal[k]} for n, k in zip(names, M.CLASS_DICE, strict=False) if k in scal}
