@@ -28,12 +28,14 @@ def run(
     ),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
     quick: bool = typer.Option(
-        False, "--quick", help="Smoke test: a tiny grid (--preset quick; 2 min on 2 cores)."
+        False,
+        "--quick",
+        help="Smoke test: a tiny grid (--preset quick; 47 s on 2 cores for the demo phantom).",
     ),
     preset: str = typer.Option(
         "full",
         "--preset",
-        help="full (the demo's study: 5 min on 2 cores for 3 sites x 10 phantom patients), quick, "
+        help="full (the demo's study: 6.5 min on 2 cores for 3 sites x 10 phantom patients), quick, "
         "or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
     ),
     device: str | None = DeviceOption,
