@@ -197,7 +197,7 @@ class TrainConfig:
             ge=1, le=4096, help="slices per forward pass; a larger batch accumulates gradients"
         ),
     )
-    # 5e-3 and 12 rounds x 8 local steps: chosen by bench/federated_sweep.py (docs/BENCHMARKS.md)
+    # 5e-3 and 24 rounds x 4 local steps: chosen by bench/federated_sweep.py (docs/BENCHMARKS.md)
     lr: float = field(default=5e-3, metadata=rule(gt=0.0, le=10.0))
     lr_schedule: LrSchedule = "cosine"
     lr_final: float = field(
@@ -275,9 +275,9 @@ class PrivacyConfig:
 class FederatedConfig:
     """Flower federation: rounds, local work per round, aggregation."""
 
-    rounds: int = field(default=12, metadata=rule(ge=1, le=100_000))
+    rounds: int = field(default=24, metadata=rule(ge=1, le=100_000))
     local_steps: int = field(
-        default=8, metadata=rule(ge=1, le=100_000, help="optimizer steps per site per round")
+        default=4, metadata=rule(ge=1, le=100_000, help="optimizer steps per site per round")
     )
     strategy: Strategy = "fedavg"
     weighted: bool = field(
