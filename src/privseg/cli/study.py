@@ -35,8 +35,8 @@ def run(
     preset: str = typer.Option(
         "full",
         "--preset",
-        help="full (the demo's study: 7.3 min on 2 cores for 3 sites x 10 phantom patients), quick, "
-        "or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
+        help="full (the demo's study: 7.3 min on 2 cores for 3 sites x 10 phantom patients), "
+        "quick, or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
     ),
     device: str | None = DeviceOption,
     config: Path | None = ConfigOption,
