@@ -178,3 +178,22 @@ def test_a_folder_is_checked_before_any_work(tmp_path: Path, monkeypatch) -> Non
     with pytest.raises(Exception, match="both NIfTI files and subfolders"):
         segment_folder(checkpoint, mixed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_masks_may_go_into_the_run_folder_of_the_checkpoint(
+    phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    checkpoint, cfg = _checkpoint(run)
+    _stub(monkeypatch, Bright(), cfg)
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    case = read_task(phantom_dir).cases[0]
+    (cts / case.image.name).write_bytes(case.image.read_bytes())
+    before = checkpoint.read_bytes()
+    results = segment_folder(checkpoint, cts, run)  # the run folder that holds the checkpoint
+    assert Path(results[0]["files"]["mask"]) == run / f"{case.case_id}.nii.gz"
+    assert checkpoint.read_bytes() == before
+    with pytest.raises(Exception, match="inside the input folder"):
+        segment_folder(checkpoint, cts, cts / "masks")

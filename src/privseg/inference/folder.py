@@ -70,7 +70,7 @@ def segment_folder(
         raise DataError(f"input folder {folder}: two inputs give the same case name")
     if out.resolve().is_relative_to(folder.resolve()):
         raise DataError(f"output folder {out} is inside the input folder {folder}; choose another")
-    check_not_input(out, [folder, checkpoint], folder=True)
+    check_not_input(out, [folder], folder=True)  # a run folder holding the checkpoint is fine
     if not out.parent.is_dir():
         raise DataError(f"output {out}: folder {out.parent} does not exist; create it first")
     out.mkdir(exist_ok=True)
