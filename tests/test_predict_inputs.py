@@ -197,3 +197,15 @@ def test_masks_may_go_into_the_run_folder_of_the_checkpoint(
     assert checkpoint.read_bytes() == before
     with pytest.raises(Exception, match="inside the input folder"):
         segment_folder(checkpoint, cts, cts / "masks")
+
+
+def test_a_refused_folder_run_leaves_no_output_folder(phantom_dir: Path, tmp_path: Path) -> None:
+    cts = tmp_path / "cts"
+    cts.mkdir()
+    case = read_task(phantom_dir).cases[0]
+    (cts / case.image.name).write_bytes(case.image.read_bytes())
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="bad.pt"):
+        segment_folder(bad, cts, tmp_path / "masks")
+    assert not (tmp_path / "masks").exists()

@@ -9,8 +9,6 @@ import typer
 
 from privseg.cli.common import DeviceOption, OverwriteOption, console, progress_bar, user_errors
 
-MASK_SUFFIXES = (".nii.gz", ".nii")
-
 
 def _describe(stats: dict[str, Any]) -> str:
     counts = stats["class_voxels"]
@@ -54,6 +52,7 @@ def predict(
     """Apply the model slice by slice; each mask has its input's grid and affine and the
     label values of the training data (data.classes)."""
     from privseg.inference import segment_folder, segment_nifti
+    from privseg.inference.volume import MASK_SUFFIXES
 
     options = {"overwrite": overwrite, "device": device or "auto"}
     options |= {"probabilities": probabilities, "preview": preview}

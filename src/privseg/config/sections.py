@@ -26,6 +26,8 @@ StudyCompute = Literal["equal", "as_configured"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
 #: What ``train.device`` may name (``privseg.device.resolve_device`` turns it into a device).
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::\d+)?")
+#: ``data.classes`` holds at most 8 classes: masks carry them as uint8 bit sets.
+MAX_CLASSES = 8
 DEVICE_VALUES = "'auto', 'cpu', 'cuda' or 'cuda:N' (N = 0, 1, ...)"
 
 
@@ -137,8 +139,8 @@ class DataConfig:
         why = None
         if self.labels:
             why = "set data.labels = [] (each class names its own label values)"
-        elif len(self.classes) > 8:
-            why = "at most 8 classes"  # a uint8 bit set per pixel
+        elif len(self.classes) > MAX_CLASSES:
+            why = f"at most {MAX_CLASSES} classes"
         for name, values in self.classes.items():
             if not name[:1].isalpha() or not name.replace("_", "").replace("-", "").isalnum():
                 why = f"class name {name!r} must start with a letter and hold only a-z, 0-9, _, -"

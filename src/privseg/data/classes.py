@@ -16,8 +16,6 @@ import torch
 
 from privseg.config import DataConfig
 
-#: A uint8 bit set holds at most 8 classes.
-MAX_CLASSES = 8
 #: The one class of the default config: every label value > 0 (or ``data.labels``).
 FOREGROUND = "foreground"
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from privseg.config.sections import MAX_CLASSES
+
 # ---- record keys (FedAvg's defaults for arrays and config) ---------------------------------
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -69,7 +71,7 @@ DICE_SD = "dice_sd"
 HD95 = "hd95"
 N_PATIENTS = "n_patients"
 # mean test Dice of class k (data.classes order; the server knows the names from the config)
-CLASS_DICE = tuple(f"dice_class_{k}" for k in range(8))  # data.classes holds at most 8
+CLASS_DICE = tuple(f"dice_class_{k}" for k in range(MAX_CLASSES))
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"

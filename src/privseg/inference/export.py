@@ -144,12 +144,13 @@ def export_metadata(cfg: Config, checkpoint: Path, *, out_channels: int) -> dict
 
 
 def _classes(data: Any) -> list[dict[str, Any]]:
-    """Channel k's class name and the label values it was trained on ([] = every value > 0):
-    ``data.classes`` in order, or the one merged foreground of ``data.labels``."""
-    table = dict(getattr(data, "classes", None) or {}) or {"foreground": data.labels}
+    """Channel k's class name and the label values it was trained on ([] = every value > 0)."""
+    from privseg.data.classes import Classes
+
+    classes = Classes.of(data)
     return [
-        {"channel": k, "name": str(name), "labels": [int(v) for v in values]}
-        for k, (name, values) in enumerate(table.items())
+        {"channel": k, "name": name, "labels": list(values)}
+        for k, (name, values) in enumerate(zip(classes.names, classes.values, strict=True))
     ]
 
 

@@ -12,6 +12,7 @@ from privseg.inference.volume import (
     claim_outputs,
     companions,
     load_model,
+    nifti_stem,
     predict_ct,
     read_ct,
     write_outputs,
@@ -21,14 +22,6 @@ from privseg.output import check_not_input
 
 def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(MASK_SUFFIXES)
-
-
-def case_name(path: Path) -> str:
-    """``ct_001.nii.gz`` -> ``ct_001``; a DICOM series folder -> its folder name."""
-    for suffix in MASK_SUFFIXES:
-        if path.name.lower().endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
 
 
 def find_inputs(folder: Path) -> list[Path]:
@@ -65,7 +58,7 @@ def segment_folder(
     """
     folder, out = Path(folder), Path(out)
     inputs = find_inputs(folder)
-    names = [case_name(p) for p in inputs]
+    names = [nifti_stem(p.name) for p in inputs]  # a DICOM series: its folder name
     if len(set(names)) != len(names):
         raise DataError(f"input folder {folder}: two inputs give the same case name")
     if out.resolve().is_relative_to(folder.resolve()):
@@ -73,16 +66,24 @@ def segment_folder(
     check_not_input(out, [folder], folder=True)  # a run folder holding the checkpoint is fine
     if not out.parent.is_dir():
         raise DataError(f"output {out}: folder {out.parent} does not exist; create it first")
+    created = not out.exists()
     out.mkdir(exist_ok=True)
-    plans = [companions(out / f"{n}.nii.gz", probabilities, preview) for n in names]
-    for files in plans:
-        claim_outputs(files, [folder, checkpoint], overwrite)
-    model, cfg = load_model(checkpoint, device)
-    results = []
-    for path, files in zip(inputs, plans, strict=True):
-        ct = read_ct(path, cfg.data.nan_hu)
-        mask, probs = predict_ct(model, cfg, ct, threshold=threshold, probabilities=probabilities)
-        results.append(write_outputs(files, ct, cfg, mask, probs))
-        if progress is not None:
-            progress("predict", len(results), len(inputs))
+    try:
+        plans = [companions(out / f"{n}.nii.gz", probabilities, preview) for n in names]
+        for files in plans:
+            claim_outputs(files, [folder, checkpoint], overwrite)
+        model, cfg = load_model(checkpoint, device)
+        results = []
+        for path, files in zip(inputs, plans, strict=True):
+            ct = read_ct(path, cfg.data.nan_hu)
+            mask, probs = predict_ct(
+                model, cfg, ct, threshold=threshold, probabilities=probabilities
+            )
+            results.append(write_outputs(files, ct, cfg, mask, probs))
+            if progress is not None:
+                progress("predict", len(results), len(inputs))
+    except BaseException:
+        if created and not any(out.iterdir()):  # a refused run leaves no empty folder behind
+            out.rmdir()
+        raise
     return results

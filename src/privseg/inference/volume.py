@@ -116,10 +116,15 @@ def _nifti_bytes(
     return gzip.compress(raw) if out.name.lower().endswith(".gz") else raw
 
 
+def nifti_stem(name: str) -> str:
+    """``ct_001.nii.gz`` -> ``ct_001``; a name without a NIfTI suffix stays as it is."""
+    ending = next((s for s in MASK_SUFFIXES if name.lower().endswith(s)), "")
+    return name[: len(name) - len(ending)]
+
+
 def companions(out: Path, probabilities: bool, preview: bool) -> dict[str, Path]:
     """The files written next to a mask ``out``: ``mask_prob.nii.gz``, ``mask_preview.png``."""
-    ending = next((s for s in MASK_SUFFIXES if out.name.lower().endswith(s)), "")
-    stem = out.name[: len(out.name) - len(ending)]  # a wrong suffix is refused by the claim
+    stem = nifti_stem(out.name)  # a wrong suffix is refused by the claim
     files = {"mask": out}
     if probabilities:
         files["probabilities"] = out.with_name(stem + PROBABILITY_SUFFIX)
