@@ -45,6 +45,18 @@ def _few_threads() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _own_ledger_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test gets its own per-user data folder (ledger store and store registry): a test
+    never sees another's releases, nor the machine user's."""
+    home = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    monkeypatch.delenv("PRIVSEG_LEDGER_DIR", raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Phantom MSD task: 3 sites x 4 patients, 64 x 64 x 16 voxels, labels 1 liver / 2 lesion."""

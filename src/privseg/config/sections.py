@@ -252,8 +252,30 @@ class PrivacyConfig:
     ledger_dir: str | None = field(
         default=None,
         metadata=rule(
-            help="folder of the sites' privacy ledgers; None = '<cache>.ledgers' beside the data"
+            help="the ledger store's folder (one store keys every patient by content); None = "
+            "$PRIVSEG_LEDGER_DIR or the per-user default (privseg.privacy.stores)"
         ),
+    )
+    allow_nonprivate: bool = field(
+        default=False,
+        metadata=rule(
+            help="with privacy.enabled = false, train even on patients that hold a budget; "
+            "every non-private run is recorded in the ledger as epsilon infinite either way"
+        ),
+    )
+    eval_noise: float | None = field(
+        default=None,
+        metadata=rule(
+            gt=0.0,
+            le=1e4,
+            help="a DP site answers a server's evaluation query with its Dice sums noised by "
+            "this multiple of their sensitivity, and records it (Gaussian, per patient); None "
+            "= it refuses every evaluation query",
+        ),
+    )
+    eval_queries: int = field(
+        default=1,
+        metadata=rule(ge=0, le=10_000, help="evaluation queries a DP site answers per run"),
     )
 
     def check(self) -> None:

@@ -261,6 +261,7 @@ def _slice_case(
     """One case's slices; with ``native`` (test cases) every slice, and its binary label on
     the original grid, so predictions can be mapped back and scored there."""
     volume = load_volume(task, case)
+    content = volume.content()  # before any change to the voxels: the patient's identity
     check_label_values(volume.label, task.labels, case.label)
     image = replace_nan(volume.image, case.image, cfg.nan_hu)
     image = image if shift is None else image * shift[0] + shift[1]
@@ -277,6 +278,7 @@ def _slice_case(
             "shape": list(volume.label.shape),
             "spacing": list(volume.spacing),
             "plane": plane.to_dict(),
+            "content": content,
         },
         "native_label": map_labels(volume.label, cfg) if native else None,
     }

@@ -5,6 +5,7 @@ cases and read the image; :mod:`privseg.data.sources` picks the reader.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,6 +56,18 @@ class Volume:
     label: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, float, float]
+
+    def content(self) -> str:
+        """The patient's content fingerprint: sha256 of its image and label voxels (shapes,
+        float32 HU, uint8 labels, canonical RAS). The privacy ledger keys a patient by it, so
+        copying, moving, renaming, re-preparing or re-partitioning the data does not change
+        whose budget a release counts against; file names, formats and spacing do not enter."""
+        h = hashlib.sha256(b"privseg-patient-v1\n")
+        for array, dtype in ((self.image, np.float32), (self.label, np.uint8)):
+            data = np.ascontiguousarray(array, dtype=dtype)
+            h.update(repr(data.shape).encode() + b"\n")
+            h.update(memoryview(data).cast("B"))
+        return h.hexdigest()
 
 
 def task_path(root: Path, raw: Any, where: str, example: str) -> Path:
