@@ -160,6 +160,8 @@ class FakeTrainer:
     def __init__(self, cfg: Config, *, name: str, ledger: Path, budget_steps: int | None) -> None:
         self.cfg, self.name, self.ledger, self.budget_steps = cfg, name, ledger, budget_steps
         self.global_states: list[Any] = []
+        self.privacy = None  # no DP engine: a DP fake refuses evaluation queries
+        self.local_val: list[dict[str, Any]] = []
 
     @property
     def num_examples(self) -> int:

@@ -14,6 +14,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    refuse_dp_options_without_dp,
     user_errors,
 )
 
@@ -53,6 +54,7 @@ def train(
             "train.device": device,
         },
     )
+    refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_)
     with progress_bar() as progress:
         results = run_train(
             cfg,
@@ -66,7 +68,8 @@ def train(
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
     for s in results["sites"]:
-        eps = "–" if s.get("epsilon") is None else f"{s['epsilon']:.2f}"
+        eps = s.get("epsilon")
+        eps = "–" if eps is None else eps if isinstance(eps, str) else f"{eps:.2f}"
         table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
     table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
     console.print(table)

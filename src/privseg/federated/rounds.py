@@ -186,6 +186,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     for old in history:
         eps_known.update(old.get("epsilon_sites", {}))
         n_train.update(old.get("n_train_sites", {}))
+    dp = cfg.privacy.enabled
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_sites(
@@ -195,7 +196,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         # the sites score the previous round's global model on val before they train
         # (no separate evaluate exchange); only the last round has its own evaluate phase
         previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
-        score_incoming = previous is not None and previous.get("val_dice") is None
+        # a DP site keeps its val curve to itself (it would be an unaccounted query)
+        score_incoming = not dp and previous is not None and previous.get("val_dice") is None
         train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
         train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
         if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
@@ -243,7 +245,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             }
         )
         val: dict[str, float] | None = None  # filled by the next round's train replies
-        if rnd == fed.rounds:
+        if rnd == fed.rounds and not dp:
             strategy.aggregate_evaluate(
                 rnd,
                 send(

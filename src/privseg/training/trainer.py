@@ -70,6 +70,7 @@ class SiteTrainer:
         )
         self.planned_steps = planned_steps
         self.steps_done = 0
+        self.local_val: list[dict[str, Any]] = []  # a DP site's val curve: it stays here
         # Non-private batches follow the experiment seed (reproducible); DP batches come from
         # the privacy engine's OS-entropy sampler, never from this seed.
         self._rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
