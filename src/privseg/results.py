@@ -26,14 +26,18 @@ PRIVACY_KEYS = (
     "noise_multiplier",
     "sample_rate",
     "steps",
+    "steps_lifetime",
     "clip_norm",
     "accountant",
     "budget_epsilon",
+    "budget_delta",
     "releases",
 )
 """The privacy fields of every ``sites[]`` entry (None without DP). ``epsilon`` is what the
-site's data has spent over every release ever recorded on it (recomputable from ``releases``
-alone); ``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds)."""
+site's training patient who has spent most has spent over every release ever recorded on it
+(recomputable from ``releases`` alone; the string ``"inf"`` after a release without DP);
+``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds); ``steps``
+are this run's, ``steps_lifetime`` that patient's over every release."""
 
 SLICE_UNIT_NOTE = (
     "Privacy unit is one slice: epsilon bounds what leaks about any single slice, not about a "
