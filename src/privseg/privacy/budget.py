@@ -7,23 +7,13 @@ happens in the ledger itself (:meth:`~privseg.privacy.ledger.PrivacyLedger.reser
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from privseg.errors import ConfigError
 from privseg.privacy import accounting, history
 from privseg.privacy.ledger import PrivacyLedger
-
-INFINITE = "inf"
-"""How an infinite epsilon (a release without DP) is written in JSON: never 0, never missing."""
-
-
-def as_json(eps: float) -> float | str:
-    """Epsilon for JSON: a float, or :data:`INFINITE` (``-inf`` for a remaining budget)."""
-    if math.isfinite(eps):
-        return eps
-    return INFINITE if eps > 0 else f"-{INFINITE}"
+from privseg.results import epsilon_json
 
 
 def recorded_sites(ledger: PrivacyLedger) -> dict[str, list[str]]:
@@ -67,13 +57,13 @@ def site_budgets(
                 "name": name,
                 "ledger": str(ledger.path),
                 "patients": len(set(patients)),
-                "epsilon": as_json(eps),
+                "epsilon": epsilon_json(eps),
                 "delta": at,
                 "unit": dp_units[-1] if dp_units else None,
                 "accountant": acc,
                 "budget_epsilon": None if held is None else held.epsilon,
                 "budget_delta": None if held is None else held.delta,
-                "remaining": None if left is None else as_json(left),
+                "remaining": None if left is None else epsilon_json(left),
                 "steps": sum(r["steps"] for r in releases),
                 "releases": releases,
             }
