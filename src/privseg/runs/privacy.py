@@ -32,8 +32,7 @@ def plan_grid(cfg: Config, cache: Any, settings: list[tuple[str, Config]]) -> di
     """
     plans: dict[str, Any] = {}
     dp = [(key, c) for key, c in settings if c.privacy.enabled]
-    if not dp:
-        return plans
+    plain = [key for key, c in settings if not c.privacy.enabled]
     p = cfg.privacy
     for site in cache.sites:
         patients = training_patients(cache, site)[site]
@@ -41,6 +40,15 @@ def plan_grid(cfg: Config, cache: Any, settings: list[tuple[str, Config]]) -> di
         held = history.budget_of(rows, patients)
         budgets = [b for b in (p.budget_epsilon, held and held.epsilon) if b is not None]
         budget = min(budgets) if budgets else None
+        if plain and budget is not None and not p.allow_nonprivate:
+            raise PrivacyBudgetExceeded(
+                f"the study would release site {site!r}'s patients without DP ({', '.join(plain)}: "
+                f"epsilon infinite) although they hold a lifetime budget of {budget:g}; run only "
+                "the DP settings (study.settings), or set privacy.allow_nonprivate = true to "
+                "spend their budget on them; nothing was run"
+            )
+        if not dp:
+            continue
         split = cache.split(site, "train")
         planned = []
         for _, c in dp:
