@@ -260,7 +260,7 @@ def _slice_case(
 ) -> dict[str, Any]:
     """One case's slices; with ``native`` (test cases) every slice, and its binary label on
     the original grid, so predictions can be mapped back and scored there."""
-    volume = load_volume(task, case)
+    volume = load_volume(task, case, cfg.max_voxels)
     check_label_values(volume.label, task.labels, case.label)
     image = replace_nan(volume.image, case.image, cfg.nan_hu)
     image = image if shift is None else image * shift[0] + shift[1]
