@@ -6,8 +6,12 @@ misleading result (Inf voxels, an absurd rescale, case ``..``, a huge volume, Me
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from typer.testing import CliRunner
 
+import privseg
 from privseg.cli.app import app
 from privseg.config import DataConfig
 from privseg.data import msd
@@ -28,6 +33,7 @@ from privseg.errors import DataError
 from task_formats import to_dicom
 
 CFG = DataConfig(resolution=16, sites=1)
+SRC = str(Path(privseg.__file__).resolve().parents[1])  # the code under test
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +160,44 @@ def test_memory_error_is_not_called_corruption(
     assert "not enough memory" in text and "corrupt" not in text
     assert "imagesTr/liver_00" in text
     assert DataConfig().max_voxels == msd.MAX_VOXELS
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+def test_a_full_disk_during_prepare_is_a_message_and_leaves_nothing(
+    task: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", full)
+    result = _cli("data", "prepare", task, "--out", tmp_path / "c", "--sites", "1")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "disk is full" in result.output and "ENOSPC" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow  # a subprocess that imports torch and trains one step: ~30 s here
+def test_a_file_size_limit_during_train_is_a_message_and_leaves_no_run(
+    task: Path, tmp_path: Path
+) -> None:
+    """``ulimit -f`` stands in for a full disk: the checkpoint cannot be written (EFBIG)."""
+    cache = prepare_cache(task, tmp_path / "cache", CFG, seed=0)
+    run = tmp_path / "run"
+    argv = ["privseg", "train", "--data", str(cache.root), "--out", str(run),
+            "--set", "model.features=4", "--set", "train.steps=1", "--set", "train.epochs=1",
+            "--set", "data.resolution=16"]  # fmt: skip
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))\n"
+        f"sys.argv = {argv!r}\n"
+        "from privseg.cli.app import main\n"
+        "main()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    text = " ".join(done.stderr.split())
+    assert "file-size limit" in text and "EFBIG" in text and "Traceback" not in text
+    assert not run.exists()

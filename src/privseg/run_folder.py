@@ -17,7 +17,7 @@ from privseg.config import Config
 from privseg.errors import DataError
 from privseg.io import atomic_write_text, read_json
 from privseg.models.checkpoint import load_checkpoint
-from privseg.output import hold_folder
+from privseg.output import abandon_held, hold_folder
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,15 @@ class RunFolder:
         """
         hold_folder(self.root, kind, inputs=inputs)
         return self
+
+    def abandon(self) -> bool:
+        """A run that failed (a full disk, an error) leaves no folder without results: removed
+        when this process created it, unless it holds resumable federated state or privacy
+        ledgers (what its data spent must never be lost). True when removed."""
+        from privseg.privacy.ledger import ledger_folder
+
+        keep = (self.results, self.federated_state, ledger_folder(self.cache))
+        return abandon_held(self.root, keep=keep)
 
     def write_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
