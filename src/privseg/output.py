@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.errors import DataError
-from privseg.io import fsync_dir, write_json
+from privseg.io import fsync_dir, make_folder, write_json
 
 MARKER = ".privseg"
 LOCK = ".privseg.lock"
@@ -145,7 +145,7 @@ def claim_folder(
     marker = _check_owner(root, kind, overwrite)
     created = not root.exists()
     try:
-        root.mkdir(parents=True, mode=0o700, exist_ok=True)
+        make_folder(root)
     except OSError as exc:
         raise DataError(f"cannot create output folder {root}: {exc.strerror}") from exc
     fd = _lock(root)

@@ -15,7 +15,7 @@ from torch import nn
 
 from privseg.config import Config
 from privseg.errors import DataError
-from privseg.io import atomic_write_text, read_json
+from privseg.io import atomic_write_text, make_folder, read_json
 from privseg.models.checkpoint import load_checkpoint
 from privseg.output import abandon_held, hold_folder
 
@@ -111,7 +111,7 @@ class RunFolder:
         return abandon_held(self.root, keep=keep)
 
     def write_config(self, cfg: Config) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folder(self.root)
         atomic_write_text(self.config, cfg.to_toml())
 
     def load_config(self) -> Config:

@@ -28,7 +28,7 @@ from privseg.inference.volume import (
     read_ct,
     write_outputs,
 )
-from privseg.io import read_json, write_json
+from privseg.io import make_folder, read_json, write_json
 from privseg.output import check_not_input
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def segment_folder(
     _check_collisions(plans)
     options = {"threshold": threshold, "probabilities": probabilities, "preview": preview}
     created = not out.exists()
-    out.mkdir(mode=0o700, exist_ok=True)
+    make_folder(out)
     try:
         model, cfg = load_model(checkpoint, device)
         record = {"checkpoint": _sha256(checkpoint), "options": options, "cases": {}}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.io import make_folder
 from privseg.privacy import accounting
 
 SCHEMA_VERSION = 1
@@ -107,7 +108,7 @@ class PrivacyLedger:
     # ---- setup --------------------------------------------------------------------------
     def _create(self) -> None:
         """Build the empty ledger under a temporary name, then rename: never half a ledger."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
