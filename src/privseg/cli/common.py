@@ -23,7 +23,7 @@ from rich.progress import (
 )
 
 from privseg.config import Config
-from privseg.errors import ConfigError, PrivsegError
+from privseg.errors import ConfigError, PrivsegError, resource_error
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,14 +48,18 @@ SetOption = typer.Option(
 
 
 def user_errors(fn: F) -> F:
-    """Print PrivsegError messages in red and exit 2, without a traceback."""
+    """Print PrivsegError messages (and a full disk or exhausted memory) in red and exit 2,
+    without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except PrivsegError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        except (PrivsegError, OSError, MemoryError) as exc:
+            error = exc if isinstance(exc, PrivsegError) else resource_error(exc)
+            if error is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -40,6 +40,7 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
+    from privseg.run_folder import RunFolder
     from privseg.runs.train import train as run_train
 
     cfg = load_config(
@@ -55,15 +56,19 @@ def train(
         },
     )
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_)
-    with progress_bar() as progress:
-        results = run_train(
-            cfg,
-            data=data,
-            out=out,
-            mode=mode,
-            progress=progress,  # type: ignore[arg-type]
-            resume=resume,
-        )
+    try:
+        with progress_bar() as progress:
+            results = run_train(
+                cfg,
+                data=data,
+                out=out,
+                mode=mode,
+                progress=progress,  # type: ignore[arg-type]
+                resume=resume,
+            )
+    except BaseException:
+        RunFolder(out).abandon()  # a folder this command created and never finished
+        raise
     table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)

@@ -91,6 +91,17 @@ class DataConfig:
         default="",
         metadata=rule(help="name of the only site when data.sites = 1; '' = site-0"),
     )
+    max_voxels: int = field(
+        default=2**28,
+        metadata=rule(
+            ge=1,
+            le=2**31,
+            help=(
+                "largest volume read (voxels, checked from the header before reading); prepare "
+                "needs about 10 bytes per voxel (2^28 = 512 x 512 x 1024: about 2.7 GB)"
+            ),
+        ),
+    )
     nan_hu: float | None = field(
         default=None,
         metadata=rule(

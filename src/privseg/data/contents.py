@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from privseg.config import DataConfig
 from privseg.data.cache import MANIFEST, SliceCache
 from privseg.data.sites import SITE_MAP_FILE, SPLITS, load_site_map
 from privseg.data.sources import FORMATS, is_source, load_volume, read_source
@@ -19,8 +20,11 @@ ALL = "all"
 """The one group of a task folder that names no sites (no site map)."""
 
 
-def patients_by_site(data: str | Path, progress: Progress | None = None) -> dict[str, list[str]]:
-    """Site -> content fingerprints of its patients (every split) in a cache or task folder."""
+def patients_by_site(
+    data: str | Path, max_voxels: int = DataConfig().max_voxels, progress: Progress | None = None
+) -> dict[str, list[str]]:
+    """Site -> content fingerprints of its patients (every split) in a cache or task folder
+    (each volume read under ``max_voxels``, ``data.max_voxels``)."""
     data = Path(data)
     if (data / MANIFEST).is_file():
         cache = SliceCache.open(data)
@@ -34,7 +38,7 @@ def patients_by_site(data: str | Path, progress: Progress | None = None) -> dict
     groups: dict[str, set[str]] = {}
     for done, case in enumerate(task.cases, 1):
         site = (site_map or {}).get(case.case_id, ALL)
-        groups.setdefault(site, set()).add(load_volume(task, case).content())
+        groups.setdefault(site, set()).add(load_volume(task, case, max_voxels).content())
         if progress is not None:
             progress("fingerprinting patients", done, len(task.cases))
     return {site: sorted(p) for site, p in sorted(groups.items())}

@@ -82,6 +82,17 @@ def task_path(root: Path, raw: Any, where: str, example: str) -> Path:
     return root / normal
 
 
+def check_case_id(case_id: str, source: object) -> str:
+    """``case_id`` unless it is empty or only dots: ``...nii.gz`` would be case ``..``, which
+    names no patient and reads as a parent folder wherever a case id becomes a path."""
+    if not case_id.strip("."):
+        raise DataError(
+            f"{source}: the file name gives case id {case_id!r}, which is empty or only dots; "
+            "rename the file (e.g. liver_001.nii.gz)"
+        )
+    return case_id
+
+
 def duplicate_ids(cases: list[Case]) -> list[str]:
     """Case ids listed more than once, sorted."""
     counts = Counter(c.case_id for c in cases)

@@ -36,6 +36,7 @@ from privseg.federated.state import (
     write_status,
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
+from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
 from privseg.run_folder import RunFolder
@@ -149,7 +150,7 @@ def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
 def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     cfg, fed = s.cfg, s.cfg.federated
     send = functools.partial(send_and_receive, poll=s.poll)
-    s.out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(s.out_dir)
     strategy = make_strategy(cfg, SiteIdentity(s.site_nodes))
     saved = load_state(s.out_dir, cfg) if s.resume else None
     # The weights travel packed (one array per message, see M.pack); the layout goes with them.

@@ -18,7 +18,7 @@ from privseg.federated.client_app import TrainerFactory, make_client_app, releas
 from privseg.federated.flower_compat import in_process_simulation
 from privseg.federated.rounds import RoundCallback, ServerSettings
 from privseg.federated.server_app import build_results, make_server_app, save_final
-from privseg.io import read_json
+from privseg.io import make_folder, read_json
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder
 
@@ -93,7 +93,7 @@ def run_federated(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     if sites is None:
         from privseg.data.cache import SliceCache
 

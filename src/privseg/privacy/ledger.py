@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.io import make_folder
 from privseg.privacy import accounting, history
 from privseg.privacy.history import Budget
 
@@ -100,7 +101,7 @@ class PrivacyLedger:
     # ---- setup --------------------------------------------------------------------------
     def _create(self) -> None:
         """Build the empty store under a temporary name, then link: never half a ledger."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_folder(self.path.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
