@@ -319,3 +319,15 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids):
         return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
+
+
+def store_worst(cache: Any, site: str, *, delta: float, accountant: str) -> tuple[float, list]:
+    """(epsilon, releases) of ``site``'s training patient who has spent most, from this test's
+    per-user ledger store (what results.json must report for the site)."""
+    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.privacy.stores import LEDGER_FILE, store_dir
+
+    patients = SliceCache.open(Path(cache)).contents(site, "train")
+    return PrivacyLedger(store_dir() / LEDGER_FILE).worst(
+        patients, delta=delta, accountant=accountant
+    )

@@ -73,8 +73,8 @@ def run_federated(
 ) -> RunResult:
     """Run the federation in simulation; return its results.
 
-    Each site's ledger lives with its data (``<cache>.ledgers/``, see
-    ``training.trainer.site_ledger``) and its local test report is
+    Each site's releases go to the ledger store of its patients (the
+    per-user store, ``privseg.privacy.stores``) and its local test report is
     ``out_dir/sites/<site>.json`` (what a real site would keep to itself).
     ``sites`` and ``trainer_factory`` replace the slice cache and the real trainer in tests.
     ``backend``: where the sites' ClientApps run, "ray" (one Ray actor) or "in-process" (this
