@@ -60,6 +60,10 @@ class RunFolder:
         """A site's own test report (per-patient results; in deployment it stays at the site)."""
         return self.root / "sites" / f"{site}.json"
 
+    def site_reply(self, site: str) -> Path:
+        """A site's last train reply, replayed when a resumed server asks for that round again."""
+        return self.root / "sites" / f"{site}.last-reply.pt"
+
     # ---- federation --------------------------------------------------------------------------
     @property
     def federated_state(self) -> Path:
