@@ -2,10 +2,15 @@
 
 A training run (any mode, simulated or deployed) and a study each own one folder. Code that
 writes or reads a run goes through :class:`RunFolder` instead of joining file names itself.
+
+A folder's results belong to its inputs: each folder records what made it (:class:`RunInputs`:
+the command's mode and the content fingerprint of its data) and every reuse of it (skip,
+resume, re-run) is checked against that record first (:meth:`RunFolder.admit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +20,25 @@ from torch import nn
 
 from privseg.config import Config
 from privseg.errors import DataError
-from privseg.io import atomic_write_text, read_json
+from privseg.io import atomic_write_text, read_json, write_json
 from privseg.models.checkpoint import load_checkpoint
 from privseg.output import hold_folder
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run or study folder was made by: the command's mode (``central``, ``local``,
+    ``federated``, ``server``, ``study``) and its data (the slice cache's content fingerprint,
+    ``SliceCache.content_fingerprint``; None for a server, whose data stays at the sites).
+    ``source`` (the ``--data`` path) only names the data in messages."""
+
+    mode: str
+    data: str | None
+    source: str = ""
+
+    def describe(self) -> str:
+        data = "" if self.data is None else f" of data {self.source} (content {self.data[:12]})"
+        return f"a {self.mode} run{data}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,11 @@ class RunFolder:
 
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
+
+    @property
+    def inputs(self) -> Path:
+        """What made this folder (:class:`RunInputs`), checked before any reuse."""
+        return self.root / "inputs.json"
 
     # ---- sites -----------------------------------------------------------------------------
     def site_report(self, site: str) -> Path:
@@ -104,6 +130,39 @@ class RunFolder:
         """
         hold_folder(self.root, kind, inputs=inputs)
         return self
+
+    def admit(self, inputs: RunInputs, *, resume: bool = False) -> None:
+        """Refuse to reuse this folder for other inputs, then record ``inputs``.
+
+        A folder that holds a run records its inputs; reusing it (a re-run, a resume, a
+        study's skip) with another mode or other data is refused, naming both, and so is a
+        folder with results but no record. A finished server run is only reused with
+        ``resume``. A re-run (no ``resume``) first removes the results it would replace.
+        """
+        if self.inputs.is_file():
+            try:
+                old = RunInputs(**read_json(self.inputs))
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"{self.inputs} is corrupt ({exc}); use a new --out") from exc
+            if (old.mode, old.data) != (inputs.mode, inputs.data):
+                raise DataError(
+                    f"{self.root} holds {old.describe()}; this is {inputs.describe()}: "
+                    "its results would not belong to its inputs; use a new --out"
+                )
+        elif any(p.exists() for p in (self.results, self.checkpoint, self.federated_state)):
+            raise DataError(
+                f"{self.root} holds a run without a record of its data and mode "
+                f"({self.inputs.name}; an older privseg wrote it); use a new --out"
+            )
+        if inputs.mode == "server" and self.results.is_file() and not resume:
+            raise DataError(
+                f"{self.root} holds a finished federation ({self.results.name}); pass --resume "
+                "to evaluate its final model again, or use a new --out"
+            )
+        if not resume:
+            self.results.unlink(missing_ok=True)  # a re-run never leaves the old results
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.inputs, dataclasses.asdict(inputs))
 
     def write_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
