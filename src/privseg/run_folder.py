@@ -36,6 +36,10 @@ class RunInputs:
     data: str | None
     source: str = ""
 
+    def matches(self, other: RunInputs) -> bool:
+        """The same mode and the same data content (wherever the data lies)."""
+        return (self.mode, self.data) == (other.mode, other.data)
+
     def describe(self) -> str:
         data = "" if self.data is None else f" of data {self.source} (content {self.data[:12]})"
         return f"a {self.mode} run{data}"
@@ -139,17 +143,14 @@ class RunFolder:
         folder with results but no record. A finished server run is only reused with
         ``resume``. A re-run (no ``resume``) first removes the results it would replace.
         """
-        if self.inputs.is_file():
-            try:
-                old = RunInputs(**read_json(self.inputs))
-            except (ValueError, TypeError) as exc:
-                raise DataError(f"{self.inputs} is corrupt ({exc}); use a new --out") from exc
-            if (old.mode, old.data) != (inputs.mode, inputs.data):
-                raise DataError(
-                    f"{self.root} holds {old.describe()}; this is {inputs.describe()}: "
-                    "its results would not belong to its inputs; use a new --out"
-                )
-        elif any(p.exists() for p in (self.results, self.checkpoint, self.federated_state)):
+        old = self.recorded_inputs()
+        if old is not None and not old.matches(inputs):
+            raise DataError(
+                f"{self.root} holds {old.describe()}; this is {inputs.describe()}: "
+                "its results would not belong to its inputs; use a new --out"
+            )
+        made = (self.results, self.checkpoint, self.federated_state)
+        if old is None and any(p.exists() for p in made):
             raise DataError(
                 f"{self.root} holds a run without a record of its data and mode "
                 f"({self.inputs.name}; an older privseg wrote it); use a new --out"
@@ -163,6 +164,15 @@ class RunFolder:
             self.results.unlink(missing_ok=True)  # a re-run never leaves the old results
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.inputs, dataclasses.asdict(inputs))
+
+    def recorded_inputs(self) -> RunInputs | None:
+        """The inputs this folder recorded (None: no record)."""
+        if not self.inputs.is_file():
+            return None
+        try:
+            return RunInputs(**read_json(self.inputs))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{self.inputs} is corrupt ({exc}); use a new --out") from exc
 
     def write_config(self, cfg: Config) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

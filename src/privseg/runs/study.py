@@ -217,13 +217,13 @@ def _run_setting(
 def _finished(run: RunFolder, cfg: Config, setting: Setting, cache: Any) -> bool:
     """A finished setting is reused only if it ran with exactly this configuration, mode and
     data (else it is trained again, and :meth:`RunFolder.admit` refuses other inputs)."""
-    if not (run.results.is_file() and run.inputs.is_file()):
+    if not run.results.is_file():
         return False
     try:
-        inputs = RunInputs(**read_json(run.inputs))
-        same = (inputs.mode, inputs.data) == (setting.mode, cache.content_fingerprint)
-        return same and run.load_config() == cfg
-    except (PrivsegError, TypeError, ValueError):
+        recorded = run.recorded_inputs()
+        wanted = RunInputs(setting.mode, cache.content_fingerprint)
+        return recorded is not None and recorded.matches(wanted) and run.load_config() == cfg
+    except PrivsegError:
         return False
 
 
