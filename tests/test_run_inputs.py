@@ -65,6 +65,10 @@ def test_a_study_refuses_another_task(tmp_path):
     out = tmp_path / "study"
     run_study(cfg, data=first, out=out, preset="quick")
     dice = json.loads((out / "results.json").read_text())["runs"][0]["dice_mean"]
+    central = out / "runs" / "central" / "results.json"
+    before = central.stat().st_mtime_ns
+    run_study(cfg, data=shutil.copytree(first, tmp_path / "copy"), out=out, preset="quick")
+    assert central.stat().st_mtime_ns == before  # the same data elsewhere: skipped
     with pytest.raises(DataError, match="holds a study run of data .* this is a study run"):
         run_study(cfg, data=second, out=out, preset="quick")
     assert json.loads((out / "runs" / "central" / "results.json").read_text())["dice_mean"] == dice
