@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from privseg.config import Config
 from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.federated import messages as M
-from privseg.federated import secagg
+from privseg.federated import replay, secagg
 from privseg.io import write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
@@ -141,7 +141,15 @@ def site_train(
     With ``evaluate-incoming`` set, the incoming global model (the previous round's result) is
     first scored on the val split and its Dice sent along (scalar only, like an evaluate
     reply), so a round needs one exchange with the server instead of two.
+
+    A request the site already answered (a resumed server redoing the round it lost) gets the
+    stored reply again, untrained (:mod:`privseg.federated.replay`).
     """
+    kept = RunFolder(settings.out_dir).site_reply(settings.site)
+    digest = replay.request_digest(config, state)
+    stored = replay.stored_reply(kept, config, digest)
+    if stored is not None:
+        return stored
     cfg, trainer = get_trainer(config, settings, factory)
     incoming: dict[str, float] = {}
     if cfg.privacy.enabled and trainer.privacy is not None and trainer.privacy.reserved:
@@ -165,7 +173,9 @@ def site_train(
         return None, _train_metrics(cfg, trainer, metrics, incoming)
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
-    return new_state, _train_metrics(cfg, trainer, {**metrics, M.DECLINED: 0.0}, incoming)
+    reply = new_state, _train_metrics(cfg, trainer, {**metrics, M.DECLINED: 0.0}, incoming)
+    replay.keep_reply(kept, config, digest, reply)  # before it is sent
+    return reply
 
 
 def _train_metrics(

@@ -110,6 +110,11 @@ def scalar(value: Any) -> float:
     return out
 
 
+def round_id(config: Mapping[str, Any]) -> str:
+    """A train round's id, ``RUN/ROUND``: the run's id and the round's absolute number."""
+    return f"{config[CFG_RUN_ID]}/{int(config[CFG_ROUND])}"
+
+
 def metric_record(values: Mapping[str, Any], allowed: frozenset[str]) -> MetricRecord:
     """A MetricRecord of the allowed keys only, every value a float scalar."""
     unknown = set(values) - allowed

@@ -312,6 +312,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     )
     write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
     return {
+        "run_id": run_id,  # a resumed run keeps the id its sites' ledgers and replies know
         "state_dict": state_dict(arrays, layout),
         "history": history,
         "test": dict(strategy.last_evaluate),

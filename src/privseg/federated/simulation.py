@@ -144,5 +144,6 @@ def run_federated(
         if path.is_file():
             reports[name] = read_json(path)
     results = build_results(cfg, done, reports=reports, wall_seconds=time.perf_counter() - started)
-    save_final(out_dir, cfg, done, run_id)
+    save_final(out_dir, cfg, done, done["run_id"])
+    results.provenance["run_id"] = done["run_id"]
     return results
