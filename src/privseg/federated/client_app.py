@@ -269,10 +269,10 @@ def handle_secure_train(
     new_state, metrics = site_train(config, state, settings, factory)
     fed = Config.from_dict(tomllib.loads(str(config[M.CFG_TOML]))).federated
     n = int(metrics[M.NUM_EXAMPLES])
-    if fed.weighted and n > fed.secagg_max_examples:
+    if fed.weighted and n > fed.max_examples:
         raise DataError(
             f"site {settings.site!r} has {n} training slices, more than "
-            f"federated.secagg_max_examples = {fed.secagg_max_examples}; raise it"
+            f"federated.max_examples = {fed.max_examples}; raise it"
         )
     weight = 0 if new_state is None else (n if fed.weighted else 1)
     update, clipped = secagg.site_update(global_state, new_state, fed.secagg_clip)

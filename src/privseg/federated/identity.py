@@ -65,6 +65,12 @@ class SiteIdentity:
         self.names[node], self.bound[claimed] = claimed, node
         return ""
 
+    def who(self, node: int) -> str:
+        """How messages name ``node``: its site (registered, or claimed earlier in this run),
+        the node id only when no site is known for it yet."""
+        site = (self.registered or {}).get(node) or self.names.get(node)
+        return f"site {site}" if site else f"node {node} (no site known yet)"
+
     def keep_connected(self, nodes: Iterable[int]) -> None:
         """Without registrations, free the names of nodes that are gone: a restarted SuperNode
         gets a new node id there and must be able to take its site back. (With registrations

@@ -81,7 +81,7 @@ def protocol_params(n_sites: int, fed: FederatedConfig) -> dict[str, Any]:
     return {
         "num_shares": n_sites,
         "reconstruction_threshold": n_sites // 2 + 1,
-        "max_weight": float(fed.secagg_max_examples) if fed.weighted else 1.0,
+        "max_weight": float(fed.max_examples) if fed.weighted else 1.0,
         "clipping_range": float(fed.secagg_clip),
         "quantization_range": min(_INT32_MAX, (MODULUS - 1) // n_sites),
         "modulus_range": MODULUS,
