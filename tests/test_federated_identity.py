@@ -210,3 +210,24 @@ def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
     honest = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b"}))
     arrays, metrics = honest.aggregate_secure(1, replies[:2], mean)
     assert arrays is not None and isinstance(metrics, MetricRecord)
+
+
+# ---- issue 24, finding 6: an impostor's own site is told, and exits non-zero ---------------------
+def test_a_site_whose_every_reply_was_refused_is_told_and_fails(tmp_path: Path) -> None:
+    from privseg.federated.site import check_accepted
+
+    started = 0.0
+    grid = ClaimGrid(
+        {11: ("a", tmp_path / "a"), 22: ("b", tmp_path / "b"), 33: ("c", tmp_path / "c")}
+    )
+    settings = ServerSettings(
+        cfg=small_cfg(),
+        out_dir=tmp_path / "run",
+        run_id="r1",
+        site_nodes={11: "a", 22: "b", 33: "x"},
+    )
+    run_server(grid, settings)
+    check_accepted("a", tmp_path / "a", started)  # its replies counted: no error
+    with pytest.raises(FederationError, match="refused every reply from this site: wrong key"):
+        check_accepted("c", tmp_path / "c", started)
+    assert not ca.SiteSettings("a", tmp_path / "a", tmp_path / "a").refused.exists()

@@ -24,7 +24,7 @@ from privseg.config import Config
 from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.federated import messages as M
 from privseg.federated import secagg
-from privseg.io import write_json
+from privseg.io import atomic_write_text, write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
 
@@ -44,6 +44,12 @@ class SiteSettings:
     def report(self) -> Path:
         """The site-local test report (per-patient results never leave the site)."""
         return RunFolder(self.out_dir).site_report(self.site)
+
+    @property
+    def refused(self) -> Path:
+        """Written on the final test when the server accepted none of this site's training
+        replies in the run (a wrong key: the server registered another site's)."""
+        return self.report.with_suffix(".refused")
 
 
 def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
@@ -286,6 +292,9 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate the global weights at the site; reply with scalar metrics only."""
     config = dict(msg.content[M.CONFIG])
+    if int(config.get(M.CFG_REFUSED, 0)):  # before the report, which `privseg site` waits for
+        log.error("site %s: the server refused every training reply of this site", settings.site)
+        atomic_write_text(settings.refused, f"{config[M.CFG_RUN_ID]}\n")
     state = _state(msg.content[M.ARRAYS], M.layout_of(config))
     metrics = site_evaluate(config, state, settings, factory)
     releases = site_releases(config, settings, factory)
