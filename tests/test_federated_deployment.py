@@ -21,7 +21,8 @@ import pytest
 from conftest import e2e_config
 from privseg.config import Config
 from privseg.federated.certs import make_certs
-from privseg.federated.processes import _proc_start, free_port, stop_stale, write_pid_file
+from privseg.federated.processes import free_port, stop_stale, write_pid_file
+from privseg.federated.reaper import proc_start
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +250,7 @@ def test_a_node_with_another_sites_key_is_refused(tmp_path: Path, cache: Path) -
 
 
 def _live(pid: int) -> bool:
-    return _proc_start(pid) is not None  # a zombie has ended
+    return proc_start(pid) is not None  # a zombie has ended
 
 
 def _until(check, timeout: float) -> bool:

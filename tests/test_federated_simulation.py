@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SIZES, e2e_config, fake_factory, fake_ledger, small_cfg
-from privseg.errors import FederationError
+from privseg.errors import ConfigError, FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import flower_compat as fc
 from privseg.federated.simulation import run_federated
@@ -118,3 +118,52 @@ def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) ->
         assert site["epsilon"] == pytest.approx(eps) and eps > 0  # recomputable from releases
         assert site["steps"] == 4 and site["patients"] and site["epsilon_lower_bound"] is False
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))
+
+
+# ---- issue 24, finding 7: early errors that name sites -----------------------------------------
+def test_an_unreachable_epsilon_is_refused_before_flower_starts(
+    tmp_path: Path, phantom_cache
+) -> None:
+    """It used to surface in round 1 (171 s in), naming the site by its Flower node id."""
+    from privseg.config import Config
+
+    cfg = Config.from_dict(
+        {
+            **e2e_config().to_dict(),
+            "privacy": {"enabled": True, "target_epsilon": 0.001, "noise_multiplier": None},
+        }
+    )
+    t0 = time.monotonic()
+    with pytest.raises(
+        ConfigError, match=r"^site '[\w-]+': privacy.target_epsilon = 0.001 is unreach"
+    ):
+        run_federated(cfg, cache_dir=phantom_cache.root, out_dir=tmp_path / "run", run_id="e")
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "run" / "federated_state.pt").exists()
+
+
+def test_a_sites_error_names_the_site_not_the_node(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+    from privseg.errors import DataError
+    from privseg.federated.identity import SiteIdentity
+    from privseg.federated.strategy import make_strategy
+
+    with pytest.raises(DataError, match="^site 'a': broken cache"), ca.named("a"):
+        raise DataError("broken cache")
+    strategy = make_strategy(small_cfg(), SiteIdentity({12998560576394869161: "b"}))
+    ask = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="train")
+        for n in (77, 12998560576394869161)
+    ]
+    strategy.aggregate_train(
+        1,
+        [
+            Message(Error(1, "x\nMessage: site 'a': broken cache"), reply_to=ask[0]),
+            Message(Error(1, "DataError: no manifest"), reply_to=ask[1]),
+        ],
+    )
+    assert strategy.last_train.failed == [
+        "site 'a': broken cache",
+        "site b: DataError: no manifest",
+    ]

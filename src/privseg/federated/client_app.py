@@ -8,11 +8,12 @@ file, not this cache, is the record of the privacy spent.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from privseg.config import Config
-from privseg.errors import DataError, PrivacyBudgetExceeded
+from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
 from privseg.federated import messages as M
 from privseg.federated import secagg
 from privseg.io import atomic_write_text, write_json
@@ -301,6 +302,17 @@ def handle_evaluate(
     return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None, releases), reply_to=msg)
 
 
+@contextlib.contextmanager
+def named(site: str) -> Iterator[None]:
+    """A site's error, as the server will log it, names the site (never only a node id)."""
+    try:
+        yield
+    except PrivsegError as exc:
+        if str(exc).startswith("site "):
+            raise
+        raise type(exc)(f"site {site!r}: {exc}") from exc
+
+
 def make_client_app(
     defaults: Mapping[str, Any] | None = None, trainer_factory: TrainerFactory | None = None
 ) -> ClientApp:
@@ -315,11 +327,15 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, site_settings(context.node_config, defaults), factory)
+        settings = site_settings(context.node_config, defaults)
+        with named(settings.site):
+            return handle_train(msg, settings, factory)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, site_settings(context.node_config, defaults), factory)
+        settings = site_settings(context.node_config, defaults)
+        with named(settings.site):
+            return handle_evaluate(msg, settings, factory)
 
     return app
 

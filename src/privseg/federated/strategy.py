@@ -114,7 +114,7 @@ class SiteAggregation(Strategy):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                report.failed.append(f"{self.identity.who(node)}: {short(msg.error.reason)}")
+                report.failed.append(self.identity.who(node, short(msg.error.reason)))
                 continue
             site = M.reply_site(msg.content)
             refused = self.identity.problem(node, site)
