@@ -167,3 +167,44 @@ def test_a_sites_error_names_the_site_not_the_node(tmp_path: Path) -> None:
         "site 'a': broken cache",
         "site b: DataError: no manifest",
     ]
+
+
+@pytest.mark.slow
+def test_a_killed_federated_train_leaves_no_ray_process(tmp_path: Path, phantom_dir: Path) -> None:
+    """Issue 24, finding 6: Ray's agents lived ~70 s after a SIGKILL of `privseg train`."""
+    import os
+    import subprocess
+    import sys
+
+    from privseg.federated.reaper import descendants, proc_start
+
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(e2e_config(rounds=500).to_toml())
+    cli = [sys.executable, "-c", "from privseg.cli.app import main; main()", "train"]
+    args = ["--data", str(phantom_dir), "--out", str(tmp_path / "run"), "--mode", "federated"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = open(tmp_path / "train.out", "wb")  # noqa: SIM115 - closed below
+    train = subprocess.Popen(
+        [*cli, *args, "--config", str(cfg_file)], stdout=log, stderr=log, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "run" / "federated_state.pt").exists():  # round 1 is done
+            assert time.monotonic() < deadline and train.poll() is None, (
+                tmp_path / "train.out"
+            ).read_text()
+            time.sleep(0.5)
+        children = descendants(train.pid)
+        assert len(children) >= 3  # Ray's processes (and the watcher)
+        train.kill()
+        train.wait()
+        t0 = time.monotonic()
+        while any(proc_start(p) == s for p, s in children.items()):
+            assert time.monotonic() - t0 < 1.0, [
+                p for p, s in children.items() if proc_start(p) == s
+            ]
+            time.sleep(0.05)
+    finally:
+        train.kill()
+        train.wait()
+        log.close()
