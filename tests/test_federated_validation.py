@@ -179,3 +179,30 @@ def test_the_final_test_tells_each_node_whether_any_reply_counted() -> None:
     )
     told = {m.metadata.dst_node_id: m.content[M.CONFIG][M.CFG_REFUSED] for m in msgs}
     assert told == {1: 0, 2: 0, 3: 1}
+
+
+def test_a_malformed_evaluation_reply_is_refused_not_a_crash() -> None:
+    strategy = strategy_for()
+    good = Message(
+        M.site_reply("a", {M.DICE: 0.5, M.NUM_EXAMPLES: 2}, M.EVAL_KEYS, None), reply_to=request(1)
+    )
+    extra = Message(
+        RecordDict(
+            {
+                M.METRICS: MetricRecord({M.DICE: 0.9, "patient_7_dice": 0.1}),
+                M.SITE: ConfigRecord({"name": "b"}),
+            }
+        ),
+        reply_to=request(2),
+    )
+    garbage = Message(
+        RecordDict(
+            {
+                M.METRICS: MetricRecord({M.DICE: 0.9}),
+                M.SITE: ConfigRecord({"name": "c", M.RELEASES: "not json"}),
+            }
+        ),
+        reply_to=request(3),
+    )
+    strategy.aggregate_evaluate(3, [good, extra, garbage])
+    assert list(strategy.last_evaluate) == ["a"] and not strategy.last_releases

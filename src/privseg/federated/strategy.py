@@ -282,8 +282,15 @@ class SiteAggregation(Strategy):
                 if refused:  # never a row of the results
                     log.warning("round %d: evaluation reply refused: %s", server_round, refused)
                     continue
-                per_site[site] = M.reply_metrics(msg.content)
-                releases = M.reply_releases(msg.content)
+                try:
+                    metrics = check_metrics(msg.content, dp=self.dp, train=False)
+                    releases = M.reply_releases(msg.content)
+                except (Refused, ValueError, TypeError) as exc:
+                    log.warning(
+                        "round %d: site %s: evaluation reply refused: %s", server_round, site, exc
+                    )
+                    continue
+                per_site[site] = metrics
                 if releases is not None:
                     self.last_releases[site] = releases
         self.last_evaluate = per_site

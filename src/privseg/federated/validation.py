@@ -70,21 +70,23 @@ class ModelSpec:
         return got
 
 
-def check_metrics(content: RecordDict, *, dp: bool) -> dict[str, float]:
-    """The reply's metrics, or Refused when keys are missing or unexpected."""
-    allowed = M.DP_TRAIN_KEYS if dp else M.TRAIN_KEYS
+def check_metrics(content: RecordDict, *, dp: bool, train: bool = True) -> dict[str, float]:
+    """The reply's metrics, or Refused when keys are missing or unexpected (``train``: a
+    training reply; else an evaluation reply, whose keys are all optional)."""
+    if train:
+        allowed = M.DP_TRAIN_KEYS if dp else M.TRAIN_KEYS
+    else:
+        allowed = M.DP_EVAL_KEYS if dp else M.EVAL_KEYS
     try:
         metrics = M.reply_metrics(content)
     except (TypeError, ValueError) as exc:
         raise Refused(f"its metrics are not scalars ({exc})") from None
-    missing = {M.NUM_EXAMPLES, M.DECLINED} - set(metrics)
+    missing = {M.NUM_EXAMPLES, M.DECLINED} - set(metrics) if train else set()
     extra = set(metrics) - allowed
     if missing or extra:
         why = [f"lack {sorted(missing)}"] * bool(missing) + [f"carry {sorted(extra)}"] * bool(extra)
-        raise Refused(
-            f"its metrics {' and '.join(why)} (a {'DP ' * dp}train reply's are {sorted(allowed)})"
-        )
-    if metrics[M.DECLINED] not in (0.0, 1.0):
+        raise Refused(f"its metrics {' and '.join(why)} (allowed: {', '.join(sorted(allowed))})")
+    if train and metrics[M.DECLINED] not in (0.0, 1.0):
         raise Refused(f"its {M.DECLINED!r} is {metrics[M.DECLINED]}, not 0 or 1")
     return metrics
 
