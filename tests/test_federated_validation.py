@@ -148,10 +148,24 @@ def test_every_aggregation_of_the_config_is_one_of_flowers() -> None:
         assert isinstance(strategy, AGGREGATIONS[name])
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multikrum"])
-def test_a_robust_aggregation_ignores_a_poisoner_within_the_bound(name: str) -> None:
-    strategy = strategy_for(aggregation=name, min_sites=3, trim_fraction=0.34)
-    new = aggregate(strategy, [reply(1, "a"), reply(2, "b"), reply(3, "c", step=-3.0)])
+@pytest.mark.parametrize(
+    ("name", "n", "f"),
+    [
+        ("median", 3, 0),
+        ("trimmed_mean", 3, 0),
+        ("krum", 5, 1),
+        ("multikrum", 5, 1),
+        ("bulyan", 7, 1),
+    ],
+)
+def test_a_robust_aggregation_ignores_a_poisoner_that_passes_every_check(
+    name: str, n: int, f: int
+) -> None:
+    """A poisoned update 5x the others passes the norm and outlier checks; the rule drops it."""
+    strategy = strategy_for(aggregation=name, min_sites=n, malicious_sites=f, trim_fraction=0.34)
+    sites = [reply(i + 1, f"s{i}") for i in range(n - 1)]
+    new = aggregate(strategy, [*sites, reply(n, "poisoner", step=0.05)])
+    assert "poisoner" in strategy.last_train.contributors  # it passed validation
     np.testing.assert_allclose(new["w"], BASE["w"].numpy() + 0.01, rtol=1e-5)
     assert new["w"].dtype == np.float32
 
