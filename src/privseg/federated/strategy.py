@@ -163,7 +163,8 @@ class SiteAggregation(Strategy):
         if not norm <= bound:
             raise Refused(
                 f"its update's norm {norm:.4g} is over the bound {bound:.4g} "
-                f"(federated.max_update_ratio x the global model's norm, or max_update_norm)"
+                "(federated.max_update_ratio x the global model's norm, or max_update_norm; "
+                "raise them if many local steps make honest updates this large)"
             )
         return metrics, norm
 
