@@ -83,6 +83,8 @@ def end(procs: dict[int, int], grace: float = GRACE) -> None:
 
 def watch(owner: int) -> None:
     """Until ``owner`` (this process's parent) is gone, keep its descendants; then end them."""
+    if not Path("/proc").is_dir():  # not Linux: PR_SET_PDEATHSIG is unavailable too
+        return
     me, known, seen, scanned = os.getpid(), {}, {}, 0.0
     while os.getppid() == owner:
         if time.monotonic() - scanned >= SCAN:
