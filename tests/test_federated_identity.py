@@ -7,6 +7,7 @@ tests/test_federated_deployment.py.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
     strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
     replies = []
     for node, claimed in ((11, "a"), (22, "b"), (33, "a")):
-        content = M.site_reply(claimed, {M.NUM_EXAMPLES: 10.0, M.EPSILON: 0.5}, M.TRAIN_KEYS, None)
+        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: 0.5, M.DECLINED: 0.0}
+        content = M.site_reply(claimed, metrics, M.TRAIN_KEYS, None)
         reply = Message(content, dst_node_id=node, message_type="train")
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
@@ -231,3 +233,21 @@ def test_a_site_whose_every_reply_was_refused_is_told_and_fails(tmp_path: Path) 
     with pytest.raises(FederationError, match="refused every reply from this site: wrong key"):
         check_accepted("c", tmp_path / "c", started)
     assert not ca.SiteSettings("a", tmp_path / "a", tmp_path / "a").refused.exists()
+
+
+def test_a_secure_sum_with_an_update_without_epsilon_is_discarded() -> None:
+    """Issue 22 finding 5: under SecAgg+ a reply without epsilon was 'rejected' but its update
+    stayed in the masked sum; the whole sum is now discarded."""
+    strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
+    replies = []
+    for node, site, eps in ((11, "a", 0.5), (22, "b", 0.5), (33, "c", math.nan)):
+        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps, M.DECLINED: 0.0}
+        content = M.site_reply(site, metrics, M.TRAIN_KEYS, None)
+        reply = Message(content, dst_node_id=node, message_type="train")
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    mean = M.array_record({"w": np.ones(3, dtype=np.float32)})
+    arrays, _ = strategy.aggregate_secure(1, replies, mean)
+    assert arrays is None and strategy.last_train.contributors == []
+    assert any("no DP guarantee" in f for f in strategy.last_train.failed)
+    assert any("sum is discarded" in f for f in strategy.last_train.failed)

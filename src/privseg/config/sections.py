@@ -94,6 +94,17 @@ class DataConfig:
         default="",
         metadata=rule(help="name of the only site when data.sites = 1; '' = site-0"),
     )
+    max_voxels: int = field(
+        default=2**28,
+        metadata=rule(
+            ge=1,
+            le=2**31,
+            help=(
+                "largest volume read (voxels, checked from the header before reading); prepare "
+                "needs about 10 bytes per voxel (2^28 = 512 x 512 x 1024: about 2.7 GB)"
+            ),
+        ),
+    )
     nan_hu: float | None = field(
         default=None,
         metadata=rule(
@@ -255,8 +266,30 @@ class PrivacyConfig:
     ledger_dir: str | None = field(
         default=None,
         metadata=rule(
-            help="folder of the sites' privacy ledgers; None = '<cache>.ledgers' beside the data"
+            help="the ledger store's folder (one store keys every patient by content); None = "
+            "$PRIVSEG_LEDGER_DIR or the per-user default (privseg.privacy.stores)"
         ),
+    )
+    allow_nonprivate: bool = field(
+        default=False,
+        metadata=rule(
+            help="with privacy.enabled = false, train even on patients that hold a budget; "
+            "every non-private run is recorded in the ledger as epsilon infinite either way"
+        ),
+    )
+    eval_noise: float | None = field(
+        default=None,
+        metadata=rule(
+            gt=0.0,
+            le=1e4,
+            help="a DP site answers a server's evaluation query with its Dice sums noised by "
+            "this multiple of their sensitivity, and records it (Gaussian, per patient); None "
+            "= it refuses every evaluation query",
+        ),
+    )
+    eval_queries: int = field(
+        default=1,
+        metadata=rule(ge=0, le=10_000, help="evaluation queries a DP site answers per run"),
     )
 
     def check(self) -> None:

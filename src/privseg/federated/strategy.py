@@ -51,7 +51,7 @@ class TrainRound:
     contributors: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    refused: int = 0  # replies whose claimed site is not the node's (see identity.py)
+    refused: int = 0  # replies refused: a claimed site not the node's (identity.py), no DP
 
     @property
     def epsilon_max(self) -> float:
@@ -126,6 +126,8 @@ class SiteAggregation(Strategy):
                 verdict = self._check_reply(site, msg, secure)
             except Refused as exc:
                 report.failed.append(f"site {site}: {exc}; reply refused")
+                if secure:  # its update is in the masked sum all the same: discard the sum
+                    report.refused += 1
                 continue
             self.accepted.add(node)
             metrics, norm = verdict
@@ -144,15 +146,16 @@ class SiteAggregation(Strategy):
         """A reply's metrics and update norm, or Refused (see the module validation)."""
         metrics = check_metrics(msg.content, dp=self.dp)
         check_size(site, metrics[M.NUM_EXAMPLES], self.sizes, self.fed.max_examples)
-        declined = metrics[M.DECLINED] >= 1.0
         records = msg.content.array_records
-        if secure or declined:
+        if metrics[M.DECLINED] >= 1.0:
             if records and not secure:
                 raise Refused("it declined the round but sent weights")
             return metrics, math.nan
         eps = metrics.get(M.EPSILON, math.nan)
         if self.dp and not (eps > 0):  # NaN, 0 or absent: this update carries no DP
             raise Refused(f"its update carries no DP guarantee (epsilon {eps}) in a DP run")
+        if secure:  # SecAgg+: no weights to check (the server never sees one update)
+            return metrics, math.nan
         if self.spec is None:
             raise Refused("the server sent no model this round to check it against")
         if set(records) != {M.ARRAYS}:
@@ -253,8 +256,8 @@ class SiteAggregation(Strategy):
         report.failed.extend(failed)
         if report.refused and mean is not None:  # the masked sum holds the refused updates too
             report.failed.append(
-                "the secure sum includes the update of a node whose site identity was refused; "
-                "the sum is discarded"
+                "the secure sum includes the update of a node that was refused (its site "
+                "identity, or no DP guarantee in a DP run); the sum is discarded"
             )
             mean = None
         if mean is None:  # nobody's update reached a model
