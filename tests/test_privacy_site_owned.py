@@ -258,3 +258,16 @@ def test_central_training_records_one_release_on_every_sites_patients(
     assert row["run_id"] == "c1" and row["steps"] == 5 and set(patients) == set(cache.sites)
     for s in cache.sites:
         assert sp.summary(s)["epsilon"] == pytest.approx(sp.ledger.worst(patients[s], **RDP)[0])
+
+
+def test_a_server_cannot_loosen_a_sites_evaluation_policy() -> None:
+    """Issue 22: evaluation answers are the site's to give: a server asking for a smaller
+    eval_noise, more queries or non-private training gets the site's own, never its request."""
+    own = PrivacyConfig(enabled=True, budget_epsilon=5.0, eval_noise=4.0, eval_queries=1)
+    greedy = PrivacyConfig(eval_noise=0.01, eval_queries=1000, allow_nonprivate=True)
+    merged, _ = apply_floor(greedy, own)
+    assert merged.eval_noise == 4.0 and merged.eval_queries == 1 and not merged.allow_nonprivate
+    refusing, _ = apply_floor(greedy, PrivacyConfig(enabled=True, budget_epsilon=5.0))
+    assert refusing.eval_noise is None  # the site set no eval_noise: it answers nothing
+    stricter, _ = apply_floor(PrivacyConfig(eval_noise=9.0, eval_queries=0), own)
+    assert stricter.eval_noise == 9.0 and stricter.eval_queries == 0

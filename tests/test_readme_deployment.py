@@ -119,8 +119,8 @@ def test_the_readme_deployment_walkthrough_runs_as_written(tmp_path: Path) -> No
         log = tmp_path / f"{name}.out"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
-                [*CLI, *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": SRC}, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                [*CLI, *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": SRC}, stdout=fh,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         if background:
             running.append((name, proc))
