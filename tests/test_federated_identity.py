@@ -122,12 +122,11 @@ def test_one_key_for_two_site_names_is_refused(tmp_path: Path) -> None:
 def _spend(folder: Path, site: str, times: int) -> None:
     """``site``'s fake ledger in ``folder`` has spent 3 * ``times`` steps (epsilon 0.3 each)."""
     cfg = small_cfg()
-    msg = _train_msg(cfg)
-    for _ in range(times):
-        ca.handle_train(msg, ca.SiteSettings(site, folder, folder), fake_factory)
+    for rnd in range(1, times + 1):  # distinct rounds: an identical request would be replayed
+        ca.handle_train(_train_msg(cfg, rnd), ca.SiteSettings(site, folder, folder), fake_factory)
 
 
-def _train_msg(cfg):
+def _train_msg(cfg, rnd: int = 1):
     from flwr.app import ConfigRecord, RecordDict
 
     state = {"w": np.zeros(3, dtype=np.float32)}
@@ -135,6 +134,7 @@ def _train_msg(cfg):
         {
             M.CFG_TOML: cfg.to_toml(),
             M.CFG_RUN_ID: "earlier",
+            M.CFG_ROUND: rnd,
             M.CFG_LOCAL_STEPS: 3,
             M.CFG_PLANNED_STEPS: 6,
         }

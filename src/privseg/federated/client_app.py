@@ -25,6 +25,7 @@ from privseg.config import Config
 from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
 from privseg.federated import messages as M
 from privseg.federated import replay, secagg
+from privseg.federated.answers import EVALUATED, private_answer
 from privseg.io import atomic_write_text, write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
@@ -232,7 +233,7 @@ def site_evaluate(
         out[key] = metrics.get("dice")
     out[M.NUM_EXAMPLES] = out[M.N_PATIENTS]
     if cfg.privacy.enabled:
-        out.update(_private_answer(cfg, trainer, result, split, str(config[M.CFG_RUN_ID])))
+        out.update(private_answer(cfg, trainer, result, split, str(config[M.CFG_RUN_ID])))
     if int(config.get(M.CFG_FINAL, 0)):
         privacy = trainer.privacy_summary()
         for key in M.PRIVACY_SCALARS:
@@ -246,50 +247,12 @@ def site_evaluate(
                 "run_id": str(config[M.CFG_RUN_ID]),
                 "test": result,
                 "val_curve": trainer.local_val,
-                "privacy": trainer.privacy_summary(),  # after the answer's own release
+                "privacy": privacy,  # after the answer's own release
             },
         )
     if cfg.privacy.enabled:
         out = {k: v for k, v in out.items() if k in M.DP_EVAL_KEYS}
     return {k: M.scalar(v) for k, v in out.items()}
-
-
-EVALUATED = ("val", "test")
-"""The splits a server may ask a site to evaluate on."""
-
-
-def _private_answer(
-    cfg: Config, trainer: Any, result: dict[str, Any], split: str, run_id: str
-) -> dict[str, Any]:
-    """A DP site's metric scalars: noised and recorded on the split's patients, or NaN when
-    refused (no ``privacy.eval_noise``, queries spent, or a run the site has not trained in:
-    only the current run's global model is scored)."""
-    from privseg.privacy.engine import release_metrics
-
-    names = list(result.get("classes", {}))
-    refused = {M.DICE: math.nan, **{k: math.nan for k, _ in zip(M.CLASS_DICE, names, strict=False)}}
-    privacy = trainer.privacy
-    if privacy is None or not privacy.reserved:
-        log.warning(
-            "site %s refuses to evaluate for run %s: it has not trained in it", trainer.name, run_id
-        )
-        return refused
-    answer = release_metrics(
-        cfg.privacy,
-        privacy.ledger,
-        result,
-        list(trainer.splits[split].contents),
-        site=trainer.name,
-        run_id=run_id,
-        classes=names,
-        unit=privacy.plan.unit,
-    )
-    if answer is None:
-        return refused
-    return {
-        M.DICE: answer["dice"],
-        **dict(zip(M.CLASS_DICE, (answer[c] for c in names), strict=False)),
-    }
 
 
 def site_releases(
