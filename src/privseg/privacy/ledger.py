@@ -1,11 +1,9 @@
 """A durable, append-only, hash-chained record of every release made on patients' data.
 
-One ledger store (one SQLite file) serves every site and data set of a machine or user (see
-:mod:`privseg.privacy.stores`). A release names the patients it touched by their content
-fingerprints (:meth:`privseg.data.task.Volume.content`), so copying, moving, renaming,
-re-preparing or re-partitioning the data does not start anyone's budget again. A patient's
-epsilon is the composition of every release that included that patient; epsilon is never
-stored, only recomputed from the rows.
+One store (one SQLite file, :mod:`privseg.privacy.stores`) serves every site and data set of
+a user. A release names its patients by content fingerprint
+(:meth:`privseg.data.task.Volume.content`); a patient's epsilon composes every release that
+included that patient, recomputed from the rows (never stored).
 
 Every row (releases, non-private events, budgets) carries the hash of the row before it and
 its own; the head and the row count live in ``meta``. A broken chain, a missing row, a
@@ -26,7 +24,7 @@ import os
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +92,7 @@ class PrivacyLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.on_commit: Callable[[int], None] | None = None  # the registry's row count
         if not self.path.exists():
             self._create()
         self._check_schema()
@@ -332,6 +331,9 @@ class PrivacyLedger:
                     budget=budget.epsilon,
                 )
             self._insert(con, site, run_id, kind, unit, release, accountant, delta, patients, note)
+            count = len(rows) + 1 + (1 if budget is not None and tightened else 0)
+        if self.on_commit is not None:
+            self.on_commit(count)
         return worst
 
     def _insert(

@@ -1,18 +1,26 @@
-"""Where the ledger store lives, and the guard that no store starts patients from zero.
+"""Where the ledger store lives, and the registry that keeps every patient in one store.
 
 One store per user by default: ``$PRIVSEG_LEDGER_DIR``, else ``$XDG_DATA_HOME/privseg/ledger``,
-else ``~/.local/share/privseg/ledger``; ``privacy.ledger_dir`` moves it for a run. Every store
-privseg opens is listed in a registry beside the default location
-(``<data home>/privseg/stores.json``); opening a store for patients that another listed store
-has releases on is refused, so pointing ``privacy.ledger_dir`` (or the variable) at an empty
-folder cannot reset anyone's budget. Out of reach, and said so in the README: an administrator
-who deletes the stores and the registry.
+else ``~/.local/share/privseg/ledger``; ``privacy.ledger_dir`` moves it for a run. A registry
+beside the default location (``<data home>/privseg/stores.json``, under a file lock) records,
+for every store privseg opened, its id and the most rows it was ever seen with, and for every
+patient the one store that accounts it. Opening a store is refused when
+
+- one of the patients is claimed by another store that still exists (two stores would each
+  start them from zero; the claim is made under the lock, so two runs cannot race past it);
+- the store that claimed them is gone and this is not the same store (same id) moved here;
+- the store at a registered path has another id (it was deleted and made again), or fewer rows
+  than the registry last saw (rows cut off the end, or an older copy restored).
+
+Out of reach, and said so in the README: an administrator who deletes the stores and the
+registry, or edits the registry and the store together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -31,7 +39,7 @@ def data_home() -> Path:
     """privseg's per-user data folder (XDG): ``$XDG_DATA_HOME/privseg`` or
     ``~/.local/share/privseg``."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "privseg"
+    return Path(base).expanduser().resolve() / "privseg"
 
 
 def store_dir(ledger_dir: str | Path | None = None) -> Path:
@@ -42,34 +50,72 @@ def store_dir(ledger_dir: str | Path | None = None) -> Path:
 
 
 def open_store(ledger_dir: str | Path | None, patients: Iterable[str] = ()) -> PrivacyLedger:
-    """The ledger store for a release on ``patients``, registered and checked: refused when
-    another registered store already holds releases on any of them."""
+    """The ledger store for releases on ``patients``: checked against the registry and
+    claiming them there (see the module docstring for what is refused)."""
     folder = store_dir(ledger_dir)
     _check_folder(folder)
-    ledger = PrivacyLedger(folder / LEDGER_FILE)
-    wanted = set(patients)
-    with _registry() as stores:
-        here = str(ledger.path)
-        if here not in stores:
-            stores[here] = ledger.store_id
-        for path in sorted(set(stores) - {here}):
-            if not wanted or not Path(path).is_file():
+    path = folder / LEDGER_FILE
+    with _registry() as registry:
+        stores, owners = registry["stores"], registry["patients"]
+        here = str(path)
+        known = stores.get(here)
+        if known is not None and not path.exists():
+            raise DataError(
+                f"privacy ledger store {path} is gone: the registry "
+                f"{data_home() / REGISTRY_FILE} knows it (id {known['id'][:12]}, "
+                f"{known['rows']} rows); restore it from a backup, or point privacy.ledger_dir "
+                "(or $PRIVSEG_LEDGER_DIR) at where it was moved. A new empty store would start "
+                "its patients from zero"
+            )
+        ledger = PrivacyLedger(path)
+        rows = len(ledger.rows())
+        if known is not None:
+            _check_same(ledger, known, rows)
+        for pid in sorted(set(patients)):
+            owner = owners.get(pid)
+            if owner is None or owner == here:
                 continue
-            other = PrivacyLedger(path)
-            if other.touches(wanted):
+            if Path(owner).exists() or stores.get(owner, {}).get("id") != ledger.store_id:
                 raise DataError(
-                    f"privacy ledger store {ledger.path} is not where these patients are "
-                    f"accounted: the store {path} (id {other.store_id[:12]}) already holds "
-                    "releases on them, and a second store would start their budget from zero; "
-                    f"use privacy.ledger_dir = {Path(path).parent} (or ${ENV})"
+                    f"privacy ledger store {path} is not where these patients are accounted: "
+                    f"the store {owner} (id {stores.get(owner, {}).get('id', '?')[:12]}) "
+                    "holds them, and a second store would start their budget from zero; use "
+                    f"privacy.ledger_dir = {Path(owner).parent} (or ${ENV}), or restore it"
                 )
+        for pid in set(patients):  # claimed now, under the lock: a concurrent run sees it
+            owners[pid] = here
+        stores[here] = {"id": ledger.store_id, "rows": max(rows, (known or {}).get("rows", 0))}
+    ledger.on_commit = functools.partial(_seen, here)
     return ledger
 
 
-def known_stores() -> list[Path]:
-    """Every registered store file that still exists (``privseg budget`` lists them)."""
-    with _registry() as stores:
-        return [Path(p) for p in sorted(stores) if Path(p).is_file()]
+def store_of(patients: Iterable[str]) -> Path | None:
+    """The store that accounts any of ``patients`` (``privseg budget --data``), if registered."""
+    with _registry() as registry:
+        owners = {registry["patients"].get(p) for p in patients} - {None}
+    return Path(sorted(owners)[0]).parent if owners else None
+
+
+def _check_same(ledger: PrivacyLedger, known: dict, rows: int) -> None:
+    if known["id"] != ledger.store_id:
+        raise DataError(
+            f"privacy ledger store {ledger.path} is not the store registered there (id "
+            f"{known['id'][:12]}, now {ledger.store_id[:12]}): it was deleted and made again, "
+            "which would start its patients from zero; restore the old store from a backup"
+        )
+    if rows < known["rows"]:
+        raise DataError(
+            f"privacy ledger store {ledger.path} holds {rows} rows but the registry saw "
+            f"{known['rows']}: rows were cut off its end, or an older copy was restored; that "
+            "would read as less privacy spent. Restore the newest copy"
+        )
+
+
+def _seen(path: str, rows: int) -> None:
+    """After a commit: the registry remembers the most rows this store ever held."""
+    with _registry() as registry:
+        entry = registry["stores"].setdefault(path, {"id": "", "rows": 0})
+        entry["rows"] = max(entry["rows"], rows)
 
 
 def _check_folder(folder: Path) -> None:
@@ -87,7 +133,8 @@ def _check_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def _registry():  # type: ignore[no-untyped-def]
-    """The registry (path -> store id) under an exclusive lock, written back when changed."""
+    """The registry (``stores``: path -> id and rows; ``patients``: fingerprint -> store path)
+    under an exclusive lock, written back when changed."""
     home = data_home()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = home / REGISTRY_FILE
@@ -95,14 +142,16 @@ def _registry():  # type: ignore[no-untyped-def]
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            stores = json.loads(path.read_text()) if path.is_file() else {}
+            registry = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"the ledger store registry {path} is unreadable: {exc}") from exc
-        if not isinstance(stores, dict):
+        if not isinstance(registry, dict):
             raise DataError(f"the ledger store registry {path} is not a JSON object")
-        before = dict(stores)
-        yield stores
-        if stores != before:
-            write_json(path, stores)
+        registry.setdefault("stores", {})
+        registry.setdefault("patients", {})
+        before = json.dumps(registry, sort_keys=True)
+        yield registry
+        if json.dumps(registry, sort_keys=True) != before:
+            write_json(path, registry)
     finally:
         os.close(fd)
