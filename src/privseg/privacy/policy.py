@@ -26,9 +26,10 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
     DP is on if either side turns it on or the site sets a budget; delta, the lifetime budget
     and the target epsilon are the smaller of the two; the noise multiplier the larger (with
     both a noise and a target, the larger resulting noise wins: see ``DPPlan``); the unit the
-    stronger; the site's accountant and ledger folder always (a server cannot move a site's
-    ledger). The site cannot tell its explicit values from defaults: its defaults (target 8,
-    delta 1e-5) are floors too.
+    stronger; constant-shape steps if either side asks; the site's accountant and ledger
+    folder always (a server cannot move a site's ledger). The site cannot tell its explicit
+    values from defaults: its defaults (target 8, delta 1e-5, constant-shape steps on) are
+    floors too.
     """
     wants_dp = own.enabled or requested.enabled or own.budget_epsilon is not None
     if not wants_dp:
@@ -43,6 +44,7 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
         budget_epsilon=_least(own.budget_epsilon, requested.budget_epsilon),
         accountant=own.accountant,
         ledger_dir=own.ledger_dir,
+        constant_time=own.constant_time or requested.constant_time,
     )
     changed = [
         f"privacy.{f.name}: {getattr(requested, f.name)!r} -> {getattr(merged, f.name)!r}"
