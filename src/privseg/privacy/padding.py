@@ -1,9 +1,10 @@
 """Constant-shape DP steps: every step computes on the same padded batch, whatever its size.
 
-The Poisson batch size is private, but a step's duration grows with it (bench/dp_timing.py:
-Pearson r = 0.88 on the loop path at 128², before this module), and anyone who sees a site's
-reply times sees the durations. So with ``privacy.constant_time`` every step computes on
-``units_cap`` unit *slots* of ``unit_slices`` slices each:
+The Poisson batch size is private, but an unpadded step's duration grows with it (issue 22
+measured Pearson r = 0.88 between batch size and step time on the loop path at 128²; see
+bench/dp_timing.py), and whoever times a site's replies sees the durations. So with
+``privacy.constant_time`` every step computes on ``units_cap`` unit *slots* of
+``unit_slices`` slices each:
 
 - ``units_cap`` (:func:`batch_cap`) is the smallest ``b`` with
   ``steps * P[Binomial(n_units, q) > b] <= OVERFLOW_PROBABILITY``: over the whole run, a batch
@@ -13,13 +14,15 @@ reply times sees the durations. So with ``privacy.constant_time`` every step com
 - ``unit_slices`` is the most slices any unit has (1 for ``privacy.unit = "slice"``; for
   patients, the largest patient's slice count): slot ``s`` holds unit ``s``'s slices, then
   dummy slices; slots past the real units hold only dummy slices. A patient stays one group.
-- Dummy slices are copies of slices of the split drawn uniformly at random (the same reads and
-  the same arithmetic as real ones), marked ``real = False``. :class:`~privseg.privacy.dp_sgd.
-  DPGradient` excludes them exactly: their losses are left out of every sum (the backward
-  sends them a zero gradient) and their per-sample gradients are zeroed by selection, never by
-  multiplication, before the per-unit sums; a slot without a real slice has gradient exactly 0
-  and is not counted. The released gradient is the unpadded step's function of the real
-  units; only rounding may differ (float sums in another order).
+- Dummy slices are slices of the split drawn uniformly at random (the same reads and the same
+  arithmetic as real ones), marked ``real = False``.
+  :class:`~privseg.privacy.dp_sgd.DPGradient` excludes them exactly: their losses are left
+  out of every sum (the backward sends them a zero gradient) and their per-sample gradients
+  are zeroed by selection, never by multiplication, before the per-unit sums; a slot without
+  a real slice has gradient exactly 0 and is not counted. In the loop's pass over one patient
+  a dummy slice adds 0 x its activations (exactly 0: the dummies are real, finite slices).
+  The released gradient is the unpadded step's function of the real units; only rounding
+  may differ (float sums in another order).
 
 Cost: the step always does the work of ``units_cap * unit_slices`` slices instead of the
 Poisson batch (mean ``q * n_units`` units); numbers in docs/BENCHMARKS.md.
