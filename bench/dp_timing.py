@@ -7,9 +7,11 @@ shape (:mod:`privseg.privacy.padding`; ``B_cap`` for a run of ``--run-steps`` st
 is what the trainer times: sample, pad, gather the slices, the DP gradient, the optimizer step.
 
 Printed per setting and mode: the median step time, the Pearson correlation r between the
-Poisson batch size and the step time, and how many batch sizes an observer recovers within
-one from the time alone (least-squares line size ~ time fitted on the same steps: the most
-favourable case for the observer), next to what guessing the mean size gets (no information).
+Poisson batch size and the step time (wall clock, what an observer sees; ``r cpu``: this
+process's CPU time, which other processes on a shared machine disturb less), and how many
+batch sizes an observer recovers within one from the wall time alone (least-squares line
+size ~ time fitted on the same steps: the most favourable case for the observer), next to
+what guessing the mean size gets (no information).
 
     python bench/dp_timing.py --resolution 64 128 --paths loop batched --steps 60
 """
@@ -75,8 +77,8 @@ def bench(args: argparse.Namespace, resolution: int, path: str) -> dict:
         grad_path=path,
     )
 
-    def step(idx: np.ndarray, groups: np.ndarray, padded: bool) -> float:
-        t = time.perf_counter()
+    def step(idx: np.ndarray, groups: np.ndarray, padded: bool) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         real = None
         if padded:
             idx, groups, real = pad.pad(idx, groups)
@@ -84,7 +86,7 @@ def bench(args: argparse.Namespace, resolution: int, path: str) -> dict:
         opt.zero_grad(set_to_none=True)
         dp(model, loss_fn, x, y, torch.as_tensor(groups), real)
         opt.step()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     for _ in range(args.warmup):
         batch = sampler.sample()
@@ -92,17 +94,21 @@ def bench(args: argparse.Namespace, resolution: int, path: str) -> dict:
         step(*batch, True)
     sizes: list[int] = []
     times: dict[str, list[float]] = {"unpadded": [], "padded": []}
+    cpu: dict[str, list[float]] = {"unpadded": [], "padded": []}
     for i in range(args.steps):
         idx, groups = sampler.sample()
         sizes.append(len(idx))
         for padded in (i % 2 == 1, i % 2 == 0):  # alternate which runs first
-            times["padded" if padded else "unpadded"].append(step(idx, groups, padded))
+            wall, used = step(idx, groups, padded)
+            times["padded" if padded else "unpadded"].append(wall)
+            cpu["padded" if padded else "unpadded"].append(used)
     out = {"resolution": resolution, "path": path, "units_cap": pad.units_cap,
            "expected_batch": args.batch, "overflows": pad.overflows,
            "sizes": [min(sizes), max(sizes)], "guess_mean_within_1": guessed(sizes)}  # fmt: skip
     for mode, ts in times.items():
         out[mode] = {"median_s": statistics.median(ts), "pearson_r": pearson(sizes, ts),
-                     "recovered_within_1": recovered(sizes, ts)}  # fmt: skip
+                     "recovered_within_1": recovered(sizes, ts),
+                     "pearson_r_cpu": pearson(sizes, cpu[mode])}  # fmt: skip
     out["cost"] = out["padded"]["median_s"] / out["unpadded"]["median_s"]
     return out
 
@@ -126,7 +132,7 @@ def main() -> None:
     print(f"model={args.model} f{args.features} units={args.units} batch={args.batch} "
           f"run_steps={args.run_steps} steps={args.steps} threads={args.threads}")  # fmt: skip
     print(f"{'res':>4} {'path':>8} {'mode':>9} {'median s':>9} {'r':>6} {'recovered':>9} "
-          f"{'B_cap':>6} {'cost':>5}")  # fmt: skip
+          f"{'B_cap':>6} {'cost':>5} {'r cpu':>6}")  # fmt: skip
     results = []
     for res in args.resolution:
         for path in args.paths:
@@ -136,7 +142,7 @@ def main() -> None:
                 m = r[mode]
                 print(f"{res:>4} {path:>8} {mode:>9} {m['median_s']:>9.3f} {m['pearson_r']:>6.2f} "
                       f"{m['recovered_within_1']:>4}/{args.steps:<4} {r['units_cap']:>6} "
-                      f"{r['cost']:>5.2f}", flush=True)  # fmt: skip
+                      f"{r['cost']:>5.2f} {m['pearson_r_cpu']:>6.2f}", flush=True)  # fmt: skip
             print(f"{'':>4} {'':>8} {'guess':>9} {'':>9} {'':>6} "
                   f"{r['guess_mean_within_1']:>4}/{args.steps:<4}", flush=True)  # fmt: skip
     print(json.dumps({"args": vars(args), "results": results}))
