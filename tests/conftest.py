@@ -45,6 +45,18 @@ def _few_threads() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _own_ledger_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test gets its own per-user data folder (ledger store and store registry): a test
+    never sees another's releases, nor the machine user's."""
+    home = tmp_path_factory.mktemp("xdg")
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    monkeypatch.delenv("PRIVSEG_LEDGER_DIR", raising=False)
+    return home
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Phantom MSD task: 3 sites x 4 patients, 64 x 64 x 16 voxels, labels 1 liver / 2 lesion."""
@@ -148,6 +160,8 @@ class FakeTrainer:
     def __init__(self, cfg: Config, *, name: str, ledger: Path, budget_steps: int | None) -> None:
         self.cfg, self.name, self.ledger, self.budget_steps = cfg, name, ledger, budget_steps
         self.global_states: list[Any] = []
+        self.privacy = None  # no DP engine: a DP fake refuses evaluation queries
+        self.local_val: list[dict[str, Any]] = []
 
     @property
     def num_examples(self) -> int:
@@ -305,3 +319,15 @@ class InProcessGrid(Grid):
 
     def pull_messages(self, message_ids):
         return [self._outbox.pop(i) for i in list(message_ids) if i in self._outbox]
+
+
+def store_worst(cache: Any, site: str, *, delta: float, accountant: str) -> tuple[float, list]:
+    """(epsilon, releases) of ``site``'s training patient who has spent most, from this test's
+    per-user ledger store (what results.json must report for the site)."""
+    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.privacy.stores import LEDGER_FILE, store_dir
+
+    patients = SliceCache.open(Path(cache)).contents(site, "train")
+    return PrivacyLedger(store_dir() / LEDGER_FILE).worst(
+        patients, delta=delta, accountant=accountant
+    )

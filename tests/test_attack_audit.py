@@ -42,7 +42,9 @@ def test_without_noise_the_attacker_always_wins() -> None:
         trials=40,
         candidates=4,
     )
-    assert res["success_rate"] == 1.0 and res["bound"] == 1.0 and res["held"]
+    assert res["success_rate"] == 1.0 and res["bound"] == 1.0
+    # no DP: there is no epsilon to check, so the audit does not apply (never "held")
+    assert res["held"] is None and res["verdict"] == "does not apply"
     for key in (
         "trials",
         "success_rate",
@@ -67,12 +69,12 @@ def test_with_noise_success_stays_within_the_bounds() -> None:
         y,
         clip_norm=1.0,
         noise_multiplier=sigma,
-        epsilon=1.0,
+        epsilon=10.0,  # covers the single release (its own epsilon is about 2.1)
         delta=1e-5,
         trials=120,
         candidates=2,
     )
-    assert res["held"] and res["held_gdp"]
+    assert res["reported_bound_applies"] and res["held"] and res["held_gdp"]
     assert res["ci"][0] <= res["bound_gaussian"] + 1e-9
     assert abs(res["bound_gaussian"] - audit.stats.norm.cdf(1 / sigma)) < 1e-6
 
@@ -90,3 +92,16 @@ def test_bounds_are_consistent() -> None:
     assert 3.5 < audit.gaussian_epsilon(1.0, 1e-5) < 5.0
     lo, hi = audit.clopper_pearson(50, 100)
     assert lo < 0.5 < hi
+
+
+def test_an_audit_whose_release_the_reported_epsilon_does_not_cover_does_not_apply() -> None:
+    """Issue 22 finding 8: the audit said held = true when its own reported_bound_applies was
+    false (its single release had epsilon 11.5 > 7.99)."""
+    torch.manual_seed(0)
+    x, y = _data()
+    res = audit.audit_model(
+        Tiny(), x, y, clip_norm=1.0, noise_multiplier=4.0, epsilon=1.0, delta=1e-5,
+        trials=20, candidates=2,
+    )  # fmt: skip
+    assert res["epsilon_release"] > 1.0 and not res["reported_bound_applies"]
+    assert res["held"] is None and res["verdict"] == "does not apply"

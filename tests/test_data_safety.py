@@ -406,7 +406,7 @@ def test_a_header_larger_than_its_file_is_refused_before_reading(
     (task / "dataset.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=rf"{huge.name}: header shape .* over the limit"):
         prepare_cache(task, tmp_path / "c", CFG, seed=0)
-    header.set_data_shape((2000, 2000, 200))  # under the voxel limit, over the file size
+    header.set_data_shape((1000, 1000, 200))  # under the voxel limit, over the file size
     raw = header.binaryblock + b"\0" * 4 + b"\1" * 4096
     huge.write_bytes(gzip.compress(raw) if suffix.endswith("gz") else raw)
     with pytest.raises(DataError, match="needs .* bytes but the file"):

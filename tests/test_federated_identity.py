@@ -7,6 +7,7 @@ tests/test_federated_deployment.py.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -210,3 +211,20 @@ def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
     honest = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b"}))
     arrays, metrics = honest.aggregate_secure(1, replies[:2], mean)
     assert arrays is not None and isinstance(metrics, MetricRecord)
+
+
+def test_a_secure_sum_with_an_update_without_epsilon_is_discarded() -> None:
+    """Issue 22 finding 5: under SecAgg+ a reply without epsilon was 'rejected' but its update
+    stayed in the masked sum; the whole sum is now discarded."""
+    strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
+    replies = []
+    for node, site, eps in ((11, "a", 0.5), (22, "b", 0.5), (33, "c", math.nan)):
+        content = M.site_reply(site, {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps}, M.TRAIN_KEYS, None)
+        reply = Message(content, dst_node_id=node, message_type="train")
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    mean = M.array_record({"w": np.ones(3, dtype=np.float32)})
+    arrays, _ = strategy.aggregate_secure(1, replies, mean)
+    assert arrays is None and strategy.last_train.contributors == []
+    assert any("no DP guarantee" in f for f in strategy.last_train.failed)
+    assert any("sum is discarded" in f for f in strategy.last_train.failed)

@@ -110,11 +110,16 @@ def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) ->
         cfg, cache_dir=Path(cache), out_dir=tmp_path / "run", run_id="real"
     ).to_dict()
     assert [h["round"] for h in results["history"]] == [1, 2]
-    ledgers = sorted((tmp_path / "cache.ledgers").glob("*.sqlite"))  # with the data
-    assert len(ledgers) == 2 and not (tmp_path / "run" / "ledgers").exists()
+    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.privacy.stores import LEDGER_FILE, store_dir
+
+    rows = PrivacyLedger(store_dir() / LEDGER_FILE).rows()  # the per-user store, by patient
+    assert {r["site"] for r in rows} == {"site-0", "site-1"}
+    assert not (tmp_path / "run" / "ledgers").exists()
     for site in results["sites"]:
         history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in site["releases"]]
         eps = epsilon(history, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
         assert site["epsilon"] == pytest.approx(eps) and eps > 0  # recomputable from releases
-        assert site["steps"] == 4 and site["patients"] and site["epsilon_lower_bound"] is False
+        assert site["steps"] == 4 == site["steps_lifetime"]
+        assert site["patients"] and site["epsilon_lower_bound"] is False
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))

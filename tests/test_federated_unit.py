@@ -103,8 +103,13 @@ def test_train_reply_carries_only_weights_scalars_and_name(tmp_path: Path) -> No
     assert metrics[M.NUM_EXAMPLES] == SIZES["a"] and metrics[M.EPSILON] == pytest.approx(0.3)
 
 
+def plain_cfg(**fed: object) -> Config:
+    """``small_cfg`` without DP: a site answers evaluation queries exactly."""
+    return small_cfg(**fed).replace(**{"privacy.enabled": False})
+
+
 def test_eval_reply_is_scalar_and_report_stays_local(tmp_path: Path) -> None:
-    cfg = small_cfg()
+    cfg = plain_cfg()
     msg = train_message(cfg, state())
     msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
     msg.content[M.CONFIG][M.CFG_FINAL] = 1
@@ -124,7 +129,7 @@ def test_per_class_dice_leaves_a_site_as_scalars_and_is_named_by_the_server(
     (dice_class_<k>, in data.classes order) and the server names it from the config."""
     from privseg.federated.server_app import scalars_to_test_metrics
 
-    cfg = small_cfg().with_overrides(["data.classes={liver = [1, 2], tumour = [2]}"])
+    cfg = plain_cfg().with_overrides(["data.classes={liver = [1, 2], tumour = [2]}"])
     msg = train_message(cfg, state())
     msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
     msg.content[M.CONFIG][M.CFG_FINAL] = 1
@@ -268,15 +273,14 @@ def test_run_server_checkpoints_and_resumes(tmp_path: Path) -> None:
     init = initial_state(cfg)
     key = next(k for k, v in init.items() if v.is_floating_point())
     assert torch.allclose(summary["state_dict"][key], init[key] + 3 * 1.75, atol=1e-5)
-    assert summary["test"]["a"][M.DICE] == pytest.approx(0.51)
+    assert math.isnan(summary["test"]["a"][M.DICE])  # a DP site without eval_noise refuses
     assert summary["history"][-1]["epsilon_max"] == pytest.approx(0.9)
-    assert summary["history"][-1]["val_dice_sites"] == {"a": 0.5, "b": 0.7}
 
 
 def test_one_exchange_per_round_the_sites_score_the_incoming_model(tmp_path: Path) -> None:
     """Round r's train message asks the sites to score round r-1's model on val first, so
     only the last round has its own evaluate exchange; every round still gets its val Dice."""
-    cfg = small_cfg(rounds=3)
+    cfg = plain_cfg(rounds=3)
     grid = FakeGrid(["a", "b"], tmp_path)
     summary = run_server(grid, ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1"))
     kinds = [(rnd, kind) for rnd, kind, _ in grid.sent]
@@ -288,6 +292,21 @@ def test_one_exchange_per_round_the_sites_score_the_incoming_model(tmp_path: Pat
         assert h["val_dice"] == pytest.approx(0.6)
     saved = torch.load(RunFolder(tmp_path / "run").federated_state, weights_only=True)
     assert all(h["val_dice"] == pytest.approx(0.6) for h in saved["history"])
+
+
+def test_a_dp_run_asks_no_val_query_and_the_site_keeps_its_curve(tmp_path: Path) -> None:
+    """Issue 22 finding 4: val_dice_nonprivate in every DP round was an unaccounted query on a
+    model of the server's choosing; now only the final test query is asked (and a DP site
+    without privacy.eval_noise refuses it: NaN)."""
+    grid = FakeGrid(["a", "b"], tmp_path)
+    summary = run_server(
+        grid, ServerSettings(cfg=small_cfg(rounds=3), out_dir=tmp_path / "run", run_id="r1")
+    )
+    kinds = [(rnd, kind) for rnd, kind, _ in grid.sent]
+    assert [k for k in kinds if k[1] != "train"] == [(4, "evaluate")] * 2
+    assert {c[M.CFG_EVAL_INCOMING] for _, kind, c in grid.sent if kind == "train"} == {0}
+    assert all(h["val_dice"] is None for h in summary["history"])
+    assert math.isnan(summary["test"]["a"][M.DICE])
 
 
 def test_round_with_too_few_sites_stops_cleanly(tmp_path: Path) -> None:
@@ -480,7 +499,7 @@ def test_a_dp_train_reply_carries_exactly_the_accounted_keys(tmp_path: Path) -> 
     msg = train_message(small_cfg(), state())
     msg.content[M.CONFIG][M.CFG_EVAL_INCOMING] = 1
     metrics = ca.handle_train(msg, settings, fake_factory).content[M.METRICS]
-    assert set(metrics) == {M.NUM_EXAMPLES, M.EPSILON, M.DECLINED, M.VAL_DICE}
+    assert set(metrics) == {M.NUM_EXAMPLES, M.EPSILON, M.DECLINED}  # no val Dice (issue 22)
     assert M.DP_TRAIN_KEYS - set(metrics) == {M.SECAGG_CLIPPED}  # SecAgg+ rounds only
     plain = ca.handle_train(
         train_message(small_cfg().replace(**{"privacy.enabled": False}), state()),

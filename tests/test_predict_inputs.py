@@ -20,6 +20,7 @@ from privseg.data.msd import load_image, read_task
 from privseg.data.preprocess import PlaneTransform, label_to_model_target
 from privseg.evaluation.metrics import dice
 from privseg.inference import segment_folder, segment_nifti
+from privseg.inference.folder import RECORD
 from privseg.inference.volume import predict_ct, read_ct
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint
@@ -155,7 +156,7 @@ def test_a_folder_of_cts_and_one_of_series_through_the_cli(
         args = ["predict", "--checkpoint", str(checkpoint), "--image", str(folder)]
         result = runner.invoke(app, [*args, "--out", str(out), "--preview"])
         assert result.exit_code == 0, result.output
-        names = sorted(p.name for p in out.iterdir())
+        names = sorted(p.name for p in out.iterdir() if p.name != RECORD)
         assert names == sorted(
             [f"{c.case_id}.nii.gz" for c in cases] + [f"{c.case_id}_preview.png" for c in cases]
         )
@@ -193,7 +194,7 @@ def test_masks_may_go_into_the_run_folder_of_the_checkpoint(
     (cts / case.image.name).write_bytes(case.image.read_bytes())
     before = checkpoint.read_bytes()
     results = segment_folder(checkpoint, cts, run)  # the run folder that holds the checkpoint
-    assert Path(results[0]["files"]["mask"]) == run / f"{case.case_id}.nii.gz"
+    assert Path(results.written[0]["files"]["mask"]) == run / f"{case.case_id}.nii.gz"
     assert checkpoint.read_bytes() == before
     with pytest.raises(Exception, match="inside the input folder"):
         segment_folder(checkpoint, cts, cts / "masks")

@@ -281,8 +281,9 @@ def site(tmp_path: Path, **kw) -> SitePrivacy:
     )  # fmt: skip
     units = UNITS["patient"]
     plan = DPPlan.build(c, n_units=count_units(units), batch_size=3, steps=60, site="a")
-    ledgers = {"a": PrivacyLedger(tmp_path / "a.sqlite")}
-    return SitePrivacy(c, plan, site="a", units=units, ledgers=ledgers, run_id="r")
+    patients = {"a": [f"{i:064x}" for i in np.unique(units)]}  # content fingerprints
+    ledger = PrivacyLedger(tmp_path / "a.sqlite")
+    return SitePrivacy(c, plan, site="a", units=units, ledger=ledger, patients=patients, run_id="r")
 
 
 def test_site_privacy_pads_every_batch_by_default(tmp_path: Path) -> None:

@@ -30,9 +30,14 @@ SUMMARY_KEYS = {
     "expected_batch_size",
     "epsilon_run",
     "budget_epsilon",
+    "budget_delta",
+    "steps_lifetime",
     "ledger",
     "releases",
 }
+
+
+PATIENTS = [f"{i:064x}" for i in range(40)]  # content fingerprints of the 40 patients
 
 
 def cfg(**kw) -> PrivacyConfig:
@@ -56,7 +61,8 @@ def site(tmp_path: Path, units=None, *, batch=4, steps=100, **kw) -> SitePrivacy
         plan,
         site="a",
         units=units,
-        ledgers={"a": PrivacyLedger(tmp_path / "a.sqlite")},
+        ledger=PrivacyLedger(tmp_path / "a.sqlite"),
+        patients={"a": PATIENTS},
         run_id="run1",
     )
 
@@ -71,9 +77,10 @@ def test_rates_summary_and_log(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     sp.reserve(30)
     sp.reserve(20, run_id="run2")
     s = sp.summary()
-    assert s["steps"] == 50
+    assert s["steps"] == 50 == s["steps_lifetime"]
     assert s["epsilon"] == pytest.approx(epsilon([(1.0, 0.1, 50)], delta=1e-3, accountant="rdp"))
-    assert [e["run_id"] for e in sp.ledger.entries()] == ["run1", "run2"]
+    assert [e["run_id"] for e in sp.ledger.rows()] == ["run1", "run2"]
+    assert all(e["patients"] == set(PATIENTS) for e in sp.ledger.rows())
 
 
 def test_calibrated_once_for_the_whole_run(tmp_path: Path) -> None:
@@ -102,10 +109,10 @@ def test_budget_refusal_writes_nothing(tmp_path: Path) -> None:
     eps100 = epsilon([(1.0, 0.1, 100)], delta=1e-3, accountant="rdp")
     sp = site(tmp_path, budget_epsilon=eps100 * 1.01)
     sp.reserve(100)
-    before = sp.ledger.entries()
+    before = sp.ledger.rows()
     with pytest.raises(PrivacyBudgetExceeded, match="'a'"):
         sp.reserve(10)
-    assert sp.ledger.entries() == before
+    assert sp.ledger.rows() == before
 
 
 class Net(nn.Module):
@@ -156,7 +163,7 @@ def test_crash_can_only_over_count(tmp_path: Path, crash_after: int | None) -> N
     restarted = site(tmp_path)  # a new process reads the same ledger
     true = epsilon([(1.0, 0.1, ran)], delta=1e-3, accountant="rdp")
     assert restarted.epsilon() >= true
-    assert restarted.summary()["steps"] == 10
+    assert restarted.summary()["steps_lifetime"] == 10
 
 
 def test_empty_batch_steps_count(tmp_path: Path) -> None:
@@ -174,4 +181,4 @@ def test_empty_batch_steps_count(tmp_path: Path) -> None:
         )
     assert 0 in sizes
     assert sp.summary()["steps"] == 20
-    assert PrivacyLedger(tmp_path / "a.sqlite").steps("a") == 20
+    assert PrivacyLedger(tmp_path / "a.sqlite").rows()[-1]["steps"] == 20

@@ -28,7 +28,7 @@ from privseg.federated.processes import free_port, stop_stale
 README = Path(__file__).resolve().parents[1] / "README.md"
 CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
 # every party runs in its own folder: this privseg, whatever the working folder
-ENV = {**os.environ, "PYTHONPATH": str(Path(privseg.__file__).resolve().parents[1])}
+SRC = str(Path(privseg.__file__).resolve().parents[1])
 HOSPITALS = ["hospital-a", "hospital-b"]
 PLACEHOLDERS = {"SERVER", "LISTEN", "PORT", "SITE", "CT"}
 # who runs which command, in the walkthrough's order; server and site keep running
@@ -119,8 +119,8 @@ def test_the_readme_deployment_walkthrough_runs_as_written(tmp_path: Path) -> No
         log = tmp_path / f"{name}.out"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
-                [*CLI, *argv], cwd=cwd, env=ENV, stdout=fh, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                [*CLI, *argv], cwd=cwd, env={**os.environ, "PYTHONPATH": SRC}, stdout=fh,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         if background:
             running.append((name, proc))

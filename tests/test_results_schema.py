@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from privseg.config import PrivacyConfig
-from privseg.privacy.ledger import RELEASE_KEYS
+from privseg.privacy.history import RELEASE_KEYS
 from privseg.results import (
     FEDERATION_KEYS,
     PROVENANCE_KEYS,

@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a crash leaves either the old file or the new one, never half of one.
+
+Patient data: every folder created here is 0700 and every file 0600, whatever the umask.
+"""
 
 from __future__ import annotations
 
@@ -19,10 +22,32 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def make_folder(path: str | Path) -> Path:
+    """``path`` and every missing parent, created 0700 (``mkdir -p`` would give the parents
+    the umask's mode); folders that exist keep theirs."""
+    target = path = Path(path)
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+    return target
+
+
+def private_file(path: str | Path) -> Path:
+    """Create ``path`` empty and 0600 unless it exists (a log opened for appending later)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file (0600) in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.errors import DataError
-from privseg.io import fsync_dir, write_json
+from privseg.io import fsync_dir, make_folder, write_json
 
 MARKER = ".privseg"
 LOCK = ".privseg.lock"
@@ -145,7 +145,7 @@ def claim_folder(
     marker = _check_owner(root, kind, overwrite)
     created = not root.exists()
     try:
-        root.mkdir(parents=True, mode=0o700, exist_ok=True)
+        make_folder(root)
     except OSError as exc:
         raise DataError(f"cannot create output folder {root}: {exc.strerror}") from exc
     fd = _lock(root)
@@ -192,6 +192,20 @@ def hold_folder(path: str | Path, kind: str, *, inputs: Iterable[str | Path] = (
     claim = claim_folder(path, kind, inputs=inputs)
     _HELD[key] = claim
     return claim
+
+
+def abandon_held(path: str | Path, *, keep: Iterable[str | Path]) -> bool:
+    """After a failed command: remove the folder when this process created it and it holds
+    none of ``keep`` (results or records worth keeping); True when removed. Everything in a
+    folder this process created was written by privseg, so nothing else is lost."""
+    key = Path(path).resolve()
+    held = _HELD.get(key)
+    if held is None or not held.created or any(Path(k).exists() for k in keep):
+        return False
+    shutil.rmtree(held.root, ignore_errors=True)
+    held.release()
+    del _HELD[key]
+    return True
 
 
 OVERWRITABLE = ("task", "cache", "attack")
@@ -291,7 +305,8 @@ def make_private(path: Path) -> None:
 
 
 def check_not_input(out: Path, inputs: Iterable[str | Path], *, folder: bool) -> None:
-    """Refuse an output that is an input (or, for a folder, contains one)."""
+    """Refuse an output that is an input (or, for a rebuilt folder, contains one or lies
+    inside an input folder: a cache in its own task folder would change the task)."""
     target = Path(os.path.realpath(out))
     for raw in inputs:
         inp = Path(raw)
@@ -301,6 +316,11 @@ def check_not_input(out: Path, inputs: Iterable[str | Path], *, folder: bool) ->
             raise DataError(
                 f"output {out} would replace the input {inp}: an output must never be an "
                 "input or contain one; choose another output path"
+            )
+        if folder and inp.is_dir() and target.is_relative_to(src):
+            raise DataError(
+                f"output {out} lies inside the input folder {inp}: outputs are never written "
+                "into their inputs; choose a folder outside it"
             )
 
 

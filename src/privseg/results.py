@@ -26,14 +26,34 @@ PRIVACY_KEYS = (
     "noise_multiplier",
     "sample_rate",
     "steps",
+    "steps_lifetime",
     "clip_norm",
     "accountant",
     "budget_epsilon",
+    "budget_delta",
     "releases",
 )
 """The privacy fields of every ``sites[]`` entry (None without DP). ``epsilon`` is what the
-site's data has spent over every release ever recorded on it (recomputable from ``releases``
-alone); ``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds)."""
+site's training patient who has spent most has spent over every release ever recorded on it
+(recomputable from ``releases`` alone; the string ``"inf"`` after a release without DP);
+``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds); ``steps``
+are this run's, ``steps_lifetime`` that patient's over every release."""
+
+INFINITE = "inf"
+"""How an infinite epsilon (a release without DP) is written in JSON: never 0, never missing."""
+
+
+def epsilon_json(eps: Any) -> Any:
+    """Epsilon for JSON: the number, or :data:`INFINITE` (``-inf`` for a remaining budget)."""
+    if isinstance(eps, float) and math.isinf(eps):
+        return INFINITE if eps > 0 else f"-{INFINITE}"
+    return eps
+
+
+def epsilon_value(eps: Any) -> float | None:
+    """Epsilon read back from JSON (``"inf"`` -> infinity); None stays None."""
+    return None if eps is None else float(eps)
+
 
 SLICE_UNIT_NOTE = (
     "Privacy unit is one slice: epsilon bounds what leaks about any single slice, not about a "
@@ -197,7 +217,8 @@ class SiteResult:
         if self.epsilon_lower_bound is not None:
             entry["epsilon_lower_bound"] = self.epsilon_lower_bound
         for key in PRIVACY_KEYS:
-            entry[key] = self.privacy.get(key) if self.privacy else None
+            value = self.privacy.get(key) if self.privacy else None
+            entry[key] = epsilon_json(value) if key in ("epsilon", "epsilon_run") else value
         if self.cross is not None:
             entry["cross"] = self.cross
         return entry
@@ -277,14 +298,14 @@ class RunResult:
     @property
     def epsilon_max(self) -> float | None:
         """The largest per-site epsilon (never an average); None without DP."""
-        eps = [s.privacy.get("epsilon") for s in self.sites if s.privacy]
+        eps = [epsilon_value(s.privacy.get("epsilon")) for s in self.sites if s.privacy]
         eps = [e for e in eps if e is not None]
         return max(eps) if eps else None
 
     @property
     def epsilon_run_max(self) -> float | None:
         """The largest per-site epsilon of this run's own releases (what its target bounds)."""
-        eps = [s.privacy.get("epsilon_run") for s in self.sites if s.privacy]
+        eps = [epsilon_value(s.privacy.get("epsilon_run")) for s in self.sites if s.privacy]
         eps = [e for e in eps if e is not None]
         return max(eps) if eps else None
 
@@ -300,8 +321,8 @@ class RunResult:
             "classes": self.classes,
             "hd95_units": self.units("hd95"),
             "assd_units": self.units("assd"),
-            "epsilon_max": self.epsilon_max,
-            "epsilon_run_max": self.epsilon_run_max,
+            "epsilon_max": epsilon_json(self.epsilon_max),
+            "epsilon_run_max": epsilon_json(self.epsilon_run_max),
             "history": self.history,
             "seconds_per_epoch": self.seconds_per_epoch,
             "seconds_per_round": self.seconds_per_round,

@@ -15,9 +15,9 @@ from torch import nn
 
 from privseg.config import Config
 from privseg.errors import DataError
-from privseg.io import atomic_write_text, read_json
+from privseg.io import atomic_write_text, make_folder, read_json
 from privseg.models.checkpoint import load_checkpoint
-from privseg.output import hold_folder
+from privseg.output import abandon_held, hold_folder
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,18 @@ class RunFolder:
         hold_folder(self.root, kind, inputs=inputs)
         return self
 
+    def abandon(self) -> bool:
+        """A run that failed (a full disk, an error) leaves no folder without results: removed
+        when this process created it, unless it holds resumable federated state or a privacy
+        ledger store (a ``privacy.ledger_dir`` inside it: what patients spent is never lost).
+        True when removed."""
+        from privseg.privacy.stores import LEDGER_FILE
+
+        stores = list(self.root.rglob(LEDGER_FILE)) if self.root.is_dir() else []
+        return abandon_held(self.root, keep=(self.results, self.federated_state, *stores))
+
     def write_config(self, cfg: Config) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folder(self.root)
         atomic_write_text(self.config, cfg.to_toml())
 
     def load_config(self) -> Config:

@@ -36,7 +36,9 @@ Reported bounds on the success probability (uniform prior 1/K):
 ``held`` compares the one-sided 95 % Clopper-Pearson *lower* confidence limit of the success
 rate with ``bound``: a violation is claimed only if it is significant, so ``held`` is False only
 when the data show, at 95 % confidence, that the attacker beats the bound. ``ci`` gives both
-limits.
+limits. Where the reported epsilon does not cover the release (``reported_bound_applies``
+false, or no DP at all), ``held`` is None and ``verdict`` says "does not apply": an audit that
+cannot fail is never reported as held.
 """
 
 from __future__ import annotations
@@ -202,6 +204,9 @@ def audit_model(
     eps_release = gaussian_epsilon(mu, delta)
     bound = generic_bound(epsilon, delta, k)
     b_gdp = gdp_bound(mu, k)
+    # the verdict against the reported epsilon only where that epsilon covers this release
+    applies = epsilon is not None and eps_release <= epsilon
+    held = bool(lo <= bound) if applies else None
     return {
         "trials": trials,
         "wins": wins,
@@ -210,13 +215,14 @@ def audit_model(
         "confidence": CONFIDENCE,
         "chance": 1.0 / k,
         "bound": bound,
-        "held": bool(lo <= bound),
+        "held": held,
+        "verdict": "does not apply" if held is None else "held" if held else "failed",
         "bound_gdp": b_gdp,
         "held_gdp": bool(lo <= b_gdp),
         "bound_gaussian": simplex_success(noise_multiplier, k),
         "epsilon": epsilon,
         "epsilon_release": _finite(eps_release),
-        "reported_bound_applies": bool(epsilon is not None and eps_release <= epsilon),
+        "reported_bound_applies": applies,
         "mu": _finite(mu),
         "delta": delta,
         "candidates": k,

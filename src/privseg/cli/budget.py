@@ -9,46 +9,56 @@ import typer
 from rich.table import Table
 
 from privseg.cli.common import console, user_errors
-from privseg.errors import ConfigError
+from privseg.errors import ConfigError, DataError
 
 
 @user_errors
 def budget(
-    ledger: list[Path] | None = typer.Argument(
-        None, help="Ledger files, or folders of *.sqlite/*.db."
-    ),
     data: Path | None = typer.Option(
-        None, "--data", help="A prepared cache: every site's ledger of that data."
+        None,
+        "--data",
+        help="A prepared cache or a task folder (MSD, nnU-Net, DICOM): its patients, by site.",
     ),
     ledgers: Path | None = typer.Option(
-        None, "--ledgers", help="With --data: the runs' privacy.ledger_dir, if they set one."
+        None,
+        "--ledgers",
+        help="The ledger store's folder (default: privacy.ledger_dir's default, "
+        "$PRIVSEG_LEDGER_DIR or the per-user store).",
     ),
     delta: float | None = typer.Option(
-        None, "--delta", help="delta of the reported epsilon (default: the releases' largest)."
+        None, "--delta", help="delta of the reported epsilon (default: the budget's delta)."
     ),
     accountant: str | None = typer.Option(
         None, "--accountant", help="prv or rdp (default: the releases' own)."
     ),
-    budget_epsilon: float | None = typer.Option(
-        None, "--budget", help="lifetime epsilon budget per site (the ledger's own if smaller)."
-    ),
     format: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
-    """Show the (epsilon, delta) each site's data has spent over every recorded release."""
+    """Show the (epsilon, delta) patients have spent over every recorded release, by site.
+
+    A patient is known by the content of its image and label voxels, so the answer is the
+    same for a task folder and every cache prepared from it, wherever they lie. The store's
+    integrity is checked first: an edited or truncated store is an error, never less spent.
+    """
     if format not in ("table", "json"):
         raise ConfigError(f"--format = {format!r} is invalid: allowed 'table', 'json'")
-    if bool(ledger) == (data is not None):
-        raise ConfigError("give ledger files (or folders) or --data CACHE, not both or neither")
-    from privseg.privacy.budget import data_ledgers, site_budgets  # Opacus loads when needed
+    from privseg.data.contents import patients_by_site
+    from privseg.privacy.budget import recorded_sites, site_budgets  # Opacus loads when needed
+    from privseg.privacy.ledger import PrivacyLedger
+    from privseg.privacy.stores import LEDGER_FILE, store_dir
 
-    files = data_ledgers(data, ledgers) if data is not None else list(ledger or [])
-    sites = site_budgets(files, delta=delta, accountant=accountant, budget_epsilon=budget_epsilon)
+    folder = store_dir(ledgers)
+    if not (folder / LEDGER_FILE).is_file():
+        raise DataError(f"no privacy ledger store in {folder}: nothing has been recorded there")
+    ledger = PrivacyLedger(folder / LEDGER_FILE)
+    groups = patients_by_site(data) if data is not None else recorded_sites(ledger)
+    sites = site_budgets(ledger, groups, delta=delta, accountant=accountant)
     if format == "json":
         typer.echo(json.dumps({"sites": sites}, indent=2))
         return
-    table = Table(title="privacy spent per site's data (every release, all runs)")
+    table = Table(title=f"privacy spent by patients, per site (store {ledger.path})")
     longest = max((len(r["name"]) for r in sites), default=4)
-    for col in ("site", "unit", "releases", "steps", "epsilon", "delta", "budget", "remaining"):
+    cols = ("site", "patients", "unit", "releases", "steps", "epsilon", "delta", "budget", "left")
+    for col in cols:
         # a site's name is never shortened: it is what a hospital looks for in the table
         table.add_column(
             col,
@@ -57,15 +67,20 @@ def budget(
             min_width=longest if col == "site" else None,
         )
     for r in sites:
-        eps = "inf" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
-        bud = "-" if r["budget_epsilon"] is None else f"{r['budget_epsilon']:g}"
+        bud = (
+            "-"
+            if r["budget_epsilon"] is None
+            else f"{r['budget_epsilon']:g} at delta {r['budget_delta']:g}"
+        )
         left = r["remaining"]
-        shown = "-" if r["budget_epsilon"] is None else "none" if left is None else f"{left:.3f}"
-        if left is not None and left < 0:
+        shown = "-" if left is None else str(left) if isinstance(left, str) else f"{left:.3f}"
+        if isinstance(left, str) or (left is not None and left < 0):
             shown = f"[red]{shown}[/]"
+        eps = r["epsilon"] if isinstance(r["epsilon"], str) else f"{r['epsilon']:.3f}"
         table.add_row(
             r["name"],
-            r["unit"],
+            str(r["patients"]),
+            r["unit"] or "-",
             str(len(r["releases"])),
             str(r["steps"]),
             f"{eps} ({r['accountant']})",

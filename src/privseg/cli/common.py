@@ -23,7 +23,7 @@ from rich.progress import (
 )
 
 from privseg.config import Config
-from privseg.errors import PrivsegError
+from privseg.errors import ConfigError, PrivsegError, resource_error
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,14 +48,18 @@ SetOption = typer.Option(
 
 
 def user_errors(fn: F) -> F:
-    """Print PrivsegError messages in red and exit 2, without a traceback."""
+    """Print PrivsegError messages (and a full disk or exhausted memory) in red and exit 2,
+    without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except PrivsegError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        except (PrivsegError, OSError, MemoryError) as exc:
+            error = exc if isinstance(exc, PrivsegError) else resource_error(exc)
+            if error is None:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -66,6 +70,32 @@ def load_config(path: Path | None, overrides: list[str] | None, **changes: Any) 
     cfg = Config.load(path, overrides or [])
     changes = {k: v for k, v in changes.items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
+
+
+NOT_DP_OPTIONS = {"privacy.enabled", "privacy.ledger_dir", "privacy.allow_nonprivate"}
+"""``privacy.*`` fields that mean something without DP; every other one is a DP setting."""
+
+
+def refuse_dp_options_without_dp(
+    cfg: Config, flags: dict[str, Any], overrides: list[str] | None
+) -> None:
+    """A DP option given while DP is off is refused, never silently ignored (a user who typed
+    ``--epsilon 3`` and forgot ``--dp`` must not get a non-private model)."""
+    if cfg.privacy.enabled:
+        return
+    given = [name for name, value in flags.items() if value is not None]
+    given += [
+        item.split("=", 1)[0].strip()
+        for item in overrides or []
+        if item.strip().startswith("privacy.")
+        and item.split("=", 1)[0].strip() not in NOT_DP_OPTIONS
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} set{'s' if len(given) == 1 else ''} DP but DP is off: add --dp "
+            "(or privacy.enabled = true) to train with DP, or drop "
+            f"{'it' if len(given) == 1 else 'them'} to train without"
+        )
 
 
 class BarProgress:

@@ -15,6 +15,7 @@ from privseg.cli.common import (
     load_config,
     user_errors,
 )
+from privseg.report.format import fmt_eps
 
 INSECURE_HELP = "No TLS and no site authentication: for tests on one machine only."
 
@@ -44,7 +45,7 @@ def server(
     )
     console.print(
         f"federation done: {len(results['sites'])} sites, Dice {results['dice_mean']:.3f}, "
-        f"max epsilon {results['epsilon_max'] if results['epsilon_max'] is not None else '–'}, "
+        f"max epsilon {fmt_eps(results['epsilon_max'])}, "
         f"{results['seconds_per_round']:.1f} s/round; wrote {out}/results.json"
     )
 

@@ -6,8 +6,17 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
-from privseg.cli.common import DeviceOption, OverwriteOption, console, progress_bar, user_errors
+from privseg.cli.common import (
+    DeviceOption,
+    OverwriteOption,
+    console,
+    err_console,
+    progress_bar,
+    user_errors,
+)
+from privseg.errors import ConfigError
 
 
 def _describe(stats: dict[str, Any]) -> str:
@@ -47,6 +56,12 @@ def predict(
         False, "--preview", help="Also write <mask>_preview.png: 4 slices, each class outlined."
     ),
     overwrite: bool = OverwriteOption,
+    resume: bool = typer.Option(
+        False,
+        "--continue",
+        help="A folder of CTs: skip the cases an earlier run into --out finished (same "
+        "checkpoint and options, files unchanged) and redo the rest.",
+    ),
     device: str | None = DeviceOption,
 ) -> None:
     """Apply the model slice by slice; each mask has its input's grid and affine and the
@@ -57,13 +72,22 @@ def predict(
     options = {"overwrite": overwrite, "device": device or "auto"}
     options |= {"probabilities": probabilities, "preview": preview}
     if not image.is_dir() or out.name.lower().endswith(MASK_SUFFIXES):  # one CT
+        if resume:
+            raise ConfigError("--continue applies to a folder of CTs (an --out folder)")
         console.print(_describe(segment_nifti(checkpoint, image, out, **options)))
         return
     with progress_bar() as bar:
-        results = segment_folder(checkpoint, image, out, progress=bar, **options)
-    for stats in results:
-        console.print(_describe(stats))
-    console.print(f"{len(results)} CT(s) segmented into {out}")
+        done = segment_folder(checkpoint, image, out, progress=bar, resume=resume, **options)
+    for stats in done.written:
+        console.print(_describe(stats), soft_wrap=True, markup=False)
+    skipped = f", {len(done.skipped)} finished earlier (skipped)" if done.skipped else ""
+    console.print(f"{len(done.written)} CT(s) segmented into {out}{skipped}", markup=False)
+    if done.failed:
+        err_console.print(f"[bold red]{len(done.failed)} CT(s) failed:[/]")
+        for name, why in done.failed.items():
+            err_console.print(f"  {escape(name)}: {escape(why)}", soft_wrap=True)
+        err_console.print("fix them and rerun with --continue to finish the folder")
+        raise typer.Exit(2)
 
 
 def register(app: typer.Typer) -> None:

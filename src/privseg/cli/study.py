@@ -16,6 +16,7 @@ from privseg.cli.common import (
     progress_bar,
     user_errors,
 )
+from privseg.report.format import fmt_eps
 
 
 @user_errors
@@ -79,8 +80,8 @@ def run(
         table.add_row(
             r["label"],
             f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
-            "–" if run_eps is None else f"{run_eps:.2f}",
-            "–" if total is None else f"{total:.2f}",
+            fmt_eps(run_eps),
+            fmt_eps(total),
             f"{secs:.2f}" if secs else "–",
         )
     console.print(table)

@@ -14,6 +14,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    refuse_dp_options_without_dp,
     user_errors,
 )
 
@@ -39,6 +40,7 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
+    from privseg.run_folder import RunFolder
     from privseg.runs.train import train as run_train
 
     cfg = load_config(
@@ -53,20 +55,26 @@ def train(
             "train.device": device,
         },
     )
-    with progress_bar() as progress:
-        results = run_train(
-            cfg,
-            data=data,
-            out=out,
-            mode=mode,
-            progress=progress,  # type: ignore[arg-type]
-            resume=resume,
-        )
+    refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_)
+    try:
+        with progress_bar() as progress:
+            results = run_train(
+                cfg,
+                data=data,
+                out=out,
+                mode=mode,
+                progress=progress,  # type: ignore[arg-type]
+                resume=resume,
+            )
+    except BaseException:
+        RunFolder(out).abandon()  # a folder this command created and never finished
+        raise
     table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
     for s in results["sites"]:
-        eps = "–" if s.get("epsilon") is None else f"{s['epsilon']:.2f}"
+        eps = s.get("epsilon")
+        eps = "–" if eps is None else eps if isinstance(eps, str) else f"{eps:.2f}"
         table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
     table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
     console.print(table)

@@ -8,16 +8,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from privseg.config.privacy import Accountant, GradPath, PrivacyConfig, PrivacyUnit
 from privseg.errors import ConfigError
 from privseg.typed_config import rule
+
+__all__ = ["Accountant", "GradPath", "PrivacyConfig", "PrivacyUnit"]  # the [privacy] section
 
 ModelName = Literal["unet", "monet"]
 Partition = Literal["auto", "mapping", "iid", "non-iid"]
 SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
-Accountant = Literal["prv", "rdp"]
-PrivacyUnit = Literal["slice", "patient"]
-GradPath = Literal["auto", "batched", "loop", "opacus", "functorch"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
@@ -90,6 +90,17 @@ class DataConfig:
     site_name: str = field(
         default="",
         metadata=rule(help="name of the only site when data.sites = 1; '' = site-0"),
+    )
+    max_voxels: int = field(
+        default=2**28,
+        metadata=rule(
+            ge=1,
+            le=2**31,
+            help=(
+                "largest volume read (voxels, checked from the header before reading); prepare "
+                "needs about 10 bytes per voxel (2^28 = 512 x 512 x 1024: about 2.7 GB)"
+            ),
+        ),
     )
     nan_hu: float | None = field(
         default=None,
@@ -221,70 +232,6 @@ class TrainConfig:
             raise ConfigError(
                 f"train.device = {self.device!r} is invalid: allowed values are {DEVICE_VALUES}"
             )
-
-
-@dataclass
-class PrivacyConfig:
-    """DP-SGD at each site. The noise is ``noise_multiplier``, or calibrated for
-    ``target_epsilon`` (this run's epsilon taken alone); with both, the larger noise wins."""
-
-    enabled: bool = False
-    unit: PrivacyUnit = field(
-        default="slice",
-        metadata=rule(help="what one DP 'record' is: one slice (as the paper) or one patient"),
-    )
-    max_grad_norm: float = field(default=1.0, metadata=rule(gt=0.0, le=1e6))
-    noise_multiplier: float | None = field(default=None, metadata=rule(ge=0.0, le=1e4))
-    target_epsilon: float | None = field(default=8.0, metadata=rule(gt=0.0, le=1e4))
-    delta: float = field(default=1e-5, metadata=rule(gt=0.0, lt=1.0))
-    accountant: Accountant = "prv"
-    budget_epsilon: float | None = field(
-        default=None,
-        metadata=rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
-    )
-    grad_path: GradPath = field(
-        default="auto",
-        metadata=rule(
-            help="per-sample gradient implementation; auto = the measured fastest on the "
-            "device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)"
-        ),
-    )
-    ledger_dir: str | None = field(
-        default=None,
-        metadata=rule(
-            help="folder of the sites' privacy ledgers; None = '<cache>.ledgers' beside the data"
-        ),
-    )
-    #: Constant-shape DP steps (privseg.privacy.padding): every step computes on the same
-    #: padded batch, the Poisson batch's units plus dummy units (excluded exactly from the
-    #: gradient), so a step's duration does not reveal the private batch size. The padded
-    #: size is the batch size exceeded with probability <= 1e-9 over the run (about 2-3.5x
-    #: the expected batch at batch size 16-32; with patient units each unit is padded to the
-    #: largest patient's slices too), so a step costs about that much more compute
-    #: (docs/BENCHMARKS.md). false: unpadded steps, faster, whose time leaks the batch size.
-    constant_time: bool = field(
-        default=True,
-        metadata=rule(
-            help="pad every DP step to one fixed batch shape so step time does not reveal "
-            "the Poisson batch size (costs compute: docs/BENCHMARKS.md)"
-        ),
-    )
-
-    def check(self) -> None:
-        if self.enabled:
-            self.noise_source()
-
-    def noise_source(self) -> tuple[float | None, float | None]:
-        """``(noise_multiplier, None)`` when the noise is given, else ``(None, target_epsilon)``;
-        the one place that refuses a DP setting with neither."""
-        if self.noise_multiplier is not None:
-            return self.noise_multiplier, None
-        if self.target_epsilon is None:
-            raise ConfigError(
-                "privacy.noise_multiplier and privacy.target_epsilon are both unset: "
-                "set one of them when privacy.enabled = true"
-            )
-        return None, self.target_epsilon
 
 
 @dataclass

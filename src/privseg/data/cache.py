@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # 2: per-case original grid, test splits with every slice + native labels; 3: per-case plane
-# transform (data.spacing)
-FORMAT_VERSION = 3
+# transform (data.spacing); 4: each case's content fingerprint (the privacy ledger's patient key)
+FORMAT_VERSION = 4
 ARRAYS = ("images", "labels", "patient", "z")
 NATIVE_DIR = "native"
 EVALUATED_SPLIT = "test"
@@ -85,6 +85,7 @@ class SliceSplit:
     z: np.ndarray  # int [N], slice index in the canonical volume
     patient_ids: list[str]
     native: dict[str, NativeGrid] = dataclasses.field(default_factory=dict)  # by patient id
+    contents: list[str] = dataclasses.field(default_factory=list)  # per patient_ids entry
     classes: Classes | None = None  # what the label bits mean (None: not from a cache)
 
     def __len__(self) -> int:
@@ -111,6 +112,7 @@ class SliceSplit:
             patient=np.concatenate([s.patient + o for s, o in zip(splits, offsets, strict=True)]),
             z=np.concatenate([s.z for s in splits]),
             patient_ids=[pid for s in splits for pid in s.patient_ids],
+            contents=[c for s in splits for c in s.contents],
             native={pid: g for s in splits for pid, g in s.native.items()},
             classes=splits[0].classes,
         )
@@ -153,6 +155,13 @@ class SliceCache:
             for site, sp in self.manifest["sites"].items()
         }
 
+    def contents(self, site: str, split: str) -> list[str]:
+        """The content fingerprints of a site's split's patients (from the manifest alone)."""
+        if site not in self.manifest["sites"]:
+            raise DataError(f"cache {self.root} has no site {site!r}; sites: {self.sites}")
+        entry = self.manifest["sites"][site][split]
+        return _contents(self.root / site / split, entry, list(entry["patient_ids"]))
+
     def split(self, site: str, split: str) -> SliceSplit:
         if site not in self.manifest["sites"]:
             raise DataError(f"cache {self.root} has no site {site!r}; sites: {self.sites}")
@@ -174,9 +183,24 @@ class SliceCache:
             site=site,
             patient_ids=ids,
             native=_native_grids(folder, entry, ids),
+            contents=_contents(folder, entry, ids),
             classes=self.classes,
             **arrays,
         )
+
+
+def _contents(folder: Path, entry: dict[str, Any], ids: list[str]) -> list[str]:
+    """Each case's content fingerprint (what the privacy ledger keys a patient by)."""
+    out = []
+    for pid in ids:
+        value = entry["cases"].get(pid, {}).get("content")
+        if not (isinstance(value, str) and len(value) == 64):
+            raise DataError(
+                f"{folder.parent.parent / MANIFEST}: case {pid!r} has no content fingerprint; "
+                "prepare the cache again"
+            )
+        out.append(value)
+    return out
 
 
 def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[str, NativeGrid]:

@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from privseg.data.msd import MAX_VOXELS, canonical_data
+from privseg.data.msd import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
 from privseg.errors import DataError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -40,6 +40,9 @@ GEOMETRY_ATOL = 1e-4
 # slice doubles one step (+100 %), a duplicate makes one 0; scanners' position jitter is
 # < 0.01 mm, under 1 % of any clinical slice spacing (>= 0.5 mm).
 STEP_RTOL = 0.05
+# The widest HU range a CT stores: 12-bit scanners give -1024..3071, extended-scale ones up to
+# about 30000 (metal). A rescale that puts a voxel beyond this is a broken file, not a CT.
+HU_LIMIT = 1e5
 _REQUIRED = (
     "SeriesInstanceUID",
     "ImageOrientationPatient",
@@ -91,7 +94,9 @@ def series_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_dicom_series(
+    folder: str | Path, max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """A CT series folder -> (HU float32 ``[X, Y, Z]`` in the series' voxel order, RAS affine).
 
     X runs along a row (column index), Y down the columns (row index), Z over the slices in
@@ -103,11 +108,8 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     _check_one_series(folder, slices)
     first = slices[0]
     rows, cols = first.shape
-    if rows * cols * len(slices) > MAX_VOXELS:
-        raise DataError(
-            f"DICOM series {folder}: {cols} x {rows} x {len(slices)} voxels is over the limit of "
-            f"{MAX_VOXELS} voxels per volume"
-        )
+    shape = (cols, rows, len(slices))
+    check_voxels(cols * rows * len(slices), shape, f"DICOM series {folder}: series", max_voxels)
     row_cos, col_cos = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_cos, col_cos)
     slices.sort(key=lambda s: float(s.position @ normal))
@@ -117,15 +119,20 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
     lps[:3, 1] = col_cos * first.pixel_spacing[0]
     lps[:3, 2] = step
     lps[:3, 3] = slices[0].position  # the first slice along the normal
-    hu = np.stack([_hu(s).T for s in slices], axis=-1)
+    try:
+        hu = np.stack([_hu(s).T for s in slices], axis=-1)
+    except MemoryError:
+        raise out_of_memory(folder, shape) from None
     return hu, LPS_TO_RAS @ lps
 
 
-def load_dicom_image(folder: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def load_dicom_image(
+    folder: str | Path, max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray, nib.Nifti1Image]:
     """What :func:`~privseg.data.msd.load_image` gives for a NIfTI, for a DICOM series folder:
     float32 HU ``[X, Y, Z]`` in canonical RAS and the canonical image (its affine)."""
     folder = Path(folder)
-    hu, affine = read_dicom_series(folder)
+    hu, affine = read_dicom_series(folder, max_voxels)
     return canonical_data(nib.Nifti1Image(hu, affine), folder)
 
 
@@ -156,8 +163,8 @@ def _read_slice(path: Path) -> _Slice:
             position=_floats(ds.ImagePositionPatient, 3),
             shape=(int(ds.Rows), int(ds.Columns)),
             pixel_spacing=_floats(ds.PixelSpacing, 2),
-            slope=float(ds.get("RescaleSlope", 1.0)),
-            intercept=float(ds.get("RescaleIntercept", 0.0)),
+            slope=number(ds, "RescaleSlope", 1.0, path),
+            intercept=number(ds, "RescaleIntercept", 0.0, path),
         )
     except _READ_ERRORS as exc:
         raise DataError(f"{path}: malformed DICOM attribute: {type(exc).__name__}: {exc}") from exc
@@ -165,6 +172,24 @@ def _read_slice(path: Path) -> _Slice:
         raise DataError(f"{path}: multi-frame or multi-sample images are not supported")
     _check_slice(slice_)
     return slice_
+
+
+def number(ds: pydicom.Dataset, tag: str, default: float, path: Path) -> float:
+    """A numeric (DS/IS) tag as a finite float, ``default`` when absent or empty; anything else
+    ("abc", "1e999", a list where one number belongs) is a DataError naming file and tag."""
+    try:
+        raw = ds.get(tag)
+    except _READ_ERRORS as exc:  # pydicom parses DS/IS values when they are first read
+        raise DataError(f"{path}: DICOM tag {tag} is not a number: {exc}") from exc
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataError(f"{path}: DICOM tag {tag} = {raw!r} is not a finite number")
+    return value
 
 
 def _floats(value: object, n: int) -> np.ndarray:
@@ -224,9 +249,10 @@ def _show(value: object) -> str:
 def _slice_step(folder: Path, slices: list[_Slice], normal: np.ndarray) -> np.ndarray:
     """The offset (LPS mm) from one slice to the next; refuses duplicates, gaps, stray slices."""
     if len(slices) == 1:
-        ds = slices[0].dataset
-        thickness = float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-        return normal * (thickness if math.isfinite(thickness) and thickness > 0 else 1.0)
+        s = slices[0]
+        between = number(s.dataset, "SpacingBetweenSlices", 0.0, s.path)
+        thickness = between if between > 0 else number(s.dataset, "SliceThickness", 0.0, s.path)
+        return normal * (thickness if thickness > 0 else 1.0)
     along = np.array([float(s.position @ normal) for s in slices])
     gaps = np.diff(along)
     median = float(np.median(gaps))
@@ -266,4 +292,11 @@ def _hu(s: _Slice) -> np.ndarray:
         ) from exc
     if pixels.shape != s.shape:
         raise DataError(f"{s.path}: pixel data shape {pixels.shape}, Rows/Columns say {s.shape}")
-    return (pixels.astype(np.float64) * s.slope + s.intercept).astype(np.float32)
+    hu = pixels.astype(np.float64) * s.slope + s.intercept
+    low, high = (float(hu.min()), float(hu.max())) if hu.size else (0.0, 0.0)
+    if not (low >= -HU_LIMIT and high <= HU_LIMIT):
+        raise DataError(
+            f"{s.path}: RescaleSlope {s.slope:g} and RescaleIntercept {s.intercept:g} give HU "
+            f"{low:g}..{high:g}, beyond +-{HU_LIMIT:g}: the rescale tags are wrong"
+        )
+    return hu.astype(np.float32)

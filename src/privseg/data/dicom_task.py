@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import nibabel as nib
 
 from privseg.data.dicom import read_dicom_series
-from privseg.data.msd import NIFTI_READ_ERRORS, open_nifti, volume_of
+from privseg.data.msd import MAX_VOXELS, NIFTI_READ_ERRORS, open_nifti, out_of_memory, volume_of
 from privseg.data.sites import SITE_MAP_FILE
 from privseg.data.task import Case, Task, Volume, duplicate_ids, task_path
 from privseg.errors import DataError
@@ -71,11 +71,11 @@ def read_dicom_task(src: Path) -> Task:
     return Task(root, root.name, None, cases, index=index, kind="dicom", site_map=sites or None)
 
 
-def load_dicom_case(case: Case) -> Volume:
+def load_dicom_case(case: Case, max_voxels: int = MAX_VOXELS) -> Volume:
     """The series and its label as a canonical Volume; the label must share the series' grid."""
-    hu, affine = read_dicom_series(case.image)
+    hu, affine = read_dicom_series(case.image, max_voxels)
     image = nib.Nifti1Image(hu, affine)
-    label = open_nifti(case.label)
+    label = open_nifti(case.label, max_voxels)
     # A label tool may store the same grid in another axis order (e.g. RAS vs LPS): compare
     # the two in the series' order.
     turn = nib.orientations.ornt_transform(
@@ -83,7 +83,9 @@ def load_dicom_case(case: Case) -> Volume:
     )
     try:
         label = label.as_reoriented(turn)
-    except (*NIFTI_READ_ERRORS, MemoryError) as exc:
+    except MemoryError:
+        raise out_of_memory(case.label, label.shape) from None
+    except NIFTI_READ_ERRORS as exc:
         raise DataError(
             f"{case.label} is truncated or corrupt: {type(exc).__name__}: {exc}"
         ) from exc

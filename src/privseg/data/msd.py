@@ -18,7 +18,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
-from privseg.data.task import Case, Task, Volume, duplicate_ids, task_path
+from privseg.config import DataConfig
+from privseg.data.task import Case, Task, Volume, check_case_id, duplicate_ids, task_path
 from privseg.errors import DataError
 from privseg.io import write_json
 
@@ -26,9 +27,10 @@ DATASET_JSON = "dataset.json"
 NIFTI_SUFFIX = ".nii.gz"
 # Voxel-to-world matrices of an image and its label may differ by float noise from the writer.
 AFFINE_ATOL = 1e-3
-# A header is checked against its file before any voxel is read: a 30000^3 header on a tiny
-# file once ended in MemoryError. 2^30 voxels = 4 GiB as float32; a 512 x 512 x 2000 CT is 2^29.
-MAX_VOXELS = 2**30
+# A header is checked against its file and the voxel budget (data.max_voxels) before any
+# voxel is read: a 30000^3 header on a tiny file once ended in MemoryError, and a 130 KB
+# .nii.gz of 512^3 zeros took 1.3 GB in prepare.
+MAX_VOXELS = DataConfig().max_voxels
 # Deflate cannot expand data more than 1032:1, so a .gz file of n bytes holds < 1032 n bytes.
 GZIP_MAX_RATIO = 1032
 # HeaderDataError / ImageDataError: scaling or layout fields a header cannot have (fuzz test).
@@ -45,9 +47,10 @@ NIFTI_READ_ERRORS = (
 
 
 def case_id_of(path: str | Path) -> str:
-    """``imagesTr/liver_7.nii.gz`` -> ``liver_7``."""
+    """``imagesTr/liver_7.nii.gz`` -> ``liver_7`` (``...nii.gz`` -> ``..``: refused)."""
     name = Path(path).name
-    return name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else Path(name).stem
+    case_id = name[: -len(NIFTI_SUFFIX)] if name.endswith(NIFTI_SUFFIX) else Path(name).stem
+    return check_case_id(case_id, path)
 
 
 def read_task(root: str | Path) -> Task:
@@ -111,31 +114,39 @@ def _parse_case(root: Path, entry: Any, index: int) -> Case:
     return Case(case_id=case_id_of(image), image=image, label=label)
 
 
-def open_nifti(path: Path) -> nib.Nifti1Image:
-    """A 3D NIfTI with a usable affine and a size its file can hold (nothing read yet)."""
+def open_nifti(path: Path, max_voxels: int = MAX_VOXELS) -> nib.Nifti1Image:
+    """A 3D NIfTI with a usable affine, at most ``max_voxels`` voxels and a size its file can
+    hold (nothing read yet)."""
     try:
         img = nib.load(path)
     except NIFTI_READ_ERRORS as exc:
         raise DataError(f"{path} is not a readable NIfTI file: {exc}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image) or len(img.shape) != 3:
         raise DataError(f"{path}: expected a 3D NIfTI volume, got {type(img).__name__} {img.shape}")
-    _check_size(img, path)
+    _check_size(img, path, max_voxels)
     _check_affine(img, path)
     return img
 
 
-def _check_size(img: nib.Nifti1Image, path: Path) -> None:
+def check_voxels(voxels: int, shape: tuple[int, ...], source: object, max_voxels: int) -> None:
+    """Refuse a volume over the voxel budget before it is allocated."""
+    if voxels > max_voxels:
+        raise DataError(
+            f"{source} shape {' x '.join(str(n) for n in shape)} = {voxels} voxels is over the "
+            f"limit of {max_voxels} voxels per volume (data.max_voxels; prepare needs about 10 "
+            "bytes per voxel): the header is wrong, or raise data.max_voxels on a machine with "
+            "the memory"
+        )
+
+
+def _check_size(img: nib.Nifti1Image, path: Path, max_voxels: int) -> None:
     """Refuse a header whose voxel count the file cannot hold, before anything is allocated."""
     voxels = math.prod(int(n) for n in img.shape)
     try:
         itemsize = img.get_data_dtype().itemsize
     except (TypeError, ValueError) as exc:
         raise DataError(f"{path}: the header's data type is not readable: {exc}") from exc
-    if voxels > MAX_VOXELS:
-        raise DataError(
-            f"{path}: header shape {img.shape} = {voxels} voxels is over the limit of "
-            f"{MAX_VOXELS} voxels per volume"
-        )
+    check_voxels(voxels, img.shape, f"{path}: header", max_voxels)
     need = voxels * itemsize + int(img.header.get("vox_offset", 0) or 0)
     size = path.stat().st_size
     name = path.name.lower()
@@ -171,17 +182,31 @@ def _canonical(img: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
         raise DataError(f"{path}: cannot orient the volume to RAS: {exc}") from exc
 
 
+def out_of_memory(path: Path, shape: tuple[int, ...]) -> DataError:
+    """The message for a MemoryError while reading ``path`` (not "corrupt": it is the machine)."""
+    voxels = math.prod(int(n) for n in shape)
+    return DataError(
+        f"{path}: not enough memory to read {' x '.join(str(n) for n in shape)} = {voxels} "
+        "voxels (MemoryError); free memory, use a larger machine, or lower data.max_voxels to "
+        "refuse such volumes up front"
+    )
+
+
 def _data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         return img.get_fdata(dtype=np.float32)
-    except (*NIFTI_READ_ERRORS, TypeError, MemoryError) as exc:
+    except MemoryError:
+        raise out_of_memory(path, img.shape) from None
+    except (*NIFTI_READ_ERRORS, TypeError) as exc:
         raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
 
 
-def load_image(path: str | Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+def load_image(
+    path: str | Path, max_voxels: int = MAX_VOXELS
+) -> tuple[np.ndarray, nib.Nifti1Image]:
     """A CT volume as float32 HU [X, Y, Z] in canonical RAS, with the canonical image (affine)."""
     path = Path(path)
-    return canonical_data(open_nifti(path), path)
+    return canonical_data(open_nifti(path, max_voxels), path)
 
 
 def canonical_data(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
@@ -191,7 +216,14 @@ def canonical_data(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, nib.Ni
 
 
 def replace_nan(image: np.ndarray, path: Path, nan_hu: float | None) -> np.ndarray:
-    """NaN voxels are an error (they would poison every slice), or set to ``data.nan_hu``."""
+    """NaN voxels are an error (they would poison every slice), or set to ``data.nan_hu``;
+    +-Inf voxels are always an error (no HU to stand for them: a broken scaling or export)."""
+    inf = np.isinf(image)
+    if inf.any():
+        raise DataError(
+            f"{path}: {int(inf.sum())} image voxel(s) are infinite (+Inf or -Inf); a CT holds "
+            "finite HU: check the file's scaling (scl_slope / RescaleSlope) or its export"
+        )
     nan = np.isnan(image)
     if not nan.any():
         return image
@@ -220,9 +252,9 @@ def check_label_values(label: np.ndarray, labels: dict[int, str] | None, path: P
         )
 
 
-def load_case(case: Case) -> Volume:
+def load_case(case: Case, max_voxels: int = MAX_VOXELS) -> Volume:
     """Load image and label, checking that they share shape and affine and labels are integers."""
-    return volume_of(case, open_nifti(case.image), open_nifti(case.label))
+    return volume_of(case, open_nifti(case.image, max_voxels), open_nifti(case.label, max_voxels))
 
 
 def volume_of(case: Case, raw_img: nib.Nifti1Image, raw_lab: nib.Nifti1Image) -> Volume:
@@ -246,7 +278,9 @@ def volume_of(case: Case, raw_img: nib.Nifti1Image, raw_lab: nib.Nifti1Image) ->
 def _label_data(img: nib.Nifti1Image, path: Path) -> np.ndarray:
     try:
         data = np.asanyarray(img.dataobj)  # keeps an integer on-disk type: no float round trip
-    except (*NIFTI_READ_ERRORS, MemoryError) as exc:
+    except MemoryError:
+        raise out_of_memory(path, img.shape) from None
+    except NIFTI_READ_ERRORS as exc:
         raise DataError(f"{path} is truncated or corrupt: {type(exc).__name__}: {exc}") from exc
     if data.dtype.kind not in "biuf":
         raise DataError(f"{path}: label data type {data.dtype} is not numeric")

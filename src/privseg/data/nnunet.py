@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.data.msd import DATASET_JSON
-from privseg.data.task import Case, Task
+from privseg.data.task import Case, Task, check_case_id
 from privseg.errors import DataError
 
 FILE_ENDINGS = (".nii.gz", ".nii")
@@ -133,7 +133,7 @@ def _find_cases(root: Path, ending: str) -> list[Case]:
                 f"{path} is channel {int(match['channel'])}, but privseg segments one CT channel "
                 f'(dataset.json \'channel_names\' {{"0": "CT"}}, files *_0000{ending} only)'
             )
-        case_id = match["case"]
+        case_id = check_case_id(match["case"], path)
         label = labels / f"{case_id}{ending}"
         if not path.is_file():
             raise DataError(f"{path} is not a file")

@@ -43,7 +43,7 @@ from privseg.data.sites import (
 from privseg.data.sources import FORMATS, case_files, is_source, load_volume, read_source
 from privseg.data.task import Case, Task
 from privseg.errors import ConfigError, DataError
-from privseg.io import write_json
+from privseg.io import make_folder, write_json
 from privseg.output import claimed_folder
 from privseg.progress import Progress
 
@@ -260,7 +260,8 @@ def _slice_case(
 ) -> dict[str, Any]:
     """One case's slices; with ``native`` (test cases) every slice, and its binary label on
     the original grid, so predictions can be mapped back and scored there."""
-    volume = load_volume(task, case)
+    volume = load_volume(task, case, cfg.max_voxels)
+    content = volume.content()  # before any change to the voxels: the patient's identity
     check_label_values(volume.label, task.labels, case.label)
     image = replace_nan(volume.image, case.image, cfg.nan_hu)
     image = image if shift is None else image * shift[0] + shift[1]
@@ -277,6 +278,7 @@ def _slice_case(
             "shape": list(volume.label.shape),
             "spacing": list(volume.spacing),
             "plane": plane.to_dict(),
+            "content": content,
         },
         "native_label": map_labels(volume.label, cfg) if native else None,
     }
@@ -284,14 +286,14 @@ def _slice_case(
 
 def _write_native_label(path: Path, label: np.ndarray) -> None:
     """A test case's binary label on its original grid: compressed, readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         np.savez_compressed(fh, label=label.astype(np.uint8))
 
 
 def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: int) -> dict:
-    folder.mkdir(parents=True, mode=0o700)
+    make_folder(folder)
     empty = {
         "images": np.zeros((0, r, r), np.float16),
         "labels": np.zeros((0, r, r), np.uint8),

@@ -23,7 +23,7 @@ from privseg.data.task import Case, Task, Volume
 from privseg.errors import DataError
 
 FORMATS = "an MSD task or nnU-Net v2 dataset (dataset.json) or DICOM series (series.csv)"
-_LOADERS: dict[str, Callable[[Case], Volume]] = {
+_LOADERS: dict[str, Callable[[Case, int], Volume]] = {
     "msd": load_case,
     "nnunet": load_case,
     "dicom": load_dicom_case,
@@ -52,9 +52,10 @@ def read_source(src: str | Path) -> Task:
     raise DataError(f"{src} has neither {DATASET_JSON} nor {SERIES_CSV}: expected {FORMATS}")
 
 
-def load_volume(task: Task, case: Case) -> Volume:
-    """One case of ``task`` as a canonical RAS Volume (HU image, uint8 label)."""
-    return _LOADERS[task.kind](case)
+def load_volume(task: Task, case: Case, max_voxels: int) -> Volume:
+    """One case of ``task`` as a canonical RAS Volume (HU image, uint8 label); a volume over
+    ``max_voxels`` (data.max_voxels) is refused before it is read."""
+    return _LOADERS[task.kind](case, max_voxels)
 
 
 def case_files(task: Task, case: Case) -> list[Path]:

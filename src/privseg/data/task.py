@@ -5,6 +5,7 @@ cases and read the image; :mod:`privseg.data.sources` picks the reader.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,6 +57,18 @@ class Volume:
     affine: np.ndarray
     spacing: tuple[float, float, float]
 
+    def content(self) -> str:
+        """The patient's content fingerprint: sha256 of its image and label voxels (shapes,
+        float32 HU, uint8 labels, canonical RAS). The privacy ledger keys a patient by it, so
+        copying, moving, renaming, re-preparing or re-partitioning the data does not change
+        whose budget a release counts against; file names, formats and spacing do not enter."""
+        h = hashlib.sha256(b"privseg-patient-v1\n")
+        for array, dtype in ((self.image, np.float32), (self.label, np.uint8)):
+            data = np.ascontiguousarray(array, dtype=dtype)
+            h.update(repr(data.shape).encode() + b"\n")
+            h.update(memoryview(data).cast("B"))
+        return h.hexdigest()
+
 
 def task_path(root: Path, raw: Any, where: str, example: str) -> Path:
     """A path listed in a task's index: relative, inside the task folder (symlinks allowed)."""
@@ -67,6 +80,17 @@ def task_path(root: Path, raw: Any, where: str, example: str) -> Path:
             f"{root}, such as {example!r} (absolute paths and '..' are refused)"
         )
     return root / normal
+
+
+def check_case_id(case_id: str, source: object) -> str:
+    """``case_id`` unless it is empty or only dots: ``...nii.gz`` would be case ``..``, which
+    names no patient and reads as a parent folder wherever a case id becomes a path."""
+    if not case_id.strip("."):
+        raise DataError(
+            f"{source}: the file name gives case id {case_id!r}, which is empty or only dots; "
+            "rename the file (e.g. liver_001.nii.gz)"
+        )
+    return case_id
 
 
 def duplicate_ids(cases: list[Case]) -> list[str]:

@@ -144,7 +144,11 @@ def site_train(
     """
     cfg, trainer = get_trainer(config, settings, factory)
     incoming: dict[str, float] = {}
-    if int(config.get(M.CFG_EVAL_INCOMING, 0)):
+    if cfg.privacy.enabled and trainer.privacy is not None and trainer.privacy.reserved:
+        # a DP site keeps its own val curve (its report); the server never gets it exactly
+        dice = trainer.evaluate(state, "val").get("dice")
+        trainer.local_val.append({"round": int(config.get(M.CFG_ROUND, 0)), "dice": dice})
+    elif int(config.get(M.CFG_EVAL_INCOMING, 0)):
         incoming[M.VAL_DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
@@ -195,6 +199,11 @@ def site_evaluate(
     """
     cfg, trainer = get_trainer(config, settings, factory)
     split = str(config.get(M.CFG_SPLIT, "val"))
+    if split not in EVALUATED:
+        raise DataError(
+            f"site {settings.site!r} refuses to evaluate on split {split!r}: a server may ask "
+            f"for {' or '.join(EVALUATED)} only (never the training patients)"
+        )
     result = trainer.evaluate(state, split)
     out: dict[str, Any] = {
         M.DICE: result.get("dice"),
@@ -205,6 +214,8 @@ def site_evaluate(
     for key, metrics in zip(M.CLASS_DICE, result.get("classes", {}).values(), strict=False):
         out[key] = metrics.get("dice")
     out[M.NUM_EXAMPLES] = out[M.N_PATIENTS]
+    if cfg.privacy.enabled:
+        out.update(_private_answer(cfg, trainer, result, split, str(config[M.CFG_RUN_ID])))
     if int(config.get(M.CFG_FINAL, 0)):
         privacy = trainer.privacy_summary()
         for key in M.PRIVACY_SCALARS:
@@ -217,12 +228,51 @@ def site_evaluate(
                 "n_train": trainer.num_examples,
                 "run_id": str(config[M.CFG_RUN_ID]),
                 "test": result,
-                "privacy": privacy,
+                "val_curve": trainer.local_val,
+                "privacy": trainer.privacy_summary(),  # after the answer's own release
             },
         )
     if cfg.privacy.enabled:
         out = {k: v for k, v in out.items() if k in M.DP_EVAL_KEYS}
     return {k: M.scalar(v) for k, v in out.items()}
+
+
+EVALUATED = ("val", "test")
+"""The splits a server may ask a site to evaluate on."""
+
+
+def _private_answer(
+    cfg: Config, trainer: Any, result: dict[str, Any], split: str, run_id: str
+) -> dict[str, Any]:
+    """A DP site's metric scalars: noised and recorded on the split's patients, or NaN when
+    refused (no ``privacy.eval_noise``, queries spent, or a run the site has not trained in:
+    only the current run's global model is scored)."""
+    from privseg.privacy.engine import release_metrics
+
+    names = list(result.get("classes", {}))
+    refused = {M.DICE: math.nan, **{k: math.nan for k, _ in zip(M.CLASS_DICE, names, strict=False)}}
+    privacy = trainer.privacy
+    if privacy is None or not privacy.reserved:
+        log.warning(
+            "site %s refuses to evaluate for run %s: it has not trained in it", trainer.name, run_id
+        )
+        return refused
+    answer = release_metrics(
+        cfg.privacy,
+        privacy.ledger,
+        result,
+        list(trainer.splits[split].contents),
+        site=trainer.name,
+        run_id=run_id,
+        classes=names,
+        unit=privacy.plan.unit,
+    )
+    if answer is None:
+        return refused
+    return {
+        M.DICE: answer["dice"],
+        **dict(zip(M.CLASS_DICE, (answer[c] for c in names), strict=False)),
+    }
 
 
 def site_releases(

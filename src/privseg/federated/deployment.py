@@ -35,7 +35,7 @@ from privseg.federated.processes import (
     stop_stale,
     wait_for_port,
 )
-from privseg.io import read_json
+from privseg.io import private_file, read_json
 from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def serve(
             f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
             f"{len(keys)} site key(s) registered; waiting for sites..."
         )
-        with open(out / "logs" / "run.log", "a") as run_log:
+        with open(private_file(out / "logs" / "run.log"), "a") as run_log:
             proc = subprocess.Popen(
                 [
                     flower_bin("flwr"),

@@ -87,15 +87,16 @@ EVAL_KEYS = frozenset(
     {NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *CLASS_DICE, *PRIVACY_SCALARS}
 )
 # In a DP run nothing unaccounted leaves a site: no raw loss (unclipped, un-noised), no timing
-# (it reveals the Poisson batch sizes), no spread of the test Dice (with two test patients the
-# mean and sd give each patient's Dice). The train reply carries the weights, the example
-# count (the FedAvg weight), the site's epsilon, the decline flag and the non-private val Dice
-# (and with SecAgg+ the count of clipped update coordinates: a function of the DP-noised update,
-# i.e. post-processing, so covered by the guarantee);
-# the final test reply the mean test Dice per class and over classes (non-private, like the
-# Dice itself), the patient count and the DP
-# parameters, plus the release list (SITE record) so results.json can be re-checked.
-DP_TRAIN_KEYS = frozenset({NUM_EXAMPLES, EPSILON, DECLINED, VAL_DICE, SECAGG_CLIPPED})
+# (it reveals the Poisson batch sizes), no exact metric. The train reply carries the weights,
+# the example count (the FedAvg weight: site sizes are public, an assumption the accounting
+# shares), the site's epsilon (a function of the release list) and the decline flag (and with
+# SecAgg+ the count of clipped update coordinates: a function of the DP-noised update, i.e.
+# post-processing, so covered by the guarantee). The val curve stays at the site (its report).
+# An evaluation reply carries the mean Dice per class and over classes only through the
+# Gaussian mechanism, recorded on the evaluated patients (privacy.eval_noise; refused without
+# it: NaN), the patient count and the DP parameters, plus the release list (SITE record) so
+# results.json can be re-checked.
+DP_TRAIN_KEYS = frozenset({NUM_EXAMPLES, EPSILON, DECLINED, SECAGG_CLIPPED})
 DP_EVAL_KEYS = frozenset({NUM_EXAMPLES, DICE, N_PATIENTS, *CLASS_DICE, *PRIVACY_SCALARS})
 RELEASES = "releases"  # in the SITE record of a DP site's final test reply: JSON list
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.federated.flower_compat import SUPEREXEC_POLL_ENV
-from privseg.io import atomic_write_text
+from privseg.io import atomic_write_text, private_file
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,7 @@ class Processes:
     def start(
         self, name: str, argv: list[str], *, env: dict[str, str], log_file: Path
     ) -> subprocess.Popen[bytes]:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as fh:
+        with open(private_file(log_file), "ab") as fh:
             proc = subprocess.Popen(
                 argv,
                 stdout=fh,

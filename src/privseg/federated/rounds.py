@@ -36,6 +36,7 @@ from privseg.federated.state import (
     write_status,
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
+from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
 from privseg.run_folder import RunFolder
@@ -149,7 +150,7 @@ def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
 def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     cfg, fed = s.cfg, s.cfg.federated
     send = functools.partial(send_and_receive, poll=s.poll)
-    s.out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(s.out_dir)
     strategy = make_strategy(cfg, SiteIdentity(s.site_nodes))
     saved = load_state(s.out_dir, cfg) if s.resume else None
     # The weights travel packed (one array per message, see M.pack); the layout goes with them.
@@ -186,6 +187,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     for old in history:
         eps_known.update(old.get("epsilon_sites", {}))
         n_train.update(old.get("n_train_sites", {}))
+    dp = cfg.privacy.enabled
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         nodes = wait_for_sites(
@@ -195,7 +197,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         # the sites score the previous round's global model on val before they train
         # (no separate evaluate exchange); only the last round has its own evaluate phase
         previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
-        score_incoming = previous is not None and previous.get("val_dice") is None
+        # a DP site keeps its val curve to itself (it would be an unaccounted query)
+        score_incoming = not dp and previous is not None and previous.get("val_dice") is None
         train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
         train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
         if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
@@ -243,7 +246,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             }
         )
         val: dict[str, float] | None = None  # filled by the next round's train replies
-        if rnd == fed.rounds:
+        if rnd == fed.rounds and not dp:
             strategy.aggregate_evaluate(
                 rnd,
                 send(

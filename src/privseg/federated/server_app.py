@@ -19,7 +19,7 @@ from privseg.data.classes import Classes
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import load_state
-from privseg.results import PRIVACY_KEYS, RunResult, SiteResult
+from privseg.results import PRIVACY_KEYS, RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
 
 
@@ -59,6 +59,7 @@ def build_results(
         if privacy is not None:
             site.epsilon_lower_bound = not completed
         sites.append(site)
+    _local_val_curves(history, reports)
     fed = cfg.federated
     result = RunResult.of(cfg.privacy, "federated", sites, history)
     result.seconds_per_round = float(np.mean([h["seconds"] for h in history])) if history else None
@@ -70,6 +71,21 @@ def build_results(
         "secure_aggregation": fed.secure_aggregation,
     }
     return result
+
+
+def _local_val_curves(history: list[dict[str, Any]], reports: dict[str, dict]) -> None:
+    """A DP run's val curve from the sites' own reports (they never send it): one machine
+    (simulation) has them; a deployment's history keeps no val Dice."""
+    by_round: dict[int, dict[str, float]] = {}
+    for name, rep in reports.items():
+        for point in rep.get("val_curve") or []:
+            by_round.setdefault(int(point["round"]), {})[name] = M.scalar(point.get("dice"))
+    for entry in history:
+        # a site scores the incoming model of round r, i.e. round r - 1's result
+        sites = by_round.get(int(entry["round"]) + 1)
+        if sites and entry.get("val_dice") is None:
+            entry["val_dice_sites"] = sites
+            entry["val_dice"] = nanmean(sites.values())
 
 
 def scalars_to_test_metrics(scal: dict[str, Any], cfg: Config) -> dict[str, Any]:

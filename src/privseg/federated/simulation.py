@@ -18,7 +18,7 @@ from privseg.federated.client_app import TrainerFactory, make_client_app, releas
 from privseg.federated.flower_compat import in_process_simulation
 from privseg.federated.rounds import RoundCallback, ServerSettings
 from privseg.federated.server_app import build_results, make_server_app, save_final
-from privseg.io import read_json
+from privseg.io import make_folder, read_json
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder
 
@@ -73,8 +73,8 @@ def run_federated(
 ) -> RunResult:
     """Run the federation in simulation; return its results.
 
-    Each site's ledger lives with its data (``<cache>.ledgers/``, see
-    ``training.trainer.site_ledger``) and its local test report is
+    Each site's releases go to the ledger store of its patients (the
+    per-user store, ``privseg.privacy.stores``) and its local test report is
     ``out_dir/sites/<site>.json`` (what a real site would keep to itself).
     ``sites`` and ``trainer_factory`` replace the slice cache and the real trainer in tests.
     ``backend``: where the sites' ClientApps run, "ray" (one Ray actor) or "in-process" (this
@@ -93,7 +93,7 @@ def run_federated(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     if sites is None:
         from privseg.data.cache import SliceCache
 

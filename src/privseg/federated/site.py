@@ -22,7 +22,7 @@ from privseg.errors import ConfigError, DataError, FederationError
 from privseg.federated.app_files import toml_str
 from privseg.federated.certs import CertFiles
 from privseg.federated.processes import Processes, flower_bin, flower_env, service_port, stop_stale
-from privseg.io import atomic_write_text
+from privseg.io import atomic_write_text, make_folder
 from privseg.output import claimed_folder
 from privseg.run_folder import RunFolder
 
@@ -71,7 +71,7 @@ def site_policy(
         )
     policy = own.replace(**{"privacy.enabled": True, "privacy.budget_epsilon": min(budgets)})
     path = out / SITE_POLICY
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     atomic_write_text(path, policy.to_toml())
     return path
 

@@ -33,7 +33,7 @@ class TrainRound:
     contributors: list[str] = field(default_factory=list)
     declined: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    refused: int = 0  # replies whose claimed site is not the node's (see identity.py)
+    refused: int = 0  # replies refused: a claimed site not the node's (identity.py), no DP
 
     @property
     def epsilon_max(self) -> float:
@@ -107,6 +107,7 @@ class SiteAggregation(Strategy):
                     f"site {site}: its update carries no DP guarantee (epsilon {eps}) in a DP "
                     "run; rejected"
                 )
+                report.refused += 1  # under SecAgg+ its update is in the masked sum: discard it
                 continue
             report.sites[site] = metrics
             if not secure:
@@ -199,8 +200,8 @@ class SiteAggregation(Strategy):
         report.failed.extend(failed)
         if report.refused and mean is not None:  # the masked sum holds the refused updates too
             report.failed.append(
-                "the secure sum includes the update of a node whose site identity was refused; "
-                "the sum is discarded"
+                "the secure sum includes the update of a node that was refused (its site "
+                "identity, or no DP guarantee in a DP run); the sum is discarded"
             )
             mean = None
         if mean is None:  # nobody's update reached a model

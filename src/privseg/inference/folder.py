@@ -1,12 +1,23 @@
-"""Segment every CT of a folder: NIfTI files, DICOM series subfolders, or one DICOM series."""
+"""Segment every CT of a folder: NIfTI files, DICOM series subfolders, or one DICOM series.
+
+Every output name is checked before the first case is read, against each other as well as the
+inputs. A CT that cannot be read is reported and the others still run. The output folder's
+``.privseg-predictions.json`` records the checkpoint, the options and each case's files (with
+their sha256 once written): ``resume`` (``--continue``) skips the cases an earlier run finished
+and redoes one it was writing, as nnU-Net skips finished cases, so a rerun after fixing one bad
+file completes the folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import DataError
+from privseg.errors import DataError, PrivsegError
 from privseg.inference.volume import (
     MASK_SUFFIXES,
     claim_outputs,
@@ -17,7 +28,21 @@ from privseg.inference.volume import (
     read_ct,
     write_outputs,
 )
+from privseg.io import make_folder, read_json, write_json
 from privseg.output import check_not_input
+
+log = logging.getLogger(__name__)
+RECORD = ".privseg-predictions.json"
+
+
+@dataclass
+class FolderResult:
+    """What a folder run did: each written case's stats, the cases an earlier run had finished,
+    and the cases that failed with the reason."""
+
+    written: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def _is_nifti(path: Path) -> bool:
@@ -45,45 +70,129 @@ def segment_folder(
     out: Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     device: str = "auto",
     probabilities: bool = False,
     preview: bool = False,
     threshold: float = 0.5,
     progress: Callable[[str, int, int], None] | None = None,
-) -> list[dict[str, Any]]:
+) -> FolderResult:
     """Write ``out/<case>.nii.gz`` (and companions) for each CT of ``folder``.
 
-    Every output name is checked before the first case is read; ``out`` (created if missing)
-    must not be, or lie inside, the input folder, so outputs never mix with inputs.
+    ``out`` (created 0700 if missing) must not be, or lie inside, the input folder. A case
+    that fails is in ``failed`` and the others still run; ``resume`` skips finished cases.
     """
     folder, out = Path(folder), Path(out)
     inputs = find_inputs(folder)
     names = [nifti_stem(p.name) for p in inputs]  # a DICOM series: its folder name
     if len(set(names)) != len(names):
         raise DataError(f"input folder {folder}: two inputs give the same case name")
-    if out.resolve().is_relative_to(folder.resolve()):
-        raise DataError(f"output folder {out} is inside the input folder {folder}; choose another")
     check_not_input(out, [folder], folder=True)  # a run folder holding the checkpoint is fine
     if not out.parent.is_dir():
         raise DataError(f"output {out}: folder {out.parent} does not exist; create it first")
+    plans = {n: companions(out / f"{n}.nii.gz", probabilities, preview) for n in names}
+    _check_collisions(plans)
+    options = {"threshold": threshold, "probabilities": probabilities, "preview": preview}
     created = not out.exists()
-    out.mkdir(exist_ok=True)
+    make_folder(out)
     try:
-        plans = [companions(out / f"{n}.nii.gz", probabilities, preview) for n in names]
-        for files in plans:
-            claim_outputs(files, [folder, checkpoint], overwrite)
         model, cfg = load_model(checkpoint, device)
-        results = []
-        for path, files in zip(inputs, plans, strict=True):
-            ct = read_ct(path, cfg.data.nan_hu)
-            mask, probs = predict_ct(
-                model, cfg, ct, threshold=threshold, probabilities=probabilities
-            )
-            results.append(write_outputs(files, ct, cfg, mask, probs))
+        record = {"checkpoint": _sha256(checkpoint), "options": options, "cases": {}}
+        earlier = _earlier(out, record) if resume else {}
+        result = FolderResult(skipped=[n for n in names if _finished(earlier.get(n), plans[n])])
+        ours = _ours(out, earlier)
+        todo = [(p, n) for p, n in zip(inputs, names, strict=True) if n not in result.skipped]
+        for _, name in todo:
+            claim_outputs(plans[name], [folder, checkpoint], overwrite, ours)
+        record["cases"] = dict(earlier)  # a case that fails now keeps its earlier entry
+        for path, name in todo:
+            try:
+                ct = read_ct(path, cfg.data.nan_hu, cfg.data.max_voxels)
+                mask, probs = predict_ct(
+                    model, cfg, ct, threshold=threshold, probabilities=probabilities
+                )
+            except PrivsegError as exc:  # this CT is bad; the others still run
+                log.warning("case %s failed: %s", name, exc)
+                result.failed[name] = str(exc)
+                continue
+            files = plans[name]
+            entry: dict[str, Any] = {"files": {k: p.name for k, p in files.items()}}
+            record["cases"][name] = entry | {"status": "writing"}  # ours, should this stop
+            write_json(out / RECORD, record)
+            result.written.append(write_outputs(files, ct, cfg, mask, probs))
+            sha = {k: _sha256(p) for k, p in files.items()}
+            record["cases"][name] = entry | {"status": "done", "sha256": sha}
+            write_json(out / RECORD, record)
             if progress is not None:
-                progress("predict", len(results), len(inputs))
+                progress("predict", len(result.written) + len(result.failed), len(todo))
     except BaseException:
         if created and not any(out.iterdir()):  # a refused run leaves no empty folder behind
             out.rmdir()
         raise
-    return results
+    return result
+
+
+def _check_collisions(plans: dict[str, dict[str, Path]]) -> None:
+    """No two outputs share a name: ``a_prob.nii.gz`` would be case a's probabilities and
+    case a_prob's mask (inputs and the checkpoint are checked by ``claim_outputs``)."""
+    owner: dict[Path, str] = {}
+    for name, files in plans.items():
+        for kind, path in files.items():
+            mine = f"case {name}'s {kind}"
+            other = owner.setdefault(path.resolve(), mine)
+            if other != mine:
+                raise DataError(
+                    f"output {path} would be both {other} and {mine}; rename one of the "
+                    "inputs (nothing was written)"
+                )
+
+
+def _earlier(out: Path, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The cases an earlier run recorded in ``out``; refused when it used another checkpoint
+    or other options (its masks would not be this run's)."""
+    path = out / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        old = read_json(path)
+        cases = {str(n): e for n, e in old["cases"].items() if isinstance(e["files"], dict)}
+        same = (old["checkpoint"], old["options"]) == (record["checkpoint"], record["options"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path} is not privseg's record of predictions: {exc}") from exc
+    if not same:
+        raise DataError(
+            f"--continue: {out} was written with another checkpoint or other options "
+            f"({path}: {old['options']}); choose a new folder or rerun without --continue"
+        )
+    return cases
+
+
+def _ours(out: Path, earlier: dict[str, dict[str, Any]]) -> frozenset[Path]:
+    """Files an earlier run wrote and nobody changed since (or was writing when it stopped):
+    they may be replaced; any other existing output is refused unless ``overwrite``."""
+    ours = set()
+    for entry in earlier.values():
+        for kind, name in entry["files"].items():
+            path = out / name
+            sha = entry.get("sha256", {}).get(kind)
+            if entry.get("status") == "writing" or (path.is_file() and sha == _sha256(path)):
+                ours.add(path)
+    return frozenset(ours)
+
+
+def _finished(entry: dict[str, Any] | None, files: dict[str, Path]) -> bool:
+    """Every planned file was written by privseg and is unchanged since."""
+    if entry is None or entry.get("status") != "done":
+        return False
+    sha = entry.get("sha256", {})
+    return entry["files"] == {k: p.name for k, p in files.items()} and all(
+        p.is_file() and sha.get(k) == _sha256(p) for k, p in files.items()
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

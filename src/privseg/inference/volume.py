@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privseg.config import Config
+from privseg.config import Config, DataConfig
 from privseg.io import atomic_write_bytes
 from privseg.output import check_output_file
 
@@ -38,18 +38,20 @@ class CTInput:
     header: nib.Nifti1Header | None  # the NIfTI input's header (None for DICOM)
 
 
-def read_ct(path: str | Path, nan_hu: float | None) -> CTInput:
+def read_ct(
+    path: str | Path, nan_hu: float | None, max_voxels: int = DataConfig().max_voxels
+) -> CTInput:
     """A NIfTI file or a DICOM series folder, validated (a clear DataError naming it)."""
     from privseg.data.dicom import read_dicom_series
     from privseg.data.msd import canonical_data, open_nifti, replace_nan
 
     path = Path(path)
     if path.is_dir():
-        hu_series, affine = read_dicom_series(path)
+        hu_series, affine = read_dicom_series(path, max_voxels)
         original = nib.Nifti1Image(hu_series, affine)
         header = None
     else:
-        original = open_nifti(path)
+        original = open_nifti(path, max_voxels)
         affine, header = original.affine, original.header
     hu, canonical = canonical_data(original, path)
     hu = replace_nan(hu, path, nan_hu)
@@ -133,11 +135,15 @@ def companions(out: Path, probabilities: bool, preview: bool) -> dict[str, Path]
     return files
 
 
-def claim_outputs(files: dict[str, Path], inputs: list[Path], overwrite: bool) -> None:
-    """Check every output before any work: suffix, folder, never an input, no clobbering."""
+def claim_outputs(
+    files: dict[str, Path], inputs: list[Path], overwrite: bool, ours: frozenset[Path] = frozenset()
+) -> None:
+    """Check every output before any work: suffix, folder, never an input, no clobbering
+    (``ours``: files an earlier run of privseg wrote, which may be replaced)."""
     for kind, path in files.items():
         suffixes = {"preview": (".png",), "probabilities": (".nii.gz",)}.get(kind, MASK_SUFFIXES)
-        check_output_file(path, inputs=inputs, suffixes=suffixes, overwrite=overwrite)
+        replace = overwrite or path in ours
+        check_output_file(path, inputs=inputs, suffixes=suffixes, overwrite=replace)
 
 
 def write_outputs(
@@ -200,7 +206,7 @@ def segment_nifti(
     files = companions(out, probabilities, preview)
     claim_outputs(files, [image, checkpoint], overwrite)
     model, cfg = load_model(checkpoint, device)
-    ct = read_ct(image, cfg.data.nan_hu)
+    ct = read_ct(image, cfg.data.nan_hu, cfg.data.max_voxels)
     mask, probs = predict_ct(
         model, cfg, ct, batch_size=batch_size, threshold=threshold, probabilities=probabilities
     )

@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -70,7 +71,8 @@ def _epsilon(merged: tuple[Release, ...], delta: float, accountant: str) -> floa
     """Pure, hence cached: a site asks for the same ledger's epsilon many times."""
     acc = ACCOUNTANTS[accountant]()
     acc.history = list(merged)
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1, handled there
+        return float(acc.get_epsilon(delta=delta))
 
 
 def clear_cache() -> None:

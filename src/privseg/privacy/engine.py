@@ -11,7 +11,6 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,12 +19,13 @@ from torch import nn
 
 from privseg.config import Config, PrivacyConfig
 from privseg.errors import PrivacyBudgetExceeded
-from privseg.privacy import accounting
+from privseg.privacy import history
 from privseg.privacy.dp_sgd import DPGradient, LossFn
+from privseg.privacy.history import Budget
 from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.padding import Batch, ConstantShapeBatches
 from privseg.privacy.plan import DPPlan, unit_ids
-from privseg.privacy.sampling import PoissonUnitSampler
+from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
 from privseg.results import SLICE_UNIT_NOTE
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 class SitePrivacy:
     """DP-SGD for one site: Poisson sampler, DP gradient, ledger and budget, all from one plan.
 
-    ``ledgers`` maps each site whose data the training touches to that data's ledger: one for
-    a site, every site's for central training on pooled data (each patient's release is
-    recorded where that patient's data is accounted).
+    ``patients`` maps each site whose data the training touches to its training patients'
+    content fingerprints: one site, or every site for central training on pooled data. Each
+    block of steps is one release on all of them in the ``ledger`` store.
     """
 
     def __init__(
@@ -46,7 +46,8 @@ class SitePrivacy:
         *,
         site: str,
         units: np.ndarray,
-        ledgers: Mapping[str, PrivacyLedger],
+        ledger: PrivacyLedger,
+        patients: Mapping[str, list[str]],
         run_id: str | None = None,
     ) -> None:
         self.cfg = cfg
@@ -54,8 +55,9 @@ class SitePrivacy:
         self.site = site
         self.run_id = run_id or ""
         self.units = np.asarray(units)
-        self.ledgers = dict(ledgers)
-        self.data_site, self.ledger = next(iter(self.ledgers.items()))
+        self.ledger = ledger
+        self.patients = {name: sorted(set(p)) for name, p in patients.items()}
+        self.data_site = next(iter(self.patients))
         self.reserved = 0  # steps this run has reserved through this object
         self.sampler = PoissonUnitSampler(self.units, sample_rate=plan.sample_rate)
         # privacy.constant_time: every step computes on the same padded shape (padding.py)
@@ -151,56 +153,65 @@ class SitePrivacy:
                 f"(sigma {self.noise_multiplier:.4g}) for {self.plan.steps} steps and has run "
                 f"{self.reserved}; more rounds or local steps than planned would pass its target"
             )
-        for name, ledger in self.ledgers.items():  # central: each site's data, same release
-            ledger.reserve(
-                site=name,
-                run_id=run_id if run_id is not None else self.run_id,
-                unit=self.plan.unit,
-                noise_multiplier=self.noise_multiplier,
-                sample_rate=self.sample_rate,
-                steps=int(steps),
-                accountant=self.plan.accountant,
-                delta=self.plan.delta,
-                budget_epsilon=self.cfg.budget_epsilon,
-                note=f"by {self.site} n_units={self.plan.n_units} C={self.plan.max_grad_norm:g}",
-            )
+        budget = self.cfg.budget_epsilon
+        self.ledger.reserve(
+            patients=[p for group in self.patients.values() for p in group],
+            site=self.site,
+            run_id=run_id if run_id is not None else self.run_id,
+            unit=self.plan.unit,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=int(steps),
+            accountant=self.plan.accountant,
+            delta=self.plan.delta,
+            budget=None if budget is None else Budget(budget, self.plan.delta),
+            note=f"n_units={self.plan.n_units} C={self.plan.max_grad_norm:g}",
+        )
         self.reserved += int(steps)
 
     # ---- reporting -----------------------------------------------------------------------
     def epsilon(self, site: str | None = None) -> float:
-        """Cumulative epsilon of a site's data over every recorded release (all runs); of the
-        worst site's when the training touches several."""
-        names = [site] if site is not None else list(self.ledgers)
-        return max(
-            self.ledgers[n].epsilon(delta=self.plan.delta, accountant=self.plan.accountant, site=n)
-            for n in names
+        """Lifetime epsilon of a site's training patients (the one who has spent most) over
+        every recorded release (all runs); of the worst site's when the training touches
+        several."""
+        names = [site] if site is not None else list(self.patients)
+        return max(self._worst(n)[0] for n in names)
+
+    def _worst(self, site: str, run_id: str | None = None) -> tuple[float, list[dict[str, Any]]]:
+        return self.ledger.worst(
+            self.patients[site],
+            delta=self.plan.delta,
+            accountant=self.plan.accountant,
+            run_id=run_id,
         )
 
     def run_epsilon(self) -> float:
         """Epsilon of this run's own releases, taken alone (what ``target_epsilon`` bounds)."""
-        history = self.ledger.history(self.data_site, run_id=self.run_id)
-        return accounting.epsilon(history, delta=self.plan.delta, accountant=self.plan.accountant)
+        return max(self._worst(n, self.run_id)[0] for n in self.patients)
 
     def summary(self, site: str | None = None) -> dict[str, Any]:
-        """The privacy fields of a results.json site entry (``site``'s data; default the
-        first): the total epsilon is recomputable from ``releases`` (every release ever
-        recorded on that data) alone."""
+        """The privacy fields of a results.json site entry (``site``'s patients; default the
+        first): ``epsilon`` recomputes from ``releases`` alone (every release on the patient
+        who has spent most, at ``delta``)."""
         name = site or self.data_site
-        ledger = self.ledgers[name]
+        eps, releases = self._worst(name)
+        held = self.ledger.budget(self.patients[name])
         return {
-            "epsilon": self.epsilon(name),
-            "epsilon_run": self.run_epsilon(),
+            "epsilon": eps,
+            "epsilon_run": self._worst(name, self.run_id)[0],
             "delta": self.plan.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "steps": ledger.steps(name),
+            "steps": self.reserved,
+            "steps_lifetime": sum(r["steps"] for r in releases),
             "clip_norm": self.plan.max_grad_norm,
             "accountant": self.plan.accountant,
             "unit": self.plan.unit,
-            "budget_epsilon": self.cfg.budget_epsilon,
+            "budget_epsilon": None if held is None else held.epsilon,
+            "budget_delta": None if held is None else held.delta,
             "expected_batch_size": self.expected_batch_size,
-            "ledger": str(ledger.path),
-            "releases": ledger.releases(name),
+            "ledger": str(self.ledger.path),
+            "releases": releases,
         }
 
 
@@ -209,50 +220,169 @@ def open_site_privacy(
     train: Any,
     *,
     site: str,
-    ledgers: Mapping[str, tuple[Path, str]],
+    ledger: PrivacyLedger,
+    patients: Mapping[str, list[str]],
     planned_steps: int,
     run_id: str,
 ) -> SitePrivacy:
-    """The DP-SGD of one run on its data's ledgers (``{data site: (path, data key)}``),
-    calibrated once for the run.
+    """The DP-SGD of one run on ``patients`` (``{data site: fingerprints}``) in the ledger
+    store, calibrated once for the run.
 
     A resumed run (rows of ``run_id`` already recorded) calibrates only its remaining steps,
-    its earlier releases counting toward ``target_epsilon``; every release on each site's data
-    counts toward that site's ``budget_epsilon`` (the strictest site sets the noise).
+    its earlier releases counting toward ``target_epsilon``; every release on each patient
+    counts toward that patient's budget (the patient who has spent most sets the noise). A
+    run asking for a larger delta than a budget's is refused here, before any step.
     """
-    opened: dict[str, PrivacyLedger] = {}
-    for name, (path, key) in ledgers.items():
-        opened[name] = PrivacyLedger(path)
-        opened[name].bind(key, name)
-    held = [b for b in (led.budget() for led in opened.values()) if b is not None]
-    if held and (cfg.privacy.budget_epsilon or math.inf) > min(held):
-        # a run's config may lower a site's lifetime budget, never raise it
-        cfg = cfg.replace(**{"privacy.budget_epsilon": min(held)})
-    first, ledger = next(iter(opened.items()))
-    mine = ledger.history(first, run_id=run_id)
+    everyone = [p for group in patients.values() for p in group]
+    rows = ledger.rows()
+    held = history.budget_of(rows, everyone)
+    if held is not None:
+        if cfg.privacy.delta > held.delta:
+            raise PrivacyBudgetExceeded(
+                f"site {site!r} refuses privacy.delta = {cfg.privacy.delta:g}: its patients hold "
+                f"a lifetime budget of epsilon {held.epsilon:g} at delta {held.delta:g}, and a "
+                f"larger delta would weaken it; set privacy.delta <= {held.delta:g}"
+            )
+        if (cfg.privacy.budget_epsilon or math.inf) > held.epsilon:
+            # a run's config may lower a lifetime budget, never raise it
+            cfg = cfg.replace(**{"privacy.budget_epsilon": held.epsilon})
+    _, mine_rows = history.worst(
+        rows, everyone, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, run_id=run_id
+    )
+    mine = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in mine_rows]
     remaining = planned_steps - sum(n for _, _, n in mine)
     if remaining <= 0:
         raise PrivacyBudgetExceeded(
             f"site {site!r} refuses: run {run_id} already recorded its {planned_steps} planned "
             f"steps in {ledger.path}"
         )
-    plans = [
-        DPPlan.for_split(
-            cfg,
-            train,
-            federated=False,
-            site=name,
-            steps=remaining,
-            run_history=mine,
-            spent_history=led.history(name),
-        )
-        for name, led in opened.items()
-    ]
+    spent = [list(past) for past, _, _ in history.by_history(rows, everyone)]
+    plan = DPPlan.for_split(
+        cfg,
+        train,
+        federated=False,
+        site=site,
+        steps=remaining,
+        run_history=mine,
+        spent_histories=spent,
+    )
     return SitePrivacy(
         cfg.privacy,
-        max(plans, key=lambda p: p.noise_multiplier),
+        plan,
         site=site,
         units=unit_ids(train, cfg.privacy.unit),
-        ledgers=opened,
+        ledger=ledger,
+        patients=patients,
         run_id=run_id,
     )
+
+
+def record_nonprivate(
+    cfg: PrivacyConfig,
+    ledger: PrivacyLedger,
+    patients: Mapping[str, list[str]],
+    *,
+    site: str,
+    steps: int,
+    run_id: str,
+) -> None:
+    """Record a training run without DP on ``patients``: their epsilon becomes infinite.
+    Refused (nothing written) when any of them holds a budget, unless the config says
+    ``privacy.allow_nonprivate = true``."""
+    try:
+        ledger.reserve(
+            patients=[p for group in patients.values() for p in group],
+            site=site,
+            run_id=run_id,
+            kind="non-private",
+            unit=cfg.unit,
+            noise_multiplier=0.0,
+            sample_rate=1.0,
+            steps=max(1, int(steps)),
+            accountant=cfg.accountant,
+            delta=cfg.delta,
+            over_budget=cfg.allow_nonprivate,
+            note="trained without DP",
+        )
+    except PrivacyBudgetExceeded as exc:
+        raise PrivacyBudgetExceeded(
+            f"{exc}. Training without DP on patients under a budget is refused: train with DP "
+            "(--dp), or set privacy.allow_nonprivate = true to train anyway and record it "
+            "(their epsilon becomes infinite)"
+        ) from exc
+    log.warning(
+        "site %s trains without DP: recorded in %s as a release with epsilon infinite on its "
+        "%d patients",
+        site,
+        ledger.path,
+        sum(len(g) for g in patients.values()),
+    )
+
+
+def release_metrics(
+    cfg: PrivacyConfig,
+    ledger: PrivacyLedger,
+    result: Mapping[str, Any],
+    patients: list[str],
+    *,
+    site: str,
+    run_id: str,
+    classes: list[str],
+    unit: str,
+) -> dict[str, float] | None:
+    """A DP site's answer to an evaluation query: the mean Dice (and each class's) of
+    ``result``'s patients through the Gaussian mechanism, recorded on those patients first; or
+    None (refused: ``privacy.eval_noise`` unset, or this run's ``privacy.eval_queries`` spent).
+
+    Each patient's Dice lies in [0, 1], so adding or removing one patient moves the vector of
+    sums (overall, then per class) by at most sqrt(1 + classes) in L2: noise of standard
+    deviation ``eval_noise`` times that is one Gaussian step (q = 1) at noise multiplier
+    ``eval_noise``. The patient count is public (as the sample rate makes it for training).
+    """
+    if cfg.eval_noise is None or not patients:
+        return None
+    asked = sum(
+        1
+        for r in ledger.rows()
+        if r["kind"] == "gaussian" and r["run_id"] == run_id and r["site"] == site
+    )
+    if asked >= cfg.eval_queries:
+        log.warning(
+            "site %s refuses an evaluation query: run %s has had its %d (privacy.eval_queries)",
+            site,
+            run_id,
+            cfg.eval_queries,
+        )
+        return None
+    ledger.reserve(
+        patients=patients,
+        site=site,
+        run_id=run_id,
+        kind="gaussian",
+        unit=unit,
+        noise_multiplier=cfg.eval_noise,
+        sample_rate=1.0,
+        steps=1,
+        accountant=cfg.accountant,
+        delta=cfg.delta,
+        budget=None if cfg.budget_epsilon is None else Budget(cfg.budget_epsilon, cfg.delta),
+        note=f"evaluation query: mean Dice of {len(patients)} patients",
+    )
+    rows = [_clipped_dice(p, classes) for p in result.get("patients", [])]
+    sums = np.sum(rows, axis=0) if rows else np.zeros(1 + len(classes))
+    scale = cfg.eval_noise * math.sqrt(len(sums))
+    noise = torch.randn(len(sums), generator=secure_generator(), dtype=torch.float64).numpy()
+    means = (sums + scale * noise) / len(patients)
+    return {
+        "dice": float(means[0]),
+        **{c: float(v) for c, v in zip(classes, means[1:], strict=True)},
+    }
+
+
+def _clipped_dice(patient: Mapping[str, Any], classes: list[str]) -> list[float]:
+    """A patient's Dice, then each class's, each in [0, 1] (NaN counts as 0)."""
+    per_class = patient.get("classes") or {c: patient for c in classes}
+    values = [patient.get("dice"), *(per_class[c].get("dice") for c in classes)]
+    return [
+        min(max(float(v), 0.0), 1.0) if v is not None and math.isfinite(v) else 0.0 for v in values
+    ]

@@ -1,10 +1,18 @@
-"""A durable, append-only record of every DP release made on one site's data (SQLite, fsync).
+"""A durable, append-only, hash-chained record of every release made on patients' data.
 
-Epsilon is never stored: it is recomputed from all rows, so it is cumulative across rounds,
-runs, studies and restarts, and a lost counter cannot under-report the spend. A ledger belongs
-to one site's data (its ``data_key``: the task, the site and its patients), not to a run
-folder; :meth:`PrivacyLedger.reserve` checks the unit and the budget and inserts the release in
-one ``BEGIN IMMEDIATE`` transaction, so two concurrent runs cannot both pass the check.
+One ledger store (one SQLite file) serves every site and data set of a machine or user (see
+:mod:`privseg.privacy.stores`). A release names the patients it touched by their content
+fingerprints (:meth:`privseg.data.task.Volume.content`), so copying, moving, renaming,
+re-preparing or re-partitioning the data does not start anyone's budget again. A patient's
+epsilon is the composition of every release that included that patient; epsilon is never
+stored, only recomputed from the rows.
+
+Every row (releases, non-private events, budgets) carries the hash of the row before it and
+its own; the head and the row count live in ``meta``. A broken chain, a missing row, a
+deleted budget or an edited value fails :meth:`PrivacyLedger.rows`, which every read and
+every reservation goes through: an edited ledger is refused, never read as less spent.
+:meth:`PrivacyLedger.reserve` checks delta, unit and budget and inserts in one
+``BEGIN IMMEDIATE`` transaction, so two concurrent runs cannot both pass the check.
 """
 
 from __future__ import annotations
@@ -17,76 +25,62 @@ import math
 import os
 import sqlite3
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
-from privseg.privacy import accounting
+from privseg.io import make_folder
+from privseg.privacy import accounting, history
+from privseg.privacy.history import Budget
 
-SCHEMA_VERSION = 1
-_COLUMNS = (
-    "id",
+SCHEMA_VERSION = 2
+UNITS = ("slice", "patient")
+KINDS = ("dp-sgd", "gaussian", "non-private", "budget")
+"""dp-sgd: training steps; gaussian: a noised metric (q = 1, one step per query); non-private:
+a release without DP (epsilon infinite); budget: a lifetime (epsilon, delta) set on patients."""
+_FIELDS = (
     "time",
     "site",
     "run_id",
+    "kind",
     "unit",
     "noise_multiplier",
     "sample_rate",
     "steps",
     "accountant",
     "delta",
+    "budget_epsilon",
     "note",
+    "patients",
 )
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE releases (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    site TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    unit TEXT NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    sample_rate REAL NOT NULL,
-    steps INTEGER NOT NULL,
-    accountant TEXT NOT NULL,
-    delta REAL NOT NULL,
-    note TEXT NOT NULL DEFAULT ''
+    time TEXT NOT NULL, site TEXT NOT NULL, run_id TEXT NOT NULL, kind TEXT NOT NULL,
+    unit TEXT NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL, accountant TEXT NOT NULL, delta REAL NOT NULL,
+    budget_epsilon REAL, note TEXT NOT NULL, patients TEXT NOT NULL,
+    prev TEXT NOT NULL, hash TEXT NOT NULL
 );
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+PRAGMA user_version = {SCHEMA_VERSION};
 """
-
-
-_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-UNITS = ("slice", "patient")
-RELEASE_KEYS = (
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "unit",
-    "accountant",
-    "delta",
-    "time",
-    "run_id",
+INSPECT = (
+    "inspect it with `privseg budget --ledgers {folder}` or `sqlite3 {path} 'SELECT id, kind, "
+    "site, run_id, time FROM releases'`, and restore it from a backup; privseg will not train "
+    "on these patients until the store verifies"
 )
-"""One release as ``privseg budget --format json`` and every results.json site entry show it."""
 
 
-def data_key(task: str, site: str, patients: list[str]) -> str:
-    """What a ledger belongs to: one site's patients of one task (not how they were prepared:
-    a cache rebuilt at another resolution holds the same patients, hence the same key)."""
-    body = json.dumps({"task": task, "site": site, "patients": sorted(patients)})
+class LedgerTampered(DataError):
+    """The ledger failed its integrity check: training on its patients is refused."""
+
+
+def _row_hash(prev: str, row: dict[str, Any]) -> str:
+    body = json.dumps([prev, *(row[f] for f in _FIELDS)], sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()
-
-
-def ledger_folder(cache_root: str | Path) -> Path:
-    """The default home of a prepared cache's ledgers: the folder ``<cache>.ledgers`` beside
-    it, so rebuilding or deleting the cache never resets what its patients have spent."""
-    root = Path(cache_root).resolve()
-    return root.parent / f"{root.name}.ledgers"
-
-
-def ledger_file(folder: Path, site: str, key: str) -> Path:
-    """The ledger of ``site``'s data with ``key`` in ``folder`` (one file per site and data)."""
-    return Path(folder) / f"{site}-{key[:16]}.sqlite"
 
 
 def _pragmas(con: sqlite3.Connection) -> None:
@@ -96,18 +90,18 @@ def _pragmas(con: sqlite3.Connection) -> None:
 
 
 class PrivacyLedger:
-    """One SQLite file of releases; every method opens its own short-lived connection."""
+    """One ledger store file; every method opens its own short-lived connection."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.exists():
             self._create()
-        self._check()
+        self._check_schema()
 
     # ---- setup --------------------------------------------------------------------------
     def _create(self) -> None:
-        """Build the empty ledger under a temporary name, then rename: never half a ledger."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Build the empty store under a temporary name, then link: never half a ledger."""
+        make_folder(self.path.parent)
         fd, tmp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
         )
@@ -117,33 +111,34 @@ class PrivacyLedger:
             try:
                 _pragmas(con)
                 con.executescript(_SCHEMA)
-                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                store_id = uuid.uuid4().hex
+                con.executemany(
+                    "INSERT INTO meta VALUES (?, ?)",
+                    [("store_id", store_id), ("count", "0"), ("head", f"genesis:{store_id}")],
+                )
                 con.commit()
             finally:
                 con.close()
+            os.chmod(tmp, 0o600)
             with contextlib.suppress(FileExistsError):
-                os.link(tmp, self.path)  # never overwrite a ledger created meanwhile
+                os.link(tmp, self.path)  # never overwrite a store created meanwhile
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def _check(self) -> None:
-        try:
-            with self._connect() as con:
-                version = con.execute("PRAGMA user_version").fetchone()[0]
-                cols = [r[1] for r in con.execute("PRAGMA table_info(releases)")]
-                ok = con.execute("PRAGMA quick_check").fetchone()[0]
-        except DataError:
-            raise
-        except sqlite3.Error as exc:  # pragma: no cover - _connect converts these
-            raise DataError(f"privacy ledger {self.path} is unreadable: {exc}") from exc
-        if tuple(cols) != _COLUMNS or version != SCHEMA_VERSION:
+    def _check_schema(self) -> None:
+        with self._connect() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            cols = [r[1] for r in con.execute("PRAGMA table_info(releases)")]
+            ok = con.execute("PRAGMA quick_check").fetchone()[0]
+        if version != SCHEMA_VERSION or tuple(cols) != ("id", *_FIELDS, "prev", "hash"):
             raise DataError(
-                f"privacy ledger {self.path} is not a privseg ledger (schema version {version}, "
-                f"columns {cols}); refusing to start a fresh one over it"
+                f"privacy ledger {self.path} is not a privseg ledger store of schema version "
+                f"{SCHEMA_VERSION} (version {version}, columns {cols}); refusing to start a "
+                "fresh one over it"
             )
         if ok != "ok":
-            raise DataError(f"privacy ledger {self.path} is corrupt: {ok}")
+            raise LedgerTampered(f"privacy ledger {self.path} is corrupt: {ok}")
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -157,7 +152,9 @@ class PrivacyLedger:
             _pragmas(con)
             yield con
         except sqlite3.DatabaseError as exc:
-            raise DataError(f"privacy ledger {self.path} is corrupt or unreadable: {exc}") from exc
+            raise LedgerTampered(
+                f"privacy ledger {self.path} is corrupt or unreadable: {exc}"
+            ) from exc
         finally:
             con.close()
 
@@ -173,204 +170,229 @@ class PrivacyLedger:
                 con.execute("ROLLBACK")
                 raise
 
+    # ---- integrity ----------------------------------------------------------------------
+    def _tampered(self, what: str) -> LedgerTampered:
+        how = INSPECT.format(folder=self.path.parent, path=self.path)
+        return LedgerTampered(
+            f"privacy ledger {self.path} failed its integrity check: {what}; {how}"
+        )
+
+    def _rows(self, con: sqlite3.Connection) -> list[dict[str, Any]]:
+        """Every row, each checked against the chain and the recorded head and count."""
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        if not {"store_id", "count", "head"} <= set(meta):
+            raise self._tampered("its meta table lost the chain head")
+        prev = f"genesis:{meta['store_id']}"
+        rows = []
+        cursor = con.execute(
+            f"SELECT id, {', '.join(_FIELDS)}, prev, hash FROM releases ORDER BY id"
+        )
+        for raw in cursor:
+            row = dict(zip(("id", *_FIELDS, "prev", "hash"), raw, strict=True))
+            if row["prev"] != prev or _row_hash(prev, row) != row["hash"]:
+                raise self._tampered(f"row {row['id']} was edited, or a row before it deleted")
+            prev = row["hash"]
+            rows.append(self._valid(row))
+        if str(len(rows)) != meta["count"] or prev != meta["head"]:
+            raise self._tampered(
+                f"it holds {len(rows)} rows but recorded {meta['count']}: rows were deleted"
+            )
+        return rows
+
+    def _valid(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row with its patients parsed, or the field that makes it invalid."""
+
+        def bad(field: str, rule: str) -> LedgerTampered:
+            return self._tampered(f"row {row['id']}: {field} = {row[field]!r} ({rule})")
+
+        for field in ("noise_multiplier", "sample_rate", "delta"):
+            value = row[field]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(field, "must be a number")
+            if not math.isfinite(value):
+                raise bad(field, "must be finite")
+        if row["kind"] not in KINDS:
+            raise bad("kind", f"must be one of {', '.join(KINDS)}")
+        if not isinstance(row["steps"], int) or row["steps"] < 0:
+            raise bad("steps", "must be a whole number >= 0")
+        if row["noise_multiplier"] < 0 or not 0 < row["sample_rate"] <= 1:
+            raise bad("noise_multiplier", "noise must be >= 0 and the sample rate in (0, 1]")
+        if not 0 < row["delta"] < 1:
+            raise bad("delta", "must be in (0, 1)")
+        if row["unit"] not in UNITS or row["accountant"] not in accounting.ACCOUNTANTS:
+            raise bad("unit", f"unit one of {UNITS}, accountant one of {accounting.ACCOUNTANTS}")
+        try:
+            patients = json.loads(row["patients"])
+        except (TypeError, json.JSONDecodeError):
+            raise bad("patients", "must be a JSON list") from None
+        return {**row, "patients": frozenset(patients)}
+
+    @property
+    def store_id(self) -> str:
+        with self._connect() as con:
+            return str(dict(con.execute("SELECT key, value FROM meta").fetchall())["store_id"])
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every verified row, oldest first (raises LedgerTampered when the chain breaks)."""
+        with self._connect() as con:
+            return self._rows(con)
+
     # ---- writes -------------------------------------------------------------------------
-    def record(self, **release: Any) -> int:
-        """Append one release with no budget and return its row id (unit checked, durable when
-        this returns): the same path as :meth:`reserve`, which training uses."""
-        return self._reserve(budget_epsilon=None, **release)[0]
-
-    def reserve(self, *, budget_epsilon: float | None, **release: Any) -> float:
-        """Check and record one release in ONE write transaction; return the composed epsilon.
-
-        Refuses (nothing written) a release whose unit differs from the site's earlier ones
-        (epsilons of different units do not compose) and one whose composition with every
-        earlier release would pass ``budget_epsilon`` (or the smaller budget the ledger holds).
-        Concurrent reservations serialise on the SQLite write lock (``BEGIN IMMEDIATE``), so
-        they cannot both pass the check.
-        """
-        return self._reserve(budget_epsilon=budget_epsilon, **release)[1]
-
-    def _reserve(
+    def reserve(
         self,
         *,
+        patients: Iterable[str],
         site: str,
         run_id: str,
+        kind: str = "dp-sgd",
         unit: str,
         noise_multiplier: float,
         sample_rate: float,
         steps: int,
         accountant: str,
         delta: float,
-        budget_epsilon: float | None,
+        budget: Budget | None = None,
+        over_budget: bool = False,
         note: str = "",
-    ) -> tuple[int, float]:
-        """(row id, composed epsilon) of one checked release: see :meth:`reserve`."""
+    ) -> float:
+        """Check and record one release on ``patients`` in ONE write transaction; return the
+        largest composed epsilon among them (at their budget's delta, else ``delta``).
+
+        Refused, nothing written: a delta above a patient's budget delta; a DP release of
+        another unit than the patient's earlier ones (they do not compose); a composition
+        above a patient's budget (``budget`` joins the one held: the stricter wins and is
+        recorded). ``over_budget`` lets an explicitly allowed non-private release pass a
+        budget, and records it all the same (epsilon infinite).
+        """
+        patients = sorted(set(patients))
+        if not patients:
+            raise DataError(f"site {site!r}: a release must name the patients it touches")
+        if kind not in KINDS[:3]:
+            raise ValueError(f"kind = {kind!r} is invalid: allowed {KINDS[:3]}")
         if steps <= 0:
             raise ValueError(f"steps = {steps} is invalid: must be > 0")
         if unit not in UNITS:
             raise ConfigError(f"privacy.unit = {unit!r} is invalid: allowed {', '.join(UNITS)}")
         release = (float(noise_multiplier), float(sample_rate), int(steps))
         with self._write() as con:
-            rows = [
-                self._valid(dict(zip(_COLUMNS, r, strict=True)))
-                for r in con.execute(
-                    f"SELECT {', '.join(_COLUMNS)} FROM releases WHERE site = ? ORDER BY id",
-                    (site,),
-                )
+            rows = self._rows(con)
+            groups = history.by_history(rows, patients)
+            worst = 0.0
+            for (past, held, units), members in groups.items():
+                limit = budget.tighter(held) if budget is not None else held
+                at = limit.delta if limit is not None else delta
+                if limit is not None and delta > limit.delta and kind != "non-private":
+                    raise PrivacyBudgetExceeded(
+                        f"site {site!r} refuses a release at delta {delta:g}: {len(members)} of "
+                        f"its patients hold a budget at delta {limit.delta:g}, and a larger "
+                        "delta would weaken it; set privacy.delta <= "
+                        f"{limit.delta:g}"
+                    )
+                if kind != "non-private" and set(units) - {unit}:
+                    raise ConfigError(
+                        f"site {site!r} refuses a {unit}-level release: {len(members)} of its "
+                        f"patients hold {', '.join(sorted(units))}-level releases in {self.path}, "
+                        "and epsilons of different privacy units do not compose; keep "
+                        f"privacy.unit = {sorted(units)[0]!r} on this data"
+                    )
+                after = accounting.epsilon([*past, release], delta=at, accountant=accountant)
+                worst = max(worst, after)
+                if limit is not None and after > limit.epsilon and not over_budget:
+                    spent = accounting.epsilon(list(past), delta=at, accountant=accountant)
+                    what = (
+                        "a release without DP (epsilon infinite)"
+                        if kind == "non-private"
+                        else f"the planned {steps} steps (noise {noise_multiplier:.4g}, sample "
+                        f"rate {sample_rate:.4g})"
+                    )
+                    raise PrivacyBudgetExceeded(
+                        f"site {site!r} refuses: {len(members)} of its patients have spent "
+                        f"epsilon {spent:.4g} (delta={at:g}, {accountant}) and {what} would "
+                        f"bring them to {after:.4g}, over their budget of {limit.epsilon:g}; "
+                        f"see `privseg budget --ledgers {self.path.parent}`"
+                    )
+            tightened = [
+                p
+                for (_, held, _), members in groups.items()
+                if budget is not None and budget.tighter(held) != held
+                for p in members
             ]
-            units = {r["unit"] for r in rows}
-            if units - {unit}:
-                raise ConfigError(
-                    f"site {site!r} refuses a {unit}-level release: its ledger {self.path} "
-                    f"holds {', '.join(sorted(units))}-level releases, and epsilons of "
-                    "different privacy units do not compose; keep privacy.unit = "
-                    f"{sorted(units)[0]!r} on this data"
+            if budget is not None and tightened:  # the strictest budget per patient holds
+                self._insert(
+                    con,
+                    site,
+                    run_id,
+                    "budget",
+                    unit,
+                    (0.0, 1.0, 0),
+                    accountant,
+                    budget.delta,
+                    tightened,
+                    "lifetime budget",
+                    budget=budget.epsilon,
                 )
-            history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rows]
-            after = accounting.epsilon([*history, release], delta=delta, accountant=accountant)
-            con.execute(_META)
-            held = con.execute("SELECT value FROM meta WHERE key = 'budget_epsilon'").fetchone()
-            budgets = [float(b) for b in (budget_epsilon, held and held[0]) if b is not None]
-            budget_epsilon = min(budgets) if budgets else None
-            if budget_epsilon is not None and after > budget_epsilon:
-                spent = accounting.epsilon(history, delta=delta, accountant=accountant)
-                raise PrivacyBudgetExceeded(
-                    f"site {site!r} refuses to train: it has spent epsilon {spent:.4g} "
-                    f"(delta={delta:g}, {accountant}) and the planned {steps} steps (noise "
-                    f"{noise_multiplier:.4g}, sample rate {sample_rate:.4g}) would bring it "
-                    f"to {after:.4g}, over its budget of {budget_epsilon:g}; see `privseg "
-                    f"budget {self.path}`"
-                )
-            rowid = self._insert(con, site, run_id, unit, release, accountant, delta, note)
-            if budget_epsilon is not None:  # the ledger keeps the smallest budget ever set
-                con.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('budget_epsilon', ?)",
-                    (repr(budget_epsilon),),
-                )
-        return rowid, after
+            self._insert(con, site, run_id, kind, unit, release, accountant, delta, patients, note)
+        return worst
 
-    @staticmethod
     def _insert(
+        self,
         con: sqlite3.Connection,
         site: str,
         run_id: str,
+        kind: str,
         unit: str,
         release: tuple[float, float, int],
         accountant: str,
         delta: float,
+        patients: list[str],
         note: str,
-    ) -> int:
-        row = (
-            dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
-            str(site),
-            str(run_id),
-            str(unit),
-            float(release[0]),
-            float(release[1]),
-            int(release[2]),
-            str(accountant),
-            float(delta),
-            str(note),
+        budget: float | None = None,
+    ) -> None:
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        row = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
+            "site": str(site),
+            "run_id": str(run_id),
+            "kind": kind,
+            "unit": str(unit),
+            "noise_multiplier": float(release[0]),
+            "sample_rate": float(release[1]),
+            "steps": int(release[2]),
+            "accountant": str(accountant),
+            "delta": float(delta),
+            "budget_epsilon": None if budget is None else float(budget),
+            "note": str(note),
+            "patients": json.dumps(sorted(patients)),
+        }
+        digest = _row_hash(meta["head"], row)
+        con.execute(
+            f"INSERT INTO releases ({', '.join(_FIELDS)}, prev, hash) "
+            f"VALUES ({', '.join('?' * (len(_FIELDS) + 2))})",
+            (*row.values(), meta["head"], digest),
         )
-        cur = con.execute(
-            f"INSERT INTO releases ({', '.join(_COLUMNS[1:])}) "
-            f"VALUES ({', '.join('?' * len(row))})",
-            row,
-        )
-        return int(cur.lastrowid or 0)
-
-    def bind(self, key: str, site: str) -> None:
-        """Tie this ledger to one site's data; a ledger of other data is refused."""
-        with self._write() as con:
-            con.execute(_META)
-            known = dict(con.execute("SELECT key, value FROM meta").fetchall())
-            if known.get("data_key", key) != key or known.get("site", site) != site:
-                raise DataError(
-                    f"privacy ledger {self.path} belongs to site {known.get('site')!r} of "
-                    f"other data (key {known.get('data_key', '')[:16]}), not to site "
-                    f"{site!r} of this data (key {key[:16]}); refusing to mix them"
-                )
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('data_key', ?)", (key,))
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('site', ?)", (site,))
-
-    def meta(self) -> dict[str, str]:
-        """What the ledger is tied to (``data_key``, ``site``) and holds (``budget_epsilon``)."""
-        with self._connect() as con:
-            exists = con.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-            ).fetchone()
-            return dict(con.execute("SELECT key, value FROM meta").fetchall()) if exists else {}
-
-    def budget(self) -> float | None:
-        """The smallest lifetime budget any run on this data set (a config cannot raise it)."""
-        value = self.meta().get("budget_epsilon")
-        return None if value is None else float(value)
+        con.execute("UPDATE meta SET value = ? WHERE key = 'head'", (digest,))
+        con.execute("UPDATE meta SET value = ? WHERE key = 'count'", (str(int(meta["count"]) + 1),))
 
     # ---- reads --------------------------------------------------------------------------
-    def entries(self, site: str | None = None) -> list[dict[str, Any]]:
-        """All releases (of one site, if given), oldest first."""
-        query = f"SELECT {', '.join(_COLUMNS)} FROM releases"
-        args: tuple[Any, ...] = ()
-        if site is not None:
-            query += " WHERE site = ?"
-            args = (site,)
-        with self._connect() as con:
-            rows = con.execute(query + " ORDER BY id", args).fetchall()
-        return [self._valid(dict(zip(_COLUMNS, r, strict=True))) for r in rows]
+    def touches(self, patients: Iterable[str]) -> bool:
+        """Whether any row names one of ``patients``."""
+        wanted = set(patients)
+        return any(row["patients"] & wanted for row in self.rows())
 
-    def _valid(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A row as recorded, or a DataError naming the ledger, the row and the field: an edited
-        or damaged ledger must never be read as less privacy spent."""
+    def budget(self, patients: Iterable[str]) -> Budget | None:
+        """The strictest budget held by any of ``patients`` (None: none set)."""
+        return history.budget_of(self.rows(), patients)
 
-        def bad(field: str, rule: str) -> DataError:
-            return DataError(
-                f"privacy ledger {self.path} row {row['id']}: {field} = {row[field]!r} is invalid "
-                f"({rule}); the ledger was edited or damaged, refusing to read it"
-            )
-
-        def number(field: str) -> float:
-            value = row[field]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad(field, "must be a number")
-            if not math.isfinite(value):
-                raise bad(field, "must be finite")
-            return float(value)
-
-        if not isinstance(row["steps"], int) or isinstance(row["steps"], bool) or row["steps"] < 0:
-            raise bad("steps", "must be a whole number >= 0")
-        if number("noise_multiplier") < 0:
-            raise bad("noise_multiplier", "must be >= 0")
-        if not 0 < number("sample_rate") <= 1:
-            raise bad("sample_rate", "must be in (0, 1]")
-        if not 0 < number("delta") < 1:
-            raise bad("delta", "must be in (0, 1)")
-        if row["unit"] not in UNITS:
-            raise bad("unit", f"must be one of {', '.join(UNITS)}")
-        if row["accountant"] not in accounting.ACCOUNTANTS:
-            raise bad("accountant", f"must be one of {', '.join(accounting.ACCOUNTANTS)}")
-        return row
-
-    def sites(self) -> list[str]:
-        return sorted({e["site"] for e in self.entries()})
-
-    def history(
-        self, site: str | None = None, *, run_id: str | None = None
-    ) -> list[tuple[float, float, int]]:
-        """[(noise_multiplier, sample_rate, steps), ...] as the accountants take it (of one
-        run only, with ``run_id``)."""
-        return [
-            (e["noise_multiplier"], e["sample_rate"], e["steps"])
-            for e in self.entries(site)
-            if run_id is None or e["run_id"] == run_id
-        ]
-
-    def steps(self, site: str | None = None) -> int:
-        return sum(e["steps"] for e in self.entries(site))
-
-    def epsilon(self, *, delta: float, accountant: str, site: str | None = None) -> float:
-        """Cumulative epsilon of every recorded release (of ``site``), recomputed from the rows."""
-        return accounting.epsilon(self.history(site), delta=delta, accountant=accountant)
-
-    def releases(self, site: str | None = None) -> list[dict[str, Any]]:
-        """Every release (of ``site``) in the documented shape (:data:`RELEASE_KEYS`)."""
-        return [{k: e[k] for k in RELEASE_KEYS} for e in self.entries(site)]
+    def worst(
+        self,
+        patients: Iterable[str],
+        *,
+        delta: float | None,
+        accountant: str,
+        run_id: str | None = None,
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """(epsilon, releases) of the patient of ``patients`` who has spent most: see
+        :func:`privseg.privacy.history.worst`."""
+        return history.worst(
+            self.rows(), patients, delta=delta, accountant=accountant, run_id=run_id
+        )

@@ -84,16 +84,16 @@ class DPPlan:
         site: str = "",
         target_epsilon: float | None = None,
         run_history: Sequence[Release] = (),
-        spent_history: Sequence[Release] = (),
+        spent_histories: Sequence[Sequence[Release]] = (),
     ) -> DPPlan:
         """Validate and calibrate ``steps`` more steps of one site.
 
         ``target_epsilon`` overrides the config's noise source. The target is for this run
         alone: ``run_history`` (its releases before a resume) counts toward it. With
-        ``privacy.budget_epsilon``, ``spent_history`` (every release on this data, this run's
-        included) composed with the plan must stay within the budget: the noise is raised to
-        what remains, and the run is refused before any step when less than
-        :data:`MIN_USEFUL_EPSILON` remains.
+        ``privacy.budget_epsilon``, each of ``spent_histories`` (the release histories of the
+        site's patients, this run's included) composed with the plan must stay within the
+        budget: the noise is raised to what remains, and the run is refused before any step
+        when less than :data:`MIN_USEFUL_EPSILON` remains for a patient.
         """
         where = f" for site {site!r}" if site else ""
         if n_units <= 0:
@@ -152,9 +152,11 @@ class DPPlan:
             )
         budget_bound = False
         if cfg.budget_epsilon is not None:
-            sigma, budget_bound = _within_budget(
-                cfg, site, float(sigma), sample_rate, steps, list(spent_history)
-            )
+            for spent in spent_histories or [[]]:
+                sigma, raised = _within_budget(
+                    cfg, site, float(sigma), sample_rate, steps, list(spent)
+                )
+                budget_bound = budget_bound or raised
         return cls(
             noise_multiplier=float(sigma),
             sample_rate=sample_rate,
@@ -180,7 +182,7 @@ class DPPlan:
         steps: int | None = None,
         target_epsilon: float | None = None,
         run_history: Sequence[Release] = (),
-        spent_history: Sequence[Release] = (),
+        spent_histories: Sequence[Sequence[Release]] = (),
     ) -> DPPlan:
         """The plan of a site training on ``split`` (steps from the run's schedule)."""
         n_units = count_units(unit_ids(split, cfg.privacy.unit))
@@ -192,7 +194,7 @@ class DPPlan:
             site=site,
             target_epsilon=target_epsilon,
             run_history=run_history,
-            spent_history=spent_history,
+            spent_histories=spent_histories,
         )
 
     def epsilon(self) -> float:

@@ -27,13 +27,15 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
     and the target epsilon are the smaller of the two; the noise multiplier the larger (with
     both a noise and a target, the larger resulting noise wins: see ``DPPlan``); the unit the
     stronger; constant-shape steps if either side asks; the site's accountant and ledger
-    folder always (a server cannot move a site's ledger). The site cannot tell its explicit
-    values from defaults: its defaults (target 8, delta 1e-5, constant-shape steps on) are
-    floors too.
+    folder always (a server cannot move a site's ledger); evaluation answers only as the site
+    allows (no ``eval_noise`` of its own: it refuses; else the larger noise and the fewer
+    queries); ``allow_nonprivate`` only its own. The site cannot tell its explicit values from
+    defaults: its defaults (target 8, delta 1e-5, constant-shape steps on) are floors too.
     """
     wants_dp = own.enabled or requested.enabled or own.budget_epsilon is not None
+    site_owned = {"ledger_dir": own.ledger_dir, "allow_nonprivate": own.allow_nonprivate}
     if not wants_dp:
-        return dataclasses.replace(requested, ledger_dir=own.ledger_dir), []
+        return dataclasses.replace(requested, **site_owned), []
     merged = dataclasses.replace(
         requested,
         enabled=True,
@@ -43,13 +45,15 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
         unit=max(own.unit, requested.unit, key=UNIT_STRENGTH.__getitem__),
         budget_epsilon=_least(own.budget_epsilon, requested.budget_epsilon),
         accountant=own.accountant,
-        ledger_dir=own.ledger_dir,
+        eval_noise=None if own.eval_noise is None else _most(own.eval_noise, requested.eval_noise),
+        eval_queries=min(own.eval_queries, requested.eval_queries),
         constant_time=own.constant_time or requested.constant_time,
+        **site_owned,
     )
     changed = [
         f"privacy.{f.name}: {getattr(requested, f.name)!r} -> {getattr(merged, f.name)!r}"
         for f in dataclasses.fields(PrivacyConfig)
-        if f.name != "ledger_dir" and getattr(requested, f.name) != getattr(merged, f.name)
+        if f.name not in site_owned and getattr(requested, f.name) != getattr(merged, f.name)
     ]
     merged.check()
     return merged, changed

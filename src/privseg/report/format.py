@@ -29,6 +29,9 @@ def fmt_pm(mean: Any, sd: Any, spec: str = ".3f") -> str:
 
 
 def fmt_eps(x: Any) -> str:
+    """Epsilon; infinite (a release without DP, ``"inf"`` in results.json) as ∞."""
+    if x == "inf" or (isinstance(x, float) and math.isinf(x) and x > 0):
+        return "∞"
     return fmt(x, ".3g")
 
 

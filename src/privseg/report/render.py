@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from privseg.io import atomic_write_text
+from privseg.io import atomic_write_text, make_folder
 from privseg.report.blocks import to_html, to_markdown
 from privseg.report.sections import build_blocks
 from privseg.report.tables import Table
@@ -30,7 +30,7 @@ def write_report(study: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     relative to ``out_dir``.
     """
     out_dir = Path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir / "figures")
     blocks, written = build_blocks(study, out_dir)
     written.update(write_tables(blocks, out_dir / "tables"))
     atomic_write_text(out_dir / "report.md", to_markdown(blocks))

@@ -341,4 +341,7 @@ def _audit_sentence(audits: list[dict[str, Any]]) -> str:
             f"The empirical audit held in all {len(judged)} tests (membership success "
             "rate at or below the bound implied by ε)."
         )
-    return "The empirical audit has no verdict."
+    return (
+        "The empirical audit does not apply: the reported ε does not cover the audited "
+        "release (no DP, or a release whose own ε is larger)."
+    )

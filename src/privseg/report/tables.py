@@ -216,7 +216,8 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
         [
             "Setting",
             "Site",
-            "ε spent",
+            "ε this run",
+            "ε patients' total",
             "Target ε",
             "δ",
             "σ (noise)",
@@ -236,6 +237,7 @@ def epsilon_table(runs: list[dict[str, Any]]) -> Table | None:
                 [
                     run_label(r),
                     str(s.get("name")),
+                    fmt_eps(s.get("epsilon_run")),
                     fmt_eps(s.get("epsilon")),
                     fmt_eps(r.get("target_epsilon")),
                     fmt(s.get("delta"), ".1e"),

@@ -34,6 +34,18 @@ from privseg.run_folder import RunFolder
 from privseg.typed_config import apply_override
 
 
+def record_attack(cfg: Config, cache: SliceCache, site: str, what: str) -> None:
+    """An attack or audit writes the site's own training slices (and what was reconstructed
+    from them) into its folder: a release without DP on those patients, recorded as epsilon
+    infinite, and refused on patients under a budget unless ``privacy.allow_nonprivate``."""
+    from privseg.privacy.engine import record_nonprivate
+    from privseg.privacy.stores import open_store
+
+    patients = {site: cache.contents(site, "train")}
+    ledger = open_store(cfg.privacy.ledger_dir, patients[site])
+    record_nonprivate(cfg.privacy, ledger, patients, site=site, steps=1, run_id=what)
+
+
 def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], SliceSplit]:
     """A run folder's global model, config, results and ``site``'s training split."""
     run = RunFolder(run_dir)
@@ -108,6 +120,7 @@ def run_attack(
         for item in overrides:
             apply_override(raw, item)
         cfg = Config.from_dict(raw)
+    record_attack(cfg, SliceCache.open(Path(results["cache_dir"])), site, f"attack of {run_dir}")
     model, weights = attacked_model(cfg, model)
     dp = None
     if cfg.attack.threat == "T3" or epsilon is not None:
@@ -151,6 +164,7 @@ def run_audit(
     is audited without noise (reported epsilon = infinity, bound 1).
     """
     model, cfg, results, split = load_run(run_dir, site)
+    record_attack(cfg, SliceCache.open(Path(results["cache_dir"])), site, f"audit of {run_dir}")
     model, weights = attacked_model(cfg, model)
     row = _site_row(results, site)
     dp = None
@@ -187,6 +201,7 @@ def run_attack_study(
     run on ``train.device``; the audits (one-slice steps) on the CPU."""
     device = resolve_device(cfg.train.device)
     site = site or cache.sites[0]
+    record_attack(cfg, cache, site, f"study attack into {out_dir}")
     split = cache.split(site, "train")
     final = load_checkpoint(checkpoint)[0] if checkpoint is not None else None
     model, weights = attacked_model(cfg, final)

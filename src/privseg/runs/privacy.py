@@ -13,41 +13,54 @@ from typing import Any
 
 from privseg.config import Config
 from privseg.errors import PrivacyBudgetExceeded
-from privseg.privacy import accounting
+from privseg.privacy import accounting, history
 from privseg.privacy.budget import site_budgets
-from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.plan import DPPlan
-from privseg.training.trainer import site_ledger
+from privseg.privacy.stores import open_store
+from privseg.training.trainer import training_patients
 
 log = logging.getLogger(__name__)
 
 
 def plan_grid(cfg: Config, cache: Any, settings: list[tuple[str, Config]]) -> dict[str, Any]:
-    """Per site: epsilon spent so far, and after every DP setting of the grid that has still to
-    run (``settings``: (key, config) pairs), each at its own target as if taken alone.
+    """Per site: epsilon its training patients have spent so far (the one who spent most), and
+    after every DP setting of the grid that has still to run (``settings``: (key, config)
+    pairs), each at its own target as if taken alone.
 
     Raises PrivacyBudgetExceeded, naming the site and the numbers, when the composition would
-    pass the site's budget (the smaller of ``privacy.budget_epsilon`` and its ledger's).
+    pass a patient's budget (the smaller of ``privacy.budget_epsilon`` and the ledger's).
     """
     plans: dict[str, Any] = {}
     dp = [(key, c) for key, c in settings if c.privacy.enabled]
-    if not dp:
-        return plans
+    plain = [key for key, c in settings if not c.privacy.enabled]
     p = cfg.privacy
     for site in cache.sites:
-        path, _ = site_ledger(cfg, cache, site)
-        ledger = PrivacyLedger(path) if path.is_file() else None
-        spent = ledger.history(site) if ledger is not None else []
-        held = ledger.budget() if ledger is not None else None
-        budgets = [b for b in (p.budget_epsilon, held) if b is not None]
+        patients = training_patients(cache, site)[site]
+        rows = open_store(p.ledger_dir, patients).rows()
+        held = history.budget_of(rows, patients)
+        budgets = [b for b in (p.budget_epsilon, held and held.epsilon) if b is not None]
         budget = min(budgets) if budgets else None
+        if plain and budget is not None and not p.allow_nonprivate:
+            raise PrivacyBudgetExceeded(
+                f"the study would release site {site!r}'s patients without DP ({', '.join(plain)}: "
+                f"epsilon infinite) although they hold a lifetime budget of {budget:g}; run only "
+                "the DP settings (study.settings), or set privacy.allow_nonprivate = true to "
+                "spend their budget on them; nothing was run"
+            )
+        if not dp:
+            continue
         split = cache.split(site, "train")
         planned = []
         for _, c in dp:
             plan = DPPlan.for_split(c, split, federated=True, site=site)
             planned.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
-        before = accounting.epsilon(spent, delta=p.delta, accountant=p.accountant)
-        after = accounting.epsilon([*spent, *planned], delta=p.delta, accountant=p.accountant)
+        before = after = 0.0
+        for spent, _, _ in history.by_history(rows, patients):
+            before = max(before, accounting.epsilon(spent, delta=p.delta, accountant=p.accountant))
+            after = max(
+                after,
+                accounting.epsilon([*spent, *planned], delta=p.delta, accountant=p.accountant),
+            )
         plans[site] = {"spent": before, "planned_total": after, "budget_epsilon": budget}
         log.info(
             "study privacy plan: site %s has spent epsilon %.3f; after %s it will have %.3f "
@@ -62,18 +75,18 @@ def plan_grid(cfg: Config, cache: Any, settings: list[tuple[str, Config]]) -> di
         )
         if budget is not None and after > budget:
             raise PrivacyBudgetExceeded(
-                f"the study would overspend site {site!r}: it has spent epsilon {before:.4g} and "
-                f"the DP settings still to run ({', '.join(key for key, _ in dp)}) compose to "
-                f"{after:.4g}, over its lifetime budget of {budget:g}; drop epsilons from "
-                "study.epsilons or raise privacy.budget_epsilon (see `privseg budget --data "
-                f"{cache.root}`); nothing was run"
+                f"the study would overspend site {site!r}: its patients have spent epsilon "
+                f"{before:.4g} and the DP settings still to run ({', '.join(k for k, _ in dp)}) "
+                f"compose to {after:.4g}, over their lifetime budget of {budget:g}; drop "
+                "epsilons from study.epsilons or raise privacy.budget_epsilon (see `privseg "
+                f"budget --data {cache.root}`); nothing was run"
             )
     return plans
 
 
 def spent(cfg: Config, cache: Any) -> list[dict[str, Any]]:
-    """What each site's data has spent over everything recorded so far (``privseg budget``)."""
-    files = [p for p, _ in (site_ledger(cfg, cache, s) for s in cache.sites) if p.is_file()]
-    if not files:
-        return []
-    return site_budgets(files, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+    """What each site's patients have spent over everything recorded so far, releases without
+    DP included (epsilon infinite): what ``privseg budget --data`` shows."""
+    groups = {s: training_patients(cache, s)[s] for s in cache.sites}
+    ledger = open_store(cfg.privacy.ledger_dir, [q for g in groups.values() for q in g])
+    return site_budgets(ledger, groups, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)

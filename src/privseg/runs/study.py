@@ -157,7 +157,10 @@ def run_study(
     settings = grid(cfg)
     todo = [(st.key, st.config(cfg, len(cache.sites))) for st in settings]
     todo = [(k, c) for k, c in todo if not _finished(folder.setting(k), c)]
-    plan = study_privacy.plan_grid(cfg, cache, todo)  # refuses a grid that would overspend
+    # the attack shows the site's own slices: a release without DP, planned like the runs
+    attack = [("attack", cfg.replace(**{"privacy.enabled": False}))]
+    attack = attack if "attack" in cfg.study.settings else []
+    plan = study_privacy.plan_grid(cfg, cache, todo + attack)  # refuses before anything runs
     runs: list[dict[str, Any]] = []
     for i, setting in enumerate(settings, 1):
         if on_setting:

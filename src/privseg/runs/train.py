@@ -23,6 +23,7 @@ from privseg.config import Config
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
+from privseg.io import private_file
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder
@@ -124,7 +125,7 @@ def _run_federated(
 @contextlib.contextmanager
 def run_log(folder: RunFolder) -> Iterator[None]:
     """privseg's log messages (info and up) also go to the run folder's ``run.log``."""
-    handler = logging.FileHandler(folder.log, encoding="utf-8")
+    handler = logging.FileHandler(private_file(folder.log), encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("privseg")

@@ -18,7 +18,7 @@ from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
-from privseg.training.trainer import CENTRAL, SiteTrainer, make_site_privacy
+from privseg.training.trainer import CENTRAL, SiteTrainer, open_privacy
 
 
 def site_steps(cfg: Config, train: Any) -> int:
@@ -45,11 +45,7 @@ def train_site(
     total = site_steps(cfg, train)
     parts = min(cfg.train.epochs, total)  # an epoch, or a part of ``train.steps``
     per_epoch = total // parts
-    privacy = None
-    if cfg.privacy.enabled:
-        privacy = make_site_privacy(
-            cfg, cache, site=name, train=train, planned_steps=total, run_id=run_id
-        )
+    privacy = open_privacy(cfg, cache, site=name, train=train, planned_steps=total, run_id=run_id)
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
     history: list[dict[str, Any]] = []
     done = 0
@@ -107,7 +103,7 @@ def run_central(
             s,
             len(cache.split(s, "train")),
             trainer.evaluate(None, cache.split(s, "test")),
-            trainer.privacy_summary(s),  # each site's data has its own ledger
+            trainer.privacy_summary(s),  # each site's patients, as they spent
         )
         for s in cache.sites
     ]

@@ -70,6 +70,7 @@ class SiteTrainer:
         )
         self.planned_steps = planned_steps
         self.steps_done = 0
+        self.local_val: list[dict[str, Any]] = []  # a DP site's val curve: it stays here
         # Non-private batches follow the experiment seed (reproducible); DP batches come from
         # the privacy engine's OS-entropy sampler, never from this seed.
         self._rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
@@ -224,16 +225,15 @@ class SiteTrainer:
 def build_site_trainer(
     cfg: Config, cache_dir: Path, site: str, *, planned_steps: int, run_id: str
 ) -> SiteTrainer:
-    """Open one site's cached splits and build its trainer (and privacy engine when DP is on)."""
+    """Open one site's cached splits and build its trainer (its privacy engine with DP; the
+    run recorded as a release without DP otherwise)."""
     from privseg.data.cache import SliceCache
 
     cache = SliceCache.open(cache_dir)
     train = cache.split(site, "train")
-    privacy = None
-    if cfg.privacy.enabled:
-        privacy = make_site_privacy(
-            cfg, cache, site=site, train=train, planned_steps=planned_steps, run_id=run_id
-        )
+    privacy = open_privacy(
+        cfg, cache, site=site, train=train, planned_steps=planned_steps, run_id=run_id
+    )
     return SiteTrainer(
         cfg,
         name=site,
@@ -245,37 +245,39 @@ def build_site_trainer(
     )
 
 
-SPLITS = ("train", "val", "test")
-CENTRAL = "central"  # the trainer of pooled data: its releases go to every site's ledger
+CENTRAL = "central"  # the trainer of pooled data: its releases name every site's patients
 
 
-def site_ledger(cfg: Config, cache: Any, site: str) -> tuple[Path, str]:
-    """Where the privacy ledger of ``site``'s data lives, and the data's key.
-
-    It belongs to the data, not to a run: by default the folder ``<cache>.ledgers`` beside the
-    prepared cache (it survives a rebuild or removal of the cache), or ``privacy.ledger_dir``;
-    one file per site and data key (the task and the site's patients).
-    """
-    from privseg.privacy.ledger import data_key, ledger_file, ledger_folder
-
-    patients = [p for split in SPLITS for p in cache.split(site, split).patient_ids]
-    key = data_key(str(cache.manifest.get("task", "")), site, patients)
-    folder = Path(cfg.privacy.ledger_dir) if cfg.privacy.ledger_dir else ledger_folder(cache.root)
-    return ledger_file(folder, site, key), key
+def training_patients(cache: Any, site: str) -> dict[str, list[str]]:
+    """``{data site: content fingerprints}`` of the patients a trainer of ``site`` trains on
+    (every site's for :data:`CENTRAL`)."""
+    touched = list(cache.sites) if site == CENTRAL else [site]
+    return {s: cache.contents(s, "train") for s in touched}
 
 
-def make_site_privacy(
+def open_privacy(
     cfg: Config, cache: Any, *, site: str, train: Any, planned_steps: int, run_id: str
 ) -> Any:
-    """The site's DP-SGD engine on its data's ledger, noise calibrated once for the run."""
-    from privseg.privacy.engine import open_site_privacy  # Opacus loads only for DP runs
+    """Every training run is a release on its patients, recorded in the ledger store before
+    it starts: with DP, the site's DP-SGD engine (noise calibrated once for the run); without,
+    a non-private release (epsilon infinite), refused on patients that hold a budget unless
+    ``privacy.allow_nonprivate``. Returns the engine, or None without DP."""
+    from privseg.privacy.engine import open_site_privacy, record_nonprivate
+    from privseg.privacy.stores import open_store
 
-    touched = list(cache.sites) if site == CENTRAL else [site]  # central pools every site
+    patients = training_patients(cache, site)
+    ledger = open_store(cfg.privacy.ledger_dir, [p for g in patients.values() for p in g])
+    if not cfg.privacy.enabled:
+        record_nonprivate(
+            cfg.privacy, ledger, patients, site=site, steps=planned_steps, run_id=run_id
+        )
+        return None
     return open_site_privacy(
         cfg,
         train,
         site=site,
-        ledgers={s: site_ledger(cfg, cache, s) for s in touched},
+        ledger=ledger,
+        patients=patients,
         planned_steps=planned_steps,
         run_id=run_id,
     )
