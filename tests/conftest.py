@@ -246,6 +246,7 @@ def small_cfg(**fed: Any) -> Config:
                 "local_steps": 3,
                 "min_sites": 2,
                 "round_timeout": 5.0,
+                "max_update_ratio": 1e6,  # FakeTrainer adds 1-4 to every weight
                 **fed,
             },
         }

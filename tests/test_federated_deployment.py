@@ -21,7 +21,8 @@ import pytest
 from conftest import e2e_config, store_worst
 from privseg.config import Config
 from privseg.federated.certs import make_certs
-from privseg.federated.processes import _proc_start, free_port, stop_stale, write_pid_file
+from privseg.federated.processes import free_port, stop_stale, write_pid_file
+from privseg.federated.reaper import proc_start
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +154,9 @@ def _federation(
             killed_after = len(json.loads((run / "history.json").read_text()))
         server.wait(420)
         assert server.returncode == 0, cluster.output("server")
-        return {**json.loads((run / "results.json").read_text()), "killed_after": killed_after}
+        exits = {name: cluster.procs[name].wait(180) for name in joining}  # once the run is over
+        results = json.loads((run / "results.json").read_text())
+        return {**results, "killed_after": killed_after, "site_exits": exits}
     finally:
         cluster.stop_all()
 
@@ -232,6 +235,10 @@ def test_a_node_with_another_sites_key_is_refused(tmp_path: Path, cache: Path) -
     )
     assert [s["name"] for s in results["sites"]] == ["site-0"]
     assert results["history"][0]["sites"] == ["site-0"] and results["history"][0]["failed"] == 1
+    # issue 24: the impostor's own operator is told, with a non-zero exit (it was 0, "finished")
+    assert results["site_exits"] == {"genuine": 0, "impostor": 2}
+    told = " ".join((tmp_path / "impostor.out").read_text().split())
+    assert "the server refused every reply from this site: wrong key?" in told
     log = " ".join((tmp_path / "server.out").read_text().split())  # rich wraps long lines
     assert "holds the key registered for site 'site-1' but its reply claims site 'site-0'" in log
     # the impostor trained the same patients (a copy of the data): its releases count for them
@@ -244,7 +251,7 @@ def test_a_node_with_another_sites_key_is_refused(tmp_path: Path, cache: Path) -
 
 
 def _live(pid: int) -> bool:
-    return _proc_start(pid) is not None  # a zombie has ended
+    return proc_start(pid) is not None  # a zombie has ended
 
 
 def _until(check, timeout: float) -> bool:
@@ -280,7 +287,8 @@ def test_privseg_site_owns_its_supernode_and_worker(tmp_path: Path, cache: Path)
         site.kill()  # SIGKILL: privseg cannot clean up; the kernel and the watchdogs must
         site.wait()
         t0 = time.monotonic()
-        assert _until(lambda: not any(_live(p) for p in children.values()), 15), children
+        # issue 24: the worker was alive 5 s after; every child ends within 1 s (reaper)
+        assert _until(lambda: not any(_live(p) for p in children.values()), 1.0), children
         print(f"children gone {time.monotonic() - t0:.1f} s after SIGKILL")
 
         # an older privseg's crash: its worker still runs; an unrelated pid is in the other file
@@ -407,3 +415,38 @@ def test_service_port_is_free_and_below_the_ephemeral_range() -> None:
         assert 1024 <= port < low
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # still free
+
+
+def test_a_killed_privseg_server_leaves_no_process(tmp_path: Path) -> None:
+    """Issue 24, finding 6: flwr-serverapp (started by the SuperLink, not by privseg) ran on
+    10-11 s after a SIGKILL of `privseg server`; now every descendant ends within 1 s."""
+    from privseg.federated.reaper import descendants
+
+    certs = make_certs(tmp_path / "certs", ["site-0", "site-1"]).root
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(_config().to_toml())
+    cluster = Cluster(tmp_path)
+    try:
+        args = ["server", "--config", str(cfg_file), "--out", str(tmp_path / "run")]
+        server = cluster.start("server", *args, "--port", str(free_port()), "--certs", str(certs))
+
+        def serverapp() -> bool:
+            procs = descendants(server.pid)
+            return any(b"flwr-serverapp" in _cmdline(p) for p in procs)
+
+        assert _until(serverapp, 120), cluster.output("server")
+        time.sleep(0.5)  # the watcher has seen it
+        children = descendants(server.pid)
+        server.kill()  # SIGKILL: privseg cannot clean up
+        server.wait()
+        assert _until(lambda: not any(_live(p) for p in children), 1.0), [
+            _cmdline(p) for p in children if _live(p)
+        ]
+    finally:
+        cluster.stop_all()
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""

@@ -166,7 +166,7 @@ def test_an_impostor_with_another_sites_key_is_refused_and_logged(
     results = build_results(cfg, summary, wall_seconds=1.0).to_dict()
     assert [(r["name"], r["epsilon"]) for r in results["sites"]] == [("a", pytest.approx(0.6))]
     refusals = [r.getMessage() for r in caplog.records if "holds the key registered" in r.message]
-    assert len(refusals) == 4  # two train rounds, the last round's val and the final test
+    assert len(refusals) == 3  # two train rounds and the final test (a DP run asks no val)
     assert all("node 22" in m and "site 'b'" in m and "claims site 'a'" in m for m in refusals)
 
 
@@ -200,7 +200,8 @@ def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
     strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
     replies = []
     for node, claimed in ((11, "a"), (22, "b"), (33, "a")):
-        content = M.site_reply(claimed, {M.NUM_EXAMPLES: 10.0, M.EPSILON: 0.5}, M.TRAIN_KEYS, None)
+        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: 0.5, M.DECLINED: 0.0}
+        content = M.site_reply(claimed, metrics, M.TRAIN_KEYS, None)
         reply = Message(content, dst_node_id=node, message_type="train")
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
@@ -213,13 +214,35 @@ def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
     assert arrays is not None and isinstance(metrics, MetricRecord)
 
 
+# ---- issue 24, finding 6: an impostor's own site is told, and exits non-zero ---------------------
+def test_a_site_whose_every_reply_was_refused_is_told_and_fails(tmp_path: Path) -> None:
+    from privseg.federated.site import check_accepted
+
+    started = 0.0
+    grid = ClaimGrid(
+        {11: ("a", tmp_path / "a"), 22: ("b", tmp_path / "b"), 33: ("c", tmp_path / "c")}
+    )
+    settings = ServerSettings(
+        cfg=small_cfg(),
+        out_dir=tmp_path / "run",
+        run_id="r1",
+        site_nodes={11: "a", 22: "b", 33: "x"},
+    )
+    run_server(grid, settings)
+    check_accepted("a", tmp_path / "a", started)  # its replies counted: no error
+    with pytest.raises(FederationError, match="refused every reply from this site: wrong key"):
+        check_accepted("c", tmp_path / "c", started)
+    assert not ca.SiteSettings("a", tmp_path / "a", tmp_path / "a").refused.exists()
+
+
 def test_a_secure_sum_with_an_update_without_epsilon_is_discarded() -> None:
     """Issue 22 finding 5: under SecAgg+ a reply without epsilon was 'rejected' but its update
     stayed in the masked sum; the whole sum is now discarded."""
     strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
     replies = []
     for node, site, eps in ((11, "a", 0.5), (22, "b", 0.5), (33, "c", math.nan)):
-        content = M.site_reply(site, {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps}, M.TRAIN_KEYS, None)
+        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps, M.DECLINED: 0.0}
+        content = M.site_reply(site, metrics, M.TRAIN_KEYS, None)
         reply = Message(content, dst_node_id=node, message_type="train")
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)

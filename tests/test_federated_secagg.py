@@ -33,7 +33,7 @@ SITES = ["a", "b", "c"]
 
 def secure_cfg(**fed: Any) -> Config:
     settings = {"secure_aggregation": True, "min_sites": 3, "secagg_clip": 4.0}
-    settings["secagg_max_examples"] = 100
+    settings["max_examples"] = 100
     return small_cfg(**{**settings, **fed})
 
 

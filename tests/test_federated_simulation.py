@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SIZES, e2e_config, fake_factory, fake_ledger, small_cfg
-from privseg.errors import FederationError
+from privseg.errors import ConfigError, FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import flower_compat as fc
 from privseg.federated.simulation import run_federated
@@ -123,3 +123,93 @@ def test_simulation_with_the_real_trainer_matches_the_ledgers(tmp_path: Path) ->
         assert site["steps"] == 4 == site["steps_lifetime"]
         assert site["patients"] and site["epsilon_lower_bound"] is False
     assert results["epsilon_max"] == pytest.approx(max(s["epsilon"] for s in results["sites"]))
+
+
+# ---- issue 24, finding 7: early errors that name sites -----------------------------------------
+def test_an_unreachable_epsilon_is_refused_before_flower_starts(
+    tmp_path: Path, phantom_cache
+) -> None:
+    """It used to surface in round 1 (171 s in), naming the site by its Flower node id."""
+    from privseg.config import Config
+
+    cfg = Config.from_dict(
+        {
+            **e2e_config().to_dict(),
+            "privacy": {"enabled": True, "target_epsilon": 0.001, "noise_multiplier": None},
+        }
+    )
+    t0 = time.monotonic()
+    with pytest.raises(
+        ConfigError, match=r"^site '[\w-]+': privacy.target_epsilon = 0.001 is unreach"
+    ):
+        run_federated(cfg, cache_dir=phantom_cache.root, out_dir=tmp_path / "run", run_id="e")
+    assert time.monotonic() - t0 < 10
+    assert not (tmp_path / "run" / "federated_state.pt").exists()
+
+
+def test_a_sites_error_names_the_site_not_the_node(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+
+    from privseg.errors import DataError
+    from privseg.federated.identity import SiteIdentity
+    from privseg.federated.strategy import make_strategy
+
+    with pytest.raises(DataError, match="^site 'a': broken cache"), ca.named("a"):
+        raise DataError("broken cache")
+    strategy = make_strategy(small_cfg(), SiteIdentity({12998560576394869161: "b"}))
+    ask = [
+        Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n, message_type="train")
+        for n in (77, 12998560576394869161)
+    ]
+    strategy.aggregate_train(
+        1,
+        [
+            Message(Error(1, "x\nMessage: site 'a': broken cache"), reply_to=ask[0]),
+            Message(Error(1, "DataError: no manifest"), reply_to=ask[1]),
+        ],
+    )
+    assert strategy.last_train.failed == [
+        "site 'a': broken cache",
+        "site b: DataError: no manifest",
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_federated_train_leaves_no_ray_process(tmp_path: Path, phantom_dir: Path) -> None:
+    """Issue 24, finding 6: Ray's agents lived ~70 s after a SIGKILL of `privseg train`."""
+    import os
+    import subprocess
+    import sys
+
+    from privseg.federated.reaper import descendants, proc_start
+
+    cfg_file = tmp_path / "cfg.toml"
+    cfg_file.write_text(e2e_config(rounds=500).to_toml())
+    cli = [sys.executable, "-c", "from privseg.cli.app import main; main()", "train"]
+    args = ["--data", str(phantom_dir), "--out", str(tmp_path / "run"), "--mode", "federated"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    log = open(tmp_path / "train.out", "wb")  # noqa: SIM115 - closed below
+    train = subprocess.Popen(
+        [*cli, *args, "--config", str(cfg_file)], stdout=log, stderr=log, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "run" / "federated_state.pt").exists():  # round 1 is done
+            assert time.monotonic() < deadline and train.poll() is None, (
+                tmp_path / "train.out"
+            ).read_text()
+            time.sleep(0.5)
+        children = descendants(train.pid)
+        assert len(children) >= 3  # Ray's processes (and the watcher)
+        train.kill()
+        train.wait()
+        t0 = time.monotonic()
+        while any(proc_start(p) == s for p, s in children.items()):
+            assert time.monotonic() - t0 < 1.0, [
+                p for p, s in children.items() if proc_start(p) == s
+            ]
+            time.sleep(0.05)
+    finally:
+        train.kill()
+        train.wait()
+        log.close()

@@ -11,7 +11,15 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from conftest import BUILT, SIZES, InProcessGrid, fake_factory, fake_ledger, small_cfg
+from conftest import (
+    BUILT,
+    SIZES,
+    FakeTrainer,
+    InProcessGrid,
+    fake_factory,
+    fake_ledger,
+    small_cfg,
+)
 from privseg.config import Config
 from privseg.errors import FederationError
 from privseg.federated import client_app as ca
@@ -34,10 +42,12 @@ class FakeGrid(InProcessGrid):
         out: Path,
         fail_round: int | None = None,
         dead_after: dict[str, int] | None = None,
+        factory: ca.TrainerFactory = fake_factory,
     ) -> None:
         super().__init__()
         self.sites = {i + 1: s for i, s in enumerate(sites)}
         self.out, self.fail_round, self.dead_after = out, fail_round, dead_after or {}
+        self.factory = factory
         self.sent: list[tuple[int, str, dict]] = []  # (round, message type, config) per message
 
     def get_node_ids(self) -> Iterable[int]:
@@ -53,10 +63,12 @@ class FakeGrid(InProcessGrid):
             return Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg)
         settings = ca.SiteSettings(site, self.out, self.out)
         handler = ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
-        return handler(msg, settings, fake_factory)
+        return handler(msg, settings, self.factory)
 
 
-def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) -> Message:
+def train_message(
+    cfg: Config, state: dict[str, torch.Tensor], node: int = 1, rnd: int = 1
+) -> Message:
     """A train message as the server sends it: packed weights, their layout in the config."""
     layout = M.state_layout(state)
     config = ConfigRecord(
@@ -66,7 +78,7 @@ def train_message(cfg: Config, state: dict[str, torch.Tensor], node: int = 1) ->
             M.CFG_RUN_ID: "r1",
             M.CFG_LOCAL_STEPS: 3,
             M.CFG_PLANNED_STEPS: 6,
-            M.CFG_ROUND: 1,
+            M.CFG_ROUND: rnd,
         }
     )
     return Message(
@@ -148,8 +160,8 @@ def test_per_class_dice_leaves_a_site_as_scalars_and_is_named_by_the_server(
 def test_trainer_is_built_once_per_run_and_site(tmp_path: Path) -> None:
     settings = ca.SiteSettings("a", tmp_path, tmp_path)
     cfg = small_cfg()
-    for _ in range(3):
-        ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    for rnd in range(1, 4):
+        ca.handle_train(train_message(cfg, state(), rnd=rnd), settings, fake_factory)
     assert BUILT == ["a"]
     assert read_json(fake_ledger(settings.out_dir, settings.site))["steps"] == 9
 
@@ -158,7 +170,7 @@ def test_declined_site_sends_no_weights(tmp_path: Path) -> None:
     settings = ca.SiteSettings("tight", tmp_path, tmp_path)
     cfg = small_cfg()
     first = ca.handle_train(train_message(cfg, state()), settings, fake_factory)
-    second = ca.handle_train(train_message(cfg, state()), settings, fake_factory)
+    second = ca.handle_train(train_message(cfg, state(), rnd=2), settings, fake_factory)
     assert first.content[M.METRICS][M.DECLINED] == 0.0
     assert not second.has_error() and not second.content.array_records
     assert second.content[M.METRICS][M.DECLINED] == 1.0
@@ -188,10 +200,17 @@ def test_site_settings_from_partition_or_node_config(tmp_path: Path) -> None:
 
 
 # ---- aggregation -------------------------------------------------------------------------------
-def _replies(cfg: Config, sites: list[str], tmp_path: Path) -> list[Message]:
+def started(strategy, base: dict[str, torch.Tensor] | None = None):
+    """The strategy as configure_train leaves it: this round's global weights known."""
+    base = state() if base is None else base
+    strategy.start(M.pack_record(base, M.state_layout(base)))
+    return strategy
+
+
+def _replies(cfg: Config, sites: list[str], tmp_path: Path, rnd: int = 1) -> list[Message]:
     return [
         ca.handle_train(
-            train_message(cfg, state(), node=i + 1),
+            train_message(cfg, state(), node=i + 1, rnd=rnd),
             ca.SiteSettings(s, tmp_path, tmp_path),
             fake_factory,
         )
@@ -202,7 +221,7 @@ def _replies(cfg: Config, sites: list[str], tmp_path: Path) -> list[Message]:
 @pytest.mark.parametrize("weighted", [True, False])
 def test_fedavg_weights_and_epsilon_max(tmp_path: Path, weighted: bool) -> None:
     cfg = small_cfg(weighted=weighted)
-    strategy = make_strategy(cfg)
+    strategy = started(make_strategy(cfg))
     replies = _replies(cfg, ["a", "b"], tmp_path)
     # a third site fails: its error must not stop the round
     replies.append(Message(Error(code=1, reason="boom"), reply_to=train_message(cfg, state(), 3)))
@@ -217,9 +236,9 @@ def test_fedavg_weights_and_epsilon_max(tmp_path: Path, weighted: bool) -> None:
 def test_epsilon_is_max_not_mean(tmp_path: Path) -> None:
     cfg = small_cfg()
     settings = ca.SiteSettings("a", tmp_path, tmp_path)
-    for _ in range(3):  # site a has spent 9 steps, site b will have spent 3
-        ca.handle_train(train_message(cfg, state()), settings, fake_factory)
-    strategy = make_strategy(cfg)
+    for rnd in range(1, 4):  # site a has spent 9 steps, site b will have spent 3
+        ca.handle_train(train_message(cfg, state(), rnd=rnd), settings, fake_factory)
+    strategy = started(make_strategy(cfg))
     strategy.aggregate_train(1, _replies(cfg, ["a", "b"], tmp_path))
     assert strategy.last_train.epsilon_max == pytest.approx(1.2)
     assert strategy.last_train.sites["b"][M.EPSILON] == pytest.approx(0.3)
@@ -228,8 +247,8 @@ def test_epsilon_is_max_not_mean(tmp_path: Path) -> None:
 def test_declined_replies_are_left_out(tmp_path: Path) -> None:
     cfg = small_cfg()
     _replies(cfg, ["tight"], tmp_path)  # spends its whole budget
-    strategy = make_strategy(cfg)
-    arrays, _ = strategy.aggregate_train(2, _replies(cfg, ["a", "tight", "b"], tmp_path))
+    strategy = started(make_strategy(cfg))
+    arrays, _ = strategy.aggregate_train(2, _replies(cfg, ["a", "tight", "b"], tmp_path, rnd=2))
     assert strategy.last_train.declined == ["tight"]
     got = M.unpack_torch(arrays, M.state_layout(state()))["b"]
     assert torch.allclose(got, torch.full((3,), 70 / 40))
@@ -346,9 +365,11 @@ def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> No
 
 def test_a_site_that_drops_out_still_counts_in_epsilon_max(tmp_path: Path) -> None:
     cfg = small_cfg(rounds=3)
-    for _ in range(3):  # site a has already spent 9 steps elsewhere
+    for rnd in range(1, 4):  # site a has already spent 9 steps elsewhere
         ca.handle_train(
-            train_message(cfg, state()), ca.SiteSettings("a", tmp_path, tmp_path), fake_factory
+            train_message(cfg, state(), rnd=rnd),
+            ca.SiteSettings("a", tmp_path, tmp_path),
+            fake_factory,
         )
     s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
     summary = run_server(FakeGrid(["a", "b", "c"], tmp_path, dead_after={"a": 1}), s)
@@ -446,15 +467,17 @@ def test_aggregating_packed_equals_aggregating_per_tensor(tmp_path: Path, strate
                 Message(
                     M.site_reply(
                         f"s{msg.metadata.dst_node_id}",  # a node keeps its site's name
-                        {M.NUM_EXAMPLES: n, M.TRAIN_LOSS: 1.0, M.EPSILON: 0.5},
+                        {M.NUM_EXAMPLES: n, M.EPSILON: 0.5, M.DECLINED: 0.0},
                         M.TRAIN_KEYS,
                         M.pack_record(st, lay),
                     ),
                     reply_to=msg,
                 )
-                for msg, (st, n) in zip(ins, sites, strict=True)
+                for msg in ins
+                for st, n in [sites[msg.metadata.dst_node_id - 1]]  # a node's size is fixed
             ]
             arrays, _ = strat.aggregate_train(rnd, replies)
+            assert arrays is not None and not strat.last_train.failed, strat.last_train.failed
             if packed:
                 assert list(arrays.keys()) == [M.PACKED]
         moments = {k: M.unpack(d, lay) for k, d in strategy_state(strat).items()}
@@ -548,7 +571,9 @@ def test_the_server_rejects_an_update_without_dp_in_a_dp_run(tmp_path: Path) -> 
     ins = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = [
         Message(
-            M.site_reply("a", {M.NUM_EXAMPLES: 5, M.EPSILON: eps}, M.TRAIN_KEYS, arrays),
+            M.site_reply(
+                "a", {M.NUM_EXAMPLES: 5, M.EPSILON: eps, M.DECLINED: 0.0}, M.TRAIN_KEYS, arrays
+            ),
             reply_to=ins[0],
         )
         for eps in (0.0,)
@@ -566,7 +591,7 @@ def _site_updates(strategy, grid, updates: dict[str, torch.Tensor]) -> list[Mess
     out = []
     for (name, w), msg in zip(updates.items(), ins, strict=False):
         new = {**base, "w": base["w"] + w}
-        metrics = {M.NUM_EXAMPLES: 5, M.EPSILON: 0.5}
+        metrics = {M.NUM_EXAMPLES: 5, M.EPSILON: 0.5, M.DECLINED: 0.0}
         out.append(
             Message(
                 M.site_reply(name, metrics, M.TRAIN_KEYS, M.pack_record(new, None)), reply_to=msg
@@ -626,3 +651,68 @@ def test_a_sites_error_is_reported_in_one_line_without_the_traceback():
     assert short(ray) == "cache: not a manifest"
     assert short("plain reason") == "plain reason"
     assert len(short("x" * 1000)) == 300
+
+
+# ---- issue 24: rounds are idempotent across a server crash --------------------------------------
+class CrashGrid(FakeGrid):
+    """The server dies once the sites have trained round ``crash_after``, before it saves it."""
+
+    def __init__(self, *args: object, crash_after: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.crash_after, self.trained = crash_after, False
+
+    def answer(self, msg: Message) -> Message:
+        reply = super().answer(msg)
+        rnd = int(msg.content[M.CONFIG].get(M.CFG_ROUND, 0))
+        self.trained |= msg.metadata.message_type == "train" and rnd == self.crash_after
+        return reply
+
+    def pull_messages(self, message_ids):
+        if self.trained:
+            raise RuntimeError("server killed")
+        return super().pull_messages(message_ids)
+
+
+def calibrated_factory(cfg: Config, settings: ca.SiteSettings, *, planned_steps: int, run_id: str):
+    """Each site refuses a step beyond the run's planned ones (its noise's calibration)."""
+    ledger = fake_ledger(settings.out_dir, settings.site)
+    return FakeTrainer(cfg, name=settings.site, ledger=ledger, budget_steps=planned_steps)
+
+
+@pytest.mark.parametrize("crash_after", [1, 2, 3])
+def test_a_resumed_server_finishes_every_round_without_extra_steps(
+    tmp_path: Path, crash_after: int
+) -> None:
+    """The sites trained the round the server lost; on resume they replay it, so the last round
+    is not declined and each site's ledger holds exactly the planned steps."""
+    cfg = small_cfg(rounds=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    grid = CrashGrid(["a", "b"], tmp_path, factory=calibrated_factory, crash_after=crash_after)
+    with pytest.raises(RuntimeError, match="server killed"):
+        run_server(grid, s)
+    s.resume = True
+    summary = run_server(FakeGrid(["a", "b"], tmp_path, factory=calibrated_factory), s)
+    assert [h["round"] for h in summary["history"]] == [1, 2, 3]
+    assert all(h["sites"] == ["a", "b"] and not h["declined"] for h in summary["history"])
+    for site in ("a", "b"):
+        assert read_json(fake_ledger(tmp_path, site))["steps"] == 3 * 3
+    init = initial_state(cfg)  # every round moved each weight by 1.75, no round twice
+    key = next(k for k, v in init.items() if v.is_floating_point())
+    assert torch.allclose(summary["state_dict"][key], init[key] + 3 * 1.75, atol=1e-5)
+
+
+def test_a_site_replays_only_the_request_it_answered(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    cfg = small_cfg()
+    first = ca.handle_train(train_message(cfg, state(), rnd=1), settings, fake_factory)
+    again = ca.handle_train(train_message(cfg, state(), rnd=1), settings, fake_factory)
+    assert read_json(fake_ledger(tmp_path, "a"))["steps"] == 3  # replayed, not trained
+    assert dict(again.content[M.METRICS]) == dict(first.content[M.METRICS])
+    assert np.array_equal(
+        again.content[M.ARRAYS][M.PACKED].numpy(), first.content[M.ARRAYS][M.PACKED].numpy()
+    )
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in state().items()}
+    ca.handle_train(train_message(cfg, other, rnd=1), settings, fake_factory)  # other weights
+    ca.handle_train(train_message(cfg, state(), rnd=2), settings, fake_factory)  # next round
+    assert read_json(fake_ledger(tmp_path, "a"))["steps"] == 9
+    assert RunFolder(tmp_path).site_reply("a").is_file()

@@ -236,8 +236,13 @@ def test_a_study_grid_that_would_overspend_is_refused_before_it_starts(
     assert all(8.0 < p["planned_total"] < 1 + 3 + 8 for p in plan.values())
     tight = base.replace(**{"privacy.budget_epsilon": 8.5})
     todo = [(s.key, s.config(tight, len(cache.sites))) for s in grid(tight)]
-    with pytest.raises(PrivacyBudgetExceeded, match="would overspend site .* nothing was run"):
+    # its non-private settings would spend the budget to infinity: refused first (issue 22)
+    with pytest.raises(PrivacyBudgetExceeded, match="without DP .* nothing was run"):
         plan_grid(tight, cache, todo)
+    dp_only = tight.replace(**{"study.settings": ["federated_dp"]})
+    todo = [(s.key, s.config(dp_only, len(cache.sites))) for s in grid(dp_only)]
+    with pytest.raises(PrivacyBudgetExceeded, match="would overspend site .* nothing was run"):
+        plan_grid(dp_only, cache, todo)
 
 
 def test_central_training_records_one_release_on_every_sites_patients(

@@ -2,10 +2,15 @@
 
 A training run (any mode, simulated or deployed) and a study each own one folder. Code that
 writes or reads a run goes through :class:`RunFolder` instead of joining file names itself.
+
+A folder's results belong to its inputs: each folder records what made it (:class:`RunInputs`:
+the command's mode and the content fingerprint of its data) and every reuse of it (skip,
+resume, re-run) is checked against that record first (:meth:`RunFolder.admit`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +20,29 @@ from torch import nn
 
 from privseg.config import Config
 from privseg.errors import DataError
-from privseg.io import atomic_write_text, make_folder, read_json
+from privseg.io import atomic_write_text, make_folder, read_json, write_json
 from privseg.models.checkpoint import load_checkpoint
 from privseg.output import abandon_held, hold_folder
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run or study folder was made by: the command's mode (``central``, ``local``,
+    ``federated``, ``server``, ``study``) and its data (the slice cache's content fingerprint,
+    ``SliceCache.content_fingerprint``; None for a server, whose data stays at the sites).
+    ``source`` (the ``--data`` path) only names the data in messages."""
+
+    mode: str
+    data: str | None
+    source: str = ""
+
+    def matches(self, other: RunInputs) -> bool:
+        """The same mode and the same data content (wherever the data lies)."""
+        return (self.mode, self.data) == (other.mode, other.data)
+
+    def describe(self) -> str:
+        data = "" if self.data is None else f" of data {self.source} (content {self.data[:12]})"
+        return f"a {self.mode} run{data}"
 
 
 @dataclass(frozen=True)
@@ -55,10 +80,19 @@ class RunFolder:
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
 
+    @property
+    def inputs(self) -> Path:
+        """What made this folder (:class:`RunInputs`), checked before any reuse."""
+        return self.root / "inputs.json"
+
     # ---- sites -----------------------------------------------------------------------------
     def site_report(self, site: str) -> Path:
         """A site's own test report (per-patient results; in deployment it stays at the site)."""
         return self.root / "sites" / f"{site}.json"
+
+    def site_reply(self, site: str) -> Path:
+        """A site's last train reply, replayed when a resumed server asks for that round again."""
+        return self.root / "sites" / f"{site}.last-reply.pt"
 
     # ---- federation --------------------------------------------------------------------------
     @property
@@ -110,6 +144,45 @@ class RunFolder:
 
         stores = list(self.root.rglob(LEDGER_FILE)) if self.root.is_dir() else []
         return abandon_held(self.root, keep=(self.results, self.federated_state, *stores))
+
+    def admit(self, inputs: RunInputs, *, resume: bool = False) -> None:
+        """Refuse to reuse this folder for other inputs, then record ``inputs``.
+
+        A folder that holds a run records its inputs; reusing it (a re-run, a resume, a
+        study's skip) with another mode or other data is refused, naming both, and so is a
+        folder with results but no record. A finished server run is only reused with
+        ``resume``. A re-run (no ``resume``) first removes the results it would replace.
+        """
+        old = self.recorded_inputs()
+        if old is not None and not old.matches(inputs):
+            raise DataError(
+                f"{self.root} holds {old.describe()}; this is {inputs.describe()}: "
+                "its results would not belong to its inputs; use a new --out"
+            )
+        made = (self.results, self.checkpoint, self.federated_state)
+        if old is None and any(p.exists() for p in made):
+            raise DataError(
+                f"{self.root} holds a run without a record of its data and mode "
+                f"({self.inputs.name}; an older privseg wrote it); use a new --out"
+            )
+        if inputs.mode == "server" and self.results.is_file() and not resume:
+            raise DataError(
+                f"{self.root} holds a finished federation ({self.results.name}); pass --resume "
+                "to evaluate its final model again, or use a new --out"
+            )
+        if not resume:
+            self.results.unlink(missing_ok=True)  # a re-run never leaves the old results
+        make_folder(self.root)
+        write_json(self.inputs, dataclasses.asdict(inputs))
+
+    def recorded_inputs(self) -> RunInputs | None:
+        """The inputs this folder recorded (None: no record)."""
+        if not self.inputs.is_file():
+            return None
+        try:
+            return RunInputs(**read_json(self.inputs))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{self.inputs} is corrupt ({exc}); use a new --out") from exc
 
     def write_config(self, cfg: Config) -> None:
         make_folder(self.root)

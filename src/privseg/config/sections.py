@@ -19,6 +19,9 @@ Partition = Literal["auto", "mapping", "iid", "non-iid"]
 SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
 Strategy = Literal["fedavg", "fedprox", "fedadam"]
+#: The server's aggregation rule; Flower 1.42's implementations, mapped in
+#: ``federated/strategy.py: AGGREGATIONS`` (a test keeps both lists equal).
+Aggregation = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
@@ -269,14 +272,33 @@ class FederatedConfig:
             "clipped to +-secagg_clip before quantisation",
         ),
     )
-    secagg_max_examples: int = field(
-        default=1_000_000,
-        metadata=rule(
-            ge=1, le=10**9, help="SecAgg+: upper bound of any site's training slices (its weight)"
-        ),
-    )
+    #: upper bound of any site's training slices (its weight): a reply claiming more is
+    #: refused; SecAgg+ scales by it
+    max_examples: int = field(default=1_000_000, metadata=rule(ge=1, le=10**9))
+    #: mean (weighted by federated.weighted) or a robust rule, which ignores the sites' sizes
+    aggregation: Aggregation = "mean"
+    malicious_sites: int = field(default=0, metadata=rule(ge=0, le=1000, help="krum, bulyan: f"))
+    trim_fraction: float = field(default=0.2, metadata=rule(ge=0.0, lt=0.5, help="trimmed_mean"))
+    #: an update (new - global weights) with a norm over this many times the global model's
+    #: norm, or over max_update_norm (when set), is refused
+    max_update_ratio: float = field(default=10.0, metadata=rule(gt=0.0, le=1e6))
+    max_update_norm: float | None = field(default=None, metadata=rule(gt=0.0))
 
     def check(self) -> None:
+        robust = self.aggregation != "mean"
+        if robust and (self.strategy == "fedadam" or self.secure_aggregation):
+            why = "fedadam" if self.strategy == "fedadam" else "secure_aggregation = true"
+            raise ConfigError(
+                f"federated.aggregation = {self.aggregation!r} is invalid with federated.{why}: "
+                "the server then works on the mean of the updates; use aggregation = 'mean'"
+            )
+        need = {"krum": 2, "multikrum": 2, "bulyan": 4}.get(self.aggregation)
+        if need and self.min_sites < need * self.malicious_sites + 3:
+            raise ConfigError(
+                f"federated.min_sites = {self.min_sites} is too small for federated.aggregation "
+                f"= {self.aggregation!r} with federated.malicious_sites = {self.malicious_sites}: "
+                f"it needs at least {need * self.malicious_sites + 3} sites"
+            )
         if self.secure_aggregation and self.min_sites < 3:
             raise ConfigError(
                 f"federated.min_sites = {self.min_sites} is invalid with "

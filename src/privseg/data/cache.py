@@ -8,11 +8,15 @@ in-plane transform to the model grid (:class:`~privseg.data.preprocess.PlaneTran
 manifest holds a fingerprint of the source files and the settings; a prepare with the same
 fingerprint reuses the cache, anything else rebuilds it. The folder is built under a temporary
 name and renamed into place, so an interrupted prepare never leaves a cache that is trusted.
+What the cache holds, by content, is :attr:`SliceCache.content_fingerprint` (each split's
+arrays hashed when written, :func:`split_digest`): run folders record it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -142,6 +146,25 @@ class SliceCache:
         table = {str(k): list(v) for k, v in dict(data.get("classes") or {}).items()}
         return Classes.of(DataConfig(labels=list(data.get("labels") or []), classes=table))
 
+    @functools.cached_property
+    def content_fingerprint(self) -> str:
+        """A hash of what the cache holds (every split's slices, labels and original grids,
+        and what the label bits mean), not of where it came from or its files' times."""
+        data = self.manifest["settings"]["data"]
+        h = hashlib.sha256()
+        about = {"classes": data.get("classes"), "labels": data.get("labels")}
+        h.update(json.dumps({**about, "sites": self.manifest["sites"]}, sort_keys=True).encode())
+        for site, splits in sorted(self.manifest["sites"].items()):
+            for split, entry in sorted(splits.items()):
+                if "sha256" not in entry:  # a cache prepared before splits were hashed
+                    h.update(self._split_digest(site, split).encode())
+        return h.hexdigest()
+
+    def _split_digest(self, site: str, split: str) -> str:
+        part = self.split(site, split)
+        arrays = {name: np.asarray(getattr(part, name)) for name in ARRAYS}
+        return split_digest(arrays, [g.label() for g in part.native.values() if g.label_path])
+
     @property
     def resolution(self) -> int:
         return int(self.manifest["settings"]["data"]["resolution"])
@@ -201,6 +224,20 @@ def _contents(folder: Path, entry: dict[str, Any], ids: list[str]) -> list[str]:
             )
         out.append(value)
     return out
+
+
+def split_digest(arrays: dict[str, np.ndarray], native_labels: list[np.ndarray]) -> str:
+    """The content hash of one split: its arrays and its cases' labels on the original grid."""
+    h = hashlib.sha256()
+    for name in ARRAYS:
+        data = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{data.dtype.str}:{list(data.shape)}\n".encode())
+        h.update(data.tobytes())
+    for label in native_labels:
+        data = np.ascontiguousarray(label, dtype=np.uint8)
+        h.update(f"native:{list(data.shape)}\n".encode())
+        h.update(data.tobytes())
+    return h.hexdigest()
 
 
 def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[str, NativeGrid]:

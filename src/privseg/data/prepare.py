@@ -28,6 +28,7 @@ from privseg.data.cache import (
     NATIVE_DIR,
     SliceCache,
     read_manifest,
+    split_digest,
 )
 from privseg.data.msd import check_label_values, replace_nan
 from privseg.data.preprocess import PlaneTransform, map_labels, volume_to_slices
@@ -300,10 +301,10 @@ def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: i
         "patient": np.zeros(0, np.int32),
         "z": np.zeros(0, np.int32),
     }
+    arrays = {n: np.concatenate([p[n] for p in parts]) if parts else empty[n] for n in ARRAYS}
     for name in ARRAYS:
-        data = np.concatenate([p[name] for p in parts]) if parts else empty[name]
-        np.save(folder / f"{name}.npy", data)
-    labels = np.concatenate([p["labels"] for p in parts]) if parts else empty["labels"]
+        np.save(folder / f"{name}.npy", arrays[name])
+    labels = arrays["labels"]
     cases = {}
     for index, (pid, part) in enumerate(zip(ids, parts, strict=True)):
         cases[pid] = {**part["case"], "native_label": part["native_label"] is not None}
@@ -315,4 +316,7 @@ def _write_split(folder: Path, parts: list[dict[str, Any]], ids: list[str], r: i
         "patients": len(ids),
         "slices": int(len(labels)),
         "foreground": int(np.any(labels, axis=tuple(range(1, labels.ndim))).sum()),
+        "sha256": split_digest(
+            arrays, [p["native_label"] for p in parts if p["native_label"] is not None]
+        ),
     }

@@ -8,11 +8,12 @@ file, not this cache, is the record of the privacy spent.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,10 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from privseg.config import Config
-from privseg.errors import DataError, PrivacyBudgetExceeded
+from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
 from privseg.federated import messages as M
-from privseg.federated import secagg
-from privseg.io import write_json
+from privseg.federated import replay, secagg
+from privseg.io import atomic_write_text, write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
 
@@ -44,6 +45,12 @@ class SiteSettings:
     def report(self) -> Path:
         """The site-local test report (per-patient results never leave the site)."""
         return RunFolder(self.out_dir).site_report(self.site)
+
+    @property
+    def refused(self) -> Path:
+        """Written on the final test when the server accepted none of this site's training
+        replies in the run (a wrong key: the server registered another site's)."""
+        return self.report.with_suffix(".refused")
 
 
 def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
@@ -141,7 +148,15 @@ def site_train(
     With ``evaluate-incoming`` set, the incoming global model (the previous round's result) is
     first scored on the val split and its Dice sent along (scalar only, like an evaluate
     reply), so a round needs one exchange with the server instead of two.
+
+    A request the site already answered (a resumed server redoing the round it lost) gets the
+    stored reply again, untrained (:mod:`privseg.federated.replay`).
     """
+    kept = RunFolder(settings.out_dir).site_reply(settings.site)
+    digest = replay.request_digest(config, state)
+    stored = replay.stored_reply(kept, config, digest)
+    if stored is not None:
+        return stored
     cfg, trainer = get_trainer(config, settings, factory)
     incoming: dict[str, float] = {}
     if cfg.privacy.enabled and trainer.privacy is not None and trainer.privacy.reserved:
@@ -165,7 +180,9 @@ def site_train(
         return None, _train_metrics(cfg, trainer, metrics, incoming)
     if set(new_state) != set(state):
         raise RuntimeError(f"site {settings.site!r}: trainer returned other weights than it got")
-    return new_state, _train_metrics(cfg, trainer, {**metrics, M.DECLINED: 0.0}, incoming)
+    reply = new_state, _train_metrics(cfg, trainer, {**metrics, M.DECLINED: 0.0}, incoming)
+    replay.keep_reply(kept, config, digest, reply)  # before it is sent
+    return reply
 
 
 def _train_metrics(
@@ -319,10 +336,10 @@ def handle_secure_train(
     new_state, metrics = site_train(config, state, settings, factory)
     fed = Config.from_dict(tomllib.loads(str(config[M.CFG_TOML]))).federated
     n = int(metrics[M.NUM_EXAMPLES])
-    if fed.weighted and n > fed.secagg_max_examples:
+    if fed.weighted and n > fed.max_examples:
         raise DataError(
             f"site {settings.site!r} has {n} training slices, more than "
-            f"federated.secagg_max_examples = {fed.secagg_max_examples}; raise it"
+            f"federated.max_examples = {fed.max_examples}; raise it"
         )
     weight = 0 if new_state is None else (n if fed.weighted else 1)
     update, clipped = secagg.site_update(global_state, new_state, fed.secagg_clip)
@@ -336,10 +353,24 @@ def handle_evaluate(
 ) -> Message:
     """Evaluate the global weights at the site; reply with scalar metrics only."""
     config = dict(msg.content[M.CONFIG])
+    if int(config.get(M.CFG_REFUSED, 0)):  # before the report, which `privseg site` waits for
+        log.error("site %s: the server refused every training reply of this site", settings.site)
+        atomic_write_text(settings.refused, f"{config[M.CFG_RUN_ID]}\n")
     state = _state(msg.content[M.ARRAYS], M.layout_of(config))
     metrics = site_evaluate(config, state, settings, factory)
     releases = site_releases(config, settings, factory)
     return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None, releases), reply_to=msg)
+
+
+@contextlib.contextmanager
+def named(site: str) -> Iterator[None]:
+    """A site's error, as the server will log it, names the site (never only a node id)."""
+    try:
+        yield
+    except PrivsegError as exc:
+        if str(exc).startswith("site "):
+            raise
+        raise type(exc)(f"site {site!r}: {exc}") from exc
 
 
 def make_client_app(
@@ -356,11 +387,15 @@ def make_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, site_settings(context.node_config, defaults), factory)
+        settings = site_settings(context.node_config, defaults)
+        with named(settings.site):
+            return handle_train(msg, settings, factory)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, site_settings(context.node_config, defaults), factory)
+        settings = site_settings(context.node_config, defaults)
+        with named(settings.site):
+            return handle_evaluate(msg, settings, factory)
 
     return app
 

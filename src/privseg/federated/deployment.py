@@ -36,7 +36,7 @@ from privseg.federated.processes import (
     wait_for_port,
 )
 from privseg.io import private_file, read_json
-from privseg.run_folder import RunFolder
+from privseg.run_folder import RunFolder, RunInputs
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def serve(
         )
     check_distinct_keys(keys)
     run = RunFolder(out).claim("run", inputs=[files.root] if files else [])
+    run.admit(RunInputs("server", None), resume=resume)  # a finished run: only with --resume
     run_id = run_id or uuid.uuid4().hex
     home = out / ".flwr"
     address = f"{host}:{port}"

@@ -65,6 +65,19 @@ class SiteIdentity:
         self.names[node], self.bound[claimed] = claimed, node
         return ""
 
+    def site_of(self, node: int) -> str | None:
+        """The site ``node`` is (registered, or claimed earlier in this run); None if unknown."""
+        return (self.registered or {}).get(node) or self.names.get(node)
+
+    def who(self, node: int, reason: str = "") -> str:
+        """``reason`` prefixed by how messages name ``node``: its site when known; else a
+        reason that names its site itself stands alone; the node id only as a last resort."""
+        site = self.site_of(node)
+        if site is None and reason.startswith("site "):
+            return reason
+        label = f"site {site}" if site else f"node {node} (no site known yet)"
+        return f"{label}: {reason}" if reason else label
+
     def keep_connected(self, nodes: Iterable[int]) -> None:
         """Without registrations, free the names of nodes that are gone: a restarted SuperNode
         gets a new node id there and must be able to take its site back. (With registrations

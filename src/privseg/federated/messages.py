@@ -38,6 +38,8 @@ CFG_PLANNED_STEPS = "planned-steps"
 CFG_ROUND = "server-round"  # set by Flower's strategies; we pass the absolute round
 CFG_SPLIT = "split"  # evaluate: "val" or "test"
 CFG_FINAL = "final"  # evaluate: 1 on the final test evaluation (the site writes its report)
+# final evaluate: 1 = the server accepted none of this node's training replies in this run
+CFG_REFUSED = "refused"
 # train: 1 = first score the incoming global model (the previous round's) on the val split and
 # send its Dice with the training metrics; saves a whole evaluate exchange per round
 CFG_EVAL_INCOMING = "evaluate-incoming"
@@ -108,6 +110,11 @@ def scalar(value: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return out
+
+
+def round_id(config: Mapping[str, Any]) -> str:
+    """A train round's id, ``RUN/ROUND``: the run's id and the round's absolute number."""
+    return f"{config[CFG_RUN_ID]}/{int(config[CFG_ROUND])}"
 
 
 def metric_record(values: Mapping[str, Any], allowed: frozenset[str]) -> MetricRecord:

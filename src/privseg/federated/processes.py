@@ -2,11 +2,12 @@
 
 A process started here belongs to the ``privseg`` process that started it and never outlives
 it: on Linux the kernel sends it SIGTERM when that parent dies, even by SIGKILL
-(``PR_SET_PDEATHSIG``), and privseg's own long-lived processes (the site worker, the SuperNode
-wrapper) also watch their parent (:func:`exit_with_parent`). Each writes a pid file (pid,
-argv, start time) beside its log, so a process left over by an older crash is found and
-stopped at the next start (:func:`stop_stale`) -- only when ``/proc`` shows that very process
-(same argv and start time) and it is one of privseg's (:func:`is_ours`).
+(``PR_SET_PDEATHSIG``), privseg's own long-lived processes (the site worker, the SuperNode
+wrapper) also watch their parent (:func:`exit_with_parent`), and the processes *they* start
+end within 1 s too (:mod:`privseg.federated.reaper`, started with :class:`Processes`). Each
+writes a pid file (pid, argv, start time) beside its log, so a process left over by an older
+crash is found and stopped at the next start (:func:`stop_stale`) -- only when ``/proc`` shows
+that very process (same argv and start time) and it is one of privseg's (:func:`is_ours`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.federated.flower_compat import SUPEREXEC_POLL_ENV
+from privseg.federated.reaper import proc_start, reaping
 from privseg.io import atomic_write_text, private_file
 
 log = logging.getLogger(__name__)
@@ -125,12 +127,15 @@ class Processes:
     def __enter__(self) -> Processes:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        self._reaper = reaping()  # their own children too, if privseg is killed (see reaper)
+        self._reaper.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.stop()
         finally:
+            self._reaper.__exit__(None, None, None)
             if getattr(self, "_previous", None) is not None:
                 signal.signal(signal.SIGTERM, self._previous)
 
@@ -204,16 +209,6 @@ def exit_with_parent(parent: int, *, grace: float = 10.0, every: float = 0.5) ->
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _proc_start(pid: int) -> int | None:
-    """The process's start time (clock ticks after boot, ``/proc/PID/stat`` field 22)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return None if fields[0] == "Z" else int(fields[19])  # a zombie is gone
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _proc_argv(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -224,7 +219,7 @@ def _proc_argv(pid: int) -> list[str] | None:
 
 def write_pid_file(path: Path, pid: int, argv: list[str]) -> None:
     """What :func:`stop_stale` needs to recognise the process later: pid, argv, start time."""
-    record = {"pid": pid, "argv": [str(a) for a in argv], "started": _proc_start(pid)}
+    record = {"pid": pid, "argv": [str(a) for a in argv], "started": proc_start(pid)}
     atomic_write_text(path, json.dumps(record) + "\n")
 
 
@@ -255,7 +250,7 @@ def stop_stale(path: Path, timeout: float = 10.0) -> int | None:
         return None
     actual = _proc_argv(pid) or []
     same = actual == argv or actual[1:] == argv  # [1:]: a script run by its #! interpreter
-    if _proc_start(pid) != started or not same or not is_ours(argv):
+    if proc_start(pid) != started or not same or not is_ours(argv):
         return None
     log.warning("stopping pid %d, left over by an earlier run: %s", pid, " ".join(argv))
     group = pid if _pgid(pid) == pid else None  # started as its own group's leader
@@ -266,9 +261,9 @@ def stop_stale(path: Path, timeout: float = 10.0) -> int | None:
             else:
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _proc_start(pid) == started:
+        while time.monotonic() < deadline and proc_start(pid) == started:
             time.sleep(0.1)
-        if _proc_start(pid) != started:
+        if proc_start(pid) != started:
             return pid
     return pid
 

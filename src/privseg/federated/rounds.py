@@ -36,6 +36,7 @@ from privseg.federated.state import (
     write_status,
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
+from privseg.federated.validation import ModelSpec
 from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
@@ -153,6 +154,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     make_folder(s.out_dir)
     strategy = make_strategy(cfg, SiteIdentity(s.site_nodes))
     saved = load_state(s.out_dir, cfg) if s.resume else None
+    model = initial_state(cfg)  # replies are checked against its names, shapes and dtypes
     # The weights travel packed (one array per message, see M.pack); the layout goes with them.
     if saved is not None:
         start, history = int(saved["round"]), list(saved["history"])
@@ -168,10 +170,9 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         )
         log.info("resuming after round %d of %d", start, fed.rounds)
     else:
-        state = initial_state(cfg)
         run_id = s.run_id
-        start, history, layout = 0, [], M.state_layout(state)
-        arrays = M.pack_record(state, layout)
+        start, history, layout = 0, [], M.state_layout(model)
+        arrays = M.pack_record(model, layout)
     base = {
         M.CFG_LAYOUT: layout,
         M.CFG_TOML: cfg.to_toml(),
@@ -179,6 +180,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         M.CFG_LOCAL_STEPS: fed.local_steps,
         M.CFG_PLANNED_STEPS: planned_steps(cfg, federated=True),
     }
+    strategy.spec = ModelSpec.of(M.pack(model, layout))
     wait = s.node_wait if s.node_wait is not None else fed.round_timeout
     # Last known cumulative epsilon and training size of every site that ever answered: a
     # site that drops out still counts in the maximum.
@@ -187,6 +189,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     for old in history:
         eps_known.update(old.get("epsilon_sites", {}))
         n_train.update(old.get("n_train_sites", {}))
+    strategy.sizes.update(n_train)  # a site's registered size holds across a resume
     dp = cfg.privacy.enabled
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -207,7 +210,9 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
             train_ins = list(train_ins)
             replies = send(grid, train_ins, timeout=fed.round_timeout)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            strategy.last_train.failed.extend(_timed_out(train_ins, replies, fed.round_timeout))
+            strategy.last_train.failed.extend(
+                _timed_out(train_ins, replies, fed.round_timeout, strategy.identity)
+            )
         report = strategy.last_train
         if score_incoming and previous is not None:
             _set_val(previous, {k: v.get(M.VAL_DICE, math.nan) for k, v in report.sites.items()})
@@ -312,6 +317,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
     )
     write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
     return {
+        "run_id": run_id,  # a resumed run keeps the id its sites' ledgers and replies know
         "state_dict": state_dict(arrays, layout),
         "history": history,
         "test": dict(strategy.last_evaluate),
@@ -328,11 +334,14 @@ def _finite(arrays: ArrayRecord) -> bool:
     )
 
 
-def _timed_out(sent: list[Message], replies: list[Message], timeout: float) -> list[str]:
-    """One 'failed' entry per node that did not answer within the round's timeout."""
+def _timed_out(
+    sent: list[Message], replies: list[Message], timeout: float, identity: SiteIdentity
+) -> list[str]:
+    """One 'failed' entry per site that did not answer within the round's timeout."""
     answered = {m.metadata.reply_to_message_id for m in replies}  # errors included
     return [
-        f"node {m.metadata.dst_node_id}: no reply within federated.round_timeout = {timeout:g} s"
+        f"{identity.who(m.metadata.dst_node_id)}: no reply within federated.round_timeout = "
+        f"{timeout:g} s"
         for m in sent
         if m.metadata.message_id not in answered
     ]

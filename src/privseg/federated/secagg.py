@@ -81,7 +81,7 @@ def protocol_params(n_sites: int, fed: FederatedConfig) -> dict[str, Any]:
     return {
         "num_shares": n_sites,
         "reconstruction_threshold": n_sites // 2 + 1,
-        "max_weight": float(fed.secagg_max_examples) if fed.weighted else 1.0,
+        "max_weight": float(fed.max_examples) if fed.weighted else 1.0,
         "clipping_range": float(fed.secagg_clip),
         "quantization_range": min(_INT32_MAX, (MODULUS - 1) // n_sites),
         "modulus_range": MODULUS,
@@ -190,6 +190,7 @@ def secure_round(
     *,
     min_contributors: int | None = None,
     send: Send = _grid_send,
+    who: Callable[[int, str], str] = lambda node, why: f"node {node}: {why}",
 ) -> SecureRound:
     """Run SecAgg+ for one round at ``node_ids``; return the new weights (global + mean update).
 
@@ -219,8 +220,8 @@ def secure_round(
                 errors.setdefault(nid, msg.error.reason)
             elif M.METRICS in msg.content.metric_records:
                 replies[nid] = msg
-    failed = [
-        f"node {nid}: {errors.get(nid, 'no reply during SecAgg+ (federated.round_timeout)')}"
+    failed = [  # named by site (``who``: the strategy's SiteIdentity.who)
+        who(nid, errors.get(nid, "no reply during SecAgg+ (federated.round_timeout)"))
         for nid in node_ids
         if nid not in replies
     ]
@@ -271,7 +272,9 @@ def secure_train(
     layout = M.layout_of(config)
     named = M.array_record(M.unpack(arrays, layout))
     config = ConfigRecord({k: v for k, v in config.items() if k != M.CFG_LAYOUT})
-    result = secure_round(grid, node_ids, server_round, named, config, fed, send=send)
+    result = secure_round(
+        grid, node_ids, server_round, named, config, fed, send=send, who=strategy.identity.who
+    )
     log.info("round %d: SecAgg+ took %.1f s", server_round, result.seconds)
     mean = None if result.mean is None else M.pack_record(result.mean, layout)
     out = strategy.aggregate_secure(server_round, result.replies, mean, result.failed)

@@ -142,6 +142,6 @@ def main(grid: Grid, context: Context) -> None:
     folder.write_config(settings.cfg)
     summary = run_server(grid, settings)
     result = build_results(settings.cfg, summary, wall_seconds=time.perf_counter() - started)
-    result.provenance["run_id"] = settings.run_id
-    save_final(settings.out_dir, settings.cfg, summary, settings.run_id)
+    result.provenance["run_id"] = summary["run_id"]
+    save_final(settings.out_dir, settings.cfg, summary, summary["run_id"])
     result.write(folder.results)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
-from privseg.errors import DataError, FederationError
+from privseg.errors import DataError, FederationError, PrivsegError
 from privseg.federated.client_app import TrainerFactory, make_client_app, release_trainers
 from privseg.federated.flower_compat import in_process_simulation
+from privseg.federated.reaper import reaping
 from privseg.federated.rounds import RoundCallback, ServerSettings
 from privseg.federated.server_app import build_results, make_server_app, save_final
 from privseg.io import make_folder, read_json
@@ -58,6 +59,21 @@ def _quiet() -> Iterator[None]:
         flwr_log.setLevel(level)
 
 
+def check_site_plans(cfg: Config, cache: Any) -> None:
+    """Before Flower starts, what each site will check in round 1: its DP plan for the whole
+    run calibrates on its training split (an unreachable privacy.target_epsilon, a delta too
+    large for its data, ...). Errors name the site. Its ledger can only refuse more."""
+    if not cfg.privacy.enabled:
+        return
+    from privseg.privacy.plan import DPPlan
+
+    for site in cache.sites:
+        try:
+            DPPlan.for_split(cfg, cache.split(site, "train"), federated=True, site=site)
+        except PrivsegError as exc:
+            raise type(exc)(f"site {site!r}: {exc}") from None
+
+
 def run_federated(
     cfg: Config,
     *,
@@ -97,7 +113,10 @@ def run_federated(
     if sites is None:
         from privseg.data.cache import SliceCache
 
-        sites = list(SliceCache.open(cache_dir).sites)
+        cache = SliceCache.open(cache_dir)
+        sites = list(cache.sites)
+        if not resume:
+            check_site_plans(cfg, cache)
     if len(sites) < cfg.federated.min_sites:
         raise DataError(
             f"{len(sites)} site(s) in {cache_dir} but federated.min_sites = "
@@ -121,7 +140,8 @@ def run_federated(
         trainer_factory,
     )
     engine = in_process_simulation() if backend == "in-process" else contextlib.nullcontext("ray")
-    with _quiet(), engine as backend_name:
+    # Ray's raylet, agents and workers end within 1 s of a killed privseg (see reaper)
+    with _quiet(), reaping(), engine as backend_name:
         try:
             run_simulation(
                 server_app=make_server_app(settings, on_done=done.update),
@@ -144,5 +164,6 @@ def run_federated(
         if path.is_file():
             reports[name] = read_json(path)
     results = build_results(cfg, done, reports=reports, wall_seconds=time.perf_counter() - started)
-    save_final(out_dir, cfg, done, run_id)
+    save_final(out_dir, cfg, done, done["run_id"])
+    results.provenance["run_id"] = done["run_id"]
     return results

@@ -218,6 +218,7 @@ def _serve_site(
             node = procs.start("supernode", argv, env=env, log_file=node_log)
             code = _wait_node(node, procs.procs.get("worker"), finished)
             if fresh_report():
+                check_accepted(site, out, started)
                 echo(f"site {site}: federation finished; local report in {report}")
                 return report
             with open(node_log, "rb") as fh:
@@ -245,6 +246,20 @@ def _serve_site(
             f"site {site}: no federation finished with the server at {server} (SuperNode exit "
             f"{code}, gave up after {timeout:g} s); {why}\nlast lines of "
             f"{node_log}:\n{tail}"
+        )
+
+
+def check_accepted(site: str, out: Path, started: float) -> None:
+    """FederationError when the server said (on this run's final test) that it refused every
+    training reply of this site: its privacy was spent for nothing."""
+    from privseg.federated.client_app import SiteSettings  # flwr: only once a run is over
+
+    note = SiteSettings(site, out, out).refused
+    if note.is_file() and note.stat().st_mtime >= started:
+        raise FederationError(
+            f"site {site}: the server refused every reply from this site: wrong key? (the "
+            f"server registered another site's key for this one, or refused its updates; its "
+            "log names the reason)"
         )
 
 

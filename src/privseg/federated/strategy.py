@@ -14,12 +14,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
-from privseg.config import Config
+from privseg.config import Config, FederatedConfig
 from privseg.federated import messages as M
 from privseg.federated.identity import SiteIdentity
+from privseg.federated.validation import (
+    ModelSpec,
+    Refused,
+    check_metrics,
+    check_size,
+    update_norm,
+    update_norm_bound,
+)
 from privseg.results import nanmean
 
 log = logging.getLogger(__name__)
@@ -71,7 +89,12 @@ class SiteAggregation(Strategy):
 
     weighted: bool = True
     dp: bool = False  # a DP run: an update without a positive epsilon is rejected
+    fed: FederatedConfig  # the update norm bound
     identity: SiteIdentity  # which node is which site (its registered key, see identity.py)
+    spec: ModelSpec | None  # the model's arrays: names, shapes, dtypes
+    sizes: dict[str, int]  # each site's registered training size (its first reply's)
+    accepted: set[int]  # nodes with at least one accepted training reply in this run
+    _global: dict[str, np.ndarray]  # this round's global weights
     last_train: TrainRound
     last_evaluate: dict[str, dict[str, float]]
     last_releases: dict[str, list[dict[str, Any]]]  # DP sites' release lists (final test)
@@ -81,69 +104,98 @@ class SiteAggregation(Strategy):
     ) -> tuple[TrainRound, list[Message]]:
         """Per-site metrics; the replies of the sites that trained (not failed or declined).
 
-        ``secure``: SecAgg+ replies carry no weights, so only the ``declined`` metric counts.
+        Every reply is validated first (:mod:`privseg.federated.validation`); a malformed one
+        is refused with its reason, never an exception. ``secure``: SecAgg+ replies carry no
+        weights, so only their metrics are checked.
         """
         report = TrainRound()
         usable: list[Message] = []
         norms: list[float] = []  # of the usable updates (new - global weights)
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                report.failed.append(f"node {msg.metadata.src_node_id}: {short(msg.error.reason)}")
+                report.failed.append(self.identity.who(node, short(msg.error.reason)))
                 continue
-            site, metrics = M.reply_site(msg.content), M.reply_metrics(msg.content)
-            refused = self.identity.problem(msg.metadata.src_node_id, site)
+            site = M.reply_site(msg.content)
+            refused = self.identity.problem(node, site)
             if refused:
                 report.failed.append(refused)
                 report.refused += 1
                 continue
-            no_weights = not secure and not msg.content.array_records
-            if metrics.get(M.DECLINED, 0.0) >= 1.0 or no_weights:
-                report.sites[site] = metrics
+            try:
+                verdict = self._check_reply(site, msg, secure)
+            except Refused as exc:
+                report.failed.append(f"site {site}: {exc}; reply refused")
+                if secure:  # its update is in the masked sum all the same: discard the sum
+                    report.refused += 1
+                continue
+            self.accepted.add(node)
+            metrics, norm = verdict
+            report.sites[site] = metrics
+            if metrics[M.DECLINED] >= 1.0:
                 report.declined.append(site)
                 continue
-            eps = metrics.get(M.EPSILON, math.nan)
-            if self.dp and not (eps > 0):  # NaN, 0 or absent: this update carries no DP
-                report.failed.append(
-                    f"site {site}: its update carries no DP guarantee (epsilon {eps}) in a DP "
-                    "run; rejected"
-                )
-                report.refused += 1  # under SecAgg+ its update is in the masked sum: discard it
-                continue
-            report.sites[site] = metrics
-            if not secure:
-                problem, norm = self._check_update(msg)
-                if problem:
-                    report.failed.append(f"site {site}: {problem}; rejected for this round")
-                    continue
-                norms.append(norm)
+            norms.append(norm)
             usable.append(msg)
             report.contributors.append(site)
         if not secure:
             self._drop_outliers(report, usable, norms)
         return report, usable
 
+    def _check_reply(self, site: str, msg: Message, secure: bool) -> tuple[dict[str, float], float]:
+        """A reply's metrics and update norm, or Refused (see the module validation)."""
+        metrics = check_metrics(msg.content, dp=self.dp)
+        check_size(site, metrics[M.NUM_EXAMPLES], self.sizes, self.fed.max_examples)
+        records = msg.content.array_records
+        if metrics[M.DECLINED] >= 1.0:
+            if records and not secure:
+                raise Refused("it declined the round but sent weights")
+            return metrics, math.nan
+        eps = metrics.get(M.EPSILON, math.nan)
+        if self.dp and not (eps > 0):  # NaN, 0 or absent: this update carries no DP
+            raise Refused(f"its update carries no DP guarantee (epsilon {eps}) in a DP run")
+        if secure:  # SecAgg+: no weights to check (the server never sees one update)
+            return metrics, math.nan
+        if self.spec is None:
+            raise Refused("the server sent no model this round to check it against")
+        if set(records) != {M.ARRAYS}:
+            raise Refused(f"it sent array records {sorted(records)}, not [{M.ARRAYS!r}]")
+        arrays = self.spec.check(records[M.ARRAYS])
+        norm = update_norm(arrays, self._global)
+        bound = update_norm_bound(self.fed, self._global)
+        if not norm <= bound:
+            raise Refused(
+                f"its update's norm {norm:.4g} is over the bound {bound:.4g} "
+                "(federated.max_update_ratio x the global model's norm, or max_update_norm; "
+                "raise them if many local steps make honest updates this large)"
+            )
+        return metrics, norm
+
     # ---- validation before aggregating --------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
-        """Remember the global weights the sites start from: updates are measured against them."""
-        self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        """Flower's messages, once the round's global weights are remembered (:meth:`start`)."""
+        self.start(arrays)
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
 
-    def _check_update(self, msg: Message) -> tuple[str, float]:
-        """Why a site's weights must not be averaged in ('' when they may: non-finite values are
-        refused), and the norm of its update against the global weights it started from."""
-        norm = 0.0
-        start = getattr(self, "_global", {})
-        for record in msg.content.array_records.values():
-            for key, value in record.items():
-                arr = np.asarray(value.numpy())
-                if arr.dtype.kind != "f":
-                    continue
-                if not np.isfinite(arr).all():
-                    bad = int((~np.isfinite(arr)).sum())
-                    return f"its weights hold {bad} non-finite values", math.nan
-                if key in start and start[key].shape == arr.shape:
-                    norm += float(np.sum((arr - start[key]) ** 2))
-        return "", math.sqrt(norm)
+    def start(self, arrays: ArrayRecord) -> None:
+        """Remember the global weights the sites start from (updates are measured against
+        them); the first round's also fix the model's wire form unless :attr:`spec` is set."""
+        self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        if self.spec is None:
+            self.spec = ModelSpec.of({k: v.numpy() for k, v in arrays.items()})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        """Flower's messages; on the final test each site also learns whether the server
+        accepted any of its training replies (an impostor's site then says so, see site.py)."""
+        msgs = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[safe-super]
+        if not int(config.get(M.CFG_FINAL, 0)):
+            return msgs
+        for msg in msgs:  # Flower's messages share one RecordDict: give each its own
+            refused = int(msg.metadata.dst_node_id not in self.accepted)
+            msg.content = RecordDict(
+                {M.ARRAYS: arrays, M.CONFIG: ConfigRecord({**config, M.CFG_REFUSED: refused})}
+            )
+        return msgs
 
     def _drop_outliers(self, report: TrainRound, usable: list[Message], norms: list[float]) -> None:
         """With 3 or more updates, drop one whose norm (new - global weights) is more than
@@ -182,7 +234,11 @@ class SiteAggregation(Strategy):
         if not usable:
             return None, None
         arrays, _ = super().aggregate_train(server_round, usable)  # type: ignore[safe-super]
-        return arrays, self._summary(report)
+        if arrays is None or self.spec is None:  # e.g. Bulyan with too few replies
+            report.failed.append(f"{self.fed.aggregation}: no aggregate of {len(usable)} update(s)")
+            report.contributors = []
+            return None, None
+        return self.spec.cast(arrays), self._summary(report)
 
     def aggregate_secure(
         self,
@@ -215,6 +271,8 @@ class SiteAggregation(Strategy):
             message_type="train",
         )
         arrays, _ = super().aggregate_train(server_round, [one])  # type: ignore[safe-super]
+        if arrays is not None and self.spec is not None:
+            arrays = self.spec.cast(arrays)
         return arrays, self._summary(report)
 
     def aggregate_evaluate(
@@ -228,8 +286,15 @@ class SiteAggregation(Strategy):
                 if refused:  # never a row of the results
                     log.warning("round %d: evaluation reply refused: %s", server_round, refused)
                     continue
-                per_site[site] = M.reply_metrics(msg.content)
-                releases = M.reply_releases(msg.content)
+                try:
+                    metrics = check_metrics(msg.content, dp=self.dp, train=False)
+                    releases = M.reply_releases(msg.content)
+                except (Refused, ValueError, TypeError) as exc:
+                    log.warning(
+                        "round %d: site %s: evaluation reply refused: %s", server_round, site, exc
+                    )
+                    continue
+                per_site[site] = metrics
                 if releases is not None:
                     self.last_releases[site] = releases
         self.last_evaluate = per_site
@@ -243,23 +308,46 @@ class SiteAggregation(Strategy):
         )
 
 
-class SiteFedAvg(SiteAggregation, FedAvg):
-    """FedAvg (McMahan et al. 2017), per-site aware."""
+AGGREGATIONS: dict[str, type[Strategy]] = {
+    "mean": FedAvg,
+    "median": FedMedian,
+    "trimmed_mean": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+}
+"""``federated.aggregation`` -> Flower 1.42's strategy (the config's Literal lists the same)."""
 
 
-class SiteFedProx(SiteAggregation, FedProx):
-    """FedProx: the server side is FedAvg; sites add mu (w - w_global) to their gradient."""
-
-
-class SiteFedAdam(SiteAggregation, FedAdam):
-    """FedAdam (Reddi et al. 2021): Adam on the averaged update at the server."""
+def _strategy_class(fed: FederatedConfig) -> tuple[type[Strategy], dict[str, Any]]:
+    """The Flower strategy and its own arguments for ``fed``."""
+    if fed.strategy == "fedadam":  # the config allows only aggregation = "mean" here
+        return FedAdam, {"eta": fed.server_lr}
+    if fed.aggregation == "mean":
+        if fed.strategy == "fedprox":  # the server side is FedAvg; mu goes to the sites
+            return FedProx, {"proximal_mu": fed.proximal_mu}
+        return FedAvg, {}
+    extra: dict[str, Any] = {
+        "trimmed_mean": {"beta": fed.trim_fraction},
+        "krum": {"num_malicious_nodes": fed.malicious_sites},
+        "multikrum": {
+            "num_malicious_nodes": fed.malicious_sites,
+            "num_nodes_to_select": max(1, fed.min_sites - fed.malicious_sites),
+        },
+        "bulyan": {"num_malicious_nodes": fed.malicious_sites},
+    }.get(fed.aggregation, {})
+    return AGGREGATIONS[fed.aggregation], extra
 
 
 def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggregation:
-    """The strategy named by ``cfg.federated.strategy``; ``identity`` checks which node is
-    which site (default: no registrations, first come holds a name)."""
+    """The strategy named by ``cfg.federated`` (strategy, aggregation); ``identity`` checks
+    which node is which site (default: no registrations, first come holds a name)."""
     fed = cfg.federated
-    common: dict[str, Any] = dict(
+    base, extra = _strategy_class(fed)
+    if fed.strategy == "fedadam":
+        extra["eta_l"] = cfg.train.lr
+    cls = type(f"Site{base.__name__}", (SiteAggregation, base), {"__doc__": base.__doc__})
+    strategy: SiteAggregation = cls(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=fed.min_sites,
@@ -268,18 +356,14 @@ def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggr
         weighted_by_key=M.AGG_WEIGHT,
         train_metrics_aggr_fn=_no_metrics,
         evaluate_metrics_aggr_fn=_no_metrics,
+        **extra,
     )
-    strategy: SiteAggregation
-    if fed.strategy == "fedavg":
-        strategy = SiteFedAvg(**common)
-    elif fed.strategy == "fedprox":
-        strategy = SiteFedProx(proximal_mu=fed.proximal_mu, **common)
-    elif fed.strategy == "fedadam":
-        strategy = SiteFedAdam(eta=fed.server_lr, eta_l=cfg.train.lr, **common)
-    else:  # pragma: no cover - the config validates the name
-        raise ValueError(f"federated.strategy = {fed.strategy!r} is not supported")
-    strategy.weighted = fed.weighted
+    strategy.weighted = fed.weighted and fed.aggregation == "mean"
     strategy.dp = cfg.privacy.enabled
+    strategy.fed = fed
+    strategy.spec = None
+    strategy.sizes = {}
+    strategy.accepted = set()
     strategy.last_releases = {}
     strategy.identity = identity or SiteIdentity()
     strategy.last_train = TrainRound()

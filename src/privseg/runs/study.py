@@ -24,7 +24,7 @@ from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
 from privseg.results import StudyResult
-from privseg.run_folder import RunFolder
+from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs import privacy as study_privacy
 from privseg.runs.compute import equalise
 from privseg.runs.train import machine_info, train
@@ -152,11 +152,12 @@ def run_study(
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()
-    folder.write_config(cfg)
     cache = resolve_cache(data, cfg, folder.cache, progress)
+    folder.admit(RunInputs("study", cache.content_fingerprint, str(data)))
+    folder.write_config(cfg)
     settings = grid(cfg)
-    todo = [(st.key, st.config(cfg, len(cache.sites))) for st in settings]
-    todo = [(k, c) for k, c in todo if not _finished(folder.setting(k), c)]
+    todo = [(st, st.config(cfg, len(cache.sites))) for st in settings]
+    todo = [(st.key, c) for st, c in todo if not _finished(folder.setting(st.key), c, st, cache)]
     # the attack shows the site's own slices: a release without DP, planned like the runs
     attack = [("attack", cfg.replace(**{"privacy.enabled": False}))]
     attack = attack if "attack" in cfg.study.settings else []
@@ -194,7 +195,7 @@ def _run_setting(
     setting: Setting, base: Config, cache: Any, run: RunFolder, progress: Progress
 ) -> dict[str, Any]:
     cfg = setting.config(base, len(cache.sites))
-    if _finished(run, cfg):
+    if _finished(run, cfg, setting, cache):
         log.info("skipping %s: %s exists with the same config", setting.key, run.results)
         results = read_json(run.results)
     else:
@@ -216,12 +217,15 @@ def _run_setting(
     return results
 
 
-def _finished(run: RunFolder, cfg: Config) -> bool:
-    """A finished setting is reused only if it ran with exactly this configuration."""
+def _finished(run: RunFolder, cfg: Config, setting: Setting, cache: Any) -> bool:
+    """A finished setting is reused only if it ran with exactly this configuration, mode and
+    data (else it is trained again, and :meth:`RunFolder.admit` refuses other inputs)."""
     if not run.results.is_file():
         return False
     try:
-        return run.load_config() == cfg
+        recorded = run.recorded_inputs()
+        wanted = RunInputs(setting.mode, cache.content_fingerprint)
+        return recorded is not None and recorded.matches(wanted) and run.load_config() == cfg
     except PrivsegError:
         return False
 

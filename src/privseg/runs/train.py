@@ -26,7 +26,7 @@ from privseg.errors import ConfigError, DataError
 from privseg.io import private_file
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult
-from privseg.run_folder import RunFolder
+from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
 
@@ -65,6 +65,7 @@ def train(
     apply_threads(cfg)
     with run_log(folder):
         cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
+        folder.admit(RunInputs(mode, cache.content_fingerprint, str(data)), resume=resume)
         folder.write_config(cfg)
         device_name = describe_device(device)
         run_id = uuid.uuid4().hex
@@ -84,7 +85,7 @@ def train(
     result.provenance.update(
         {
             "privseg_version": __version__,
-            "run_id": run_id,
+            "run_id": result.provenance.get("run_id", run_id),  # a resumed run keeps its id
             "cache_dir": str(Path(cache.root).resolve()),
             "machine": machine_info(),
             "device": device_name,

@@ -1,0 +1,130 @@
+"""Issue 24, finding 1: a folder's results belong to its inputs (the data's content and the
+command's mode); every reuse of a run or study folder is checked against its record."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from privseg.config import Config
+from privseg.data.cache import SliceCache
+from privseg.data.phantom import synth_task
+from privseg.data.prepare import prepare_cache
+from privseg.errors import DataError
+from privseg.run_folder import RunFolder, RunInputs
+from privseg.runs.train import train
+
+TINY = {
+    "data.resolution": 32,
+    "train.epochs": 1,
+    "train.batch_size": 8,
+    "model.features": 4,
+    "train.threads": 2,
+}
+
+
+def _cfg(**changes) -> Config:
+    return Config().replace(**{**TINY, **changes})
+
+
+def test_a_run_folder_refuses_another_mode(phantom_cache, tmp_path):
+    """central, then local into the same folder: results.json said local, the checkpoint was
+    still the central model."""
+    out = tmp_path / "run"
+    train(_cfg(), data=phantom_cache.root, out=out, mode="central")
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(DataError, match="holds a central run .* this is a local run"):
+        train(_cfg(), data=phantom_cache.root, out=out, mode="local")
+    assert json.loads((out / "results.json").read_text())["mode"] == "central"
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+
+def test_a_run_folder_refuses_other_data_but_not_the_same_data_elsewhere(
+    phantom_dir, phantom_cache, tmp_path
+):
+    out = tmp_path / "run"
+    train(_cfg(), data=phantom_cache.root, out=out, mode="central")
+    moved = shutil.copytree(phantom_cache.root, tmp_path / "copy" / "cache")  # same content
+    train(_cfg(), data=moved, out=out, mode="central")  # a re-run of the same data: accepted
+    other = prepare_cache(phantom_dir, tmp_path / "other", _cfg().data, seed=1)  # other splits
+    assert other.content_fingerprint != phantom_cache.content_fingerprint
+    with pytest.raises(DataError, match=f"data {other.root} .* use a new --out"):
+        train(_cfg(), data=other.root, out=out, mode="central")
+
+
+def test_a_study_refuses_another_task(tmp_path):
+    """`privseg run --data T`, then `--data T2` into the same folder: the Dice stayed T's."""
+    from privseg.runs.study import run_study
+
+    cfg = _cfg(**{"study.settings": ["central"], "data.sites": 2})
+    first = synth_task(tmp_path / "T", sites=2, patients_per_site=3, size=32, slices=6, seed=0)
+    second = synth_task(tmp_path / "T2", sites=2, patients_per_site=3, size=32, slices=6, seed=5)
+    out = tmp_path / "study"
+    run_study(cfg, data=first, out=out, preset="quick")
+    dice = json.loads((out / "results.json").read_text())["runs"][0]["dice_mean"]
+    central = out / "runs" / "central" / "results.json"
+    before = central.stat().st_mtime_ns
+    run_study(cfg, data=shutil.copytree(first, tmp_path / "copy"), out=out, preset="quick")
+    assert central.stat().st_mtime_ns == before  # the same data elsewhere: skipped
+    with pytest.raises(DataError, match="holds a study run of data .* this is a study run"):
+        run_study(cfg, data=second, out=out, preset="quick")
+    assert json.loads((out / "runs" / "central" / "results.json").read_text())["dice_mean"] == dice
+
+
+def test_a_finished_server_folder_is_reused_only_with_resume(tmp_path, monkeypatch):
+    """`privseg server --out R` on a finished federation deleted R/results.json."""
+    from privseg.federated import deployment
+    from privseg.output import hold_folder
+
+    out = tmp_path / "run"
+    hold_folder(out, "run")
+    (out / "results.json").write_text('{"mode": "federated"}\n')
+    (out / "inputs.json").write_text('{"mode": "server", "data": null, "source": ""}\n')
+
+    def no_processes(*args, **kwargs):
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(deployment.Processes, "start", no_processes)
+    with pytest.raises(DataError, match="finished federation .* --resume"):
+        deployment.serve(_cfg(), out=out, port=1, certs=None, insecure=True)
+    assert (out / "results.json").is_file()
+
+
+def test_the_record_is_checked_before_any_reuse(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    first = RunInputs("federated", "a" * 64, "cache-a")
+    run.admit(first)
+    run.results.write_text("{}")
+    run.admit(first, resume=True)  # a resume keeps the results until it replaces them
+    assert run.results.is_file()
+    run.admit(RunInputs("federated", "a" * 64, "elsewhere"))  # same content, another path
+    assert not run.results.is_file()  # a re-run never leaves the old results beside it
+    with pytest.raises(DataError, match="holds a federated run .* this is a server run"):
+        run.admit(RunInputs("server", None))
+    old = RunFolder(tmp_path / "old")  # a run an older privseg wrote: no record
+    old.root.mkdir()
+    old.checkpoint.write_bytes(b"model")
+    with pytest.raises(DataError, match="without a record"):
+        old.admit(first)
+
+
+def test_the_content_fingerprint_ignores_file_times_and_paths(phantom_cache, tmp_path):
+    copy = shutil.copytree(phantom_cache.root, tmp_path / "cache")
+    assert SliceCache.open(copy).content_fingerprint == phantom_cache.content_fingerprint
+    manifest = json.loads((copy / "manifest.json").read_text())  # as an older prepare wrote it
+    for splits in manifest["sites"].values():
+        for entry in splits.values():
+            del entry["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    before = SliceCache.open(copy).content_fingerprint  # hashed from the arrays themselves
+    site = phantom_cache.sites[0]
+    images = copy / site / "train" / "images.npy"
+    data = np.load(images)
+    np.save(images, data)  # rewritten, same content
+    assert SliceCache.open(copy).content_fingerprint == before
+    data[0, 0, 0] += 1
+    np.save(images, data)
+    assert SliceCache.open(copy).content_fingerprint != before
