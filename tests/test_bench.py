@@ -36,6 +36,17 @@ def test_dp_step_prints_the_summary_json_last() -> None:
     assert set(summary["results"][0]["median_s"]) == {"plain", "shard4", "dp-loop", "dp-batched"}
 
 
+def test_dp_timing_prints_both_modes_json_last() -> None:
+    cmd = [sys.executable, str(BENCH / "dp_timing.py"), "--resolution", "16", "--features", "4",
+           "--steps", "4", "--warmup", "0", "--units", "40", "--batch", "4", "--run-steps", "20",
+           "--threads", "1", "--paths", "loop"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
+    (result,) = json.loads(out.strip().splitlines()[-1])["results"]
+    assert result["path"] == "loop" and result["units_cap"] > 4 and result["cost"] > 0
+    for mode in ("unpadded", "padded"):
+        assert result[mode]["median_s"] > 0 and 0 <= result[mode]["recovered_within_1"] <= 4
+
+
 @pytest.mark.parametrize("variant", ["micro4", "shard4", "shard1"])
 def test_nonprivate_baselines_compute_the_plain_gradient(variant: str) -> None:
     dp_step = _load("dp_step")

@@ -10,9 +10,10 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, _chunks, chunk_slices_for
+from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, chunk_slices_for
 from privseg.privacy.per_sample import per_sample_grads
 from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
+from privseg.privacy.unit_grads import chunks as _chunks
 
 
 class TinyNet(nn.Module):

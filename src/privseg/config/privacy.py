@@ -67,6 +67,20 @@ class PrivacyConfig:
         default=1,
         metadata=rule(ge=0, le=10_000, help="evaluation queries a DP site answers per run"),
     )
+    #: Constant-shape DP steps (privseg.privacy.padding): every step computes on the same
+    #: padded batch, the Poisson batch's units plus dummy units (excluded exactly from the
+    #: gradient), so a step's duration does not reveal the private batch size. The padded
+    #: size is the batch size exceeded with probability <= 1e-9 over the run (about 3x the
+    #: expected batch at batch size 16; with patient units each unit is padded to the
+    #: largest patient's slices too), so a step costs about that much more compute
+    #: (docs/BENCHMARKS.md). false: unpadded steps, faster, whose time leaks the batch size.
+    constant_time: bool = field(
+        default=True,
+        metadata=rule(
+            help="pad every DP step to one fixed batch shape so step time does not reveal "
+            "the Poisson batch size (costs compute: docs/BENCHMARKS.md)"
+        ),
+    )
 
     def check(self) -> None:
         if self.enabled:

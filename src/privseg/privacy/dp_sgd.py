@@ -19,17 +19,27 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from privseg.privacy.opacus_grads import opacus_per_sample
-from privseg.privacy.per_sample import per_sample_grads
 from privseg.privacy.sampling import secure_generator
+from privseg.privacy.unit_grads import (
+    LossFn,
+    Slices,
+    chunks,
+    clip_and_sum,
+    dense_groups,
+    mean_loss,
+    only_real,
+    per_unit,
+    real_mask,
+    unit_grads,
+)
 
 GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
 #: ``privacy.grad_path = "auto"`` by device type. CPU: measured (bench/dp_step.py, see
@@ -63,58 +73,8 @@ def resolve_grad_path(grad_path: str, device: torch.device) -> str:
     return AUTO_GRAD_PATH.get(torch.device(device).type, AUTO_GRAD_PATH["cpu"])
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One shard's result: sum of its clipped unit gradients, its summed loss, its unit norms.
 _Part = tuple[list[torch.Tensor], float, dict[int, float]]
-
-
-def _dense_groups(groups: Any, n: int) -> tuple[torch.Tensor, int]:
-    """Any unit ids per slice -> contiguous ids 0..k-1 (as a LongTensor) and k."""
-    g = groups.detach().cpu().numpy() if isinstance(groups, torch.Tensor) else np.asarray(groups)
-    if g.shape != (n,):
-        raise ValueError(f"groups must have one unit id per slice ({n}), got shape {g.shape}")
-    if n == 0:
-        return torch.zeros(0, dtype=torch.long), 0
-    ids, inv = np.unique(g, return_inverse=True)
-    return torch.as_tensor(inv.reshape(-1), dtype=torch.long), len(ids)
-
-
-def _chunks(groups: torch.Tensor, k: int, size: int) -> list[list[int]]:
-    """Units 0..k-1 packed in order into chunks of at most ``size`` slices (a unit with more
-    slices is a chunk of its own): a unit never spans two chunks, so it is clipped whole."""
-    chunks: list[list[int]] = []
-    filled = size
-    for u, n in enumerate(torch.bincount(groups, minlength=k).tolist()):
-        if filled + n > size:
-            chunks.append([])
-            filled = 0
-        chunks[-1].append(u)
-        filled += n
-    return chunks
-
-
-def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Opacus's ``clip_and_accumulate`` factor, verbatim: min(1, C / (norm + 1e-6))."""
-    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-
-
-def per_unit(per_slice: Sequence[torch.Tensor], unit: torch.Tensor, k: int) -> list[torch.Tensor]:
-    """Per-slice gradients ``[n, *shape]`` summed into per-unit ones ``[k, *shape]``
-    (``unit``: each slice's unit index 0..k-1); slice losses never couple, so this is each
-    unit's gradient."""
-    return [g.new_zeros((k, *g.shape[1:])).index_add_(0, unit.to(g.device), g) for g in per_slice]
-
-
-def clip_and_sum(
-    grads: Sequence[torch.Tensor], max_grad_norm: float
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-unit gradients ``[k, *shape]`` (one tensor per parameter) -> the sum over units of
-    each unit's gradient clipped to ``max_grad_norm`` (norm over all parameters), and the
-    unit norms."""
-    k = len(grads[0])
-    norms = torch.stack([g.reshape(k, -1).norm(2, dim=1) for g in grads]).norm(2, dim=0)
-    factors = clip_factors(norms, max_grad_norm)
-    return [torch.tensordot(factors.to(g.dtype), g, dims=1) for g in grads], norms
 
 
 class DPGradient:
@@ -164,32 +124,44 @@ class DPGradient:
         images: torch.Tensor,
         labels: torch.Tensor,
         groups: Any,
+        real: Any = None,
     ) -> dict[str, float]:
         """Leave the clipped, noised, averaged gradient in ``p.grad``; return batch stats.
 
         ``loss_fn(logits, target)`` must return one loss per slice (never coupling slices).
         ``groups`` gives the unit id of each slice (any ids; slices of a unit share one).
+        ``real`` (one bool per slice; None: all True) marks the slices of a padded batch
+        (:mod:`privseg.privacy.padding`) that count: the others are computed like real ones
+        but excluded exactly (their losses and per-sample gradients are selected out, never
+        multiplied by 0), so the gradient is that of the real slices alone, and a unit
+        without a real slice adds exactly 0 and is not counted in the stats.
         """
         self._validate(model)
         params = [p for p in model.parameters() if p.requires_grad]
-        group_t, k = _dense_groups(groups, len(images))
+        group_t, k = dense_groups(groups, len(images))
+        keep = real_mask(real, len(images))
         path = self.path_on(params[0].device if params else images.device)
         if k == 0:
             summed = [torch.zeros_like(p) for p in params]
             loss, norms = float("nan"), torch.zeros(0)
         elif path in ("loop", "batched"):
             summed, loss, norms = self._sharded(
-                model, params, loss_fn, images, labels, group_t, k, loop=path == "loop"
+                model, params, loss_fn, images, labels, (group_t, keep), k, loop=path == "loop"
             )
         else:  # both Opacus paths: hooks, or vmap(grad) for every layer
             summed, loss, norms = self._opacus(
-                model, params, loss_fn, images, labels, group_t, k, functorch=path == "functorch"
-            )
+                model, params, loss_fn, images, labels, (group_t, keep), k,
+                functorch=path == "functorch",
+            )  # fmt: skip
         std = self.noise_multiplier * self.max_grad_norm
         for p, s in zip(params, summed, strict=True):
             p.grad = (s + self._noise(std, s)) / self.expected_batch_size
-        clipped = float((norms > self.max_grad_norm).double().mean()) if k else 0.0
-        return {"loss": loss, "units": k, "clipped_fraction": clipped}
+        live = torch.ones(k, dtype=torch.bool)  # units with a real slice
+        if keep is not None:
+            live = torch.zeros(k, dtype=torch.bool).index_fill_(0, group_t[keep], True)
+        units = int(live.sum())
+        clipped = float((norms[live] > self.max_grad_norm).double().mean()) if units else 0.0
+        return {"loss": loss, "units": units, "clipped_fraction": clipped}
 
     def path_on(self, device: torch.device) -> str:
         """The per-unit gradient path this object runs for parameters on ``device``."""
@@ -229,7 +201,7 @@ class DPGradient:
         loss_fn: LossFn,
         images: torch.Tensor,
         labels: torch.Tensor,
-        groups: torch.Tensor,
+        slices: Slices,
         k: int,
         *,
         loop: bool,
@@ -244,12 +216,12 @@ class DPGradient:
         depend on thread timing.
         """
         size = 1 if loop else self.chunk_slices or chunk_slices_for(images)
-        items = _chunks(groups, k, size)
+        items = chunks(slices[0], k, size)
         saved = torch.get_num_threads()
         workers = 1 if params and params[0].device.type != "cpu" else min(saved, len(items))
 
         def shard(mine: list[list[int]]) -> _Part:
-            return self._clipped_sum(model, params, loss_fn, images, labels, groups, mine)
+            return self._clipped_sum(model, params, loss_fn, images, labels, slices, mine)
 
         if workers == 1:
             parts = [shard(items)]
@@ -269,7 +241,7 @@ class DPGradient:
         for _, _, unit_norms in parts:
             for u, n in unit_norms.items():
                 norms[u] = n
-        return summed, sum(p[1] for p in parts) / len(images), norms
+        return summed, mean_loss(sum(p[1] for p in parts), slices[1], len(images)), norms
 
     def _clipped_sum(
         self,
@@ -278,7 +250,7 @@ class DPGradient:
         loss_fn: LossFn,
         images: torch.Tensor,
         labels: torch.Tensor,
-        groups: torch.Tensor,
+        slices: Slices,
         items: list[list[int]],
     ) -> _Part:
         """For each item (one unit, or a chunk of whole units) its units' gradients, each
@@ -287,7 +259,7 @@ class DPGradient:
         norms: dict[int, float] = {}
         total = 0.0
         for units in items:
-            grads, loss = _unit_grads(model, params, loss_fn, images, labels, groups, units)
+            grads, loss = unit_grads(model, params, loss_fn, images, labels, slices, units)
             total += loss
             clipped, unit_norms = clip_and_sum(grads, self.max_grad_norm)
             for s, c in zip(summed, clipped, strict=True):
@@ -311,46 +283,18 @@ class DPGradient:
         loss_fn: LossFn,
         images: torch.Tensor,
         labels: torch.Tensor,
-        groups: torch.Tensor,
+        slices: Slices,
         k: int,
         *,
         functorch: bool,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
         """Per-slice gradients from Opacus (hooks, or ``vmap(grad)`` everywhere), summed
         per unit and clipped."""
-        per_slice, loss = opacus_per_sample(
+        groups, keep = slices
+        per_slice, losses = opacus_per_sample(
             model, params, loss_fn, images, labels, functorch=functorch
         )
+        per_slice, losses = only_real(keep, per_slice, losses)
         summed, norms = clip_and_sum(per_unit(per_slice, groups, k), self.max_grad_norm)
+        loss = mean_loss(float(losses.sum()), keep, len(images))
         return summed, loss, norms.detach().double().cpu()
-
-
-def _unit_grads(
-    model: nn.Module,
-    params: Sequence[torch.Tensor],
-    loss_fn: LossFn,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    groups: torch.Tensor,
-    units: list[int],
-) -> tuple[list[torch.Tensor], float]:
-    """Each unit's gradient (its slices' losses summed), as ``[len(units), *p.shape]`` per
-    parameter, and the units' summed loss.
-
-    One unit: its ordinary gradient, one backward (the loop). Several: per-slice gradients
-    from one batched pass, summed per unit (slice losses never couple).
-    """
-    unit_t = torch.as_tensor(units, dtype=torch.long, device=groups.device)
-    match = groups[:, None] == unit_t[None, :]
-    sel = torch.nonzero(match.any(1)).flatten()
-    x, y = images[sel.to(images.device)], labels[sel.to(images.device)]
-    if len(units) == 1:
-        losses = loss_fn(model(x), y)
-        grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        one = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        return [g[None] for g in one], float(losses.detach().sum())
-    per_slice, losses = per_sample_grads(model, loss_fn, x, y, params)
-    local = match[sel].long().argmax(1)  # each slice's unit, as an index in ``units``
-    if torch.equal(local, torch.arange(len(units))):  # one slice per unit, in order
-        return per_slice, float(losses.sum())
-    return per_unit(per_slice, local, len(units)), float(losses.sum())

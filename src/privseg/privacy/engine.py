@@ -23,6 +23,7 @@ from privseg.privacy import history
 from privseg.privacy.dp_sgd import DPGradient, LossFn
 from privseg.privacy.history import Budget
 from privseg.privacy.ledger import PrivacyLedger
+from privseg.privacy.padding import Batch, ConstantShapeBatches
 from privseg.privacy.plan import DPPlan, unit_ids
 from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
 from privseg.results import SLICE_UNIT_NOTE
@@ -59,6 +60,14 @@ class SitePrivacy:
         self.data_site = next(iter(self.patients))
         self.reserved = 0  # steps this run has reserved through this object
         self.sampler = PoissonUnitSampler(self.units, sample_rate=plan.sample_rate)
+        # privacy.constant_time: every step computes on the same padded shape (padding.py)
+        self.padding = (
+            ConstantShapeBatches(
+                self.units, sample_rate=plan.sample_rate, steps=plan.steps, rng=self.sampler.rng
+            )
+            if cfg.constant_time
+            else None
+        )
         self.gradient = DPGradient(
             max_grad_norm=plan.max_grad_norm,
             noise_multiplier=plan.noise_multiplier,
@@ -82,6 +91,17 @@ class SitePrivacy:
             cfg.budget_epsilon,
             cfg.grad_path,
         )
+        if self.padding is not None:
+            log.info(
+                "DP-SGD site=%s constant-shape steps: %d unit slots x %d slices (expected "
+                "batch %.3g units; a larger one, probability <= %g over the run, is computed "
+                "in full and logged)",
+                site,
+                self.padding.units_cap,
+                self.padding.unit_slices,
+                plan.sample_rate * plan.n_units,
+                self.padding.overflow,
+            )
         if plan.unit == "slice":
             warnings.warn(SLICE_UNIT_NOTE, UserWarning, stacklevel=2)
 
@@ -98,9 +118,14 @@ class SitePrivacy:
         return self.plan.expected_batch_size
 
     # ---- training ------------------------------------------------------------------------
-    def sample_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(slice indices, unit group 0..k-1 per slice) of one Poisson batch; may be empty."""
-        return self.sampler.sample()
+    def sample_batch(self) -> Batch:
+        """``(idx, groups, real)`` of one Poisson batch: slice indices, unit group 0..k-1 per
+        slice, and which slices are real. With ``privacy.constant_time`` padded to the same
+        shape every step (dummy slices ``real = False``); without it unpadded (may be empty)."""
+        idx, groups = self.sampler.sample()
+        if self.padding is None:
+            return Batch(idx, groups, np.ones(len(idx), dtype=bool))
+        return self.padding.pad(idx, groups)
 
     def step_gradients(
         self,
@@ -109,10 +134,12 @@ class SitePrivacy:
         images: torch.Tensor,
         labels: torch.Tensor,
         groups: Any,
+        real: Any = None,
     ) -> dict[str, float]:
         """Set ``p.grad`` to the clipped, noised, averaged gradient (call every sampled batch,
-        empty ones included: they were reserved and are noise-only steps)."""
-        return self.gradient(model, loss_fn, images, labels, groups)
+        empty ones included: they were reserved and are noise-only steps); ``real`` from
+        :meth:`sample_batch` (None: every slice real)."""
+        return self.gradient(model, loss_fn, images, labels, groups, real)
 
     def reserve(self, steps: int, *, run_id: str | None = None) -> None:
         """Durably record ``steps`` BEFORE they are run, unit and budget checked in the same

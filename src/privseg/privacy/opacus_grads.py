@@ -22,9 +22,10 @@ def opacus_per_sample(
     labels: torch.Tensor,
     *,
     functorch: bool,
-) -> tuple[list[torch.Tensor], float]:
-    """(one ``[n, *p.shape]`` gradient per parameter in ``params``, the mean slice loss) from
-    one batched pass with Opacus hooks (``functorch``: ``vmap(grad)`` for every layer)."""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(one ``[n, *p.shape]`` gradient per parameter in ``params``, the slice losses ``[n]``,
+    detached) from one batched pass with Opacus hooks (``functorch``: ``vmap(grad)`` for every
+    layer)."""
     from opacus import GradSampleModule
 
     if not model.training:
@@ -37,7 +38,6 @@ def opacus_per_sample(
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", force_functorch=functorch)
     try:
         per_sample = loss_fn(gsm(images), labels)
-        loss = float(per_sample.detach().mean())
         with warnings.catch_warnings():
             # images never require grad, so Opacus's full backward hooks always say so
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -53,7 +53,7 @@ def opacus_per_sample(
         _strip_opacus_attrs(model)
         for p, g in zip(params, saved, strict=True):
             p.grad = g
-    return per_slice, loss
+    return per_slice, per_sample.detach()
 
 
 def _strip_opacus_attrs(model: nn.Module) -> None:

@@ -26,11 +26,11 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
     DP is on if either side turns it on or the site sets a budget; delta, the lifetime budget
     and the target epsilon are the smaller of the two; the noise multiplier the larger (with
     both a noise and a target, the larger resulting noise wins: see ``DPPlan``); the unit the
-    stronger; the site's accountant and ledger folder always (a server cannot move a site's
-    ledger); evaluation answers only as the site allows (no ``eval_noise`` of its own: it
-    refuses; else the larger noise and the fewer queries); ``allow_nonprivate`` only its own.
-    The site cannot tell its explicit values from defaults: its defaults (target 8, delta
-    1e-5) are floors too.
+    stronger; constant-shape steps if either side asks; the site's accountant and ledger
+    folder always (a server cannot move a site's ledger); evaluation answers only as the site
+    allows (no ``eval_noise`` of its own: it refuses; else the larger noise and the fewer
+    queries); ``allow_nonprivate`` only its own. The site cannot tell its explicit values from
+    defaults: its defaults (target 8, delta 1e-5, constant-shape steps on) are floors too.
     """
     wants_dp = own.enabled or requested.enabled or own.budget_epsilon is not None
     site_owned = {"ledger_dir": own.ledger_dir, "allow_nonprivate": own.allow_nonprivate}
@@ -47,6 +47,7 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
         accountant=own.accountant,
         eval_noise=None if own.eval_noise is None else _most(own.eval_noise, requested.eval_noise),
         eval_queries=min(own.eval_queries, requested.eval_queries),
+        constant_time=own.constant_time or requested.constant_time,
         **site_owned,
     )
     changed = [

@@ -163,10 +163,10 @@ class SiteTrainer:
     def _gradient_step(self) -> float:
         split = self.train_split
         if self.privacy is not None:
-            idx, groups = self.privacy.sample_batch()
+            idx, groups, real = self.privacy.sample_batch()  # constant shape: padded
             images, labels = self._load(split, idx, self.device)
             stats = self.privacy.step_gradients(
-                self.model, self.loss_fn, images, labels, torch.as_tensor(groups)
+                self.model, self.loss_fn, images, labels, torch.as_tensor(groups), real
             )
             return float(stats.get("loss", math.nan))
         idx = self._next_batch()
