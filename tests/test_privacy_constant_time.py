@@ -286,11 +286,10 @@ def site(tmp_path: Path, **kw) -> SitePrivacy:
     return SitePrivacy(c, plan, site="a", units=units, ledger=ledger, patients=patients, run_id="r")
 
 
-def test_site_privacy_pads_every_batch_by_default(tmp_path: Path) -> None:
-    """SitePrivacy (what the trainer calls): constant_time on by default, each patient one
-    group padded to the largest patient's slices, B_cap from the plan's n, q and steps."""
-    assert PrivacyConfig().constant_time is True
-    sp = site(tmp_path)
+def test_site_privacy_pads_every_batch_with_constant_time(tmp_path: Path) -> None:
+    """SitePrivacy (what the trainer calls) with constant_time: each patient one group padded
+    to the largest patient's slices, B_cap from the plan's n, q and steps."""
+    sp = site(tmp_path, constant_time=True)
     counts = np.bincount(np.unique(UNITS["patient"], return_inverse=True)[1])
     assert sp.padding is not None and sp.padding.unit_slices == counts.max() == 7
     assert sp.padding.units_cap == batch_cap(9, sp.sample_rate, 60)
@@ -314,7 +313,25 @@ def test_constant_time_config_and_site_floor() -> None:
     with pytest.raises(ConfigError, match="constant_time"):
         Config().replace(**{"privacy.constant_time": "yes"})
     assert Config().replace(**{"privacy.constant_time": False}).privacy.constant_time is False
-    own, asked = PrivacyConfig(enabled=True), PrivacyConfig(enabled=True, constant_time=False)
+    own = PrivacyConfig(enabled=True, constant_time=True)
+    asked = PrivacyConfig(enabled=True, constant_time=False)
     merged, changed = apply_floor(asked, own)
     assert merged.constant_time is True
     assert any("constant_time" in c for c in changed)
+
+
+def test_constant_time_is_on_at_a_deployed_site_and_off_in_one_process(tmp_path: Path) -> None:
+    """None (the default): a deployed site's floor turns it on (a server in another hospital
+    times its replies); simulation, central and local runs stay unpadded (no step time leaves
+    the machine). A site may still say false explicitly."""
+    from privseg.federated.site import site_policy
+
+    assert PrivacyConfig().constant_time is None
+    assert site(tmp_path / "sim").padding is None
+    floor = Config.load(site_policy(tmp_path / "site", None, 4.0)).privacy
+    assert floor.constant_time is True
+    merged, _ = apply_floor(PrivacyConfig(enabled=True, constant_time=False), floor)
+    assert merged.constant_time is True  # a server cannot turn it off
+    own = tmp_path / "own.toml"
+    own.write_text("[privacy]\nconstant_time = false\n")
+    assert Config.load(site_policy(tmp_path / "site2", own, 4.0)).privacy.constant_time is False

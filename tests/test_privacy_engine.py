@@ -140,7 +140,7 @@ def train(sp: SitePrivacy, steps: int, *, crash_after: int | None = None) -> int
     for _ in range(steps):
         if crash_after is not None and done == crash_after:
             raise RuntimeError("simulated crash")
-        idx, groups, real = sp.sample_batch()  # padded: constant_time is the default
+        idx, groups, real = sp.sample_batch()  # unpadded: constant_time is off here by default
         stats = sp.step_gradients(
             model, loss_fn, images[idx], labels[idx], torch.as_tensor(groups), real
         )

@@ -74,11 +74,15 @@ class PrivacyConfig:
     #: expected batch at batch size 16; with patient units each unit is padded to the
     #: largest patient's slices too), so a step costs about that much more compute
     #: (docs/BENCHMARKS.md). false: unpadded steps, faster, whose time leaks the batch size.
-    constant_time: bool = field(
-        default=True,
+    #: None: on at a deployed site (``privseg site`` writes it into the site's floor, where a
+    #: server in another hospital times the replies), off where the server is this very
+    #: process (simulation, central, local: no step time leaves the machine).
+    constant_time: bool | None = field(
+        default=None,
         metadata=rule(
             help="pad every DP step to one fixed batch shape so step time does not reveal "
-            "the Poisson batch size (costs compute: docs/BENCHMARKS.md)"
+            "the Poisson batch size (about 3x the compute: docs/BENCHMARKS.md); None = on "
+            "at a deployed site, off in simulation, central and local runs"
         ),
     )
 

@@ -70,6 +70,8 @@ def site_policy(
             "every run; `privseg budget --data CACHE` shows what is spent)"
         )
     policy = own.replace(**{"privacy.enabled": True, "privacy.budget_epsilon": min(budgets)})
+    if policy.privacy.constant_time is None:  # the server times this site's replies
+        policy = policy.replace(**{"privacy.constant_time": True})
     path = out / SITE_POLICY
     make_folder(out)
     atomic_write_text(path, policy.to_toml())

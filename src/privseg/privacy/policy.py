@@ -47,7 +47,7 @@ def apply_floor(requested: PrivacyConfig, own: PrivacyConfig) -> tuple[PrivacyCo
         accountant=own.accountant,
         eval_noise=None if own.eval_noise is None else _most(own.eval_noise, requested.eval_noise),
         eval_queries=min(own.eval_queries, requested.eval_queries),
-        constant_time=own.constant_time or requested.constant_time,
+        constant_time=True if own.constant_time or requested.constant_time else own.constant_time,
         **site_owned,
     )
     changed = [
