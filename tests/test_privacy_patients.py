@@ -25,7 +25,6 @@ SMALL = {
     "data": {"resolution": 32, "sites": 2},
     "model": {"features": 4, "groups": 1},
     "train": {"epochs": 1, "batch_size": 4, "threads": 1},
-    "privacy": {"accountant": "rdp"},
 }
 
 
@@ -171,10 +170,20 @@ def test_2_non_private_training_is_recorded_as_infinite(task: Path, tmp_path: Pa
 # ---- finding 9: a privacy option without --dp ------------------------------------------
 @pytest.mark.parametrize(
     "extra",
-    [("--epsilon", "3"), ("--delta", "1e-6"), ("--set", "privacy.budget_epsilon=3")],
+    [
+        ("--epsilon", "3"),
+        ("--delta", "1e-6"),
+        ("--set", "privacy.budget_epsilon=3"),
+        ("--config-privacy", "budget_epsilon = 3.0"),
+    ],
 )
 def test_9_a_dp_option_without_dp_is_refused(task: Path, tmp_path: Path, extra: tuple) -> None:
-    res = train(task, tmp_path / "r", config(tmp_path), *extra)
+    cfg = config(tmp_path)
+    if extra[0] == "--config-privacy":  # written into the config file (review finding 8)
+        cfg.write_text(cfg.read_text().replace("[privacy]", f"[privacy]\n{extra[1]}", 1))
+        extra = ()
+    res = invoke("train", "--data", task, "--out", tmp_path / "r", "--mode", "local",
+                 "--config", cfg, *extra)  # fmt: skip
     assert res.exit_code == 2 and "DP is off" in res.output, res.output
     assert not (tmp_path / "r" / "results.json").exists() and store_rows() == 0
 

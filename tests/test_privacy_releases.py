@@ -128,3 +128,27 @@ def test_a_dp_site_answers_noised_and_recorded_only_for_a_run_it_trained_in(
     assert math.isfinite(out[M.DICE]) and set(out) <= M.DP_EVAL_KEYS
     (row,) = ledger.rows()
     assert row["kind"] == "gaussian" and row["patients"] == set(P[:2]) and row["run_id"] == "r1"
+
+
+def test_the_run_reports_its_evaluation_release_too(tmp_path: Path) -> None:
+    """Review finding 6: results.json said epsilon 2.00 for a run whose evaluation answer was
+    recorded at epsilon 10 on the test patients; the site's epsilon now covers every patient
+    the run released on."""
+    from privseg.privacy.engine import SitePrivacy
+    from privseg.privacy.plan import DPPlan
+
+    cfg = PrivacyConfig(enabled=True, noise_multiplier=2.0, target_epsilon=None, eval_noise=0.5,
+                        accountant="rdp", delta=1e-5)  # fmt: skip
+    units = np.arange(40)
+    plan = DPPlan.build(cfg, n_units=40, batch_size=4, steps=10, site="a")
+    train = [f"{i:064x}" for i in range(100, 140)]
+    ledger = PrivacyLedger(tmp_path / "l.sqlite")
+    sp = SitePrivacy(cfg, plan, site="a", units=units, ledger=ledger, patients={"a": train},
+                     run_id="r")  # fmt: skip
+    sp.reserve(10)
+    trained_only = sp.summary()["epsilon"]
+    assert answer(ledger, cfg) is not None  # recorded on P, the test patients, run "r"
+    summary = sp.summary()
+    query = epsilon([(0.5, 1.0, 1)], delta=1e-5, accountant="rdp")
+    assert trained_only < query <= summary["epsilon"] and summary["epsilon_run"] >= query
+    assert any(r["kind"] == "gaussian" for r in summary["releases"])

@@ -43,14 +43,15 @@ def budget(
         raise ConfigError(f"--format = {format!r} is invalid: allowed 'table', 'json'")
     from privseg.data.contents import patients_by_site
     from privseg.privacy.budget import recorded_sites, site_budgets  # Opacus loads when needed
-    from privseg.privacy.ledger import PrivacyLedger
-    from privseg.privacy.stores import LEDGER_FILE, store_dir
+    from privseg.privacy.stores import LEDGER_FILE, open_store, store_dir, store_of
 
-    folder = store_dir(ledgers)
+    groups = patients_by_site(data) if data is not None else None
+    everyone = [p for g in (groups or {}).values() for p in g]
+    folder = store_dir(ledgers) if ledgers or not everyone else store_of(everyone) or store_dir()
     if not (folder / LEDGER_FILE).is_file():
         raise DataError(f"no privacy ledger store in {folder}: nothing has been recorded there")
-    ledger = PrivacyLedger(folder / LEDGER_FILE)
-    groups = patients_by_site(data) if data is not None else recorded_sites(ledger)
+    ledger = open_store(folder)  # the registry's checks too: a store cut short is an error
+    groups = groups if groups is not None else recorded_sites(ledger)
     sites = site_budgets(ledger, groups, delta=delta, accountant=accountant)
     if format == "json":
         typer.echo(json.dumps({"sites": sites}, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,10 +78,12 @@ NOT_DP_OPTIONS = {"privacy.enabled", "privacy.ledger_dir", "privacy.allow_nonpri
 
 
 def refuse_dp_options_without_dp(
-    cfg: Config, flags: dict[str, Any], overrides: list[str] | None
+    cfg: Config, flags: dict[str, Any], overrides: list[str] | None, config: Path | None = None
 ) -> None:
     """A DP option given while DP is off is refused, never silently ignored (a user who typed
-    ``--epsilon 3`` and forgot ``--dp`` must not get a non-private model)."""
+    ``--epsilon 3``, or wrote a budget into the ``--config`` file, and forgot ``--dp`` must not
+    get a non-private model). A config file's privacy value equal to the default is no option
+    (``privseg config`` writes every field)."""
     if cfg.privacy.enabled:
         return
     given = [name for name, value in flags.items() if value is not None]
@@ -90,6 +93,16 @@ def refuse_dp_options_without_dp(
         if item.strip().startswith("privacy.")
         and item.split("=", 1)[0].strip() not in NOT_DP_OPTIONS
     ]
+    if config is not None:
+        default = Config().privacy
+        written = dict(Config.load(config).to_dict().get("privacy", {}))
+        raw = tomllib.loads(Path(config).read_text()).get("privacy", {})
+        given += [
+            f"privacy.{key} in {config}"
+            for key in raw
+            if f"privacy.{key}" not in NOT_DP_OPTIONS
+            and written.get(key) != getattr(default, key, None)
+        ]
     if given:
         raise ConfigError(
             f"{', '.join(given)} set{'s' if len(given) == 1 else ''} DP but DP is off: add --dp "

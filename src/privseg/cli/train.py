@@ -55,7 +55,7 @@ def train(
             "train.device": device,
         },
     )
-    refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_)
+    refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
     try:
         with progress_bar() as progress:
             results = run_train(

@@ -56,7 +56,7 @@ class PrivacyConfig:
     eval_noise: float | None = field(
         default=None,
         metadata=rule(
-            gt=0.0,
+            ge=0.1,  # below it one answer costs epsilon > 90 and the PRV accountant fails
             le=1e4,
             help="a DP site answers a server's evaluation query with its Dice sums noised by "
             "this multiple of their sensitivity, and records it (Gaussian, per patient); None "

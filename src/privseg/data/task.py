@@ -58,15 +58,17 @@ class Volume:
     spacing: tuple[float, float, float]
 
     def content(self) -> str:
-        """The patient's content fingerprint: sha256 of its image and label voxels (shapes,
-        float32 HU, uint8 labels, canonical RAS). The privacy ledger keys a patient by it, so
-        copying, moving, renaming, re-preparing or re-partitioning the data does not change
-        whose budget a release counts against; file names, formats and spacing do not enter."""
-        h = hashlib.sha256(b"privseg-patient-v1\n")
-        for array, dtype in ((self.image, np.float32), (self.label, np.uint8)):
-            data = np.ascontiguousarray(array, dtype=dtype)
-            h.update(repr(data.shape).encode() + b"\n")
-            h.update(memoryview(data).cast("B"))
+        """The patient's content fingerprint: sha256 of its image voxels in canonical RAS (the
+        shape, then HU rounded to 0.01, NaN as one value, -0 as 0). The privacy ledger keys a
+        patient by it, so copying, moving, renaming, re-preparing, re-partitioning or
+        re-annotating (labels do not enter) the data does not change whose budget a release
+        counts against. Any change to the image voxels (a crop, a re-export, another
+        reconstruction) makes another fingerprint: the README says what that means."""
+        image = np.round(np.asarray(self.image, dtype=np.float64), 2) + 0.0  # -0.0 -> 0.0
+        image = np.where(np.isnan(image), np.inf, image)  # every NaN pattern is one value
+        data = np.ascontiguousarray(image, dtype=np.float64)
+        h = hashlib.sha256(b"privseg-patient-v2\n" + repr(data.shape).encode() + b"\n")
+        h.update(memoryview(data).cast("B"))
         return h.hexdigest()
 
 

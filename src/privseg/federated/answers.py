@@ -48,3 +48,23 @@ def private_answer(
         M.DICE: answer["dice"],
         **dict(zip(M.CLASS_DICE, (answer[c] for c in names), strict=False)),
     }
+
+
+def record_exact_answer(cfg: Config, trainer: Any, split: str, run_id: str) -> None:
+    """A site without DP answers exactly: a release without DP on the evaluated patients
+    (epsilon infinite), recorded once per run and split before the answer leaves."""
+    from privseg.privacy.engine import record_nonprivate
+    from privseg.privacy.stores import open_store
+
+    split_data = getattr(trainer, "splits", {}).get(split)
+    patients = list(getattr(split_data, "contents", None) or [])
+    if not patients:
+        return
+    ledger = open_store(cfg.privacy.ledger_dir, patients)
+    note = f"exact {split} metrics sent to the server"
+    if any(r["run_id"] == run_id and r["note"] == note for r in ledger.rows()):
+        return
+    record_nonprivate(
+        cfg.privacy, ledger, {trainer.name: patients}, site=trainer.name, steps=1,
+        run_id=run_id, note=note,
+    )  # fmt: skip

@@ -25,7 +25,7 @@ from privseg.config import Config
 from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
 from privseg.federated import messages as M
 from privseg.federated import replay, secagg
-from privseg.federated.answers import EVALUATED, private_answer
+from privseg.federated.answers import EVALUATED, private_answer, record_exact_answer
 from privseg.io import atomic_write_text, write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
@@ -165,6 +165,7 @@ def site_train(
         dice = trainer.evaluate(state, "val").get("dice")
         trainer.local_val.append({"round": int(config.get(M.CFG_ROUND, 0)), "dice": dice})
     elif int(config.get(M.CFG_EVAL_INCOMING, 0)):
+        record_exact_answer(cfg, trainer, "val", str(config[M.CFG_RUN_ID]))
         incoming[M.VAL_DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
     global_state = state if cfg.federated.strategy == "fedprox" else None
     try:
@@ -234,6 +235,8 @@ def site_evaluate(
     out[M.NUM_EXAMPLES] = out[M.N_PATIENTS]
     if cfg.privacy.enabled:
         out.update(private_answer(cfg, trainer, result, split, str(config[M.CFG_RUN_ID])))
+    else:
+        record_exact_answer(cfg, trainer, split, str(config[M.CFG_RUN_ID]))
     if int(config.get(M.CFG_FINAL, 0)):
         privacy = trainer.privacy_summary()
         for key in M.PRIVACY_SCALARS:

@@ -179,11 +179,21 @@ class SitePrivacy:
 
     def _worst(self, site: str, run_id: str | None = None) -> tuple[float, list[dict[str, Any]]]:
         return self.ledger.worst(
-            self.patients[site],
+            self.released_on(site),
             delta=self.plan.delta,
             accountant=self.plan.accountant,
             run_id=run_id,
         )
+
+    def released_on(self, site: str) -> list[str]:
+        """Every patient of ``site`` this run released on: its training patients, and the
+        patients its evaluation answers were recorded on (``gaussian`` rows of this run)."""
+        asked = [
+            r["patients"]
+            for r in self.ledger.rows()
+            if r["kind"] == "gaussian" and r["run_id"] == self.run_id and r["site"] == site
+        ]
+        return sorted(set(self.patients[site]).union(*asked))
 
     def run_epsilon(self) -> float:
         """Epsilon of this run's own releases, taken alone (what ``target_epsilon`` bounds)."""
@@ -195,7 +205,7 @@ class SitePrivacy:
         who has spent most, at ``delta``)."""
         name = site or self.data_site
         eps, releases = self._worst(name)
-        held = self.ledger.budget(self.patients[name])
+        held = self.ledger.budget(self.released_on(name))
         return {
             "epsilon": eps,
             "epsilon_run": self._worst(name, self.run_id)[0],
@@ -285,8 +295,10 @@ def record_nonprivate(
     site: str,
     steps: int,
     run_id: str,
+    note: str = "trained without DP",
 ) -> None:
-    """Record a training run without DP on ``patients``: their epsilon becomes infinite.
+    """Record a release without DP on ``patients`` (a training run, by default): their
+    epsilon becomes infinite.
     Refused (nothing written) when any of them holds a budget, unless the config says
     ``privacy.allow_nonprivate = true``."""
     try:
@@ -302,7 +314,7 @@ def record_nonprivate(
             accountant=cfg.accountant,
             delta=cfg.delta,
             over_budget=cfg.allow_nonprivate,
-            note="trained without DP",
+            note=note,
         )
     except PrivacyBudgetExceeded as exc:
         raise PrivacyBudgetExceeded(
