@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,27 @@ def _few_threads() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+class TinyNet(nn.Module):
+    """Conv + GroupNorm + conv: a tiny per-sample segmenter (no batch coupling), covered by
+    every per-sample gradient path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))
+
+
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE averaged per sample: one loss value per slice."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, target, reduction="none"
+    ).mean((1, 2, 3))
+
+
 @pytest.fixture(autouse=True)
 def _own_ledger_store(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
@@ -55,6 +77,19 @@ def _own_ledger_store(
     monkeypatch.setenv("XDG_DATA_HOME", str(home))
     monkeypatch.delenv("PRIVSEG_LEDGER_DIR", raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One site, three 16 x 16 x 4 phantom patients: fast enough to copy and break per test."""
+    root = tmp_path_factory.mktemp("tiny") / "task"
+    return synth_task(root, sites=1, patients_per_site=3, seed=0, size=16, slices=4)
+
+
+@pytest.fixture
+def task(tiny_task: Path, tmp_path: Path) -> Path:
+    """A copy of ``tiny_task`` this test may break."""
+    return Path(shutil.copytree(tiny_task, tmp_path / "task"))
 
 
 @pytest.fixture(scope="session")

@@ -27,24 +27,12 @@ import privseg
 from privseg.cli.app import app
 from privseg.config import DataConfig
 from privseg.data import msd
-from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.errors import DataError
 from task_formats import to_dicom
 
 CFG = DataConfig(resolution=16, sites=1)
 SRC = str(Path(privseg.__file__).resolve().parents[1])  # the code under test
-
-
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "task"
-    return synth_task(root, sites=1, patients_per_site=3, seed=0, size=16, slices=4)
-
-
-@pytest.fixture
-def task(tiny_task: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_task, tmp_path / "task"))
 
 
 @pytest.fixture(scope="module")

@@ -35,18 +35,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One site, three 16 x 16 x 4 phantom patients: fast enough to copy and break per test."""
-    root = tmp_path_factory.mktemp("tiny") / "task"
-    return synth_task(root, sites=1, patients_per_site=3, seed=0, size=16, slices=4)
-
-
-@pytest.fixture
-def task(tiny_task: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_task, tmp_path / "task"))
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = Config().replace(**{"data.resolution": 16, "model.features": 4})
     torch.manual_seed(0)

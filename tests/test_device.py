@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from typer.testing import CliRunner
 
+from conftest import TinyNet, per_sample_loss
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.device import describe_device, resolve_device
@@ -79,26 +78,11 @@ def test_grad_path_auto_by_device() -> None:
 
 
 # ---- the CPU path is the old one ------------------------------------------------------------
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
-        self.conv2 = nn.Conv2d(4, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(torch.relu(self.norm(self.conv1(x))))
-
-
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
-
-
 def _dp_grads(
     device: str, path: str, *, sigma: float = 0.0, gen: torch.Generator | None = None
 ) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    model = Tiny().to(device)
+    model = TinyNet().to(device)
     g = torch.Generator().manual_seed(1)
     x = torch.rand(6, 1, 8, 8, generator=g).to(device)
     y = (torch.rand(6, 1, 8, 8, generator=g) > 0.6).float().to(device)
@@ -109,7 +93,7 @@ def _dp_grads(
         grad_path=path,
         generator=gen,
     )
-    dp(model, _loss, x, y, np.array([0, 0, 1, 2, 2, 3]))
+    dp(model, per_sample_loss, x, y, np.array([0, 0, 1, 2, 2, 3]))
     return [p.grad.detach().cpu() for p in model.parameters()]
 
 

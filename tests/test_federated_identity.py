@@ -195,16 +195,23 @@ def test_too_few_genuine_sites_stop_the_run_naming_the_impostor(tmp_path: Path) 
         run_server(grid, s)
 
 
-def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
-    """SecAgg+ masks every update into one sum: a refused node's update cannot be taken out."""
-    strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
+def _secure_replies(nodes: tuple[tuple[int, str, float], ...]) -> list[Message]:
+    """SecAgg+ train replies (metrics and name; the update is in the masked sum) of
+    ``(node, claimed site, epsilon)``."""
     replies = []
-    for node, claimed in ((11, "a"), (22, "b"), (33, "a")):
-        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: 0.5, M.DECLINED: 0.0}
+    for node, claimed, eps in nodes:
+        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps, M.DECLINED: 0.0}
         content = M.site_reply(claimed, metrics, M.TRAIN_KEYS, None)
         reply = Message(content, dst_node_id=node, message_type="train")
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
+    return replies
+
+
+def test_a_secure_sum_with_a_refused_node_is_discarded() -> None:
+    """SecAgg+ masks every update into one sum: a refused node's update cannot be taken out."""
+    strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
+    replies = _secure_replies(((11, "a", 0.5), (22, "b", 0.5), (33, "a", 0.5)))
     mean = M.array_record({"w": np.ones(3, dtype=np.float32)})
     arrays, _ = strategy.aggregate_secure(1, replies, mean)
     assert arrays is None and strategy.last_train.contributors == []
@@ -239,13 +246,7 @@ def test_a_secure_sum_with_an_update_without_epsilon_is_discarded() -> None:
     """Issue 22 finding 5: under SecAgg+ a reply without epsilon was 'rejected' but its update
     stayed in the masked sum; the whole sum is now discarded."""
     strategy = make_strategy(small_cfg(), SiteIdentity({11: "a", 22: "b", 33: "c"}))
-    replies = []
-    for node, site, eps in ((11, "a", 0.5), (22, "b", 0.5), (33, "c", math.nan)):
-        metrics = {M.NUM_EXAMPLES: 10.0, M.EPSILON: eps, M.DECLINED: 0.0}
-        content = M.site_reply(site, metrics, M.TRAIN_KEYS, None)
-        reply = Message(content, dst_node_id=node, message_type="train")
-        reply.metadata.__dict__["_src_node_id"] = node
-        replies.append(reply)
+    replies = _secure_replies(((11, "a", 0.5), (22, "b", 0.5), (33, "c", math.nan)))
     mean = M.array_record({"w": np.ones(3, dtype=np.float32)})
     arrays, _ = strategy.aggregate_secure(1, replies, mean)
     assert arrays is None and strategy.last_train.contributors == []

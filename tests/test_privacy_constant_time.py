@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.stats import binom
 from torch import nn
 
+from conftest import TinyNet, per_sample_loss
 from privseg.config import Config, PrivacyConfig
 from privseg.errors import ConfigError
 from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient
@@ -28,23 +28,6 @@ from privseg.privacy.padding import OVERFLOW_PROBABILITY, ConstantShapeBatches, 
 from privseg.privacy.plan import DPPlan, count_units
 from privseg.privacy.policy import apply_floor
 from privseg.privacy.sampling import PoissonUnitSampler
-
-
-class TinyNet(nn.Module):
-    """Conv + GroupNorm + conv: per-sample (no batch coupling), covered by every grad path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
-        self.conv2 = nn.Conv2d(4, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(torch.relu(self.norm(self.conv1(x))))
-
-
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
 
 
 def model_(seed: int = 0) -> TinyNet:
@@ -113,13 +96,13 @@ def test_padded_step_releases_the_unpadded_gradient(unit: str, path: str, chunk:
             pad.units_cap = 1  # this batch overflows: computed in full, never truncated
         model = model_()
         ref_stats = dp(path, chunk=chunk, clip=CLIP[unit])(
-            model, loss_fn, images[idx], labels[idx], groups
+            model, per_sample_loss, images[idx], labels[idx], groups
         )
         ref = grads_of(model)
         p_idx, p_groups, real = pad.pad(idx, groups)
         model = model_()
         stats = dp(path, chunk=chunk, clip=CLIP[unit])(
-            model, loss_fn, images[p_idx], labels[p_idx], torch.as_tensor(p_groups), real
+            model, per_sample_loss, images[p_idx], labels[p_idx], torch.as_tensor(p_groups), real
         )
         for got, want in zip(grads_of(model), ref, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
@@ -137,7 +120,7 @@ def test_padded_step_releases_the_unpadded_gradient(unit: str, path: str, chunk:
 def padded_step(path: str, unit: str, images: torch.Tensor, labels: torch.Tensor, batch):
     model = model_()
     idx, groups, real = batch
-    dp(path)(model, loss_fn, images[idx], labels[idx], torch.as_tensor(groups), real)
+    dp(path)(model, per_sample_loss, images[idx], labels[idx], torch.as_tensor(groups), real)
     return grads_of(model)
 
 
@@ -260,11 +243,11 @@ def test_every_physical_batch_has_one_shape(
     for idx, groups in [*(sampler.sample() for _ in range(steps)), empty]:
         sizes.add(len(np.unique(groups)))
         model.shapes.clear()
-        step(model, loss_fn, images[idx], labels[idx], torch.as_tensor(groups))
+        step(model, per_sample_loss, images[idx], labels[idx], torch.as_tensor(groups))
         unpadded.add(tuple(sorted(Counter(model.shapes).items())))
         p_idx, p_groups, real = pad.pad(idx, groups)
         model.shapes.clear()
-        step(model, loss_fn, images[p_idx], labels[p_idx], torch.as_tensor(p_groups), real)
+        step(model, per_sample_loss, images[p_idx], labels[p_idx], torch.as_tensor(p_groups), real)
         per_step.add(tuple(sorted(Counter(model.shapes).items())))
     assert pad.overflows == 0
     assert len(sizes) >= 4 and 0 in sizes  # the Poisson batch size did vary

@@ -10,27 +10,11 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from conftest import TinyNet, per_sample_loss
 from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient, chunk_slices_for
 from privseg.privacy.per_sample import per_sample_grads
 from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
 from privseg.privacy.unit_grads import chunks as _chunks
-
-
-class TinyNet(nn.Module):
-    """A tiny conv segmenter with GroupNorm (per-sample: no batch coupling)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
-        self.conv2 = nn.Conv2d(4, 1, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(torch.relu(self.norm(self.conv1(x))))
-
-
-def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
 
 
 def zero_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
