@@ -105,3 +105,40 @@ def test_the_fingerprint_ignores_labels_and_float_noise_but_not_the_image() -> N
     changed[3, 3, 3] += 1.0
     assert _volume(changed, label).content() != base
     assert _volume(image[:, :, :3], label[:, :, :3]).content() != base
+
+
+def test_an_older_copy_at_a_new_path_is_refused(tmp_path: Path) -> None:
+    """Second review: an older backup put at a new path passed as the 'moved' store (same id),
+    rolling the budget back; the registry's count is per store id, whatever its path."""
+    ledger = open_store(None, P)
+    spend(ledger)
+    shutil.copytree(store_dir(), tmp_path / "old-copy")  # 1 row
+    spend(ledger, "r2")
+    shutil.rmtree(store_dir())
+    with pytest.raises(DataError, match="holds 1 rows but the registry saw 2"):
+        open_store(tmp_path / "old-copy", P)
+    newest = tmp_path / "newest"
+    spend(open_store(tmp_path / "new-home", [f"{7:064x}"]))  # unrelated; the registry lives on
+    shutil.copytree(tmp_path / "old-copy", newest)
+    with pytest.raises(DataError, match="registry saw 2"):
+        open_store(newest, P)
+
+
+def test_a_store_the_registry_never_saw_is_refused_until_adopted(tmp_path: Path) -> None:
+    """Second review: deleting stores.json alone let a new ledger_dir start the patients from
+    zero; a store holding rows the registry never saw is refused, and --adopt registers it
+    (with every patient it holds)."""
+    from typer.testing import CliRunner
+
+    from privseg.cli.app import app
+    from privseg.privacy.stores import REGISTRY_FILE, data_home
+
+    spend(open_store(tmp_path / "A", P))
+    (data_home() / REGISTRY_FILE).unlink()
+    with pytest.raises(DataError, match="has never seen it"):
+        open_store(tmp_path / "A", P)
+    res = CliRunner().invoke(app, ["budget", "--ledgers", str(tmp_path / "A"), "--adopt"])
+    assert res.exit_code == 0, res.output
+    spend(open_store(tmp_path / "A", P), "r2")
+    with pytest.raises(DataError, match="not where these patients are accounted"):
+        open_store(tmp_path / "B", P[:1])  # adopted: its patients are claimed again

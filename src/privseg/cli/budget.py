@@ -32,11 +32,17 @@ def budget(
         None, "--accountant", help="prv or rdp (default: the releases' own)."
     ),
     format: str = typer.Option("table", "--format", help="table or json."),
+    adopt: bool = typer.Option(
+        False,
+        "--adopt",
+        help="Register the store of --ledgers with this machine's registry (a store brought "
+        "from another machine): it then accounts every patient it holds.",
+    ),
 ) -> None:
     """Show the (epsilon, delta) patients have spent over every recorded release, by site.
 
-    A patient is known by the content of its image and label voxels, so the answer is the
-    same for a task folder and every cache prepared from it, wherever they lie. The store's
+    A patient is known by the content of its image voxels, so the answer is the same for a
+    task folder and every cache prepared from it, wherever they lie. The store's
     integrity is checked first: an edited or truncated store is an error, never less spent.
     """
     if format not in ("table", "json"):
@@ -50,7 +56,9 @@ def budget(
     folder = store_dir(ledgers) if ledgers or not everyone else store_of(everyone) or store_dir()
     if not (folder / LEDGER_FILE).is_file():
         raise DataError(f"no privacy ledger store in {folder}: nothing has been recorded there")
-    ledger = open_store(folder)  # the registry's checks too: a store cut short is an error
+    if adopt and ledgers is None:
+        raise ConfigError("--adopt needs --ledgers DIR: the store to register")
+    ledger = open_store(folder, adopt=adopt, reading=True)  # a store cut short still fails
     groups = groups if groups is not None else recorded_sites(ledger)
     sites = site_budgets(ledger, groups, delta=delta, accountant=accountant)
     if format == "json":

@@ -10,10 +10,14 @@ patient the one store that accounts it. Opening a store is refused when
   start them from zero; the claim is made under the lock, so two runs cannot race past it);
 - the store that claimed them is gone and this is not the same store (same id) moved here;
 - the store at a registered path has another id (it was deleted and made again), or fewer rows
-  than the registry last saw (rows cut off the end, or an older copy restored).
+  than the registry saw for its id under any path (rows cut off the end, an older copy
+  restored, here or elsewhere);
+- a store holds rows the registry has never seen (the registry was deleted, or the store
+  comes from another machine: ``privseg budget --ledgers DIR --adopt`` registers it).
 
-Out of reach, and said so in the README: an administrator who deletes the stores and the
-registry, or edits the registry and the store together.
+Out of reach, and said so in the README: the account that runs privseg can start over by
+pointing ``$XDG_DATA_HOME`` at another folder (another registry and default store), and an
+administrator can delete or edit the stores and the registry together.
 """
 
 from __future__ import annotations
@@ -49,9 +53,18 @@ def store_dir(ledger_dir: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve() if chosen else data_home() / "ledger"
 
 
-def open_store(ledger_dir: str | Path | None, patients: Iterable[str] = ()) -> PrivacyLedger:
+def open_store(
+    ledger_dir: str | Path | None,
+    patients: Iterable[str] = (),
+    *,
+    adopt: bool = False,
+    reading: bool = False,
+) -> PrivacyLedger:
     """The ledger store for releases on ``patients``: checked against the registry and
-    claiming them there (see the module docstring for what is refused)."""
+    claiming them there (see the module docstring for what is refused). ``adopt`` registers a
+    store this registry has never seen although it holds rows (a store brought from another
+    machine; ``privseg budget --adopt``), claiming every patient it holds. ``reading``
+    (``privseg budget``) shows a store the registry has not seen, and registers nothing."""
     folder = store_dir(ledger_dir)
     _check_folder(folder)
     path = folder / LEDGER_FILE
@@ -68,10 +81,37 @@ def open_store(ledger_dir: str | Path | None, patients: Iterable[str] = ()) -> P
                 "its patients from zero"
             )
         ledger = PrivacyLedger(path)
-        rows = len(ledger.rows())
-        if known is not None:
-            _check_same(ledger, known, rows)
-        for pid in sorted(set(patients)):
+        rows = ledger.rows()
+        same = [e for e in stores.values() if e.get("id") == ledger.store_id]
+        if known is not None and known.get("id") != ledger.store_id:
+            raise DataError(
+                f"privacy ledger store {path} is not the store registered there (id "
+                f"{known['id'][:12]}, now {ledger.store_id[:12]}): it was deleted and made "
+                "again, which would start its patients from zero; restore the old store"
+            )
+        if reading and not adopt:
+            if len(rows) < max((e.get("rows", 0) for e in same), default=0):
+                raise DataError(
+                    f"privacy ledger store {path} holds {len(rows)} rows but the registry saw "
+                    "more: rows were cut off its end, or an older copy was restored"
+                )
+            return ledger
+        if rows and not same and not adopt:
+            raise DataError(
+                f"privacy ledger store {path} holds {len(rows)} rows but the registry "
+                f"{data_home() / REGISTRY_FILE} has never seen it: the registry was deleted, or "
+                "the store comes from another machine. Restore the registry, or adopt the "
+                f"store here with `privseg budget --ledgers {folder} --adopt`"
+            )
+        seen = max((e.get("rows", 0) for e in same), default=0)  # under any path it had
+        if len(rows) < seen:
+            raise DataError(
+                f"privacy ledger store {path} holds {len(rows)} rows but the registry saw "
+                f"{seen}: rows were cut off its end, or an older copy was restored; that "
+                "would read as less privacy spent. Restore the newest copy"
+            )
+        claim = set(patients) | ({p for r in rows for p in r["patients"]} if adopt else set())
+        for pid in sorted(claim):
             owner = owners.get(pid)
             if owner is None or owner == here:
                 continue
@@ -82,10 +122,12 @@ def open_store(ledger_dir: str | Path | None, patients: Iterable[str] = ()) -> P
                     "holds them, and a second store would start their budget from zero; use "
                     f"privacy.ledger_dir = {Path(owner).parent} (or ${ENV}), or restore it"
                 )
-        for pid in set(patients):  # claimed now, under the lock: a concurrent run sees it
+        for pid in claim:  # claimed now, under the lock: a concurrent run sees it
             owners[pid] = here
-        stores[here] = {"id": ledger.store_id, "rows": max(rows, (known or {}).get("rows", 0))}
-    ledger.on_commit = functools.partial(_seen, here)
+        for entry in same:  # a moved store: its old paths keep its count, never lower
+            entry["rows"] = max(entry.get("rows", 0), len(rows))
+        stores[here] = {"id": ledger.store_id, "rows": max(len(rows), seen)}
+    ledger.on_commit = functools.partial(_seen, here, ledger.store_id)
     return ledger
 
 
@@ -96,25 +138,10 @@ def store_of(patients: Iterable[str]) -> Path | None:
     return Path(sorted(owners)[0]).parent if owners else None
 
 
-def _check_same(ledger: PrivacyLedger, known: dict, rows: int) -> None:
-    if known["id"] != ledger.store_id:
-        raise DataError(
-            f"privacy ledger store {ledger.path} is not the store registered there (id "
-            f"{known['id'][:12]}, now {ledger.store_id[:12]}): it was deleted and made again, "
-            "which would start its patients from zero; restore the old store from a backup"
-        )
-    if rows < known["rows"]:
-        raise DataError(
-            f"privacy ledger store {ledger.path} holds {rows} rows but the registry saw "
-            f"{known['rows']}: rows were cut off its end, or an older copy was restored; that "
-            "would read as less privacy spent. Restore the newest copy"
-        )
-
-
-def _seen(path: str, rows: int) -> None:
+def _seen(path: str, store_id: str, rows: int) -> None:
     """After a commit: the registry remembers the most rows this store ever held."""
     with _registry() as registry:
-        entry = registry["stores"].setdefault(path, {"id": "", "rows": 0})
+        entry = registry["stores"].setdefault(path, {"id": store_id, "rows": 0})
         entry["rows"] = max(entry["rows"], rows)
 
 
@@ -145,10 +172,14 @@ def _registry():  # type: ignore[no-untyped-def]
             registry = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, json.JSONDecodeError) as exc:
             raise DataError(f"the ledger store registry {path} is unreadable: {exc}") from exc
-        if not isinstance(registry, dict):
-            raise DataError(f"the ledger store registry {path} is not a JSON object")
-        registry.setdefault("stores", {})
-        registry.setdefault("patients", {})
+        registry = registry if isinstance(registry, dict) else None
+        if registry is None or not all(
+            isinstance(registry.setdefault(k, {}), dict) for k in ("stores", "patients")
+        ):
+            raise DataError(
+                f"the ledger store registry {path} is not privseg's (a JSON object with "
+                "'stores' and 'patients'); restore it from a backup"
+            )
         before = json.dumps(registry, sort_keys=True)
         yield registry
         if json.dumps(registry, sort_keys=True) != before:
