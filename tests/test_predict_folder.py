@@ -100,3 +100,44 @@ def test_continue_never_replaces_an_output_changed_since(
     result = _predict(checkpoint, cts, out, "--continue")
     assert result.exit_code == 2 and "c.nii.gz exists" in " ".join(result.output.split())
     assert (out / "c.nii.gz").read_bytes() == b"edited by hand"
+
+
+def test_a_readers_own_error_fails_its_case_not_the_folder(
+    checkpoint: Path, cts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of #24: a DICOM series nibabel refuses (HeaderDataError, a ValueError) stopped
+    the folder with a traceback after the first case; it fails its own case now."""
+    import privseg.inference.folder as folder
+
+    real = folder.read_ct
+
+    def read_ct(path, *args, **kwargs):
+        if Path(path).name.startswith("b"):
+            raise ValueError("header refused by the reader")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(folder, "read_ct", read_ct)
+    result = _predict(checkpoint, cts, tmp_path / "out")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "1 CT(s) failed" in text and "2 CT(s) segmented" in text
+
+
+def test_a_nifti_scaled_beyond_any_hu_is_refused(
+    checkpoint: Path, cts: Path, tmp_path: Path
+) -> None:
+    """Review of #24: a NIfTI scl_slope of 1e30 was accepted (DICOM's was refused)."""
+    import gzip
+    import struct
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(cts / "a.nii.gz")
+    raw = tmp_path / "a.nii"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int16), img.affine), raw)
+    data = bytearray(raw.read_bytes())
+    data[112:120] = struct.pack("<ff", 1e30, 0.0)  # scl_slope, scl_inter of the NIfTI-1 header
+    (cts / "a.nii.gz").write_bytes(gzip.compress(bytes(data)))
+    result = _predict(checkpoint, cts, tmp_path / "out")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "beyond +-100000" in text, text

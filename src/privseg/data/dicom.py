@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from privseg.data.msd import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
+from privseg.data.msd import HU_LIMIT, MAX_VOXELS, canonical_data, check_voxels, out_of_memory
 from privseg.errors import DataError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -42,7 +42,6 @@ GEOMETRY_ATOL = 1e-4
 STEP_RTOL = 0.05
 # The widest HU range a CT stores: 12-bit scanners give -1024..3071, extended-scale ones up to
 # about 30000 (metal). A rescale that puts a voxel beyond this is a broken file, not a CT.
-HU_LIMIT = 1e5
 _REQUIRED = (
     "SeriesInstanceUID",
     "ImageOrientationPatient",

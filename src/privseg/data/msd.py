@@ -215,14 +215,25 @@ def canonical_data(img: nib.Nifti1Image, path: Path) -> tuple[np.ndarray, nib.Ni
     return _data(img, path), img
 
 
+HU_LIMIT = 1e5
+"""No CT voxel lies beyond +-HU_LIMIT: a value past it is a broken scaling (any format)."""
+
+
 def replace_nan(image: np.ndarray, path: Path, nan_hu: float | None) -> np.ndarray:
     """NaN voxels are an error (they would poison every slice), or set to ``data.nan_hu``;
-    +-Inf voxels are always an error (no HU to stand for them: a broken scaling or export)."""
+    +-Inf voxels, and voxels beyond +-:data:`HU_LIMIT`, are always an error (no HU stands for
+    them: a broken scaling, such as a NIfTI ``scl_slope`` of 1e30, or export)."""
     inf = np.isinf(image)
     if inf.any():
         raise DataError(
             f"{path}: {int(inf.sum())} image voxel(s) are infinite (+Inf or -Inf); a CT holds "
             "finite HU: check the file's scaling (scl_slope / RescaleSlope) or its export"
+        )
+    finite = image[np.isfinite(image)]
+    if finite.size and float(np.abs(finite).max()) > HU_LIMIT:
+        raise DataError(
+            f"{path}: image voxels reach {float(np.abs(finite).max()):g} HU, beyond "
+            f"+-{HU_LIMIT:g}: check the file's scaling (scl_slope, scl_inter) or its export"
         )
     nan = np.isnan(image)
     if not nan.any():

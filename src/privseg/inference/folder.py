@@ -111,9 +111,12 @@ def segment_folder(
                 mask, probs = predict_ct(
                     model, cfg, ct, threshold=threshold, probabilities=probabilities
                 )
-            except PrivsegError as exc:  # this CT is bad; the others still run
-                log.warning("case %s failed: %s", name, exc)
-                result.failed[name] = str(exc)
+            except (PrivsegError, ValueError, OSError) as exc:  # this CT is bad; the rest run
+                # a reader's own error (nibabel's HeaderDataError is a ValueError) too: one
+                # bad case never stops the folder half-way
+                reason = str(exc) if isinstance(exc, PrivsegError) else f"{path}: {exc!r}"
+                log.warning("case %s failed: %s", name, reason)
+                result.failed[name] = reason
                 continue
             files = plans[name]
             entry: dict[str, Any] = {"files": {k: p.name for k, p in files.items()}}

@@ -56,6 +56,13 @@ def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any
     if not cache_dir:
         raise DataError(f"{run.results} has no 'cache_dir': cannot find the site's slices")
     cache = SliceCache.open(Path(cache_dir))
+    recorded = run.recorded_inputs()
+    if recorded is not None and recorded.data not in (None, cache.content_fingerprint):
+        raise DataError(
+            f"{cache_dir} no longer holds the data {run.root} was trained on (content "
+            f"{recorded.data[:12]}, now {cache.content_fingerprint[:12]}): attacking or "
+            "auditing its model on other slices would report on the wrong patients"
+        )
     if site not in cache.sites:
         raise DataError(f"site {site!r} is not in {cache_dir}; sites: {', '.join(cache.sites)}")
     return model, cfg, results, cache.split(site, "train")
