@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,11 @@ def main() -> None:
                     "privacy.enabled": True,
                     "privacy.target_epsilon": args.dp_epsilon,
                     "privacy.noise_multiplier": None,
-                    "privacy.ledger_dir": str(args.out / f"ledgers-{name}"),  # fresh data ledgers
                 }
             )
+            # each variant in a data home of its own (its own ledger store and registry), so
+            # every DP cell starts from the same spend; phantom patients only
+            os.environ["XDG_DATA_HOME"] = str(args.out / f"data-home-{name}")
             cells["federated_dp"] = run(dcfg, cache, args.out / f"federated_dp-{name}", "federated")
         fed = cells["federated"]
         best_local = cross_site(cells["local"])

@@ -60,8 +60,12 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def own_ledgers(cfg: Config, out: Path) -> Config:
-    """Each measured run on fresh ledgers: every run then pays the same accounting."""
-    return cfg.replace(**{"privacy.ledger_dir": str(out / "ledgers")})
+    """Each measured run in a data home of its own (its own ledger store and registry: the
+    registry refuses a second store for the same patients), so every run pays the same
+    accounting. A benchmark's phantom patients are no one's: never do this with real data."""
+    os.environ["XDG_DATA_HOME"] = str(out / "data-home")
+    os.environ.pop("PRIVSEG_LEDGER_DIR", None)
+    return cfg
 
 
 def plain(cfg: Config, cache: Path, out: Path) -> list[dict]:
