@@ -67,6 +67,22 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ).mean((1, 2, 3))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_data_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Module- and session-scoped fixtures that train (a study, a run folder) record into a
+    data home of the test session, never the machine user's ledger store."""
+    home = tmp_path_factory.mktemp("xdg-session")
+    saved = {k: os.environ.get(k) for k in ("XDG_DATA_HOME", "PRIVSEG_LEDGER_DIR")}
+    os.environ["XDG_DATA_HOME"] = str(home)
+    os.environ.pop("PRIVSEG_LEDGER_DIR", None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _own_ledger_store(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

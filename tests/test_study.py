@@ -29,7 +29,10 @@ def test_quick_study_writes_every_artifact(study):
     settings = [r["setting"] for r in results["runs"]]
     assert settings == ["central", "local", "federated", "federated_dp"]
     dp_run = results["runs"][-1]
-    assert dp_run["dp"] is True and 0 < dp_run["epsilon_max"] <= dp_run["target_epsilon"]
+    assert dp_run["dp"] is True and 0 < dp_run["epsilon_run_max"] <= dp_run["target_epsilon"]
+    # the study trained these patients without DP first: their total is infinite (issue 22)
+    assert dp_run["epsilon_max"] == "inf"
+    assert {s["epsilon"] for s in results["privacy"]["spent"]} == {"inf"}
     assert all(
         r["mode"] == ("local" if r["setting"] == "local" else r["mode"]) for r in results["runs"]
     )

@@ -6,7 +6,9 @@ strictest (epsilon, delta) of every budget row that names it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,3 +106,32 @@ def worst(
         if eps > best[0] or not best[1]:
             best = (eps, [{k: r[k] for k in RELEASE_KEYS} for r in mine])
     return best
+
+
+def row_problem(
+    row: dict[str, Any], *, kinds: Sequence[str], units: Sequence[str]
+) -> tuple[str, str] | None:
+    """(field, rule) that makes a stored row invalid, or None: an edited or damaged row must
+    never be read as less privacy spent."""
+    for field in ("noise_multiplier", "sample_rate", "delta"):
+        value = row[field]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return field, "must be a number"
+        if not math.isfinite(value):
+            return field, "must be finite"
+    if row["kind"] not in kinds:
+        return "kind", f"must be one of {', '.join(kinds)}"
+    if not isinstance(row["steps"], int) or row["steps"] < 0:
+        return "steps", "must be a whole number >= 0"
+    if row["noise_multiplier"] < 0 or not 0 < row["sample_rate"] <= 1:
+        return "noise_multiplier", "noise must be >= 0 and the sample rate in (0, 1]"
+    if not 0 < row["delta"] < 1:
+        return "delta", "must be in (0, 1)"
+    if row["unit"] not in units or row["accountant"] not in accounting.ACCOUNTANTS:
+        return "unit", f"unit one of {units}, accountant one of {accounting.ACCOUNTANTS}"
+    try:
+        if not isinstance(json.loads(row["patients"]), list):
+            return "patients", "must be a JSON list"
+    except (TypeError, json.JSONDecodeError):
+        return "patients", "must be a JSON list"
+    return None

@@ -19,7 +19,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import tempfile
@@ -28,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded, ResourceError
 from privseg.io import make_folder
 from privseg.privacy import accounting, history
 from privseg.privacy.history import Budget
@@ -81,6 +80,16 @@ def _row_hash(prev: str, row: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def _disk(path: Path, exc: sqlite3.Error) -> ResourceError | None:
+    """A full disk or a file-size limit, told as such (never as a corrupt ledger)."""
+    if "disk I/O error" in str(exc) or "disk is full" in str(exc):
+        return ResourceError(
+            f"privacy ledger {path} cannot be written ({exc}): the disk is full or a file-size "
+            "limit was reached (ENOSPC/EFBIG); nothing was recorded and nothing trained"
+        )
+    return None
+
+
 def _pragmas(con: sqlite3.Connection) -> None:
     # DELETE journal + synchronous=FULL: a committed release survives power loss.
     con.execute("PRAGMA journal_mode=DELETE")
@@ -116,6 +125,8 @@ class PrivacyLedger:
                     [("store_id", store_id), ("count", "0"), ("head", f"genesis:{store_id}")],
                 )
                 con.commit()
+            except sqlite3.Error as exc:
+                raise _disk(self.path, exc) or DataError(f"{self.path}: {exc}") from exc
             finally:
                 con.close()
             os.chmod(tmp, 0o600)
@@ -151,7 +162,7 @@ class PrivacyLedger:
             _pragmas(con)
             yield con
         except sqlite3.DatabaseError as exc:
-            raise LedgerTampered(
+            raise _disk(self.path, exc) or LedgerTampered(
                 f"privacy ledger {self.path} is corrupt or unreadable: {exc}"
             ) from exc
         finally:
@@ -200,31 +211,11 @@ class PrivacyLedger:
 
     def _valid(self, row: dict[str, Any]) -> dict[str, Any]:
         """A row with its patients parsed, or the field that makes it invalid."""
-
-        def bad(field: str, rule: str) -> LedgerTampered:
-            return self._tampered(f"row {row['id']}: {field} = {row[field]!r} ({rule})")
-
-        for field in ("noise_multiplier", "sample_rate", "delta"):
-            value = row[field]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise bad(field, "must be a number")
-            if not math.isfinite(value):
-                raise bad(field, "must be finite")
-        if row["kind"] not in KINDS:
-            raise bad("kind", f"must be one of {', '.join(KINDS)}")
-        if not isinstance(row["steps"], int) or row["steps"] < 0:
-            raise bad("steps", "must be a whole number >= 0")
-        if row["noise_multiplier"] < 0 or not 0 < row["sample_rate"] <= 1:
-            raise bad("noise_multiplier", "noise must be >= 0 and the sample rate in (0, 1]")
-        if not 0 < row["delta"] < 1:
-            raise bad("delta", "must be in (0, 1)")
-        if row["unit"] not in UNITS or row["accountant"] not in accounting.ACCOUNTANTS:
-            raise bad("unit", f"unit one of {UNITS}, accountant one of {accounting.ACCOUNTANTS}")
-        try:
-            patients = json.loads(row["patients"])
-        except (TypeError, json.JSONDecodeError):
-            raise bad("patients", "must be a JSON list") from None
-        return {**row, "patients": frozenset(patients)}
+        problem = history.row_problem(row, kinds=KINDS, units=UNITS)
+        if problem is not None:
+            field, rule = problem
+            raise self._tampered(f"row {row['id']}: {field} = {row[field]!r} ({rule})")
+        return {**row, "patients": frozenset(json.loads(row["patients"]))}
 
     @property
     def store_id(self) -> str:
