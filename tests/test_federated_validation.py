@@ -220,3 +220,19 @@ def test_a_malformed_evaluation_reply_is_refused_not_a_crash() -> None:
     )
     strategy.aggregate_evaluate(3, [good, extra, garbage])
     assert list(strategy.last_evaluate) == ["a"] and not strategy.last_releases
+
+
+def test_the_norm_bound_does_not_grow_with_the_model() -> None:
+    """Review of #24: the bound was relative to the current global model, so a site sending
+    the largest allowed update every round grew the model by a factor per round (4.6e37 after
+    50 rounds with 2 sites); the run's first model caps it."""
+    from privseg.federated.validation import update_norm_bound
+
+    fed = Config().federated  # max_update_ratio 10
+    grown = {"w": 100 * np.ones(4)}  # norm 200; the first model's, np.ones(4): 2
+    assert update_norm_bound(fed, grown) == pytest.approx(2000)
+    assert update_norm_bound(fed, grown, first=2.0) == pytest.approx(20)
+    strategy = make_strategy(Config())
+    strategy.start(M.array_record({"w": np.ones(4, dtype=np.float32)}))
+    strategy.start(M.array_record({"w": 100 * np.ones(4, dtype=np.float32)}))
+    assert strategy._first_norm == pytest.approx(2.0)

@@ -141,3 +141,18 @@ def test_a_nifti_scaled_beyond_any_hu_is_refused(
     result = _predict(checkpoint, cts, tmp_path / "out")
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "beyond +-100000" in text, text
+
+
+def test_continue_redoes_a_case_whose_ct_was_replaced(
+    checkpoint: Path, cts: Path, tmp_path: Path
+) -> None:
+    """Review of #24: --continue kept a.nii.gz's mask after a.nii.gz was replaced by another
+    CT; the record now holds each input's hash."""
+    out = tmp_path / "out"
+    assert _predict(checkpoint, cts, out).exit_code == 0
+    (cts / "a.nii.gz").write_bytes((cts / "b.nii.gz").read_bytes())  # another CT, same name
+    again = _predict(checkpoint, cts, out, "--continue")
+    text = " ".join(again.output.split())
+    assert again.exit_code == 0, again.output
+    assert "1 CT(s) segmented" in text and "2 finished earlier (skipped)" in text
+    assert (out / "a.nii.gz").read_bytes() == (out / "b.nii.gz").read_bytes()

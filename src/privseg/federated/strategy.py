@@ -35,6 +35,7 @@ from privseg.federated.validation import (
     Refused,
     check_metrics,
     check_size,
+    model_norm,
     update_norm,
     update_norm_bound,
 )
@@ -162,7 +163,7 @@ class SiteAggregation(Strategy):
             raise Refused(f"it sent array records {sorted(records)}, not [{M.ARRAYS!r}]")
         arrays = self.spec.check(records[M.ARRAYS])
         norm = update_norm(arrays, self._global)
-        bound = update_norm_bound(self.fed, self._global)
+        bound = update_norm_bound(self.fed, self._global, getattr(self, "_first_norm", None))
         if not norm <= bound:
             raise Refused(
                 f"its update's norm {norm:.4g} is over the bound {bound:.4g} "
@@ -181,6 +182,8 @@ class SiteAggregation(Strategy):
         """Remember the global weights the sites start from (updates are measured against
         them); the first round's also fix the model's wire form unless :attr:`spec` is set."""
         self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+        if getattr(self, "_first_norm", None) is None:  # the bound never grows with the model
+            self._first_norm = model_norm(self._global)
         if self.spec is None:
             self.spec = ModelSpec.of({k: v.numpy() for k, v in arrays.items()})
 

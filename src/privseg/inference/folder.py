@@ -99,7 +99,10 @@ def segment_folder(
         model, cfg = load_model(checkpoint, device)
         record = {"checkpoint": _sha256(checkpoint), "options": options, "cases": {}}
         earlier = _earlier(out, record) if resume else {}
-        result = FolderResult(skipped=[n for n in names if _finished(earlier.get(n), plans[n])])
+        digests = {n: _input_digest(p) for p, n in zip(inputs, names, strict=True)}
+        result = FolderResult(
+            skipped=[n for n in names if _finished(earlier.get(n), plans[n], digests[n])]
+        )
         ours = _ours(out, earlier)
         todo = [(p, n) for p, n in zip(inputs, names, strict=True) if n not in result.skipped]
         for _, name in todo:
@@ -119,7 +122,10 @@ def segment_folder(
                 result.failed[name] = reason
                 continue
             files = plans[name]
-            entry: dict[str, Any] = {"files": {k: p.name for k, p in files.items()}}
+            entry: dict[str, Any] = {
+                "files": {k: p.name for k, p in files.items()},
+                "input": digests[name],  # a CT replaced since is redone by --continue
+            }
             record["cases"][name] = entry | {"status": "writing"}  # ours, should this stop
             write_json(out / RECORD, record)
             result.written.append(write_outputs(files, ct, cfg, mask, probs))
@@ -183,14 +189,24 @@ def _ours(out: Path, earlier: dict[str, dict[str, Any]]) -> frozenset[Path]:
     return frozenset(ours)
 
 
-def _finished(entry: dict[str, Any] | None, files: dict[str, Path]) -> bool:
-    """Every planned file was written by privseg and is unchanged since."""
-    if entry is None or entry.get("status") != "done":
+def _finished(entry: dict[str, Any] | None, files: dict[str, Path], digest: str) -> bool:
+    """Every planned file was written by privseg from this very input and is unchanged."""
+    if entry is None or entry.get("status") != "done" or entry.get("input") != digest:
         return False
     sha = entry.get("sha256", {})
     return entry["files"] == {k: p.name for k, p in files.items()} and all(
         p.is_file() and sha.get(k) == _sha256(p) for k, p in files.items()
     )
+
+
+def _input_digest(path: Path) -> str:
+    """A CT's content: its file's sha256, or a DICOM series folder's files' (by name)."""
+    if not Path(path).is_dir():
+        return _sha256(Path(path))
+    h = hashlib.sha256()
+    for item in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(f"{item.relative_to(path)}:{_sha256(item)}\n".encode())
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
