@@ -716,3 +716,21 @@ def test_a_site_replays_only_the_request_it_answered(tmp_path: Path) -> None:
     ca.handle_train(train_message(cfg, state(), rnd=2), settings, fake_factory)  # next round
     assert read_json(fake_ledger(tmp_path, "a"))["steps"] == 9
     assert RunFolder(tmp_path).site_reply("a").is_file()
+
+
+def test_a_resume_with_another_config_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """Review of #24: a resume compared only model and strategy, so a non-DP run resumed with
+    DP on (or another aggregation, lr, local steps) was admitted and its config.toml replaced."""
+    from privseg.errors import CheckpointError
+    from privseg.federated.state import load_state
+
+    cfg = plain_cfg(rounds=3)
+    s = ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1")
+    with pytest.raises(RuntimeError, match="server crash"):
+        run_server(FakeGrid(["a", "b"], tmp_path, fail_round=3), s)
+    assert load_state(tmp_path / "run", cfg.replace(**{"train.threads": 1})) is not None
+    for change in ({"privacy.enabled": True}, {"train.lr": 0.5}, {"federated.local_steps": 5}):
+        with pytest.raises(CheckpointError, match="another config"):
+            load_state(tmp_path / "run", cfg.replace(**change))

@@ -76,12 +76,35 @@ def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
         saved = torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"{path} is unreadable ({exc}); delete it to start over") from exc
-    old = Config.from_dict(tomllib.loads(saved["config"]))
-    if old.model != cfg.model or old.federated.strategy != cfg.federated.strategy:
+    old = _flat(Config.from_dict(tomllib.loads(saved["config"])).to_dict())
+    new = _flat(cfg.to_dict())
+    changed = sorted(
+        k for k in old.keys() | new.keys() if k not in RESUMABLE and old.get(k) != new.get(k)
+    )
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
         raise CheckpointError(
-            f"{path} was written for another model or strategy; use a new --out folder"
+            f"{path} was written by a run with another config ({shown}): a resume continues "
+            "the same run; use a new --out folder"
         )
     return saved
+
+
+RESUMABLE = frozenset(
+    {"train.device", "train.threads", "train.chunk_slices", "privacy.grad_path",
+     "federated.round_timeout"}
+)  # fmt: skip
+"""Settings a resume may change: where and how fast it computes, never what it computes."""
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "classes":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def saved_round(out_dir: Path) -> int:
