@@ -80,7 +80,7 @@ def test_a_rejected_resume_leaves_the_run_folder_as_it_was(phantom_cache, tmp_pa
     (out / "config.toml").write_text("# the run's own config\n")
     other = _cfg(phantom_cache, **{"model.name": "monet"})
     torch.save({"config": other.to_toml(), "round": 1}, out / "federated_state.pt")
-    with pytest.raises(CheckpointError, match="another model"):
+    with pytest.raises(CheckpointError, match="another config"):
         train(_cfg(phantom_cache), data=phantom_cache.root, out=out, mode="federated", resume=True)
     assert (out / "config.toml").read_text() == "# the run's own config\n"
 

@@ -92,9 +92,11 @@ def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
 
 RESUMABLE = frozenset(
     {"train.device", "train.threads", "train.chunk_slices", "privacy.grad_path",
-     "federated.round_timeout"}
+     "federated.round_timeout", "federated.rounds", "federated.min_sites"}
 )  # fmt: skip
-"""Settings a resume may change: where and how fast it computes, never what it computes."""
+"""Settings a resume may change: where and how fast it computes, and how many rounds with how
+few sites (a DP site declines steps past what its noise was calibrated for), never what one
+round computes."""
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -153,7 +153,9 @@ class SiteAggregation(Strategy):
                 raise Refused("it declined the round but sent weights")
             return metrics, math.nan
         eps = metrics.get(M.EPSILON, math.nan)
-        if self.dp and not (0 < eps < math.inf):  # NaN, 0, inf or absent: no DP guarantee
+        # NaN, 0 or absent: no DP guarantee. An infinite epsilon is a DP site whose patients
+        # were released without DP before (their lifetime total): this update is still noised
+        if self.dp and not (eps > 0):
             raise Refused(f"its update carries no DP guarantee (epsilon {eps}) in a DP run")
         if secure:  # SecAgg+: no weights to check (the server never sees one update)
             return metrics, math.nan
