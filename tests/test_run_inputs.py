@@ -114,17 +114,49 @@ def test_the_record_is_checked_before_any_reuse(tmp_path):
 def test_the_content_fingerprint_ignores_file_times_and_paths(phantom_cache, tmp_path):
     copy = shutil.copytree(phantom_cache.root, tmp_path / "cache")
     assert SliceCache.open(copy).content_fingerprint == phantom_cache.content_fingerprint
-    manifest = json.loads((copy / "manifest.json").read_text())  # as an older prepare wrote it
-    for splits in manifest["sites"].values():
-        for entry in splits.values():
-            del entry["sha256"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    before = SliceCache.open(copy).content_fingerprint  # hashed from the arrays themselves
     site = phantom_cache.sites[0]
     images = copy / site / "train" / "images.npy"
     data = np.load(images)
     np.save(images, data)  # rewritten, same content
-    assert SliceCache.open(copy).content_fingerprint == before
+    assert SliceCache.open(copy).content_fingerprint == phantom_cache.content_fingerprint
+
+
+def test_a_cache_changed_after_prepare_is_refused_not_fingerprinted(phantom_cache, tmp_path):
+    """The fingerprint trusted the manifest's per-split digests: arrays altered after prepare
+    kept the cache's fingerprint, so a study skipped runs made on other data."""
+    copy = shutil.copytree(phantom_cache.root, tmp_path / "cache")
+    site = phantom_cache.sites[0]
+    images = copy / site / "train" / "images.npy"
+    data = np.load(images)
     data[0, 0, 0] += 1
     np.save(images, data)
-    assert SliceCache.open(copy).content_fingerprint != before
+    with pytest.raises(DataError, match=f"{site}/train were changed after prepare"):
+        _ = SliceCache.open(copy).content_fingerprint
+    shutil.copytree(phantom_cache.root, copy, dirs_exist_ok=True)  # restored
+    native = sorted((copy / site / "test" / "native").glob("*.npz"))[0]
+    label = np.load(native)["label"]
+    np.savez_compressed(native, label=1 - np.clip(label, 0, 1))
+    with pytest.raises(DataError, match=f"{site}/test were changed after prepare"):
+        _ = SliceCache.open(copy).content_fingerprint
+    shutil.copytree(phantom_cache.root, copy, dirs_exist_ok=True)
+    manifest = json.loads((copy / "manifest.json").read_text())  # a digest removed by hand
+    del manifest["sites"][site]["val"]["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"{site}/val were changed after prepare"):
+        _ = SliceCache.open(copy).content_fingerprint
+
+
+def test_a_refused_run_leaves_the_folder_cache_as_it_was(tmp_path):
+    """`train --data T2 --out R` on R made from T rebuilt R/cache from T2 before refusing."""
+    cfg = _cfg(**{"data.sites": 2})
+    first = synth_task(tmp_path / "T", sites=2, patients_per_site=3, size=32, slices=6, seed=0)
+    second = synth_task(tmp_path / "T2", sites=2, patients_per_site=3, size=32, slices=6, seed=5)
+    out = tmp_path / "run"
+    train(cfg, data=first, out=out, mode="central")
+    manifest = (out / "cache" / "manifest.json").read_bytes()
+    arrays = {p: p.read_bytes() for p in (out / "cache").rglob("*.npy")}
+    with pytest.raises(DataError, match="holds a central run .* use a new --out"):
+        train(cfg, data=second, out=out, mode="central")
+    assert (out / "cache" / "manifest.json").read_bytes() == manifest
+    assert {p: p.read_bytes() for p in (out / "cache").rglob("*.npy")} == arrays
+    assert not [p for p in (out / "cache").iterdir() if p.name.startswith(".") and p.is_dir()]

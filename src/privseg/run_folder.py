@@ -146,12 +146,22 @@ class RunFolder:
         return abandon_held(self.root, keep=(self.results, self.federated_state, *stores))
 
     def admit(self, inputs: RunInputs, *, resume: bool = False) -> None:
-        """Refuse to reuse this folder for other inputs, then record ``inputs``.
+        """Refuse to reuse this folder for other inputs (:meth:`check_reuse`), then record
+        ``inputs``. A re-run (no ``resume``) first removes the results it would replace."""
+        self.check_reuse(inputs, resume=resume)
+        if not resume:
+            self.results.unlink(missing_ok=True)  # a re-run never leaves the old results
+        make_folder(self.root)
+        write_json(self.inputs, dataclasses.asdict(inputs))
+
+    def check_reuse(self, inputs: RunInputs, *, resume: bool = False) -> None:
+        """Refuse, changing nothing, to reuse this folder for ``inputs``.
 
         A folder that holds a run records its inputs; reusing it (a re-run, a resume, a
         study's skip) with another mode or other data is refused, naming both, and so is a
         folder with results but no record. A finished server run is only reused with
-        ``resume``. A re-run (no ``resume``) first removes the results it would replace.
+        ``resume``. Also called on a freshly built cache before it replaces the folder's own,
+        so a refused command leaves the folder as it was.
         """
         old = self.recorded_inputs()
         if old is not None and not old.matches(inputs):
@@ -170,10 +180,6 @@ class RunFolder:
                 f"{self.root} holds a finished federation ({self.results.name}); pass --resume "
                 "to evaluate its final model again, or use a new --out"
             )
-        if not resume:
-            self.results.unlink(missing_ok=True)  # a re-run never leaves the old results
-        make_folder(self.root)
-        write_json(self.inputs, dataclasses.asdict(inputs))
 
     def recorded_inputs(self) -> RunInputs | None:
         """The inputs this folder recorded (None: no record)."""

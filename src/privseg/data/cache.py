@@ -135,6 +135,14 @@ class SliceCache:
         root = Path(root)
         return cls(root, read_manifest(root))
 
+    def moved(self, root: Path) -> SliceCache:
+        """This cache after its folder was moved to ``root`` (keeping a computed
+        fingerprint: hashing a large cache twice costs seconds)."""
+        cache = SliceCache(root, read_manifest(root))
+        if "content_fingerprint" in self.__dict__ and cache.manifest == self.manifest:
+            cache.__dict__["content_fingerprint"] = self.content_fingerprint
+        return cache
+
     @property
     def sites(self) -> list[str]:
         return list(self.manifest["sites"])
@@ -149,15 +157,24 @@ class SliceCache:
     @functools.cached_property
     def content_fingerprint(self) -> str:
         """A hash of what the cache holds (every split's slices, labels and original grids,
-        and what the label bits mean), not of where it came from or its files' times."""
+        and what the label bits mean), not of where it came from or its files' times.
+
+        Each split's arrays are hashed again here and compared with the digest prepare
+        recorded: a cache whose files were changed after prepare is refused, never
+        fingerprinted by its manifest alone."""
         data = self.manifest["settings"]["data"]
         h = hashlib.sha256()
         about = {"classes": data.get("classes"), "labels": data.get("labels")}
         h.update(json.dumps({**about, "sites": self.manifest["sites"]}, sort_keys=True).encode())
         for site, splits in sorted(self.manifest["sites"].items()):
             for split, entry in sorted(splits.items()):
-                if "sha256" not in entry:  # a cache prepared before splits were hashed
-                    h.update(self._split_digest(site, split).encode())
+                recorded, held = entry.get("sha256"), self._split_digest(site, split)
+                if recorded != held:
+                    raise DataError(
+                        f"cache {self.root}: the files of {site}/{split} were changed after "
+                        f"prepare (sha256 recorded {str(recorded)[:12]}, now {held[:12]}); "
+                        "prepare the cache again"
+                    )
         return h.hexdigest()
 
     def _split_digest(self, site: str, split: str) -> str:

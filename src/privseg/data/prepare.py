@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,27 @@ log = logging.getLogger(__name__)
 
 
 def resolve_cache(
-    data: str | Path, cfg: Config, work_dir: Path, progress: Progress | None = None
+    data: str | Path,
+    cfg: Config,
+    work_dir: Path,
+    progress: Progress | None = None,
+    *,
+    accept: Callable[[SliceCache], None] | None = None,
 ) -> SliceCache:
-    """Open a prepared slice cache, or prepare one from a task folder into ``work_dir``."""
+    """Open a prepared slice cache, or prepare one from a task folder into ``work_dir``.
+
+    ``accept`` is called with the cache before it is used: a built cache is checked while
+    it is still staged, so a refusal leaves ``work_dir`` as it was."""
     data = Path(data)
     if (data / MANIFEST).is_file():
-        return SliceCache.open(data)
+        cache = SliceCache.open(data)
+        if accept:
+            accept(cache)
+        return cache
     if is_source(data):
-        return prepare_cache(data, work_dir, cfg.data, seed=cfg.seed, progress=progress)
+        return prepare_cache(
+            data, work_dir, cfg.data, seed=cfg.seed, progress=progress, accept=accept
+        )
     raise DataError(
         f"{data} is neither a prepared cache ({MANIFEST}) nor {FORMATS}; run "
         "`privseg data prepare` or `privseg data synth` first"
@@ -75,12 +89,15 @@ def prepare_cache(
     seed: int,
     progress: Progress | None = None,
     overwrite: bool = False,
+    accept: Callable[[SliceCache], None] | None = None,
 ) -> SliceCache:
     """Build (or reuse) the slice cache of task ``src`` in ``out``.
 
     ``out`` is claimed through :mod:`privseg.output` (never a folder privseg did not write,
     unless ``overwrite``; never the task itself; one writer at a time).
     ``progress(description, done, total)`` is called after each patient when given.
+    ``accept(cache)``, when given, may refuse the cache (reused, or built and still staged)
+    by raising: nothing is then published.
     """
     task = read_source(src)
     out = Path(out)
@@ -99,6 +116,8 @@ def prepare_cache(
         reused = _reusable(out, fingerprint)
         if reused is not None:
             log.info("slice cache %s is up to date; reusing it", out)
+            if accept:
+                accept(reused)
             return reused
         sites = assign_sites([c.case_id for c in task.cases], cfg.sites, partition, seed, site_map)
         if cfg.site_name:
@@ -130,7 +149,10 @@ def prepare_cache(
                     "sites": summary,
                 },
             )
-    return SliceCache.open(out)
+            staged = SliceCache.open(tmp)
+            if accept:
+                accept(staged)
+    return staged.moved(out)
 
 
 def _check_labels(task: Task, cfg: DataConfig) -> None:

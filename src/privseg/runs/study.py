@@ -152,7 +152,13 @@ def run_study(
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()
-    cache = resolve_cache(data, cfg, folder.cache, progress)
+    cache = resolve_cache(
+        data,
+        cfg,
+        folder.cache,
+        progress,
+        accept=lambda c: folder.check_reuse(RunInputs("study", c.content_fingerprint, str(data))),
+    )
     folder.admit(RunInputs("study", cache.content_fingerprint, str(data)))
     folder.write_config(cfg)
     settings = grid(cfg)

@@ -20,6 +20,7 @@ import torch
 
 from privseg import __version__
 from privseg.config import Config
+from privseg.data.cache import SliceCache
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
@@ -64,8 +65,18 @@ def train(
         load_state(folder.root, cfg)
     apply_threads(cfg)
     with run_log(folder):
-        cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
-        folder.admit(RunInputs(mode, cache.content_fingerprint, str(data)), resume=resume)
+
+        def inputs(cache: SliceCache) -> RunInputs:
+            return RunInputs(mode, cache.content_fingerprint, str(data))
+
+        cache = resolve_cache(
+            data,
+            cfg,
+            cache_dir or folder.cache,
+            progress,
+            accept=lambda c: folder.check_reuse(inputs(c), resume=resume),
+        )
+        folder.admit(inputs(cache), resume=resume)
         folder.write_config(cfg)
         device_name = describe_device(device)
         run_id = uuid.uuid4().hex
