@@ -45,11 +45,10 @@ class ClaimGrid(InProcessGrid):
     def answer(self, msg: Message) -> Message:
         claimed, folder = self.nodes[msg.metadata.dst_node_id]
         settings = ca.SiteSettings(claimed, folder, folder)
-        handler = ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
         shared = ca._TRAINERS
         ca._TRAINERS = self.trainers[msg.metadata.dst_node_id]  # this node's process
         try:
-            return handler(msg, settings, fake_factory)
+            return ca.handle(msg, settings, fake_factory)
         finally:
             ca._TRAINERS = shared
 

@@ -105,21 +105,7 @@ def _end_leftovers(run: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize(
-    "kill_after",
-    [
-        1,
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                reason="issue 24, open: a kill after the last round can land after the final "
-                "evaluation, when the sites have already left; the resumed server then has no "
-                "release lists (seen under CI load)",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kill_after", range(1, ROUNDS + 1))
 def test_a_killed_server_resumes_and_no_site_spends_more(
     tmp_path: Path, cache: Path, kill_after: int
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,8 +63,7 @@ class FakeGrid(InProcessGrid):
         if rnd > self.dead_after.get(site, 10**9):
             return Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg)
         settings = ca.SiteSettings(site, self.out, self.out)
-        handler = ca.handle_train if msg.metadata.message_type == "train" else ca.handle_evaluate
-        return handler(msg, settings, self.factory)
+        return ca.handle(msg, settings, self.factory)
 
 
 def train_message(
@@ -303,7 +303,10 @@ def test_one_exchange_per_round_the_sites_score_the_incoming_model(tmp_path: Pat
     grid = FakeGrid(["a", "b"], tmp_path)
     summary = run_server(grid, ServerSettings(cfg=cfg, out_dir=tmp_path / "run", run_id="r1"))
     kinds = [(rnd, kind) for rnd, kind, _ in grid.sent]
-    assert [k for k in kinds if k[1] != "train"] == [(3, "evaluate")] * 2 + [(4, "evaluate")] * 2
+    done = [(0, "query")] * 2  # after the final answers are kept: the sites may leave
+    assert [k for k in kinds if k[1] != "train"] == [(3, "evaluate")] * 2 + [
+        (4, "evaluate")
+    ] * 2 + done
     incoming = {rnd: c[M.CFG_EVAL_INCOMING] for rnd, kind, c in grid.sent if kind == "train"}
     assert incoming == {1: 0, 2: 1, 3: 1}
     for h in summary["history"]:
@@ -322,7 +325,7 @@ def test_a_dp_run_asks_no_val_query_and_the_site_keeps_its_curve(tmp_path: Path)
         grid, ServerSettings(cfg=small_cfg(rounds=3), out_dir=tmp_path / "run", run_id="r1")
     )
     kinds = [(rnd, kind) for rnd, kind, _ in grid.sent]
-    assert [k for k in kinds if k[1] != "train"] == [(4, "evaluate")] * 2
+    assert [k for k in kinds if k[1] != "train"] == [(4, "evaluate")] * 2 + [(0, "query")] * 2
     assert {c[M.CFG_EVAL_INCOMING] for _, kind, c in grid.sent if kind == "train"} == {0}
     assert all(h["val_dice"] is None for h in summary["history"])
     assert math.isnan(summary["test"]["a"][M.DICE])
@@ -734,3 +737,84 @@ def test_a_resume_with_another_config_is_refused_before_anything_is_written(
     for change in ({"privacy.enabled": True}, {"train.lr": 0.5}, {"federated.local_steps": 5}):
         with pytest.raises(CheckpointError, match="another config"):
             load_state(tmp_path / "run", cfg.replace(**change))
+
+
+class FinalCrashGrid(FakeGrid):
+    """The server dies in the final test: once the sites answered (``at="answers"``, before
+    it kept the answers) or when it tells them they may leave (``at="done"``)."""
+
+    def __init__(self, *args: object, at: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.at, self.answered = at, False
+
+    def answer(self, msg: Message) -> Message:
+        if self.at == "done" and msg.metadata.message_type == "query":
+            raise RuntimeError("server killed")
+        self.answered |= int(msg.content[M.CONFIG].get(M.CFG_FINAL, 0)) == 1
+        return super().answer(msg)
+
+    def pull_messages(self, message_ids):
+        if self.at == "answers" and self.answered:
+            raise RuntimeError("server killed")
+        return super().pull_messages(message_ids)
+
+
+@pytest.mark.parametrize("at", ["answers", "done"])
+def test_a_server_killed_in_the_final_test_resumes_without_a_second_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str
+) -> None:
+    """Review of #24: killed after the last round, the server lost the sites' final answers;
+    they had left (report written, server gone), so the resumed run had no release lists.
+    Now the sites stay until told the answers are kept, and replay their answer if asked."""
+    answered: list[str] = []
+    real = ca.site_evaluate
+
+    def counted(config, state, settings, factory=fake_factory):
+        answered.append(settings.site)
+        return real(config, state, settings, factory)
+
+    monkeypatch.setattr(ca, "site_evaluate", counted)
+    s = ServerSettings(cfg=plain_cfg(rounds=2), out_dir=tmp_path / "run", run_id="r1")
+    with pytest.raises(RuntimeError, match="server killed"):
+        run_server(FinalCrashGrid(["a", "b"], tmp_path, at=at), s)
+    done = [RunFolder(tmp_path).site_done(site) for site in ("a", "b")]
+    assert not any(p.exists() for p in done)  # no site was told it may leave
+    assert RunFolder(s.out_dir).final_test.is_file() == (at == "done")
+    first = sorted(answered)
+    s.resume = True
+    grid = FakeGrid(["a", "b"], tmp_path)
+    summary = run_server(grid, s)
+    assert sorted(answered) == first  # the final test was answered once per site
+    asked = [kind for _, kind, c in grid.sent if int(c.get(M.CFG_FINAL, 0))]
+    assert asked == ([] if at == "done" else ["evaluate"] * 2)  # a kept answer: not asked
+    assert [kind for _, kind, _ in grid.sent] == asked + ["query"] * 2
+    assert all(p.is_file() for p in done)
+    assert set(summary["test"]) == {"a", "b"}
+    kept = read_json(RunFolder(s.out_dir).final_test)["test"]
+    assert json.dumps(summary["test"], sort_keys=True) == json.dumps(kept, sort_keys=True)  # NaN
+
+
+def test_a_kept_final_answer_is_replayed_only_for_the_same_request(tmp_path: Path) -> None:
+    settings = ca.SiteSettings("a", tmp_path, tmp_path)
+    calls: list[int] = []
+
+    def factory(cfg, settings, *, planned_steps, run_id):
+        trainer = fake_factory(cfg, settings, planned_steps=planned_steps, run_id=run_id)
+        evaluate = trainer.evaluate
+        trainer.evaluate = lambda *a, **k: calls.append(1) or evaluate(*a, **k)
+        return trainer
+
+    def final(weights: dict[str, torch.Tensor]) -> Message:
+        msg = train_message(plain_cfg(), weights)
+        msg.content[M.CONFIG][M.CFG_SPLIT] = "test"
+        msg.content[M.CONFIG][M.CFG_FINAL] = 1
+        return msg
+
+    first = ca.handle_evaluate(final(state()), settings, factory)
+    again = ca.handle_evaluate(final(state()), settings, factory)
+    assert len(calls) == 1
+    same = [json.dumps(dict(r.content[M.METRICS]), sort_keys=True) for r in (first, again)]
+    assert same[0] == same[1]
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in state().items()}
+    ca.handle_evaluate(final(other), settings, factory)  # another model: a new answer
+    assert len(calls) == 2

@@ -94,6 +94,14 @@ class RunFolder:
         """A site's last train reply, replayed when a resumed server asks for that round again."""
         return self.root / "sites" / f"{site}.last-reply.pt"
 
+    def site_answer(self, site: str) -> Path:
+        """A site's final test answer, replayed when a resumed server asks for it again."""
+        return self.root / "sites" / f"{site}.final-answer.pt"
+
+    def site_done(self, site: str) -> Path:
+        """Written when the server said it kept the final test answers: the site may leave."""
+        return self.root / "sites" / f"{site}.done"
+
     # ---- federation --------------------------------------------------------------------------
     @property
     def federated_state(self) -> Path:
@@ -103,6 +111,11 @@ class RunFolder:
     @property
     def federation_status(self) -> Path:
         return self.root / "federation_status.json"
+
+    @property
+    def final_test(self) -> Path:
+        """The sites' final test answers, kept before the sites are told they may leave."""
+        return self.root / "final_test.json"
 
     @property
     def history(self) -> Path:

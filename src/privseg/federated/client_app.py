@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from privseg.config import Config
@@ -52,6 +52,11 @@ class SiteSettings:
         """Written on the final test when the server accepted none of this site's training
         replies in the run (a wrong key: the server registered another site's)."""
         return self.report.with_suffix(".refused")
+
+    @property
+    def done(self) -> Path:
+        """Written when the server has kept the final test answers (the site may leave)."""
+        return RunFolder(self.out_dir).site_done(self.site)
 
 
 def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
@@ -317,15 +322,46 @@ def handle_secure_train(
 def handle_evaluate(
     msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
 ) -> Message:
-    """Evaluate the global weights at the site; reply with scalar metrics only."""
+    """Evaluate the global weights at the site; reply with scalar metrics only.
+
+    The final test answer is kept and replayed when the same request comes again (a server
+    that died before it kept the answers): a second answer would be a second release."""
     config = dict(msg.content[M.CONFIG])
     if int(config.get(M.CFG_REFUSED, 0)):  # before the report, which `privseg site` waits for
         log.error("site %s: the server refused every training reply of this site", settings.site)
         atomic_write_text(settings.refused, f"{config[M.CFG_RUN_ID]}\n")
     state = _state(msg.content[M.ARRAYS], M.layout_of(config))
-    metrics = site_evaluate(config, state, settings, factory)
-    releases = site_releases(config, settings, factory)
+    final = bool(int(config.get(M.CFG_FINAL, 0)))
+    kept = RunFolder(settings.out_dir).site_answer(settings.site)
+    digest = replay.request_digest(config, state)
+    answer = replay.stored_answer(kept, config, digest) if final else None
+    if answer is None:
+        answer = (
+            site_evaluate(config, state, settings, factory),
+            site_releases(config, settings, factory),
+        )
+        if final:
+            replay.keep_answer(kept, config, digest, answer)  # before it is sent
+    metrics, releases = answer
     return Message(M.site_reply(settings.site, metrics, M.EVAL_KEYS, None, releases), reply_to=msg)
+
+
+def handle_done(msg: Message, settings: SiteSettings) -> Message:
+    """The server has kept every final test answer: the site may leave (``privseg site``
+    waits for this, so a server that dies before it kept them finds the site again)."""
+    config = dict(msg.content[M.CONFIG])
+    atomic_write_text(settings.done, f"{config[M.CFG_RUN_ID]}\n")
+    return Message(M.site_reply(settings.site, {}, M.EVAL_KEYS, None), reply_to=msg)
+
+
+def handle(
+    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
+) -> Message:
+    """Any server message, by its type (what the ClientApp's handlers do, for a test grid)."""
+    kind = msg.metadata.message_type
+    if kind == MessageType.QUERY:
+        return handle_done(msg, settings)
+    return (handle_train if kind == MessageType.TRAIN else handle_evaluate)(msg, settings, factory)
 
 
 @contextlib.contextmanager
@@ -362,6 +398,12 @@ def make_client_app(
         settings = site_settings(context.node_config, defaults)
         with named(settings.site):
             return handle_evaluate(msg, settings, factory)
+
+    @app.query()
+    def done(msg: Message, context: Context) -> Message:
+        settings = site_settings(context.node_config, defaults)
+        with named(settings.site):
+            return handle_done(msg, settings)
 
     return app
 

@@ -1,16 +1,18 @@
-"""A site's last train reply, kept so that a round the server asks for again is replayed.
+"""A site's last replies, kept so that a request the server sends again is replayed.
 
 A server that dies after the sites trained round k, but before it saved that round, asks for
 round k again when it resumes. Training it again would spend steps the run's noise was not
-calibrated for: the site declines and the run stops short. So a site keeps its last reply
-(written atomically before it replies) and sends it again when the same request comes back:
-the same round id (run id and round), the same config and the same incoming weights. The
-weights are post-processing of a release already in the ledger, so a replay costs no privacy.
+calibrated for: the site declines and the run stops short. The final test evaluation is the
+same: answering it twice would be a second release. So a site keeps its last reply of each
+kind (written atomically before it replies) and sends it again when the same request comes
+back: the same round id (run id and round), the same config and the same incoming weights.
+A replay is post-processing of a release already in the ledger, so it costs no privacy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,12 +25,13 @@ from privseg.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
-FORMAT = "privseg-site-reply/1"
+FORMAT = "privseg-site-reply/2"
 Reply = tuple[dict[str, torch.Tensor], dict[str, float]]
+Answer = tuple[dict[str, float], list[dict[str, Any]] | None]
 
 
 def request_digest(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
-    """A hash of a train request: its config (round id included) and its incoming weights."""
+    """A hash of a request: its config (round id included) and its incoming weights."""
     h = hashlib.sha256()
     for key in sorted(config):
         h.update(f"{key}={config[key]!r}\n".encode())
@@ -39,31 +42,61 @@ def request_digest(config: Mapping[str, Any], state: Mapping[str, torch.Tensor])
     return h.hexdigest()
 
 
-def stored_reply(path: Path, config: Mapping[str, Any], digest: str) -> Reply | None:
-    """The reply kept at ``path`` when it answered this very request (None otherwise)."""
+def _stored(path: Path, config: Mapping[str, Any], digest: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
         saved = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable: train as usual (the ledger guards)
+    except Exception as exc:  # noqa: BLE001 - unreadable: answer as usual (the ledger guards)
         log.warning("ignoring the unreadable stored reply %s: %s", path, exc)
         return None
     if saved.get("format") != FORMAT or saved.get("digest") != digest:
         return None
-    log.info("round %s was trained before: replaying the stored reply", M.round_id(config))
+    log.info("request %s was answered before: replaying the stored reply", M.round_id(config))
+    return saved
+
+
+def _keep(path: Path, config: Mapping[str, Any], digest: str, **payload: Any) -> None:
+    record = {"format": FORMAT, "round_id": M.round_id(config), "digest": digest}
+    atomic_torch_save({**record, **payload}, path)
+
+
+def stored_reply(path: Path, config: Mapping[str, Any], digest: str) -> Reply | None:
+    """The train reply kept at ``path`` when it answered this very request (else None)."""
+    saved = _stored(path, config, digest)
+    if saved is None:
+        return None
     return dict(saved["state"]), {k: float(v) for k, v in saved["metrics"].items()}
 
 
 def keep_reply(path: Path, config: Mapping[str, Any], digest: str, reply: Reply) -> None:
-    """Keep ``reply`` to the request ``digest`` (replacing the previous one) before it is sent."""
+    """Keep train ``reply`` to the request ``digest`` (replacing the previous one)."""
     state, metrics = reply
-    atomic_torch_save(
-        {
-            "format": FORMAT,
-            "round_id": M.round_id(config),
-            "digest": digest,
-            "state": {k: v.detach().cpu() for k, v in state.items()},
-            "metrics": {k: float(v) for k, v in metrics.items()},
-        },
+    _keep(
         path,
+        config,
+        digest,
+        state={k: v.detach().cpu() for k, v in state.items()},
+        metrics={k: float(v) for k, v in metrics.items()},
+    )
+
+
+def stored_answer(path: Path, config: Mapping[str, Any], digest: str) -> Answer | None:
+    """The final test answer (metrics, release list) kept for this very request (else None)."""
+    saved = _stored(path, config, digest)
+    if saved is None:
+        return None
+    releases = json.loads(saved["releases"])
+    return {k: float(v) for k, v in saved["metrics"].items()}, releases
+
+
+def keep_answer(path: Path, config: Mapping[str, Any], digest: str, answer: Answer) -> None:
+    """Keep the final test ``answer`` to the request ``digest``."""
+    metrics, releases = answer
+    _keep(
+        path,
+        config,
+        digest,
+        metrics={k: float(v) for k, v in metrics.items()},
+        releases=json.dumps(releases),
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from privseg.config import Config
@@ -37,7 +37,7 @@ from privseg.federated.state import (
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
 from privseg.federated.validation import ModelSpec
-from privseg.io import make_folder
+from privseg.io import make_folder, read_json, write_json
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
 from privseg.run_folder import RunFolder
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
 """Called with each round's history entry once the round is saved."""
 
+DONE_WAIT = 30.0  # s the server waits for the sites to acknowledge that they may leave
 POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
 
 
@@ -190,6 +191,8 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         eps_known.update(old.get("epsilon_sites", {}))
         n_train.update(old.get("n_train_sites", {}))
     strategy.sizes.update(n_train)  # a site's registered size holds across a resume
+    strategy.resumed = saved is not None
+    strategy.accepted_sites.update(s for h in history for s in h["sites"] + h["declined"])
     dp = cfg.privacy.enabled
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
@@ -300,30 +303,79 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
         if s.progress is not None:
             s.progress(entry)
-    # Final: the last global model on every site's test split, evaluated at the site.
-    strategy.identity.keep_connected(wait_for_sites(grid, fed.min_sites, wait))
-    strategy.aggregate_evaluate(
-        fed.rounds + 1,
-        send(
-            grid,
-            strategy.configure_evaluate(
-                fed.rounds + 1,
-                arrays,
-                ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1}),
-                grid,
-            ),
-            timeout=fed.round_timeout,
-        ),
-    )
+    test, releases = _final_test(grid, s, strategy, arrays, base, run_id=run_id, wait=wait)
     write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
     return {
         "run_id": run_id,  # a resumed run keeps the id its sites' ledgers and replies know
         "state_dict": state_dict(arrays, layout),
         "history": history,
-        "test": dict(strategy.last_evaluate),
-        "releases": dict(strategy.last_releases),
+        "test": test,
+        "releases": releases,
         "n_train": n_train,
     }
+
+
+def _final_test(
+    grid: Grid,
+    s: ServerSettings,
+    strategy: Any,
+    arrays: ArrayRecord,
+    base: dict[str, Any],
+    *,
+    run_id: str,
+    wait: float,
+) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, Any]]]]:
+    """The last global model on every site's test split, evaluated at the site.
+
+    The answers are kept (``final_test.json``) before the sites are told they may leave: a
+    server that dies in between resumes from them; one that dies before keeping them asks
+    again, and each site replays its kept answer (no second release).
+    """
+    fed = s.cfg.federated
+    send = functools.partial(send_and_receive, poll=s.poll)
+    path = RunFolder(s.out_dir).final_test
+    kept = _kept_final_test(path, run_id) if s.resume else None
+    if kept is None:
+        strategy.identity.keep_connected(wait_for_sites(grid, fed.min_sites, wait))
+        request = ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1})
+        evaluate = strategy.configure_evaluate(fed.rounds + 1, arrays, request, grid)
+        strategy.aggregate_evaluate(fed.rounds + 1, send(grid, evaluate, timeout=fed.round_timeout))
+        kept = {
+            "run_id": run_id,
+            "test": dict(strategy.last_evaluate),
+            "releases": dict(strategy.last_releases),
+        }
+        write_json(path, kept)
+        nodes = list(grid.get_node_ids())
+    else:
+        log.info("the sites' final test answers were kept before the server stopped")
+        nodes = _connected(grid, len(kept["test"]), wait)  # those not told yet come back
+    done = ConfigRecord({M.CFG_RUN_ID: run_id})
+    messages = [
+        Message(RecordDict({M.CONFIG: done}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in nodes
+    ]
+    send(grid, messages, timeout=min(fed.round_timeout, DONE_WAIT))
+    return kept["test"], kept["releases"]
+
+
+def _kept_final_test(path: Path, run_id: str) -> dict[str, Any] | None:
+    """The final test answers this run kept (None: not kept, or another run's)."""
+    try:
+        kept = read_json(path)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(kept, dict) and kept.get("run_id") == run_id
+    return kept if ok and isinstance(kept.get("test"), dict) else None
+
+
+def _connected(grid: Grid, want: int, timeout: float) -> list[int]:
+    """The node ids connected once ``want`` are, or after ``timeout`` s (never raises: the
+    sites already told may have left)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return nodes
 
 
 def _finite(arrays: ArrayRecord) -> bool:

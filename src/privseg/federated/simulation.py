@@ -115,8 +115,7 @@ def run_federated(
 
         cache = SliceCache.open(cache_dir)
         sites = list(cache.sites)
-        if not resume:
-            check_site_plans(cfg, cache)
+        check_site_plans(cfg, cache)  # a resume as well: its config may change the rounds
     if len(sites) < cfg.federated.min_sites:
         raise DataError(
             f"{len(sites)} site(s) in {cache_dir} but federated.min_sites = "

@@ -9,7 +9,6 @@ then starts its own; they die with it (:mod:`privseg.federated.processes`).
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -202,13 +201,12 @@ def _serve_site(
             argv += ["--auth-supernode-private-key", str(key)]
         echo(f"site {site}: connecting to {server} ({'INSECURE' if insecure else 'TLS'})")
 
-        def fresh_report() -> bool:  # written by this run's final test evaluation
-            return report.is_file() and report.stat().st_mtime >= started
+        done = RunFolder(out).site_done(site)
 
         def finished() -> bool:
-            """The final evaluation is done and the server has gone: the SuperNode would only
-            retry for --timeout s more (Flower keeps a SuperNode for further runs)."""
-            return fresh_report() and not _reachable(server)
+            """The server said it kept this run's final test answers (written after the
+            site's report): the SuperNode would only wait for further runs."""
+            return done.is_file() and done.stat().st_mtime >= started and report.is_file()
 
         give_up = time.monotonic() + timeout
         node_log = out / "logs" / "supernode.log"
@@ -219,7 +217,7 @@ def _serve_site(
             offset = node_log.stat().st_size if node_log.exists() else 0
             node = procs.start("supernode", argv, env=env, log_file=node_log)
             code = _wait_node(node, procs.procs.get("worker"), finished)
-            if fresh_report():
+            if finished():
                 check_accepted(site, out, started)
                 echo(f"site {site}: federation finished; local report in {report}")
                 return report
@@ -231,7 +229,13 @@ def _serve_site(
                 break
             time.sleep(2.0)
         tail = procs.tail("supernode")
-        if "CERTIFICATE_VERIFY_FAILED" in tail:
+        if report.is_file() and report.stat().st_mtime >= started:
+            why = (
+                "the site answered the final test, but the server never said it kept the "
+                "answers (it stopped first): resume it with `privseg server --resume` while "
+                "this site runs; the site replays its answer, no new release"
+            )
+        elif "CERTIFICATE_VERIFY_FAILED" in tail:
             why = (
                 f"TLS failed: the server's certificate does not verify against "
                 f"{files.ca if files else 'the CA'} (another federation's ca.crt, or a "
@@ -263,16 +267,6 @@ def check_accepted(site: str, out: Path, started: float) -> None:
             f"server registered another site's key for this one, or refused its updates; its "
             "log names the reason)"
         )
-
-
-def _reachable(address: str, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at ``HOST:PORT`` (``[v6]:PORT`` too)."""
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def _wait_node(

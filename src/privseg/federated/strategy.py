@@ -95,6 +95,8 @@ class SiteAggregation(Strategy):
     spec: ModelSpec | None  # the model's arrays: names, shapes, dtypes
     sizes: dict[str, int]  # each site's registered training size (its first reply's)
     accepted: set[int]  # nodes with at least one accepted training reply in this run
+    accepted_sites: set[str]  # their sites, the rounds before a resume included
+    resumed: bool  # this process resumed the run: a node it has not heard is not known
     _global: dict[str, np.ndarray]  # this round's global weights
     last_train: TrainRound
     last_evaluate: dict[str, dict[str, float]]
@@ -131,6 +133,7 @@ class SiteAggregation(Strategy):
                     report.refused += 1
                 continue
             self.accepted.add(node)
+            self.accepted_sites.add(site)
             metrics, norm = verdict
             report.sites[site] = metrics
             if metrics[M.DECLINED] >= 1.0:
@@ -196,11 +199,21 @@ class SiteAggregation(Strategy):
         if not int(config.get(M.CFG_FINAL, 0)):
             return msgs
         for msg in msgs:  # Flower's messages share one RecordDict: give each its own
-            refused = int(msg.metadata.dst_node_id not in self.accepted)
+            refused = self._refused(msg.metadata.dst_node_id)
             msg.content = RecordDict(
                 {M.ARRAYS: arrays, M.CONFIG: ConfigRecord({**config, M.CFG_REFUSED: refused})}
             )
         return msgs
+
+    def _refused(self, node: int) -> int:
+        """1 when the server accepted none of this node's training replies in the run; a
+        node first heard after a resume counts by its registered site (else: not claimed)."""
+        if node in self.accepted:
+            return 0
+        site = self.identity.site_of(node)
+        if site is not None:
+            return int(site not in self.accepted_sites)
+        return int(not self.resumed)
 
     def _drop_outliers(self, report: TrainRound, usable: list[Message], norms: list[float]) -> None:
         """With 3 or more updates, drop one whose norm (new - global weights) is more than
@@ -369,6 +382,8 @@ def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggr
     strategy.spec = None
     strategy.sizes = {}
     strategy.accepted = set()
+    strategy.accepted_sites = set()
+    strategy.resumed = False
     strategy.last_releases = {}
     strategy.identity = identity or SiteIdentity()
     strategy.last_train = TrainRound()
