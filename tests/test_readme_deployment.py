@@ -1,7 +1,7 @@
-"""README's deployment walkthrough, run as written: a coordinator and two hospitals over TLS on
-127.0.0.1, each in its own working folder with relative paths. Only the README's documented
-placeholders ($SERVER, $LISTEN, $PORT, $SITE, $CT) are replaced, so the test fails when the
-README and privseg diverge."""
+"""The deployment walkthrough (docs/DEPLOYMENT.md, linked from the README), run as written: a
+coordinator and two hospitals over TLS on 127.0.0.1, each in its own working folder with relative
+paths. Only the documented placeholders ($SERVER, $LISTEN, $PORT, $SITE, $CT) are replaced, so the
+test fails when the document and privseg diverge."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from conftest import e2e_config
 from privseg.config import Config
 from privseg.federated.processes import free_port, stop_stale
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "DEPLOYMENT.md"
 CLI = [sys.executable, "-c", "from privseg.cli.app import main; main()"]
 # every party runs in its own folder: this privseg, whatever the working folder
 SRC = str(Path(privseg.__file__).resolve().parents[1])
@@ -42,16 +42,16 @@ STEPS = [
 
 
 def _block(name: str, lang: str) -> str:
-    text = README.read_text()
+    text = DOC.read_text()
     match = re.search(
         rf"<!-- {name}:start -->\s*```{lang}\n(.*?)```\s*<!-- {name}:end -->", text, re.S
     )
-    assert match, f"README has no {name} block"
+    assert match, f"{DOC.name} has no {name} block"
     return match.group(1)
 
 
 def walkthrough() -> list[tuple[str, list[str]]]:
-    """(party, argv after `privseg`) for every command of the README's walkthrough; the party
+    """(party, argv after `privseg`) for every command of the walkthrough; the party
     is read from the comment above it ("# coordinator: ...", "# each hospital...")."""
     steps, party = [], None
     for line in _block("deployment-walkthrough", "bash").replace("\\\n", " ").splitlines():
@@ -82,14 +82,14 @@ def substitute(argv: list[str], values: dict[str, str]) -> list[str]:
 def test_the_walkthrough_is_the_documented_procedure() -> None:
     """Fast: the commands, their order and parties, and the example federation.toml."""
     assert [(party, argv[0]) for party, argv in walkthrough()] == STEPS
-    text = README.read_text()
+    text = DOC.read_text()
     for name in PLACEHOLDERS:
-        assert f"| `${name}` |" in text, f"${name} is not in the README's placeholder table"
+        assert f"| `${name}` |" in text, f"${name} is not in {DOC.name}'s placeholder table"
     Config.from_dict(tomllib.loads(_block("federation-config", "toml")))
 
 
 @pytest.mark.slow
-def test_the_readme_deployment_walkthrough_runs_as_written(tmp_path: Path) -> None:
+def test_the_deployment_walkthrough_runs_as_written(tmp_path: Path) -> None:
     from privseg.data.phantom import synth_task
 
     steps = walkthrough()
@@ -150,7 +150,7 @@ def test_the_readme_deployment_walkthrough_runs_as_written(tmp_path: Path) -> No
             for site, folder in folders.items():
                 argv_site = substitute(argv, values[site])
                 outputs[f"{site}-{cmd}"] = run(f"{site}-{cmd}", argv_site, folder, background)
-        print(f"README walkthrough: {time.perf_counter() - t0:.1f} s")
+        print(f"deployment walkthrough: {time.perf_counter() - t0:.1f} s")
     finally:
         for _, proc in running:
             with contextlib.suppress(ProcessLookupError):

@@ -1,8 +1,8 @@
 """The ``results.json`` schema: typed run and site results, the only writer of results.json.
 
 Central, local-only and federated runs (simulation and deployment) and the study all build
-their ``results.json`` here, so a key means the same in every file. The README's schema table
-is tested against :data:`RUN_KEYS`, :data:`SITE_KEYS` and :data:`STUDY_KEYS`.
+their ``results.json`` here, so a key means the same in every file. The schema table in
+docs/RESULTS.md is tested against :data:`RUN_KEYS`, :data:`SITE_KEYS` and :data:`STUDY_KEYS`.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class Volume:
         patient by it, so copying, moving, renaming, re-preparing, re-partitioning or
         re-annotating (labels do not enter) the data does not change whose budget a release
         counts against. Any change to the image voxels (a crop, a re-export, another
-        reconstruction) makes another fingerprint: the README says what that means."""
+        reconstruction) makes another fingerprint: docs/PRIVACY.md says what that means."""
         image = np.round(np.asarray(self.image, dtype=np.float64), 2) + 0.0  # -0.0 -> 0.0
         image = np.where(np.isnan(image), np.inf, image)  # every NaN pattern is one value
         data = np.ascontiguousarray(image, dtype=np.float64)

@@ -1,4 +1,5 @@
-"""DP-ready 2D segmentation networks: ``build_model(cfg.model)`` -> logits ``[B, 1, R, R]``."""
+"""DP-ready 2D segmentation networks: ``build_model(cfg.model, classes)`` -> logits
+``[B, classes, R, R]``."""
 
 from privseg.models.monet import MoNet
 from privseg.models.registry import MODELS, build_model, get_builder, initial_model

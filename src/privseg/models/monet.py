@@ -107,7 +107,8 @@ class RDDC(nn.Module):
 
 
 class MoNet(nn.Module):
-    """Two-level MoNet on ``[B, in_channels, R, R]`` (R a multiple of 4) -> logits ``[B, 1, R, R]``.
+    """Two-level MoNet on ``[B, in_channels, R, R]`` (R a multiple of 4) -> logits
+    ``[B, out_channels, R, R]``.
 
     ``dropout`` defaults to the paper's 0.2 when the class is built directly; ``build_model``
     passes ``model.dropout`` from the config (default 0.0, so set ``model.dropout = 0.2`` to

@@ -15,7 +15,7 @@ patient the one store that accounts it. Opening a store is refused when
 - a store holds rows the registry has never seen (the registry was deleted, or the store
   comes from another machine: ``privseg budget --ledgers DIR --adopt`` registers it).
 
-Out of reach, and said so in the README: the account that runs privseg can start over by
+Out of reach, and said so in docs/PRIVACY.md: the account that runs privseg can start over by
 pointing ``$XDG_DATA_HOME`` at another folder (another registry and default store), and an
 administrator can delete or edit the stores and the registry together.
 """
