@@ -94,6 +94,33 @@ def test_an_absurd_rescale_is_refused(
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        ("ImagePositionPatient", b"1e308\\0\\0 "),
+        ("PixelSpacing", b"1e300\\1 "),
+    ],
+)
+def test_absurd_geometry_is_named_not_misread(
+    dicom_task: Path, tmp_path: Path, tag: str, value: bytes
+) -> None:
+    """Review of #24: an IPP of 1e308 was reported as a duplicate slice (the projection
+    overflowed), a PixelSpacing of 1e300 as something else; both name the tag now."""
+    root = Path(shutil.copytree(dicom_task, tmp_path / "d"))
+    file = sorted((root / "liver_001").iterdir())[1]
+    _raw_tag(file, tag, value)
+    with pytest.raises(DataError, match=rf"{file.name}: {tag} .* the geometry tags are wrong"):
+        prepare_cache(root, tmp_path / "c", CFG, seed=0)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_absurd_slice_thickness_is_named(dicom_task: Path, tmp_path: Path) -> None:
+    root, file = _single_slice_task(dicom_task, tmp_path / "d")
+    _raw_tag(file, "SliceThickness", b"1e300 ")
+    with pytest.raises(DataError, match=rf"{file.name}: .*SliceThickness 1e\+300 exceeds"):
+        prepare_cache(root, tmp_path / "c", CFG, seed=0)
+
+
 def test_infinite_voxels_are_refused_even_with_nan_hu(task: Path, tmp_path: Path) -> None:
     image = _first_image(task)
     img = nib.load(image)

@@ -36,6 +36,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Direction cosines and pixel spacings are written as decimal strings (DS, 16 characters):
 # files of one series agree to ~1e-6; 1e-4 separates a different series from rounding.
 GEOMETRY_ATOL = 1e-4
+# Bounds that no scanner reaches (a 10 km field of view, a 1 m pixel): beyond them a tag is
+# corrupt, and the arithmetic on it would only fail later with a misleading message.
+MAX_POSITION_MM = 1e7
+MAX_SPACING_MM = 1e3
 # A slice-to-slice step may differ from the series' median step by this fraction: a missing
 # slice doubles one step (+100 %), a duplicate makes one 0; scanners' position jitter is
 # < 0.01 mm, under 1 % of any clinical slice spacing (>= 0.5 mm).
@@ -209,6 +213,16 @@ def _check_slice(s: _Slice) -> None:
             f"{s.path}: ImageOrientationPatient {list(s.orientation)} is not two orthogonal "
             "unit vectors"
         )
+    if np.any(np.abs(s.position) > MAX_POSITION_MM):
+        raise DataError(
+            f"{s.path}: ImagePositionPatient {list(s.position)} lies beyond +-{MAX_POSITION_MM:g}"
+            " mm of the scanner's origin: the geometry tags are wrong"
+        )
+    if np.any(s.pixel_spacing > MAX_SPACING_MM):
+        raise DataError(
+            f"{s.path}: PixelSpacing {list(s.pixel_spacing)} exceeds {MAX_SPACING_MM:g} mm per "
+            "pixel: the geometry tags are wrong"
+        )
     if min(s.shape) < 1 or np.any(s.pixel_spacing <= 0) or s.slope == 0:
         raise DataError(
             f"{s.path}: Rows/Columns {s.shape}, PixelSpacing {list(s.pixel_spacing)} or "
@@ -251,6 +265,11 @@ def _slice_step(folder: Path, slices: list[_Slice], normal: np.ndarray) -> np.nd
         s = slices[0]
         between = number(s.dataset, "SpacingBetweenSlices", 0.0, s.path)
         thickness = between if between > 0 else number(s.dataset, "SliceThickness", 0.0, s.path)
+        if thickness > MAX_SPACING_MM:
+            raise DataError(
+                f"{s.path}: SpacingBetweenSlices/SliceThickness {thickness:g} exceeds "
+                f"{MAX_SPACING_MM:g} mm: the geometry tags are wrong"
+            )
         return normal * (thickness if thickness > 0 else 1.0)
     along = np.array([float(s.position @ normal) for s in slices])
     gaps = np.diff(along)
