@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -155,4 +157,20 @@ def test_continue_redoes_a_case_whose_ct_was_replaced(
     text = " ".join(again.output.split())
     assert again.exit_code == 0, again.output
     assert "1 CT(s) segmented" in text and "2 finished earlier (skipped)" in text
-    assert (out / "a.nii.gz").read_bytes() == (out / "b.nii.gz").read_bytes()
+    voxels = [np.asarray(nib.load(out / f"{n}.nii.gz").dataobj) for n in "ab"]
+    assert np.array_equal(*voxels)  # (not the files' bytes: gzip headers hold a time)
+
+
+def test_no_output_goes_inside_a_slice_cache(
+    checkpoint: Path, cts: Path, phantom_cache, tmp_path: Path
+) -> None:
+    """Review of #24: a single-file `predict --out` inside a cache was written there (the next
+    prepare would discard it, and a cache holds prepared data only); a folder --out too."""
+    inside = Path(phantom_cache.root) / phantom_cache.sites[0]
+    for image, out in ((cts / "a.nii.gz", inside / "mask.nii.gz"), (cts, inside / "masks")):
+        result = _predict(checkpoint, image, out)
+        assert result.exit_code == 2, result.output
+        assert "privseg rebuilds as a whole" in " ".join(result.output.split())
+        assert not out.exists()
+    result = _predict(checkpoint, cts / "a.nii.gz", tmp_path / "mask.nii.gz")
+    assert result.exit_code == 0, result.output

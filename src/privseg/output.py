@@ -324,6 +324,18 @@ def check_not_input(out: Path, inputs: Iterable[str | Path], *, folder: bool) ->
             )
 
 
+def check_not_in_rebuilt(out: Path) -> None:
+    """Refuse an output inside a folder privseg rebuilds (a slice cache, a phantom task): the
+    next prepare would discard it, and a cache holds prepared data only."""
+    for folder in Path(os.path.realpath(out)).parents:
+        marker = read_marker(folder)
+        if marker is not None and marker["kind"] in REBUILT_KINDS:
+            raise DataError(
+                f"output {out} lies inside {folder}, a privseg {KINDS[marker['kind']]} that "
+                "privseg rebuilds as a whole; choose a path outside it"
+            )
+
+
 def check_output_file(
     out: Path, *, inputs: Iterable[str | Path], suffixes: tuple[str, ...], overwrite: bool
 ) -> None:
@@ -349,6 +361,7 @@ def check_output_file(
     if out.is_dir():
         raise DataError(f"output {out} is a folder; expected a file name such as mask.nii.gz")
     check_not_input(out, inputs, folder=False)
+    check_not_in_rebuilt(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise DataError(f"output {out} exists; pass --overwrite to replace it")
 

@@ -29,7 +29,7 @@ from privseg.inference.volume import (
     write_outputs,
 )
 from privseg.io import make_folder, read_json, write_json
-from privseg.output import check_not_input
+from privseg.output import check_not_in_rebuilt, check_not_input
 
 log = logging.getLogger(__name__)
 RECORD = ".privseg-predictions.json"
@@ -88,6 +88,7 @@ def segment_folder(
     if len(set(names)) != len(names):
         raise DataError(f"input folder {folder}: two inputs give the same case name")
     check_not_input(out, [folder], folder=True)  # a run folder holding the checkpoint is fine
+    check_not_in_rebuilt(out)
     if not out.parent.is_dir():
         raise DataError(f"output {out}: folder {out.parent} does not exist; create it first")
     plans = {n: companions(out / f"{n}.nii.gz", probabilities, preview) for n in names}
