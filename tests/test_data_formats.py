@@ -177,9 +177,9 @@ def _csv_no_label_column(root: Path) -> None:
 
 
 DICOM_ERRORS: list[tuple[Callable[[Path], None], tuple[str, ...]]] = [
-    (_other_series, ("liver_001", "mixes series", "SeriesInstanceUID")),
-    (_other_spacing, ("liver_001", "mixes series", "PixelSpacing")),
-    (_other_orientation, ("liver_001", "mixes series", "ImageOrientationPatient")),
+    (_other_series, ("liver_001", "holds 2 series", "SeriesInstanceUID")),
+    (_other_spacing, ("liver_001", "files of one series disagree", "PixelSpacing")),
+    (_other_orientation, ("liver_001", "files of one series disagree", "ImageOrientationPatient")),
     (_missing_slice, ("liver_001", "incomplete")),
     (_duplicate_position, ("liver_001", "duplicate", "IMdup.dcm")),
     (_not_dicom, ("liver_001/notes.txt", "not a readable DICOM")),

@@ -62,6 +62,11 @@ def predict(
         help="A folder of CTs: skip the cases an earlier run into --out finished (same "
         "checkpoint and options, files unchanged) and redo the rest.",
     ),
+    series: str | None = typer.Option(
+        None,
+        "--series",
+        help="A DICOM folder holding several series: the SeriesInstanceUID to segment.",
+    ),
     device: str | None = DeviceOption,
 ) -> None:
     """Apply the model slice by slice; each mask has its input's grid and affine and the
@@ -74,8 +79,10 @@ def predict(
     if not image.is_dir() or out.name.lower().endswith(MASK_SUFFIXES):  # one CT
         if resume:
             raise ConfigError("--continue applies to a folder of CTs (an --out folder)")
-        console.print(_describe(segment_nifti(checkpoint, image, out, **options)))
+        console.print(_describe(segment_nifti(checkpoint, image, out, series=series, **options)))
         return
+    if series is not None:
+        raise ConfigError("--series chooses a series in one DICOM folder, not in a folder of CTs")
     with progress_bar() as bar:
         done = segment_folder(checkpoint, image, out, progress=bar, resume=resume, **options)
     for stats in done.written:

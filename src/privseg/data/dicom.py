@@ -11,14 +11,21 @@ with ``step`` the mean slice-to-slice offset. NIfTI's world frame is RAS (+x rig
 anterior), so the affine returned is ``diag(-1, -1, 1, 1) @ lps_affine``. HU are
 ``stored value * RescaleSlope + RescaleIntercept`` of each slice.
 
+Folders as a PACS exports them are read: compressed pixel data (every transfer syntax the
+installed decoders handle: GDCM, OpenJPEG, RLE), a SOP class given only in the file meta, and
+localizer (scout) images and objects without pixel data (dose reports) beside the series,
+which are skipped and named in the log. A folder with several series is read when one is
+chosen (``series``: its SeriesInstanceUID); else the series are listed.
+
 Everything that would give a wrong volume is a :class:`~privseg.errors.DataError` naming the
-series folder (and the files): files of another series, orientation, size or pixel spacing
-(a mixed folder), two slices at one position, a gap where slices are missing, slices off one
-line, non-CT or multi-frame objects, pixel data that cannot be decoded.
+series folder (and the files): orientation, size or pixel spacing differing within a series,
+two slices at one position, a gap where slices are missing, slices off one line, gantry tilt,
+non-CT or multi-frame objects, pixel data that cannot be decoded.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +38,12 @@ from pydicom.errors import InvalidDicomError
 from privseg.data.msd import HU_LIMIT, MAX_VOXELS, canonical_data, check_voxels, out_of_memory
 from privseg.errors import DataError
 
+log = logging.getLogger(__name__)
+
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# A tilted gantry shears the slices: the step between them leaves the slice normal. Up to this
+# angle the shear is below 0.1 mm per 10 mm of slice offset; beyond it privseg refuses.
+MAX_TILT_DEGREES = 0.5
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Direction cosines and pixel spacings are written as decimal strings (DS, 16 characters):
 # files of one series agree to ~1e-6; 1e-4 separates a different series from rounding.
@@ -98,16 +110,17 @@ def series_files(folder: Path) -> list[Path]:
 
 
 def read_dicom_series(
-    folder: str | Path, max_voxels: int = MAX_VOXELS
+    folder: str | Path, max_voxels: int = MAX_VOXELS, series: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """A CT series folder -> (HU float32 ``[X, Y, Z]`` in the series' voxel order, RAS affine).
 
     X runs along a row (column index), Y down the columns (row index), Z over the slices in
     the direction of the slice normal. The affine maps voxel indices to RAS mm, as a NIfTI
-    written by dicom2nifti from the same series would.
+    written by dicom2nifti from the same series would. ``series``: the SeriesInstanceUID to
+    read from a folder that holds several.
     """
     folder = Path(folder)
-    slices = [_read_slice(path) for path in series_files(folder)]
+    slices = _pick_series(folder, _series_slices(folder), series)
     _check_one_series(folder, slices)
     first = slices[0]
     rows, cols = first.shape
@@ -117,6 +130,7 @@ def read_dicom_series(
     normal = np.cross(row_cos, col_cos)
     slices.sort(key=lambda s: float(s.position @ normal))
     step = _slice_step(folder, slices, normal)
+    _check_tilt(folder, step, normal)
     lps = np.eye(4)
     lps[:3, 0] = row_cos * first.pixel_spacing[1]
     lps[:3, 1] = col_cos * first.pixel_spacing[0]
@@ -129,30 +143,94 @@ def read_dicom_series(
     return hu, LPS_TO_RAS @ lps
 
 
+def _series_slices(folder: Path) -> list[_Slice]:
+    """The CT image files of a folder; localizers and objects without pixels skipped, named."""
+    slices, skipped = [], []
+    for path in series_files(folder):
+        read = _read_slice(path)
+        if isinstance(read, str):
+            skipped.append(f"{path.name} ({read})")
+        else:
+            slices.append(read)
+    if skipped:
+        log.warning(
+            "DICOM folder %s: skipped %d file(s): %s", folder, len(skipped), ", ".join(skipped)
+        )
+    if not slices:
+        raise DataError(
+            f"DICOM series folder {folder} holds no CT image: skipped {', '.join(skipped)}"
+        )
+    return slices
+
+
+def _pick_series(folder: Path, slices: list[_Slice], series: str | None) -> list[_Slice]:
+    """The slices of the chosen series; several series without a choice are listed."""
+    found: dict[str, list[_Slice]] = {}
+    for s in slices:
+        found.setdefault(s.series_uid, []).append(s)
+    if series is not None:
+        if series not in found:
+            raise DataError(
+                f"DICOM folder {folder} holds no series {series!r}; it holds: {_listing(found)}"
+            )
+        return found[series]
+    if len(found) > 1:
+        raise DataError(
+            f"DICOM folder {folder} holds {len(found)} series: {_listing(found)}; choose one "
+            "by its SeriesInstanceUID (predict --series, or a series_uid column in series.csv)"
+        )
+    return slices
+
+
+def _listing(found: dict[str, list[_Slice]]) -> str:
+    def about(s: _Slice) -> str:
+        return str(s.dataset.get("SeriesDescription", "") or "no description")
+
+    return "; ".join(f"{uid} ({about(s[0])}, {len(s)} file(s))" for uid, s in found.items())
+
+
+def _check_tilt(folder: Path, step: np.ndarray, normal: np.ndarray) -> None:
+    cosine = abs(float(step @ normal)) / max(float(np.linalg.norm(step)), 1e-12)
+    angle = math.degrees(math.acos(min(1.0, cosine)))
+    if angle > MAX_TILT_DEGREES:
+        raise DataError(
+            f"DICOM series folder {folder}: the slices step {angle:.2f} degrees off their normal "
+            f"(gantry tilt); privseg reads series tilted by at most {MAX_TILT_DEGREES} degrees: "
+            "resample the series to an untilted grid first"
+        )
+
+
 def load_dicom_image(
-    folder: str | Path, max_voxels: int = MAX_VOXELS
+    folder: str | Path, max_voxels: int = MAX_VOXELS, series: str | None = None
 ) -> tuple[np.ndarray, nib.Nifti1Image]:
     """What :func:`~privseg.data.msd.load_image` gives for a NIfTI, for a DICOM series folder:
     float32 HU ``[X, Y, Z]`` in canonical RAS and the canonical image (its affine)."""
     folder = Path(folder)
-    hu, affine = read_dicom_series(folder, max_voxels)
+    hu, affine = read_dicom_series(folder, max_voxels, series)
     return canonical_data(nib.Nifti1Image(hu, affine), folder)
 
 
-def _read_slice(path: Path) -> _Slice:
+def _read_slice(path: Path) -> _Slice | str:
+    """One CT image file, checked; or why it is skipped (a localizer, no pixel data)."""
     try:
         ds = pydicom.dcmread(path)
     except _READ_ERRORS as exc:
         raise DataError(
             f"{path} is not a readable DICOM file: {type(exc).__name__}: {exc}"
         ) from exc
-    sop = ds.get("SOPClassUID")
+    # PACS exports may leave the dataset's element empty: the file meta names the class too
+    meta = getattr(ds, "file_meta", None)
+    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    if "PixelData" not in ds and sop != CT_IMAGE_STORAGE:
+        return f"no pixel data: {_sop_name(sop)}"
     if sop != CT_IMAGE_STORAGE:
-        name = f"{sop} ({pydicom.uid.UID(str(sop)).name})" if sop else "missing"
         raise DataError(
-            f"{path}: SOP class {name}; privseg reads series of single-frame CT Image Storage "
-            f"({CT_IMAGE_STORAGE}) files"
+            f"{path}: SOP class {_sop_name(sop)}; privseg reads series of single-frame CT Image "
+            f"Storage ({CT_IMAGE_STORAGE}) files"
         )
+    kinds = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in kinds:
+        return "localizer"
     missing = [key for key in _REQUIRED if key not in ds]
     if missing:
         raise DataError(f"{path}: DICOM attribute(s) {', '.join(missing)} missing")
@@ -175,6 +253,10 @@ def _read_slice(path: Path) -> _Slice:
         raise DataError(f"{path}: multi-frame or multi-sample images are not supported")
     _check_slice(slice_)
     return slice_
+
+
+def _sop_name(sop: object) -> str:
+    return f"{sop} ({pydicom.uid.UID(str(sop)).name})" if sop else "missing"
 
 
 def number(ds: pydicom.Dataset, tag: str, default: float, path: Path) -> float:
@@ -231,10 +313,9 @@ def _check_slice(s: _Slice) -> None:
 
 
 def _check_one_series(folder: Path, slices: list[_Slice]) -> None:
-    """All files describe one series on one in-plane grid; else name two files that differ."""
+    """All files of the series lie on one in-plane grid; else name two files that differ."""
     first = slices[0]
     checks = (
-        ("SeriesInstanceUID", lambda s: s.series_uid, lambda a, b: a == b),
         ("Rows/Columns", lambda s: s.shape, lambda a, b: a == b),
         ("ImageOrientationPatient", lambda s: s.orientation, _close),
         ("PixelSpacing", lambda s: s.pixel_spacing, _close),
@@ -243,9 +324,9 @@ def _check_one_series(folder: Path, slices: list[_Slice]) -> None:
         for s in slices[1:]:
             if not same(get(first), get(s)):
                 raise DataError(
-                    f"DICOM series folder {folder} mixes series: {first.path.name} has {name} "
-                    f"{_show(get(first))}, {s.path.name} has {_show(get(s))}; put each series "
-                    "in its own folder"
+                    f"DICOM series folder {folder}: files of one series disagree: "
+                    f"{first.path.name} has {name} {_show(get(first))}, {s.path.name} has "
+                    f"{_show(get(s))}; a series privseg reads has one in-plane grid"
                 )
 
 

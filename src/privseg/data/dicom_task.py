@@ -2,8 +2,9 @@
 
 Columns: ``series`` (a series folder, relative to the CSV's folder), ``label`` (its NIfTI label
 file, relative too) and optionally ``site`` (the hospital the patient belongs to: the site
-map). A case's id is its ``series`` path. The label must lie on the series' voxel grid (same
-shape, affine within :data:`~privseg.data.msd.AFFINE_ATOL` after both are put in the same axis
+map) and ``series_uid`` (the SeriesInstanceUID to read when the folder holds several). A
+case's id is its ``series`` path. The label must lie on the series' voxel grid (same shape,
+affine within :data:`~privseg.data.msd.AFFINE_ATOL` after both are put in the same axis
 order), or both files are named in the error.
 """
 
@@ -42,7 +43,8 @@ def read_dicom_task(src: Path) -> Task:
     if not set(COLUMNS) <= set(header):
         raise DataError(
             f"{index}: header {header} lacks column(s) "
-            f"{sorted(set(COLUMNS) - set(header))}; expected 'series,label' (and optional 'site')"
+            f"{sorted(set(COLUMNS) - set(header))}; expected 'series,label' (and optional "
+            "'site', 'series_uid')"
         )
     cases, sites = [], {}
     for line, row in enumerate(rows, start=2):
@@ -55,7 +57,8 @@ def read_dicom_task(src: Path) -> Task:
         if not label.is_file():
             raise DataError(f"{where}: label file {label} does not exist (series {series})")
         case_id = str(PurePosixPath(*series.relative_to(root).parts))
-        cases.append(Case(case_id=case_id, image=series, label=label))
+        uid = row.get("series_uid") or None  # a folder holding several series: which one
+        cases.append(Case(case_id=case_id, image=series, label=label, series=uid))
         if "site" in header:
             sites[case_id] = check_site_name(row.get("site", ""), f"{where}: site")
     if not cases:
@@ -73,7 +76,7 @@ def read_dicom_task(src: Path) -> Task:
 
 def load_dicom_case(case: Case, max_voxels: int = MAX_VOXELS) -> Volume:
     """The series and its label as a canonical Volume; the label must share the series' grid."""
-    hu, affine = read_dicom_series(case.image, max_voxels)
+    hu, affine = read_dicom_series(case.image, max_voxels, case.series)
     image = nib.Nifti1Image(hu, affine)
     label = open_nifti(case.label, max_voxels)
     # A label tool may store the same grid in another axis order (e.g. RAS vs LPS): compare

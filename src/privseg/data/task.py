@@ -24,6 +24,7 @@ class Case:
     case_id: str
     image: Path
     label: Path
+    series: str | None = None  # DICOM: the SeriesInstanceUID to read from a folder of several
 
 
 @dataclass(frozen=True)

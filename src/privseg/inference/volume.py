@@ -39,15 +39,19 @@ class CTInput:
 
 
 def read_ct(
-    path: str | Path, nan_hu: float | None, max_voxels: int = DataConfig().max_voxels
+    path: str | Path,
+    nan_hu: float | None,
+    max_voxels: int = DataConfig().max_voxels,
+    series: str | None = None,
 ) -> CTInput:
-    """A NIfTI file or a DICOM series folder, validated (a clear DataError naming it)."""
+    """A NIfTI file or a DICOM series folder, validated (a clear DataError naming it);
+    ``series``: the SeriesInstanceUID to read from a DICOM folder holding several."""
     from privseg.data.dicom import read_dicom_series
     from privseg.data.msd import canonical_data, open_nifti, replace_nan
 
     path = Path(path)
     if path.is_dir():
-        hu_series, affine = read_dicom_series(path, max_voxels)
+        hu_series, affine = read_dicom_series(path, max_voxels, series)
         original = nib.Nifti1Image(hu_series, affine)
         header = None
     else:
@@ -194,6 +198,7 @@ def segment_nifti(
     device: str = "auto",
     probabilities: bool = False,
     preview: bool = False,
+    series: str | None = None,
 ) -> dict[str, Any]:
     """Segment ``image`` (a NIfTI file or a DICOM series folder) and write the mask NIfTI
     ``out`` (plus ``*_prob.nii.gz`` and ``*_preview.png`` when asked), atomically.
@@ -206,7 +211,7 @@ def segment_nifti(
     files = companions(out, probabilities, preview)
     claim_outputs(files, [image, checkpoint], overwrite)
     model, cfg = load_model(checkpoint, device)
-    ct = read_ct(image, cfg.data.nan_hu, cfg.data.max_voxels)
+    ct = read_ct(image, cfg.data.nan_hu, cfg.data.max_voxels, series)
     mask, probs = predict_ct(
         model, cfg, ct, batch_size=batch_size, threshold=threshold, probabilities=probabilities
     )
