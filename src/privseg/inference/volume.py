@@ -112,12 +112,21 @@ def _to_input_grid(volume: np.ndarray, ct: CTInput) -> np.ndarray:
 def _nifti_bytes(
     data: np.ndarray, ct: CTInput, out: Path, dtype: type, scale: float = 1.0
 ) -> bytes:
-    header = ct.header.copy() if ct.header is not None else nib.Nifti1Header()
-    header.set_data_dtype(dtype)
-    img = nib.Nifti1Image(data.astype(dtype), ct.affine, header)
+    """A mask NIfTI with a fresh header: nothing of the CT's copied but its placement (its
+    own qform and sform, codes included, so ITK-based viewers such as 3D Slicer and ITK-SNAP
+    put the mask where they put the CT), units mm, no display range (a viewer honouring the
+    CT's -1024..3071 shows a 0/1 mask black)."""
+    img = nib.Nifti1Image(data.astype(dtype), None)
+    img.header.set_data_dtype(dtype)
     img.header.set_slope_inter(scale, 0.0)
-    img.set_qform(ct.affine, code=1)
-    img.set_sform(ct.affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = b"privseg mask" if data.ndim == 3 else b"privseg probabilities"
+    qform, qcode = ct.header.get_qform(coded=True) if ct.header is not None else (None, 0)
+    sform, scode = ct.header.get_sform(coded=True) if ct.header is not None else (None, 0)
+    if qform is None and sform is None:  # DICOM, or a NIfTI placed by neither: its affine
+        qform, qcode, sform, scode = ct.affine, 1, ct.affine, 1
+    img.set_qform(qform, code=int(qcode))
+    img.set_sform(sform, code=int(scode))
     raw = img.to_bytes()  # in memory: no temporary file of our own to leave behind
     return gzip.compress(raw) if out.name.lower().endswith(".gz") else raw
 
