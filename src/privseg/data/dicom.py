@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 
-from privseg.data.msd import HU_LIMIT, MAX_VOXELS, canonical_data, check_voxels, out_of_memory
+from privseg.data.dicom_file import MAX_SPACING_MM, Slice, number, read_slice, slice_hu
+from privseg.data.msd import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
 from privseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 # A tilted gantry shears the slices: the step between them leaves the slice normal. Up to this
 # angle the shear is below 0.1 mm per 10 mm of slice offset; beyond it privseg refuses.
 MAX_TILT_DEGREES = 0.5
@@ -48,55 +46,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Direction cosines and pixel spacings are written as decimal strings (DS, 16 characters):
 # files of one series agree to ~1e-6; 1e-4 separates a different series from rounding.
 GEOMETRY_ATOL = 1e-4
-# Bounds that no scanner reaches (a 10 km field of view, a 1 m pixel): beyond them a tag is
-# corrupt, and the arithmetic on it would only fail later with a misleading message.
-MAX_POSITION_MM = 1e7
-MAX_SPACING_MM = 1e3
 # A slice-to-slice step may differ from the series' median step by this fraction: a missing
 # slice doubles one step (+100 %), a duplicate makes one 0; scanners' position jitter is
 # < 0.01 mm, under 1 % of any clinical slice spacing (>= 0.5 mm).
 STEP_RTOL = 0.05
-# The widest HU range a CT stores: 12-bit scanners give -1024..3071, extended-scale ones up to
-# about 30000 (metal). A rescale that puts a voxel beyond this is a broken file, not a CT.
-_REQUIRED = (
-    "SeriesInstanceUID",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
-    "PixelSpacing",
-    "Rows",
-    "Columns",
-    "PixelData",
-)
-# Errors pydicom raises on a file that is not DICOM, is truncated, or has malformed values.
-_READ_ERRORS = (
-    InvalidDicomError,
-    OSError,
-    EOFError,
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    AttributeError,
-    OverflowError,
-)
-# Decoding pixel data goes through pluggable decoders (numpy, pylibjpeg, GDCM, ...): a missing
-# decoder raises RuntimeError/NotImplementedError, a corrupt stream anything of these.
-_DECODE_ERRORS = (*_READ_ERRORS, RuntimeError, NotImplementedError, MemoryError)
-
-
-@dataclass(frozen=True)
-class _Slice:
-    """One file's geometry and rescale, checked; pixels are decoded later."""
-
-    path: Path
-    dataset: pydicom.Dataset
-    series_uid: str
-    orientation: np.ndarray  # [6]: row cosine, column cosine (LPS)
-    position: np.ndarray  # [3]: centre of the first pixel (LPS, mm)
-    shape: tuple[int, int]  # (Rows, Columns)
-    pixel_spacing: np.ndarray  # [2]: between rows, between columns (mm)
-    slope: float
-    intercept: float
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -120,34 +73,50 @@ def read_dicom_series(
     read from a folder that holds several.
     """
     folder = Path(folder)
-    slices = _pick_series(folder, _series_slices(folder), series)
-    _check_one_series(folder, slices)
+    slices, step = _sorted_series(folder, series, max_voxels)
     first = slices[0]
     rows, cols = first.shape
     shape = (cols, rows, len(slices))
-    check_voxels(cols * rows * len(slices), shape, f"DICOM series {folder}: series", max_voxels)
     row_cos, col_cos = first.orientation[:3], first.orientation[3:]
-    normal = np.cross(row_cos, col_cos)
-    slices.sort(key=lambda s: float(s.position @ normal))
-    step = _slice_step(folder, slices, normal)
-    _check_tilt(folder, step, normal)
     lps = np.eye(4)
     lps[:3, 0] = row_cos * first.pixel_spacing[1]
     lps[:3, 1] = col_cos * first.pixel_spacing[0]
     lps[:3, 2] = step
     lps[:3, 3] = slices[0].position  # the first slice along the normal
     try:
-        hu = np.stack([_hu(s).T for s in slices], axis=-1)
+        hu = np.stack([slice_hu(s).T for s in slices], axis=-1)
     except MemoryError:
         raise out_of_memory(folder, shape) from None
     return hu, LPS_TO_RAS @ lps
 
 
-def _series_slices(folder: Path) -> list[_Slice]:
+def series_datasets(folder: str | Path, series: str | None = None) -> list[pydicom.Dataset]:
+    """The series' files as datasets, in the order of the volume's slices (its Z axis): what
+    a DICOM Segmentation of the volume references, frame by frame."""
+    return [s.dataset for s in _sorted_series(Path(folder), series, MAX_VOXELS)[0]]
+
+
+def _sorted_series(
+    folder: Path, series: str | None, max_voxels: int
+) -> tuple[list[Slice], np.ndarray]:
+    """The chosen series' slices, checked and sorted along the normal, and the step (LPS mm)."""
+    slices = _pick_series(folder, _series_slices(folder), series)
+    _check_one_series(folder, slices)
+    rows, cols = slices[0].shape
+    shape = (cols, rows, len(slices))
+    check_voxels(cols * rows * len(slices), shape, f"DICOM series {folder}: series", max_voxels)
+    normal = np.cross(slices[0].orientation[:3], slices[0].orientation[3:])
+    slices.sort(key=lambda s: float(s.position @ normal))
+    step = _slice_step(folder, slices, normal)
+    _check_tilt(folder, step, normal)
+    return slices, step
+
+
+def _series_slices(folder: Path) -> list[Slice]:
     """The CT image files of a folder; localizers and objects without pixels skipped, named."""
     slices, skipped = [], []
     for path in series_files(folder):
-        read = _read_slice(path)
+        read = read_slice(path)
         if isinstance(read, str):
             skipped.append(f"{path.name} ({read})")
         else:
@@ -163,9 +132,9 @@ def _series_slices(folder: Path) -> list[_Slice]:
     return slices
 
 
-def _pick_series(folder: Path, slices: list[_Slice], series: str | None) -> list[_Slice]:
+def _pick_series(folder: Path, slices: list[Slice], series: str | None) -> list[Slice]:
     """The slices of the chosen series; several series without a choice are listed."""
-    found: dict[str, list[_Slice]] = {}
+    found: dict[str, list[Slice]] = {}
     for s in slices:
         found.setdefault(s.series_uid, []).append(s)
     if series is not None:
@@ -182,8 +151,8 @@ def _pick_series(folder: Path, slices: list[_Slice], series: str | None) -> list
     return slices
 
 
-def _listing(found: dict[str, list[_Slice]]) -> str:
-    def about(s: _Slice) -> str:
+def _listing(found: dict[str, list[Slice]]) -> str:
+    def about(s: Slice) -> str:
         return str(s.dataset.get("SeriesDescription", "") or "no description")
 
     return "; ".join(f"{uid} ({about(s[0])}, {len(s)} file(s))" for uid, s in found.items())
@@ -210,109 +179,7 @@ def load_dicom_image(
     return canonical_data(nib.Nifti1Image(hu, affine), folder)
 
 
-def _read_slice(path: Path) -> _Slice | str:
-    """One CT image file, checked; or why it is skipped (a localizer, no pixel data)."""
-    try:
-        ds = pydicom.dcmread(path)
-    except _READ_ERRORS as exc:
-        raise DataError(
-            f"{path} is not a readable DICOM file: {type(exc).__name__}: {exc}"
-        ) from exc
-    # PACS exports may leave the dataset's element empty: the file meta names the class too
-    meta = getattr(ds, "file_meta", None)
-    sop = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
-    if "PixelData" not in ds and sop != CT_IMAGE_STORAGE:
-        return f"no pixel data: {_sop_name(sop)}"
-    if sop != CT_IMAGE_STORAGE:
-        raise DataError(
-            f"{path}: SOP class {_sop_name(sop)}; privseg reads series of single-frame CT Image "
-            f"Storage ({CT_IMAGE_STORAGE}) files"
-        )
-    kinds = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
-    if "LOCALIZER" in kinds:
-        return "localizer"
-    missing = [key for key in _REQUIRED if key not in ds]
-    if missing:
-        raise DataError(f"{path}: DICOM attribute(s) {', '.join(missing)} missing")
-    try:
-        planes = int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("SamplesPerPixel", 1))
-        slice_ = _Slice(
-            path=path,
-            dataset=ds,
-            series_uid=str(ds.SeriesInstanceUID),
-            orientation=_floats(ds.ImageOrientationPatient, 6),
-            position=_floats(ds.ImagePositionPatient, 3),
-            shape=(int(ds.Rows), int(ds.Columns)),
-            pixel_spacing=_floats(ds.PixelSpacing, 2),
-            slope=number(ds, "RescaleSlope", 1.0, path),
-            intercept=number(ds, "RescaleIntercept", 0.0, path),
-        )
-    except _READ_ERRORS as exc:
-        raise DataError(f"{path}: malformed DICOM attribute: {type(exc).__name__}: {exc}") from exc
-    if planes != 1:
-        raise DataError(f"{path}: multi-frame or multi-sample images are not supported")
-    _check_slice(slice_)
-    return slice_
-
-
-def _sop_name(sop: object) -> str:
-    return f"{sop} ({pydicom.uid.UID(str(sop)).name})" if sop else "missing"
-
-
-def number(ds: pydicom.Dataset, tag: str, default: float, path: Path) -> float:
-    """A numeric (DS/IS) tag as a finite float, ``default`` when absent or empty; anything else
-    ("abc", "1e999", a list where one number belongs) is a DataError naming file and tag."""
-    try:
-        raw = ds.get(tag)
-    except _READ_ERRORS as exc:  # pydicom parses DS/IS values when they are first read
-        raise DataError(f"{path}: DICOM tag {tag} is not a number: {exc}") from exc
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError, OverflowError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise DataError(f"{path}: DICOM tag {tag} = {raw!r} is not a finite number")
-    return value
-
-
-def _floats(value: object, n: int) -> np.ndarray:
-    out = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
-    if out.shape != (n,):
-        raise ValueError(f"expected {n} numbers, got {len(out)}")
-    return out
-
-
-def _check_slice(s: _Slice) -> None:
-    numbers = [*s.orientation, *s.position, *s.pixel_spacing, s.slope, s.intercept]
-    if not all(math.isfinite(v) for v in numbers):
-        raise DataError(f"{s.path}: geometry or rescale values are not finite")
-    row, col = s.orientation[:3], s.orientation[3:]
-    unit = abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(col) - 1) < 1e-3
-    if not unit or abs(float(row @ col)) > 1e-3:
-        raise DataError(
-            f"{s.path}: ImageOrientationPatient {list(s.orientation)} is not two orthogonal "
-            "unit vectors"
-        )
-    if np.any(np.abs(s.position) > MAX_POSITION_MM):
-        raise DataError(
-            f"{s.path}: ImagePositionPatient {list(s.position)} lies beyond +-{MAX_POSITION_MM:g}"
-            " mm of the scanner's origin: the geometry tags are wrong"
-        )
-    if np.any(s.pixel_spacing > MAX_SPACING_MM):
-        raise DataError(
-            f"{s.path}: PixelSpacing {list(s.pixel_spacing)} exceeds {MAX_SPACING_MM:g} mm per "
-            "pixel: the geometry tags are wrong"
-        )
-    if min(s.shape) < 1 or np.any(s.pixel_spacing <= 0) or s.slope == 0:
-        raise DataError(
-            f"{s.path}: Rows/Columns {s.shape}, PixelSpacing {list(s.pixel_spacing)} or "
-            f"RescaleSlope {s.slope} is invalid (expected positive sizes and a non-zero slope)"
-        )
-
-
-def _check_one_series(folder: Path, slices: list[_Slice]) -> None:
+def _check_one_series(folder: Path, slices: list[Slice]) -> None:
     """All files of the series lie on one in-plane grid; else name two files that differ."""
     first = slices[0]
     checks = (
@@ -340,7 +207,7 @@ def _show(value: object) -> str:
     return repr(value)
 
 
-def _slice_step(folder: Path, slices: list[_Slice], normal: np.ndarray) -> np.ndarray:
+def _slice_step(folder: Path, slices: list[Slice], normal: np.ndarray) -> np.ndarray:
     """The offset (LPS mm) from one slice to the next; refuses duplicates, gaps, stray slices."""
     if len(slices) == 1:
         s = slices[0]
@@ -377,25 +244,3 @@ def _slice_step(folder: Path, slices: list[_Slice], normal: np.ndarray) -> np.nd
                 "through the other slices' positions"
             )
     return step
-
-
-def _hu(s: _Slice) -> np.ndarray:
-    """The slice in HU, float32 [Rows, Columns]."""
-    try:
-        pixels = s.dataset.pixel_array
-    except _DECODE_ERRORS as exc:
-        syntax = getattr(getattr(s.dataset, "file_meta", None), "TransferSyntaxUID", "unknown")
-        raise DataError(
-            f"{s.path}: pixel data cannot be decoded (transfer syntax {syntax}): "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    if pixels.shape != s.shape:
-        raise DataError(f"{s.path}: pixel data shape {pixels.shape}, Rows/Columns say {s.shape}")
-    hu = pixels.astype(np.float64) * s.slope + s.intercept
-    low, high = (float(hu.min()), float(hu.max())) if hu.size else (0.0, 0.0)
-    if not (low >= -HU_LIMIT and high <= HU_LIMIT):
-        raise DataError(
-            f"{s.path}: RescaleSlope {s.slope:g} and RescaleIntercept {s.intercept:g} give HU "
-            f"{low:g}..{high:g}, beyond +-{HU_LIMIT:g}: the rescale tags are wrong"
-        )
-    return hu.astype(np.float32)
