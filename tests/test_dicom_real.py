@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
@@ -181,3 +182,59 @@ def test_series_csv_chooses_a_series_by_uid(tmp_path: Path) -> None:
     (root / "series.csv").write_text(f"series,label,series_uid\np1,labels/p1.nii.gz,{uid}\n")
     volume = load_dicom_case(read_source(root).cases[0])
     assert volume.image.shape == (128, 128, 3)
+
+
+class Bright(torch.nn.Module):
+    """Foreground where the windowed CT is bright (about HU > 40): a mask with structure."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.55) * 40.0
+
+
+def test_a_dicom_seg_overlays_the_nifti_mask_voxel_for_voxel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`predict --format dicom-seg`: highdicom reads the object back, it references the source
+    series, and its frames are the NIfTI mask of the same prediction."""
+    import highdicom as hd
+
+    import privseg.models.checkpoint as ckpt
+
+    cfg = Config().with_overrides(["data.resolution=32", "model.features=4"])
+    cfg = cfg.replace(**{"data.classes": {"liver": [1]}})
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, build_model(cfg.model, cfg.data.n_classes).state_dict(), cfg)
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda p: (Bright(), cfg, {}))
+    folder = _series(_real("CT_small.dcm"), tmp_path / "ct", n=3)
+    base = ["predict", "--checkpoint", checkpoint, "--image", folder]
+    nifti, seg_path = tmp_path / "mask.nii.gz", tmp_path / "mask.dcm"
+    for args in ([*base, "--out", nifti], [*base, "--out", seg_path, "--format", "dicom-seg"]):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    seg = hd.seg.segread(seg_path)
+    sources = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    assert seg.SeriesInstanceUID not in {s.SeriesInstanceUID for s in sources}
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.SegmentSequence[0].SegmentLabel == "liver"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Liver"
+    mask = np.asarray(nib.load(nifti).dataobj) > 0  # [X, Y, Z] on the series' grid
+    order = sorted(sources, key=lambda s: float(s.ImagePositionPatient[2]))
+    uids = [str(s.SOPInstanceUID) for s in order]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True
+    )  # [Z, rows, columns, 1]
+    assert 0 < mask.sum() < mask.size
+    assert np.array_equal(frames[..., 0].astype(bool), np.transpose(mask, (2, 1, 0)))
+
+
+def test_dicom_seg_needs_a_dicom_series(tmp_path: Path, phantom_dir: Path) -> None:
+    from privseg.data.msd import read_task
+
+    cfg = Config().with_overrides(["data.resolution=32", "model.features=4"])
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, build_model(cfg.model, cfg.data.n_classes).state_dict(), cfg)
+    image = read_task(phantom_dir).cases[0].image
+    args = ["predict", "--checkpoint", checkpoint, "--image", image, "--format", "dicom-seg"]
+    result = CliRunner().invoke(app, [str(a) for a in [*args, "--out", tmp_path / "m.dcm"]])
+    assert result.exit_code == 2 and "is not a DICOM series folder" in result.output

@@ -62,6 +62,12 @@ def predict(
         help="A folder of CTs: skip the cases an earlier run into --out finished (same "
         "checkpoint and options, files unchanged) and redo the rest.",
     ),
+    fmt: str = typer.Option(
+        "nifti",
+        "--format",
+        help="nifti: a label map on the CT's grid; dicom-seg: a DICOM Segmentation (.dcm) of "
+        "a DICOM series, for a PACS viewer.",
+    ),
     series: str | None = typer.Option(
         None,
         "--series",
@@ -76,13 +82,17 @@ def predict(
 
     options = {"overwrite": overwrite, "device": device or "auto"}
     options |= {"probabilities": probabilities, "preview": preview}
-    if not image.is_dir() or out.name.lower().endswith(MASK_SUFFIXES):  # one CT
+    if not image.is_dir() or out.name.lower().endswith((*MASK_SUFFIXES, ".dcm")):  # one CT
         if resume:
             raise ConfigError("--continue applies to a folder of CTs (an --out folder)")
-        console.print(_describe(segment_nifti(checkpoint, image, out, series=series, **options)))
+        console.print(
+            _describe(segment_nifti(checkpoint, image, out, series=series, fmt=fmt, **options))
+        )
         return
-    if series is not None:
-        raise ConfigError("--series chooses a series in one DICOM folder, not in a folder of CTs")
+    if series is not None or fmt != "nifti":
+        raise ConfigError(
+            "--series and --format dicom-seg apply to one DICOM series, not a folder of CTs"
+        )
     with progress_bar() as bar:
         done = segment_folder(checkpoint, image, out, progress=bar, resume=resume, **options)
     for stats in done.written:

@@ -22,6 +22,8 @@ from privseg.io import atomic_write_bytes
 from privseg.output import check_output_file
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
+# What predict writes a mask as: a NIfTI label map, or a DICOM Segmentation of its series.
+FORMATS = ("nifti", "dicom-seg")
 PREVIEW_SUFFIX = "_preview.png"
 PROBABILITY_SUFFIX = "_prob.nii.gz"
 
@@ -208,20 +210,53 @@ def segment_nifti(
     probabilities: bool = False,
     preview: bool = False,
     series: str | None = None,
+    fmt: str = "nifti",
 ) -> dict[str, Any]:
     """Segment ``image`` (a NIfTI file or a DICOM series folder) and write the mask NIfTI
-    ``out`` (plus ``*_prob.nii.gz`` and ``*_preview.png`` when asked), atomically.
+    ``out`` (plus ``*_prob.nii.gz`` and ``*_preview.png`` when asked), atomically; with
+    ``fmt="dicom-seg"`` a DICOM Segmentation ``out`` (.dcm) of the DICOM series instead.
 
     Every output is checked before any work: a NIfTI name in an existing folder, never the
     input, an existing file only with ``overwrite``. ``device``: "auto", "cpu", "cuda" or
     "cuda:N" (see :func:`privseg.device.resolve_device`).
     """
+    from privseg.errors import ConfigError, DataError
+
     image, out = Path(image), Path(out)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r} is invalid: allowed values are {', '.join(FORMATS)}")
     files = companions(out, probabilities, preview)
-    claim_outputs(files, [image, checkpoint], overwrite)
+    if fmt == "dicom-seg":
+        if not image.is_dir():
+            raise DataError(
+                f"--format dicom-seg: {image} is not a DICOM series folder (a DICOM "
+                "Segmentation references the series it was made from)"
+            )
+        if probabilities or preview:
+            raise ConfigError(
+                "--format dicom-seg writes the segmentation only: drop "
+                "--probabilities and --preview, or predict a NIfTI for them"
+            )
+        check_output_file(out, inputs=[image, checkpoint], suffixes=(".dcm",), overwrite=overwrite)
+    else:
+        claim_outputs(files, [image, checkpoint], overwrite)
     model, cfg = load_model(checkpoint, device)
     ct = read_ct(image, cfg.data.nan_hu, cfg.data.max_voxels, series)
     mask, probs = predict_ct(
         model, cfg, ct, batch_size=batch_size, threshold=threshold, probabilities=probabilities
     )
-    return write_outputs(files, ct, cfg, mask, probs)
+    if fmt == "nifti":
+        return write_outputs(files, ct, cfg, mask, probs)
+    from privseg.data.classes import Classes
+    from privseg.inference.dicom_seg import write_dicom_seg
+
+    classes = Classes.of(cfg.data)
+    channels = [_to_input_grid(classes.channel(mask, k), ct) for k in range(len(classes.names))]
+    write_dicom_seg(out, image, np.stack(channels, -1), classes.names, series=series)
+    return {
+        "input": str(ct.path),
+        "files": {"mask": str(out)},
+        "slices": int(mask.shape[2]),
+        "foreground_voxels": int((mask > 0).sum()),
+        "class_voxels": {n: int(c.sum()) for n, c in zip(classes.names, channels, strict=True)},
+    }
