@@ -13,8 +13,8 @@ import pytest
 from privseg.config import PrivacyConfig
 from privseg.errors import DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
-from privseg.privacy.engine import release_metrics
 from privseg.privacy.ledger import PrivacyLedger
+from privseg.privacy.metric_release import release_metrics
 
 P = [f"{i:064x}" for i in range(4)]
 CLASSES = ["liver", "tumour"]
@@ -86,7 +86,7 @@ def _site(tmp_path: Path, *, trained: bool, eval_noise: float | None):
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     trainer = FakeTrainer(cfg, name="a", ledger=tmp_path / "fake.json", budget_steps=None)
     trainer.privacy = SimpleNamespace(
-        ledger=ledger, reserved=5 if trained else 0, plan=SimpleNamespace(unit="slice")
+        ledger=ledger, trained=trained, plan=SimpleNamespace(unit="slice")
     )
     trainer.splits = {
         "test": SimpleNamespace(contents=P[:2]),

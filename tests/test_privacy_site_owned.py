@@ -276,3 +276,20 @@ def test_a_server_cannot_loosen_a_sites_evaluation_policy() -> None:
     assert refusing.eval_noise is None  # the site set no eval_noise: it answers nothing
     stricter, _ = apply_floor(PrivacyConfig(eval_noise=9.0, eval_queries=0), own)
     assert stricter.eval_noise == 9.0 and stricter.eval_queries == 0
+
+
+def test_a_site_restarted_after_its_last_round_can_answer_but_not_train(tmp_path: Path) -> None:
+    """Review of #24: a site whose trainer was rebuilt after the run's last round (a restarted
+    site, a resumed simulation) refused the final test ("already recorded its planned
+    steps"), so a resumed federation ended without its test answers."""
+    first = site(tmp_path, cfg(), "r1", steps=50)
+    assert not first.trained
+    first.reserve(50)
+    again = site(tmp_path, cfg(), "r1", steps=50)  # the same run, after a restart
+    assert again.trained and again.prior_steps == 50
+    assert again.noise_multiplier == first.noise_multiplier
+    with pytest.raises(
+        PrivacyBudgetExceeded, match=r"calibrated its noise .* for 50 steps and has run 50"
+    ):
+        again.reserve(1)
+    assert lifetime(again.ledger) == 50

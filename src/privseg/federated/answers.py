@@ -22,12 +22,12 @@ def private_answer(
     """A DP site's metric scalars: noised and recorded on the split's patients, or NaN when
     refused (no ``privacy.eval_noise``, queries spent, or a run the site has not trained in:
     only the current run's global model is scored)."""
-    from privseg.privacy.engine import release_metrics
+    from privseg.privacy.metric_release import release_metrics
 
     names = list(result.get("classes", {}))
     refused = {M.DICE: math.nan, **{k: math.nan for k, _ in zip(M.CLASS_DICE, names, strict=False)}}
     privacy = trainer.privacy
-    if privacy is None or not privacy.reserved:
+    if privacy is None or not privacy.trained:
         log.warning(
             "site %s refuses to evaluate for run %s: it has not trained in it", trainer.name, run_id
         )

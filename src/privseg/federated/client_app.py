@@ -165,7 +165,7 @@ def site_train(
         return stored
     cfg, trainer = get_trainer(config, settings, factory)
     incoming: dict[str, float] = {}
-    if cfg.privacy.enabled and trainer.privacy is not None and trainer.privacy.reserved:
+    if cfg.privacy.enabled and trainer.privacy is not None and trainer.privacy.trained:
         # a DP site keeps its own val curve (its report); the server never gets it exactly
         dice = trainer.evaluate(state, "val").get("dice")
         trainer.local_val.append({"round": int(config.get(M.CFG_ROUND, 0)), "dice": dice})

@@ -25,7 +25,7 @@ from privseg.privacy.history import Budget
 from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.padding import Batch, ConstantShapeBatches
 from privseg.privacy.plan import DPPlan, unit_ids
-from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
+from privseg.privacy.sampling import PoissonUnitSampler
 from privseg.results import SLICE_UNIT_NOTE
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,11 @@ class SitePrivacy:
         ledger: PrivacyLedger,
         patients: Mapping[str, list[str]],
         run_id: str | None = None,
+        prior_steps: int = 0,
     ) -> None:
         self.cfg = cfg
         self.plan = plan
+        self.prior_steps = prior_steps  # steps of this run recorded before (a resumed run)
         self.site = site
         self.run_id = run_id or ""
         self.units = np.asarray(units)
@@ -150,8 +152,9 @@ class SitePrivacy:
         if self.reserved + steps > self.plan.steps:
             raise PrivacyBudgetExceeded(
                 f"site {self.site!r} refuses {steps} more steps: this run calibrated its noise "
-                f"(sigma {self.noise_multiplier:.4g}) for {self.plan.steps} steps and has run "
-                f"{self.reserved}; more rounds or local steps than planned would pass its target"
+                f"(sigma {self.noise_multiplier:.4g}) for {self.prior_steps + self.plan.steps} "
+                f"steps and has run {self.prior_steps + self.reserved}; more rounds or local "
+                "steps than planned would pass its target"
             )
         budget = self.cfg.budget_epsilon
         self.ledger.reserve(
@@ -168,6 +171,12 @@ class SitePrivacy:
             note=f"n_units={self.plan.n_units} C={self.plan.max_grad_norm:g}",
         )
         self.reserved += int(steps)
+
+    @property
+    def trained(self) -> bool:
+        """Whether this run has trained on the site's patients (here or before a restart):
+        only then may the site answer questions about the run's model."""
+        return self.reserved + self.prior_steps > 0
 
     # ---- reporting -----------------------------------------------------------------------
     def epsilon(self, site: str | None = None) -> float:
@@ -260,12 +269,30 @@ def open_site_privacy(
         rows, everyone, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, run_id=run_id
     )
     mine = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in mine_rows]
-    remaining = planned_steps - sum(n for _, _, n in mine)
-    if remaining <= 0:
-        raise PrivacyBudgetExceeded(
-            f"site {site!r} refuses: run {run_id} already recorded its {planned_steps} planned "
-            f"steps in {ledger.path}"
+    done = sum(n for _, _, n in mine)
+    remaining = planned_steps - done
+    units = unit_ids(train, cfg.privacy.unit)
+    if remaining <= 0:  # every planned step is recorded: no more training, but the site can
+        # still answer about the run's final model (a site restarted before the final test)
+        sigma, q, _ = mine[-1]
+        log.info("site %s: run %s already recorded its %d planned steps", site, run_id, done)
+        n_units = len(np.unique(units))
+        spent = DPPlan(
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps=0,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            delta=cfg.privacy.delta,
+            unit=cfg.privacy.unit,
+            accountant=cfg.privacy.accountant,
+            n_units=n_units,
+            expected_batch_size=max(1, round(n_units * q)),
+            target_epsilon=cfg.privacy.target_epsilon,
         )
+        return SitePrivacy(
+            cfg.privacy, spent, site=site, units=units, ledger=ledger, patients=patients,
+            run_id=run_id, prior_steps=done,
+        )  # fmt: skip
     spent = [list(past) for past, _, _ in history.by_history(rows, everyone)]
     plan = DPPlan.for_split(
         cfg,
@@ -280,10 +307,11 @@ def open_site_privacy(
         cfg.privacy,
         plan,
         site=site,
-        units=unit_ids(train, cfg.privacy.unit),
+        units=units,
         ledger=ledger,
         patients=patients,
         run_id=run_id,
+        prior_steps=done,
     )
 
 
@@ -329,72 +357,3 @@ def record_nonprivate(
         ledger.path,
         sum(len(g) for g in patients.values()),
     )
-
-
-def release_metrics(
-    cfg: PrivacyConfig,
-    ledger: PrivacyLedger,
-    result: Mapping[str, Any],
-    patients: list[str],
-    *,
-    site: str,
-    run_id: str,
-    classes: list[str],
-    unit: str,
-) -> dict[str, float] | None:
-    """A DP site's answer to an evaluation query: the mean Dice (and each class's) of
-    ``result``'s patients through the Gaussian mechanism, recorded on those patients first; or
-    None (refused: ``privacy.eval_noise`` unset, or this run's ``privacy.eval_queries`` spent).
-
-    Each patient's Dice lies in [0, 1], so adding or removing one patient moves the vector of
-    sums (overall, then per class) by at most sqrt(1 + classes) in L2: noise of standard
-    deviation ``eval_noise`` times that is one Gaussian step (q = 1) at noise multiplier
-    ``eval_noise``. The patient count is public (as the sample rate makes it for training).
-    """
-    if cfg.eval_noise is None or not patients:
-        return None
-    asked = sum(
-        1
-        for r in ledger.rows()
-        if r["kind"] == "gaussian" and r["run_id"] == run_id and r["site"] == site
-    )
-    if asked >= cfg.eval_queries:
-        log.warning(
-            "site %s refuses an evaluation query: run %s has had its %d (privacy.eval_queries)",
-            site,
-            run_id,
-            cfg.eval_queries,
-        )
-        return None
-    ledger.reserve(
-        patients=patients,
-        site=site,
-        run_id=run_id,
-        kind="gaussian",
-        unit=unit,
-        noise_multiplier=cfg.eval_noise,
-        sample_rate=1.0,
-        steps=1,
-        accountant=cfg.accountant,
-        delta=cfg.delta,
-        budget=None if cfg.budget_epsilon is None else Budget(cfg.budget_epsilon, cfg.delta),
-        note=f"evaluation query: mean Dice of {len(patients)} patients",
-    )
-    rows = [_clipped_dice(p, classes) for p in result.get("patients", [])]
-    sums = np.sum(rows, axis=0) if rows else np.zeros(1 + len(classes))
-    scale = cfg.eval_noise * math.sqrt(len(sums))
-    noise = torch.randn(len(sums), generator=secure_generator(), dtype=torch.float64).numpy()
-    means = (sums + scale * noise) / len(patients)
-    return {
-        "dice": float(means[0]),
-        **{c: float(v) for c, v in zip(classes, means[1:], strict=True)},
-    }
-
-
-def _clipped_dice(patient: Mapping[str, Any], classes: list[str]) -> list[float]:
-    """A patient's Dice, then each class's, each in [0, 1] (NaN counts as 0)."""
-    per_class = patient.get("classes") or {c: patient for c in classes}
-    values = [patient.get("dice"), *(per_class[c].get("dice") for c in classes)]
-    return [
-        min(max(float(v), 0.0), 1.0) if v is not None and math.isfinite(v) else 0.0 for v in values
-    ]
