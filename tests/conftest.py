@@ -267,11 +267,33 @@ class FakeTrainer:
             "steps": self._spent(),
             "clip_norm": 1.0,
             "accountant": self.cfg.privacy.accountant,
-            "releases": [{"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": self._spent()}],
+            "releases": [  # one release as the ledger's rows give it (RELEASE_KEYS)
+                {
+                    "kind": "dp-sgd",
+                    "noise_multiplier": 1.1,
+                    "sample_rate": 0.1,
+                    "steps": self._spent(),
+                    "unit": "slice",
+                    "accountant": self.cfg.privacy.accountant,
+                    "delta": 1e-5,
+                    "time": "2026-01-01T00:00:00+00:00",
+                    "run_id": "fake",
+                    "site": self.name,
+                }
+            ],
         }
 
 
 BUILT: list[str] = []
+
+
+def handle(msg, settings: ca.SiteSettings, factory=None):
+    """Any server message, by its type, as the ClientApp's handlers take it (a test grid)."""
+    factory = factory or fake_factory
+    kind = msg.metadata.message_type
+    if kind == "query":
+        return ca.handle_done(msg, settings)
+    return (ca.handle_train if kind == "train" else ca.handle_evaluate)(msg, settings, factory)
 
 
 def fake_ledger(out_dir: Path, site: str) -> Path:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, MetricRecord
 
-from conftest import InProcessGrid, fake_factory, small_cfg
+from conftest import InProcessGrid, fake_factory, handle, small_cfg
 from privseg.errors import FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
@@ -48,7 +48,7 @@ class ClaimGrid(InProcessGrid):
         shared = ca._TRAINERS
         ca._TRAINERS = self.trainers[msg.metadata.dst_node_id]  # this node's process
         try:
-            return ca.handle(msg, settings, fake_factory)
+            return handle(msg, settings, fake_factory)
         finally:
             ca._TRAINERS = shared
 

@@ -19,6 +19,7 @@ from conftest import (
     InProcessGrid,
     fake_factory,
     fake_ledger,
+    handle,
     small_cfg,
 )
 from privseg.config import Config
@@ -63,7 +64,7 @@ class FakeGrid(InProcessGrid):
         if rnd > self.dead_after.get(site, 10**9):
             return Message(Error(code=1, reason=f"{site} is gone"), reply_to=msg)
         settings = ca.SiteSettings(site, self.out, self.out)
-        return ca.handle(msg, settings, self.factory)
+        return handle(msg, settings, self.factory)
 
 
 def train_message(
@@ -358,7 +359,7 @@ def test_missing_sites_time_out(tmp_path: Path) -> None:
 
 
 def test_first_round_waits_for_expected_sites_then_settles(tmp_path: Path) -> None:
-    from privseg.federated.rounds import wait_for_sites
+    from privseg.federated.exchange import wait_for_sites
 
     grid = FakeGrid(["a", "b"], tmp_path)
     assert len(wait_for_sites(grid, 2, timeout=0.2, want=3)) == 2  # waited, then settled
@@ -543,9 +544,8 @@ def test_a_dp_final_test_reply_has_no_spread_and_carries_the_releases(tmp_path: 
     reply = ca.handle_evaluate(msg, ca.SiteSettings("a", tmp_path, tmp_path), fake_factory)
     assert set(reply.content[M.METRICS]) <= M.DP_EVAL_KEYS
     assert M.DICE_SD not in reply.content[M.METRICS] and M.HD95 not in reply.content[M.METRICS]
-    assert M.reply_releases(reply.content) == [
-        {"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 0}
-    ]
+    (release,) = M.reply_releases(reply.content)
+    assert (release["noise_multiplier"], release["sample_rate"], release["steps"]) == (1.1, 0.1, 0)
 
 
 def test_a_site_policy_without_enabled_keeps_dp_on(tmp_path: Path) -> None:

@@ -191,7 +191,14 @@ class RunFolder:
         if inputs.mode == "server" and self.results.is_file() and not resume:
             raise DataError(
                 f"{self.root} holds a finished federation ({self.results.name}); pass --resume "
-                "to evaluate its final model again, or use a new --out"
+                "to write its results again from its saved state, or use a new --out"
+            )
+        if self.federated_state.is_file() and not self.results.is_file() and not resume:
+            raise DataError(
+                f"{self.root} holds a federation that stopped before it finished "
+                f"({self.federated_state.name}): pass --resume to finish it (starting over "
+                "would drop its saved rounds and spend the sites' privacy again), or use a new "
+                "--out"
             )
 
     def recorded_inputs(self) -> RunInputs | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MessageType
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from privseg.config import Config
@@ -26,7 +26,7 @@ from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
 from privseg.federated import messages as M
 from privseg.federated import replay, secagg
 from privseg.federated.answers import EVALUATED, private_answer, record_exact_answer
-from privseg.io import atomic_write_text, write_json
+from privseg.io import atomic_write_text, read_json, write_json
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
 
@@ -275,11 +275,6 @@ def site_releases(
 
 
 # ---- message adapters -----------------------------------------------------------------------
-def _state(arrays: ArrayRecord, layout: str | None) -> dict[str, Any]:
-    """Weights as torch tensors (unpacked when the config names a layout, see ``M.pack``)."""
-    return M.unpack_torch(arrays, layout)
-
-
 def handle_train(
     msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
 ) -> Message:
@@ -288,7 +283,7 @@ def handle_train(
         return handle_secure_train(msg, settings, factory)
     config = dict(msg.content[M.CONFIG])
     layout = M.layout_of(config)
-    state = _state(msg.content[M.ARRAYS], layout)
+    state = M.unpack_torch(msg.content[M.ARRAYS], layout)
     new_state, metrics = site_train(config, state, settings, factory)
     arrays = None if new_state is None else M.pack_record(new_state, layout)
     return Message(M.site_reply(settings.site, metrics, M.TRAIN_KEYS, arrays), reply_to=msg)
@@ -330,7 +325,7 @@ def handle_evaluate(
     if int(config.get(M.CFG_REFUSED, 0)):  # before the report, which `privseg site` waits for
         log.error("site %s: the server refused every training reply of this site", settings.site)
         atomic_write_text(settings.refused, f"{config[M.CFG_RUN_ID]}\n")
-    state = _state(msg.content[M.ARRAYS], M.layout_of(config))
+    state = M.unpack_torch(msg.content[M.ARRAYS], M.layout_of(config))
     final = bool(int(config.get(M.CFG_FINAL, 0)))
     kept = RunFolder(settings.out_dir).site_answer(settings.site)
     digest = replay.request_digest(config, state)
@@ -347,21 +342,13 @@ def handle_evaluate(
 
 
 def handle_done(msg: Message, settings: SiteSettings) -> Message:
-    """The server has kept every final test answer: the site may leave (``privseg site``
-    waits for this, so a server that dies before it kept them finds the site again)."""
-    config = dict(msg.content[M.CONFIG])
-    atomic_write_text(settings.done, f"{config[M.CFG_RUN_ID]}\n")
+    """The server kept every final answer of run R: the site may leave, once its own report
+    is R's (``privseg site`` waits for this; a server cannot end it with an older report)."""
+    run_id = str(dict(msg.content[M.CONFIG])[M.CFG_RUN_ID])
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if read_json(settings.report).get("run_id") == run_id:
+            atomic_write_text(settings.done, f"{run_id}\n")
     return Message(M.site_reply(settings.site, {}, M.EVAL_KEYS, None), reply_to=msg)
-
-
-def handle(
-    msg: Message, settings: SiteSettings, factory: TrainerFactory = default_trainer_factory
-) -> Message:
-    """Any server message, by its type (what the ClientApp's handlers do, for a test grid)."""
-    kind = msg.metadata.message_type
-    if kind == MessageType.QUERY:
-        return handle_done(msg, settings)
-    return (handle_train if kind == MessageType.TRAIN else handle_evaluate)(msg, settings, factory)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,31 @@ Answer = tuple[dict[str, float], list[dict[str, Any]] | None]
 
 
 def request_digest(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> str:
-    """A hash of a request: its config (round id included) and its incoming weights."""
+    """A hash of a request: its config (round id included) and its incoming weights.
+
+    What a resume may change (``state.RESUMABLE``: device, threads, timeout, the number of
+    rounds and with it the planned steps) does not change what a round computes, so it is
+    left out: a server resumed with another round timeout still gets the lost round replayed.
+    """
     h = hashlib.sha256()
     for key in sorted(config):
-        h.update(f"{key}={config[key]!r}\n".encode())
+        if key == M.CFG_PLANNED_STEPS:
+            continue
+        value = _computed(config[key]) if key == M.CFG_TOML else config[key]
+        h.update(f"{key}={value!r}\n".encode())
     for key, value in state.items():
         t = value.detach().cpu().contiguous()
         h.update(f"{key}:{t.dtype}:{list(t.shape)}\n".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+def _computed(toml: object) -> str:
+    """The run's config without the settings a resume may change, canonical."""
+    from privseg.federated.state import RESUMABLE, flat
+
+    tree = flat(tomllib.loads(str(toml)))
+    return json.dumps({k: v for k, v in tree.items() if k not in RESUMABLE}, sort_keys=True)
 
 
 def _stored(path: Path, config: Mapping[str, Any], digest: str) -> dict[str, Any] | None:

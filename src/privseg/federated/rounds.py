@@ -12,19 +12,20 @@ import logging
 import math
 import time
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from privseg.config import Config
 from privseg.errors import FederationError
 from privseg.federated import messages as M
-from privseg.federated.flower_compat import Backoff
+from privseg.federated.exchange import POLL, send_and_receive, wait_for_sites
+from privseg.federated.final_test import final_test
 from privseg.federated.identity import SiteIdentity, SiteNodes, loads_site_nodes
 from privseg.federated.secagg import secure_train
 from privseg.federated.state import (
@@ -37,7 +38,7 @@ from privseg.federated.state import (
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
 from privseg.federated.validation import ModelSpec
-from privseg.io import make_folder, read_json, write_json
+from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
 from privseg.run_folder import RunFolder
@@ -46,9 +47,6 @@ log = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 """Called with each round's history entry once the round is saved."""
-
-DONE_WAIT = 30.0  # s the server waits for the sites to acknowledge that they may leave
-POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]
 
 
 @dataclass
@@ -86,54 +84,6 @@ def _set_val(entry: dict[str, Any], dice: dict[str, float]) -> None:
     """Record the validation Dice of the global model that ``entry``'s round produced."""
     entry["val_dice_sites"] = dict(dice)
     entry["val_dice"] = nanmean(dice.values())
-
-
-def wait_for_sites(grid: Grid, n: int, timeout: float, want: int = 0) -> list[int]:
-    """Node ids once ``want`` (or, after ``timeout`` s, at least ``n``) are connected.
-
-    Raises FederationError when fewer than ``n`` are connected after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= max(n, want):
-            return nodes
-        if time.monotonic() > deadline:
-            if len(nodes) >= n:
-                return nodes
-            raise FederationError(
-                f"only {len(nodes)} of the {n} sites needed (federated.min_sites) are connected "
-                f"after {timeout:g} s; stopping"
-            )
-        time.sleep(0.5)
-
-
-def send_and_receive(
-    grid: Grid,
-    messages: Iterable[Message],
-    *,
-    timeout: float | None,
-    poll: tuple[float, float, float] = POLL,
-) -> list[Message]:
-    """Push ``messages``, then pull their replies until all are in or ``timeout`` s passed.
-
-    Flower's ``Grid.send_and_receive`` sleeps a fixed 3 s between pulls in deployment
-    (``flwr/superlink/grid/http_grid.py``), which idled up to 3 s on every train and evaluate
-    phase. Here the pause grows with the time waited (``poll = (lo, hi, factor)``), so a reply
-    waits at most about 10% of the phase, plus 20 ms.
-    """
-    pending = set(grid.push_messages(messages))
-    backoff = Backoff(*poll)
-    replies: list[Message] = []
-    while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        waited = backoff.idle()
-        if not pending or (timeout is not None and waited >= timeout):
-            break
-        backoff.sleep()
-    return replies
 
 
 def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
@@ -303,7 +253,7 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         write_status(s.out_dir, "running", rnd, f"round {rnd} of {fed.rounds} done")
         if s.progress is not None:
             s.progress(entry)
-    test, releases = _final_test(grid, s, strategy, arrays, base, run_id=run_id, wait=wait)
+    test, releases = final_test(grid, s, strategy, arrays, base, run_id=run_id, wait=wait)
     write_status(s.out_dir, "completed", fed.rounds, f"{fed.rounds} rounds done")
     return {
         "run_id": run_id,  # a resumed run keeps the id its sites' ledgers and replies know
@@ -313,69 +263,6 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         "releases": releases,
         "n_train": n_train,
     }
-
-
-def _final_test(
-    grid: Grid,
-    s: ServerSettings,
-    strategy: Any,
-    arrays: ArrayRecord,
-    base: dict[str, Any],
-    *,
-    run_id: str,
-    wait: float,
-) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, Any]]]]:
-    """The last global model on every site's test split, evaluated at the site.
-
-    The answers are kept (``final_test.json``) before the sites are told they may leave: a
-    server that dies in between resumes from them; one that dies before keeping them asks
-    again, and each site replays its kept answer (no second release).
-    """
-    fed = s.cfg.federated
-    send = functools.partial(send_and_receive, poll=s.poll)
-    path = RunFolder(s.out_dir).final_test
-    kept = _kept_final_test(path, run_id) if s.resume else None
-    if kept is None:
-        strategy.identity.keep_connected(wait_for_sites(grid, fed.min_sites, wait))
-        request = ConfigRecord({**base, M.CFG_SPLIT: "test", M.CFG_FINAL: 1})
-        evaluate = strategy.configure_evaluate(fed.rounds + 1, arrays, request, grid)
-        strategy.aggregate_evaluate(fed.rounds + 1, send(grid, evaluate, timeout=fed.round_timeout))
-        kept = {
-            "run_id": run_id,
-            "test": dict(strategy.last_evaluate),
-            "releases": dict(strategy.last_releases),
-        }
-        write_json(path, kept)
-        nodes = list(grid.get_node_ids())
-    else:
-        log.info("the sites' final test answers were kept before the server stopped")
-        nodes = _connected(grid, len(kept["test"]), wait)  # those not told yet come back
-    done = ConfigRecord({M.CFG_RUN_ID: run_id})
-    messages = [
-        Message(RecordDict({M.CONFIG: done}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in nodes
-    ]
-    send(grid, messages, timeout=min(fed.round_timeout, DONE_WAIT))
-    return kept["test"], kept["releases"]
-
-
-def _kept_final_test(path: Path, run_id: str) -> dict[str, Any] | None:
-    """The final test answers this run kept (None: not kept, or another run's)."""
-    try:
-        kept = read_json(path)
-    except (OSError, ValueError):
-        return None
-    ok = isinstance(kept, dict) and kept.get("run_id") == run_id
-    return kept if ok and isinstance(kept.get("test"), dict) else None
-
-
-def _connected(grid: Grid, want: int, timeout: float) -> list[int]:
-    """The node ids connected once ``want`` are, or after ``timeout`` s (never raises: the
-    sites already told may have left)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < want and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return nodes
 
 
 def _finite(arrays: ArrayRecord) -> bool:

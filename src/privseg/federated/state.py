@@ -76,8 +76,8 @@ def load_state(out_dir: Path, cfg: Config) -> dict[str, Any] | None:
         saved = torch.load(path, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise CheckpointError(f"{path} is unreadable ({exc}); delete it to start over") from exc
-    old = _flat(Config.from_dict(tomllib.loads(saved["config"])).to_dict())
-    new = _flat(cfg.to_dict())
+    old = flat(Config.from_dict(tomllib.loads(saved["config"])).to_dict())
+    new = flat(cfg.to_dict())
     changed = sorted(
         k for k in old.keys() | new.keys() if k not in RESUMABLE and old.get(k) != new.get(k)
     )
@@ -99,11 +99,11 @@ few sites (a DP site declines steps past what its noise was calibrated for), nev
 round computes."""
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and key != "classes":
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

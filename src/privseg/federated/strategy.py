@@ -34,6 +34,7 @@ from privseg.federated.validation import (
     ModelSpec,
     Refused,
     check_metrics,
+    check_releases,
     check_size,
     model_norm,
     update_norm,
@@ -307,6 +308,8 @@ class SiteAggregation(Strategy):
                 try:
                     metrics = check_metrics(msg.content, dp=self.dp, train=False)
                     releases = M.reply_releases(msg.content)
+                    if releases is not None:
+                        releases = check_releases(releases)
                 except (Refused, ValueError, TypeError) as exc:
                     log.warning(
                         "round %d: site %s: evaluation reply refused: %s", server_round, site, exc

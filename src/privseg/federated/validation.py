@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
@@ -88,7 +89,62 @@ def check_metrics(content: RecordDict, *, dp: bool, train: bool = True) -> dict[
         raise Refused(f"its metrics {' and '.join(why)} (allowed: {', '.join(sorted(allowed))})")
     if train and metrics[M.DECLINED] not in (0.0, 1.0):
         raise Refused(f"its {M.DECLINED!r} is {metrics[M.DECLINED]}, not 0 or 1")
+    for key, value in metrics.items() if not train else ():  # a training reply: see strategy
+        rule = _value_rule(key)
+        if rule is not None and not (math.isnan(value) or rule[0](value)):
+            raise Refused(f"its {key!r} is {value}, not {rule[1]}")
     return metrics
+
+
+def _count(v: float) -> bool:
+    return math.isfinite(v) and v >= 0 and v == int(v)
+
+
+# What a value may be (NaN is always allowed: a refused or unknown answer). Training sizes
+# have their own check (check_size); a DP site's epsilon may be infinite (its patients were
+# released without DP before).
+_RULES: dict[str, tuple] = {
+    M.DICE: (lambda v: 0 <= v <= 1, "a Dice in [0, 1]"),
+    M.DICE_SD: (lambda v: 0 <= v <= 1, "a Dice spread in [0, 1]"),
+    M.HD95: (lambda v: v >= 0, "a distance >= 0 mm"),
+    M.N_PATIENTS: (_count, "a count of patients"),
+    M.EPSILON: (lambda v: v > 0, "an epsilon > 0"),
+    M.DELTA: (lambda v: 0 < v < 1, "a delta in (0, 1)"),
+    M.NOISE_MULTIPLIER: (lambda v: 0 <= v < math.inf, "a noise multiplier >= 0"),
+    M.SAMPLE_RATE: (lambda v: 0 < v <= 1, "a sample rate in (0, 1]"),
+    M.STEPS: (_count, "a count of steps"),
+    M.CLIP_NORM: (lambda v: 0 < v < math.inf, "a clipping norm > 0"),
+}
+
+
+def _value_rule(key: str) -> tuple | None:
+    if key in M.CLASS_DICE:
+        return _RULES[M.DICE]
+    return _RULES.get(key)
+
+
+def check_releases(releases: object) -> list[dict[str, Any]]:
+    """A DP site's release list as the ledger's rows would give it, or Refused: a malformed
+    list must never reach results.json as the site's account of what it spent."""
+    from privseg.privacy.history import RELEASE_KEYS, row_problem
+    from privseg.privacy.ledger import KINDS, UNITS
+
+    if not isinstance(releases, list):
+        raise Refused("its release list is not a list")
+    for k, release in enumerate(releases):
+        if not isinstance(release, dict) or not set(RELEASE_KEYS) <= set(release):
+            raise Refused(f"release {k} of its list lacks fields of {', '.join(RELEASE_KEYS)}")
+        try:
+            problem = row_problem({**release, "patients": "[]"}, kinds=KINDS, units=UNITS)
+        except (KeyError, TypeError, ValueError) as exc:
+            problem = ("a field", f"is malformed ({exc})")
+        if problem is None and not all(
+            isinstance(release[f], str) for f in ("run_id", "site", "time")
+        ):
+            problem = ("run_id, site, time", "must be text")
+        if problem is not None:
+            raise Refused(f"release {k} of its list: {problem[0]} {problem[1]}")
+    return releases
 
 
 def check_size(site: str, n: float, registered: dict[str, int], most: int) -> int:

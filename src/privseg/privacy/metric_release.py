@@ -72,7 +72,9 @@ def release_metrics(
     sums = np.sum(rows, axis=0) if rows else np.zeros(1 + len(classes))
     scale = cfg.eval_noise * math.sqrt(len(sums))
     noise = torch.randn(len(sums), generator=secure_generator(), dtype=torch.float64).numpy()
-    means = (sums + scale * noise) / len(patients)
+    # clipped to [0, 1] after the noise: post-processing costs no privacy, and a Dice outside
+    # [0, 1] means nothing to a reader (and is what a server refuses from a site)
+    means = np.clip((sums + scale * noise) / len(patients), 0.0, 1.0)
     return {
         "dice": float(means[0]),
         **{c: float(v) for c, v in zip(classes, means[1:], strict=True)},
