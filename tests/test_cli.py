@@ -128,3 +128,53 @@ def test_a_finished_progress_bar_is_removed_and_the_next_run_gets_a_fresh_one():
         progress("federated: round 1/6", 1, 6)  # the DP run after the non-private one
         fresh = [t for t in progress.bar.tasks if t.description.startswith("federated")]
         assert len(fresh) == 1 and fresh[0].completed == 1 and fresh[0].total == 6
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"privseg {version('privseg')}"
+
+
+def test_help_lists_commands_in_workflow_order():
+    from privseg.cli.app import WORKFLOW
+
+    listed = [
+        line.split()[1]
+        for line in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output.splitlines()
+        if line.startswith("│ ") and line.split()[1] in WORKFLOW
+    ]
+    assert listed == list(WORKFLOW)
+
+
+@pytest.mark.parametrize(
+    ("command", "choices"),
+    [
+        (["train"], "[central|local|federated]"),
+        (["run"], "[full|quick|paper]"),
+        (["attack"], "[T1|T2|T3]"),
+        (["attack"], "[given|joint|predicted]"),
+        (["attack"], "[last|first]"),
+        (["attack"], "[table|json]"),
+        (["audit"], "[table|json]"),
+        (["export"], "[torchscript|onnx]"),
+        (["budget"], "[prv|rdp]"),
+        (["data", "synth"], "[liver|pancreas]"),
+    ],
+)
+def test_options_with_a_fixed_set_of_values_list_them_in_help(command, choices):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and choices in result.output
+
+
+def test_cli_choices_are_the_library_tables():
+    from typing import get_args
+
+    from privseg.choices import ExportFormat, Organ, Preset
+    from privseg.data.phantom import ORGANS
+    from privseg.inference.export import FORMATS
+    from privseg.runs.study import PRESETS
+
+    for choice, table in ((Preset, PRESETS), (ExportFormat, FORMATS), (Organ, ORGANS)):
+        assert list(get_args(choice)) == list(table)

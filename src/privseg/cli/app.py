@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import click
 import typer
+from typer.core import TyperGroup
 
+from privseg import __version__
 from privseg.cli import attack as attack_cli
 from privseg.cli import budget as budget_cli
 from privseg.cli import config as config_cli
@@ -13,10 +16,36 @@ from privseg.cli import federated as federated_cli
 from privseg.cli import predict as predict_cli
 from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
-from privseg.cli.common import setup_logging
+from privseg.cli.common import console, setup_logging
+
+WORKFLOW = (
+    "data",
+    "train",
+    "run",
+    "attack",
+    "audit",
+    "predict",
+    "export",
+    "certs",
+    "server",
+    "site",
+    "budget",
+    "config",
+)
+"""``privseg --help`` lists the commands in the order a user meets them, not alphabetically."""
+
+
+class WorkflowGroup(TyperGroup):
+    """The root group, listing its commands in :data:`WORKFLOW` order (any other at the end)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
+
 
 app = typer.Typer(
     name="privseg",
+    cls=WorkflowGroup,
     help="Differentially private federated CT segmentation across hospitals.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -24,10 +53,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"privseg {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Debug logging; info logging without it."
+    ),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print privseg's version and exit.",
     ),
 ) -> None:
     setup_logging(verbose)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import Organ
 from privseg.cli.common import (
     ConfigOption,
     OverwriteOption,
@@ -29,7 +30,7 @@ def synth(
     seed: int = typer.Option(0),
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
-    organ: str = typer.Option("liver", help="liver or pancreas"),
+    organ: Organ = typer.Option("liver", help="the organ segmented (and its cancer)"),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Write a seeded multi-site abdominal CT phantom as an MSD task folder."""
@@ -73,9 +74,9 @@ def prepare(
 ) -> None:
     """Slice a task (MSD, nnU-Net v2, DICOM) into per-site train/val/test caches (reused when
     up to date)."""
-    from privseg.data.prepare import prepare_cache
-
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})
+    from privseg.data.prepare import prepare_cache  # numpy and nibabel load for a valid config
+
     with progress_bar(transient=True) as progress:
         cache = prepare_cache(
             src, out, cfg.data, seed=cfg.seed, progress=progress, overwrite=overwrite

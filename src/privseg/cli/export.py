@@ -6,13 +6,16 @@ from pathlib import Path
 
 import typer
 
+from privseg.choices import ExportFormat
 from privseg.cli.common import OverwriteOption, console, user_errors
 
 
 @user_errors
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt of a run."),
-    fmt: str = typer.Option(..., "--format", help="torchscript (.pt) | onnx (.onnx)"),
+    fmt: ExportFormat = typer.Option(
+        ..., "--format", help="torchscript writes a .pt file, onnx an .onnx file."
+    ),
     out: Path = typer.Option(..., "--out", help="File to write (.pt or .onnx, by --format)."),
     overwrite: bool = OverwriteOption,
 ) -> None:

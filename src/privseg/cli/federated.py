@@ -32,9 +32,9 @@ def server(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Start the SuperLink, submit the federated run, wait for the sites, write OUT."""
-    from privseg.federated.deployment import serve
-
     cfg = load_config(config, set_)
+    from privseg.federated.deployment import serve  # Flower loads only for a valid config
+
     if insecure:
         err_console.print(
             "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
@@ -89,6 +89,8 @@ def site(
     device: str | None = DeviceOption,
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
+    if config is not None:
+        load_config(config, None)  # a bad floor file is refused before Flower loads
     from privseg.federated.site import join
 
     if insecure:

@@ -64,8 +64,10 @@ def predict(
     ),
     device: str | None = DeviceOption,
 ) -> None:
-    """Apply the model slice by slice; each mask has its input's grid and affine and the
-    label values of the training data (data.classes)."""
+    """Segment CTs slice by slice into masks on each input's grid.
+
+    Each mask has its input's grid and affine and the label values of the training data
+    (data.classes)."""
     from privseg.inference import segment_folder, segment_nifti
     from privseg.inference.volume import MASK_SUFFIXES
 

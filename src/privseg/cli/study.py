@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import Preset
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
@@ -33,7 +34,7 @@ def run(
         "--quick",
         help="Smoke test: a tiny grid (--preset quick; 47 s on 2 cores for the demo phantom).",
     ),
-    preset: str = typer.Option(
+    preset: Preset = typer.Option(
         "full",
         "--preset",
         help="full (the demo's study: 7.3 min on 2 cores for 3 sites x 10 phantom patients), "
@@ -44,14 +45,11 @@ def run(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
-    from privseg.errors import ConfigError
+    load_config(config, set_)  # field and value rules before torch and Flower load
     from privseg.runs.study import PRESETS, run_study
 
     if quick:
         preset = "quick"
-    if preset not in PRESETS:
-        allowed = ", ".join(PRESETS)
-        raise ConfigError(f"--preset {preset!r} is invalid: allowed values are {allowed}")
     # the preset over the config file, the user's --set over both
     cfg = PRESETS[preset](load_config(config, None)).with_overrides(set_ or [])
     if device is not None:

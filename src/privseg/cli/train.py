@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import Mode
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
@@ -28,7 +29,7 @@ def train(
         help="Prepared cache dir or task folder (MSD, nnU-Net v2, DICOM series.csv).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
-    mode: str = typer.Option("central", "--mode", "-m", help="central | local | federated"),
+    mode: Mode = typer.Option("central", "--mode", "-m", help="Who trains on what data."),
     dp: bool | None = typer.Option(None, "--dp/--no-dp", help="DP-SGD at every site."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Target epsilon (with --dp)."),
     delta: float | None = typer.Option(None, "--delta", help="Target delta (with --dp)."),
@@ -40,9 +41,6 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
-    from privseg.run_folder import RunFolder
-    from privseg.runs.train import train as run_train
-
     cfg = load_config(
         config,
         set_,
@@ -56,6 +54,9 @@ def train(
         },
     )
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
+    from privseg.run_folder import RunFolder  # torch loads only for a valid config
+    from privseg.runs.train import train as run_train
+
     try:
         with progress_bar() as progress:
             results = run_train(

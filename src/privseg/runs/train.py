@@ -14,11 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from privseg import __version__
+from privseg.choices import MODES, Mode
 from privseg.config import Config
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
@@ -31,9 +32,6 @@ from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["central", "local", "federated"]
-MODES: tuple[str, ...] = ("central", "local", "federated")
 
 
 def train(
