@@ -178,3 +178,18 @@ def test_cli_choices_are_the_library_tables():
 
     for choice, table in ((Preset, PRESETS), (ExportFormat, FORMATS), (Organ, ORGANS)):
         assert list(get_args(choice)) == list(table)
+
+
+def test_help_shows_bracketed_words_as_written():
+    result = runner.invoke(app, ["site", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "TOML whose [privacy] section" in result.output
+
+
+def test_messages_show_bracketed_words_as_written(capsys):
+    from privseg.cli.common import say
+
+    say("input float32 [batch, 1, 64, 64] in [0, 1]", label="wrote")
+    say("[privacy] section", label="error:", style="bold red", err=True)
+    out, err = capsys.readouterr()
+    assert "wrote input float32 [batch, 1, 64, 64] in [0, 1]" in out
+    assert "error: [privacy] section" in err

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from privseg import __version__
@@ -16,7 +19,7 @@ from privseg.cli import federated as federated_cli
 from privseg.cli import predict as predict_cli
 from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
-from privseg.cli.common import console, setup_logging
+from privseg.cli.common import say, setup_logging
 
 WORKFLOW = (
     "data",
@@ -35,17 +38,34 @@ WORKFLOW = (
 """``privseg --help`` lists the commands in the order a user meets them, not alphabetically."""
 
 
-class WorkflowGroup(TyperGroup):
-    """The root group, listing its commands in :data:`WORKFLOW` order (any other at the end)."""
+class RootGroup(TyperGroup):
+    """The root command: subcommands in :data:`WORKFLOW` order (any other at the end), and every
+    help text shown as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _literal_help(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = super().list_commands(ctx)
         return sorted(names, key=lambda n: WORKFLOW.index(n) if n in WORKFLOW else len(WORKFLOW))
 
 
+def _literal_help(command: click.Command) -> None:
+    """Escape the help of ``command``, its options and subcommands: Typer reads help as rich
+    markup, which drops bracketed words such as ``[privacy]``."""
+    if command.help:
+        command.help = escape(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):  # options, and Typer's arguments
+            param.help = escape(param.help)  # type: ignore[attr-defined]
+    for sub in getattr(command, "commands", {}).values():
+        _literal_help(sub)
+
+
 app = typer.Typer(
     name="privseg",
-    cls=WorkflowGroup,
+    cls=RootGroup,
     help="Differentially private federated CT segmentation across hospitals.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -55,7 +75,7 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        console.print(f"privseg {__version__}", markup=False, highlight=False)
+        say(f"privseg {__version__}")
         raise typer.Exit()
 
 

@@ -17,6 +17,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    say,
     user_errors,
 )
 from privseg.config.sections import AttackRound, MaskMode, Threat
@@ -88,8 +89,8 @@ def attack(
             if k in ThreatModel.__dataclass_fields__ and k != "sees"
         }
     )
-    console.print(f"[bold]threat model[/] {tm.describe()}")
-    console.print(f"[bold]attacked global model[/] {res['weights']}")
+    say(tm.describe(), label="threat model")
+    say(str(res["weights"]), label="attacked global model")
     table = Table(
         title=f"gradient inversion, {res['threat']}, "
         + (
@@ -133,7 +134,7 @@ def attack(
         _fmt(res["matching_loss_median"], ".4f"),
     )
     console.print(table)
-    console.print(f"wrote {run_dir}/attack/attack.json and attack.png")
+    say(f"wrote {run_dir}/attack/attack.json and attack.png")
 
 
 @user_errors
@@ -160,7 +161,7 @@ def audit(
     if output == "json":
         console.print_json(json.dumps(res))
         return
-    console.print(f"[bold]game[/] {res['mechanism']}; adjacency {res['adjacency']}")
+    say(f"{res['mechanism']}; adjacency {res['adjacency']}", label="game")
     table = Table(title=f"privacy audit, site {site}")
     for col in ("trials", "K", "success", "95% CI", "bound (ε,δ)", "bound GDP", "held"):
         table.add_column(col)
@@ -176,7 +177,7 @@ def audit(
     )
     console.print(table)
     eps = "∞ (no DP)" if res["epsilon"] is None else f"{res['epsilon']:g}"
-    console.print(
+    say(
         f"ε = {eps}, δ = {res['delta']:g}, σ = {res['noise_multiplier']:.4g}, "
         f"C = {res['clip_norm']:g}; wrote {run_dir}/attack/audit.json"
     )

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from privseg.config import Config
 from privseg.errors import ConfigError, PrivsegError, resource_error
@@ -60,10 +60,20 @@ def user_errors(fn: F) -> F:
             error = exc if isinstance(exc, PrivsegError) else resource_error(exc)
             if error is None:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+            say(str(error), label="error:", style="bold red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def say(text: str, *, label: str = "", style: str = "bold", err: bool = False) -> None:
+    """Print ``text`` as it is, after an optional ``label`` in ``style``.
+
+    Every message goes through here because rich reads ``[word]`` as markup and drops it:
+    paths, option names (``[privacy]``) and shapes (``[batch, 1, R, R]``) hold brackets.
+    """
+    line = Text.assemble((label, style), " " if label and text else "", text)
+    (err_console if err else console).print(line, soft_wrap=True)
 
 
 def load_config(path: Path | None, overrides: list[str] | None, **changes: Any) -> Config:

@@ -15,6 +15,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    say,
     user_errors,
 )
 
@@ -48,11 +49,7 @@ def synth(
             progress=progress,
             overwrite=overwrite,
         )
-    console.print(
-        f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}",
-        soft_wrap=True,
-        markup=False,
-    )
+    say(f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}")
 
 
 @app.command()
@@ -82,11 +79,7 @@ def prepare(
             src, out, cfg.data, seed=cfg.seed, progress=progress, overwrite=overwrite
         )
     state = "up to date, reused" if cache.reused else "built"
-    console.print(
-        f"slice cache {cache.root} ({state}), resolution {cache.resolution}",
-        soft_wrap=True,
-        markup=False,
-    )
+    say(f"slice cache {cache.root} ({state}), resolution {cache.resolution}")
     console.print(_summary(cache.counts()))
 
 

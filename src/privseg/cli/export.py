@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from privseg.choices import ExportFormat
-from privseg.cli.common import OverwriteOption, console, user_errors
+from privseg.cli.common import OverwriteOption, say, user_errors
 
 
 @user_errors
@@ -24,7 +24,7 @@ def export(
 
     info = export_checkpoint(checkpoint, out, fmt, overwrite=overwrite)
     _, _, r, _ = info["input_shape"]
-    console.print(
+    say(
         f"wrote {out} ({info['format']}): input float32 [batch, 1, {r}, {r}] in [0, 1], "
         f"{info['out_channels']} logit channel(s); largest difference from the checkpoint "
         f"{info['max_abs_diff']:.2g}"

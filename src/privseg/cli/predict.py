@@ -6,14 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 
 from privseg.cli.common import (
     DeviceOption,
     OverwriteOption,
-    console,
-    err_console,
     progress_bar,
+    say,
     user_errors,
 )
 from privseg.errors import ConfigError
@@ -76,19 +74,19 @@ def predict(
     if not image.is_dir() or out.name.lower().endswith(MASK_SUFFIXES):  # one CT
         if resume:
             raise ConfigError("--continue applies to a folder of CTs (an --out folder)")
-        console.print(_describe(segment_nifti(checkpoint, image, out, **options)))
+        say(_describe(segment_nifti(checkpoint, image, out, **options)))
         return
     with progress_bar() as bar:
         done = segment_folder(checkpoint, image, out, progress=bar, resume=resume, **options)
     for stats in done.written:
-        console.print(_describe(stats), soft_wrap=True, markup=False)
+        say(_describe(stats))
     skipped = f", {len(done.skipped)} finished earlier (skipped)" if done.skipped else ""
-    console.print(f"{len(done.written)} CT(s) segmented into {out}{skipped}", markup=False)
+    say(f"{len(done.written)} CT(s) segmented into {out}{skipped}")
     if done.failed:
-        err_console.print(f"[bold red]{len(done.failed)} CT(s) failed:[/]")
+        say("", label=f"{len(done.failed)} CT(s) failed:", style="bold red", err=True)
         for name, why in done.failed.items():
-            err_console.print(f"  {escape(name)}: {escape(why)}", soft_wrap=True)
-        err_console.print("fix them and rerun with --continue to finish the folder")
+            say(f"  {name}: {why}", err=True)
+        say("fix them and rerun with --continue to finish the folder", err=True)
         raise typer.Exit(2)
 
 

@@ -15,6 +15,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    say,
     user_errors,
 )
 from privseg.report.format import fmt_eps
@@ -60,7 +61,7 @@ def run(
             data=data,
             out=out,
             progress=progress,
-            on_setting=lambda s: console.log(s),
+            on_setting=say,
             preset=preset,
         )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
@@ -83,7 +84,7 @@ def run(
             f"{secs:.2f}" if secs else "–",
         )
     console.print(table)
-    console.print(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+    say(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -16,6 +16,7 @@ from privseg.cli.common import (
     load_config,
     progress_bar,
     refuse_dp_options_without_dp,
+    say,
     user_errors,
 )
 
@@ -79,4 +80,4 @@ def train(
         table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
     table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
     console.print(table)
-    console.print(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+    say(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
