@@ -14,6 +14,7 @@ LAYERS = {
     "output": 0,
     "progress": 0,
     "choices": 0,
+    "logs": 0,
     "typed_config": 0,
     "config": 0,
     "results": 0,

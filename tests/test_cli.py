@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import tomllib
+import warnings
+from pathlib import Path
 
 import pytest
-from rich.logging import RichHandler
 from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.cli.common import setup_logging
 
 runner = CliRunner()
+SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
 
 
 def test_every_command_is_registered():
@@ -106,12 +108,19 @@ def test_setup_logging_prints_privseg_records_and_leaves_other_loggers(
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
     monkeypatch.setattr(root, "level", logging.WARNING)
-    setup_logging(verbose=True)
-    assert [type(h) for h in root.handlers] == [RichHandler]
-    logging.getLogger("privseg.test").debug("debug from privseg")
-    logging.getLogger("other.lib").info("info from another library")
+    with warnings.catch_warnings():  # undoes the routing of warnings setup_logging does
+        setup_logging(verbose=True)
+        assert [type(h) for h in root.handlers] == [logging.StreamHandler]  # not a terminal
+        logging.getLogger("privseg.test").debug("debug from privseg")
+        logging.getLogger("other.lib").info("info from another library")
+        logging.getLogger("other.lib").warning("warning from another library")
+        logging.getLogger("privseg.progress").info("round 1/2")
+        warnings.simplefilter("always")
+        warnings.warn("Optimal order is the largest alpha", stacklevel=1)  # not privseg's code
+        warnings.warn_explicit("slice unit", UserWarning, str(SRC / "privacy" / "engine.py"), 1)
     err = capsys.readouterr().err
-    assert "debug from privseg" in err and "another library" not in err
+    assert "debug from privseg" in err and "round 1/2" in err and "slice unit" in err
+    assert "another library" not in err and "Optimal order" not in err
     setup_logging(verbose=False)
     assert len(root.handlers) == 1 and privseg_log_level.level == logging.INFO
 

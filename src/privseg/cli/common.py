@@ -25,6 +25,8 @@ from rich.text import Text
 
 from privseg.config import Config
 from privseg.errors import ConfigError, PrivsegError, resource_error
+from privseg.logs import OursOrAtLeast, route_warnings
+from privseg.progress import PROGRESS_LOGGER
 
 console = Console()
 err_console = Console(stderr=True)
@@ -162,13 +164,26 @@ def setup_logging(verbose: bool) -> None:
     """Show privseg's log records on stderr: DEBUG with ``--verbose``, INFO otherwise.
 
     Only the ``privseg`` loggers change level: other libraries stay at the root's WARNING, so
-    ``-v`` does not turn on their debug output. Records go through ``err_console``, which
-    prints them above a running progress bar. A root handler already there (pytest's, an
-    embedding application's) is kept and none is added.
+    ``-v`` does not turn on their debug output, and only their errors reach the console: their
+    warnings (their loggers' and ``warnings.warn``'s) go to the run's ``run.log``. On a
+    terminal records go through ``err_console``, which prints them above a running progress
+    bar, and progress lines are left to the bars; elsewhere (make, nohup, CI) each record is
+    one plain line with its time, progress lines included. A root handler already there
+    (pytest's, an embedding application's) is kept and none is added.
     """
     root = logging.getLogger()
     if not root.handlers:
-        handler = RichHandler(console=err_console, show_time=False, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler: logging.Handler
+        if err_console.is_terminal:
+            handler = RichHandler(console=err_console, show_time=False, show_path=False)
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            handler.addFilter(lambda record: record.name != PROGRESS_LOGGER)
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+        handler.addFilter(OursOrAtLeast(logging.ERROR))
         root.addHandler(handler)
+        route_warnings()
     logging.getLogger("privseg").setLevel(logging.DEBUG if verbose else logging.INFO)
