@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import shlex
+import signal
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,6 +127,41 @@ def refuse_dp_options_without_dp(
         )
 
 
+@contextlib.contextmanager
+def interruptible(outcome: Callable[[], str]) -> Iterator[None]:
+    """End the command at SIGINT (Ctrl-C) or SIGTERM with one line, ``outcome()`` (what
+    finished and the command that continues), and exit status 130 or 143.
+
+    The process ends at the signal, as after a crash privseg is built to survive: every file
+    is written atomically, a federated run saves its state after each round, a ledger row is
+    committed before its steps run, a folder's lock is released by the kernel, and Ray's
+    processes end with privseg (``federated.reaper``). Unwinding instead would let the sites
+    the signal also stopped print Ray's and Flower's tracebacks (115 lines), end in Ray's own
+    ``exit(1)``, or wait for Flower's server thread, which would go on training.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.disable(logging.CRITICAL)
+        err_console.show_cursor(True)  # a progress bar hid it
+        say(outcome(), label="interrupted:", style="bold yellow", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(*extra: str) -> str:
+    """This command line as the user can type it again, with ``extra`` options added."""
+    args = sys.argv[1:] + [a for a in extra if a not in sys.argv[1:]]
+    return shlex.join(["privseg", *args])
+
+
 class BarProgress:
     """A ``progress(description, completed, total)`` callback drawing rich progress bars.
 
@@ -155,6 +194,7 @@ def progress_bar(transient: bool = False) -> Iterator[BarProgress]:
         TimeRemainingColumn(),
         console=err_console,
         transient=transient,
+        disable=not err_console.is_terminal,  # elsewhere progress is logged as lines
     )
     with bar:
         yield BarProgress(bar)

@@ -13,8 +13,10 @@ from privseg.cli.common import (
     DeviceOption,
     SetOption,
     console,
+    interruptible,
     load_config,
     progress_bar,
+    resume_command,
     say,
     user_errors,
 )
@@ -55,7 +57,7 @@ def run(
     cfg = PRESETS[preset](load_config(config, None)).with_overrides(set_ or [])
     if device is not None:
         cfg = cfg.replace(**{"train.device": device})
-    with progress_bar() as progress:
+    with interruptible(lambda: stopped(out)), progress_bar() as progress:
         study = run_study(
             cfg,
             data=data,
@@ -85,6 +87,17 @@ def run(
         )
     console.print(table)
     say(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+
+
+def stopped(out: Path) -> str:
+    """What an interrupted study leaves: its finished settings, which a rerun skips."""
+    from privseg.run_folder import RunFolder
+
+    done = RunFolder(out).finished_settings()
+    return (
+        f"{len(done)} setting(s) finished in {out} ({', '.join(done) or 'none'}); the same "
+        f"command skips them and runs the rest: {resume_command()}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -13,12 +14,18 @@ from privseg.cli.common import (
     DeviceOption,
     SetOption,
     console,
+    interruptible,
     load_config,
     progress_bar,
     refuse_dp_options_without_dp,
+    resume_command,
     say,
     user_errors,
 )
+from privseg.io import read_json
+
+if TYPE_CHECKING:
+    from privseg.run_folder import RunFolder
 
 
 @user_errors
@@ -58,19 +65,20 @@ def train(
     from privseg.run_folder import RunFolder  # torch loads only for a valid config
     from privseg.runs.train import train as run_train
 
-    try:
-        with progress_bar() as progress:
-            results = run_train(
-                cfg,
-                data=data,
-                out=out,
-                mode=mode,
-                progress=progress,  # type: ignore[arg-type]
-                resume=resume,
-            )
-    except BaseException:
-        RunFolder(out).abandon()  # a folder this command created and never finished
-        raise
+    with interruptible(lambda: stopped(RunFolder(out), mode)):
+        try:
+            with progress_bar() as progress:
+                results = run_train(
+                    cfg,
+                    data=data,
+                    out=out,
+                    mode=mode,
+                    progress=progress,  # type: ignore[arg-type]
+                    resume=resume,
+                )
+        except BaseException:
+            RunFolder(out).abandon()  # a folder this command created and never finished
+            raise
     table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
@@ -81,3 +89,14 @@ def train(
     table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
     console.print(table)
     say(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+
+
+def stopped(folder: RunFolder, mode: str) -> str:
+    """What an interrupted run leaves, and the command that continues it: a federated run
+    resumes after its last saved round; central and local runs start afresh."""
+    if mode == "federated" and folder.federated_state.is_file():
+        status = read_json(folder.federation_status)
+        return f"{status['message']}, saved in {folder.root}; continue with: " + resume_command(
+            "--resume"
+        )
+    return f"the {mode} run did not finish (a rerun starts afresh): {resume_command()}"
