@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from privseg.progress import LoggedProgress
+from privseg.progress import LoggedProgress, logged
 from privseg.run_folder import RunFolder
 from privseg.runs.train import run_log
 
@@ -28,6 +28,11 @@ def test_logged_progress_logs_first_every_twentieth_and_last_with_time_left(capl
     assert len(lines) == 21  # the first, every 2 rounds (5 %), the last
     assert lines[1] == "federated: round 2/40, ε 1.00 so far [2/40] 0:06 elapsed, about 1:54 left"
     assert lines[-1] == "federated: round 40/40, ε 1.00 so far [40/40] 2:00 elapsed"
+
+
+def test_a_study_logs_each_line_once_for_its_runs():
+    study = logged(lambda *a: None)
+    assert logged(study) is study  # train() inside the study adds no second logger
 
 
 def test_run_log_keeps_privseg_records_and_other_libraries_warnings(tmp_path):

@@ -60,6 +60,11 @@ class LoggedProgress:
             del self.started[key], self.logged[key]
 
 
+def logged(progress: Progress) -> LoggedProgress:
+    """``progress`` that also logs lines (itself when it already does: a study's runs)."""
+    return progress if isinstance(progress, LoggedProgress) else LoggedProgress(progress)
+
+
 def _clock(seconds: float) -> str:
     """``1:02:03`` or ``2:03`` (minutes:seconds)."""
     minutes, secs = divmod(int(seconds), 60)

@@ -26,7 +26,7 @@ from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.io import private_file
 from privseg.logs import OursOrAtLeast
-from privseg.progress import LoggedProgress, Progress, no_progress
+from privseg.progress import Progress, logged, no_progress
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
@@ -63,7 +63,7 @@ def train(
 
         rounds_done = int((load_state(folder.root, cfg) or {}).get("round", 0))
     apply_threads(cfg)
-    progress = LoggedProgress(progress)
+    progress = logged(progress)
     with run_log(folder):
         cache = resolve_cache(data, cfg, cache_dir or folder.cache, progress)
         folder.admit(RunInputs(mode, cache.content_fingerprint, str(data)), resume=resume)
