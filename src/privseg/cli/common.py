@@ -142,8 +142,12 @@ def interruptible(outcome: Callable[[], str]) -> Iterator[None]:
 
     def stop(signum: int, frame: Any) -> None:
         logging.disable(logging.CRITICAL)
+        try:
+            message = outcome()
+        except Exception:  # noqa: BLE001 - a signal handler that raised would not end the process
+            message = f"run the command again: {resume_command()}"
         err_console.show_cursor(True)  # a progress bar hid it
-        say(outcome(), label="interrupted:", style="bold yellow", err=True)
+        say(message, label="interrupted:", style="bold yellow", err=True)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + signum)

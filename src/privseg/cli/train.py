@@ -94,9 +94,10 @@ def train(
 def stopped(folder: RunFolder, mode: str) -> str:
     """What an interrupted run leaves, and the command that continues it: a federated run
     resumes after its last saved round; central and local runs start afresh."""
-    if mode == "federated" and folder.federated_state.is_file():
-        status = read_json(folder.federation_status)
-        return f"{status['message']}, saved in {folder.root}; continue with: " + resume_command(
-            "--resume"
+    saved = folder.federated_state.is_file() and folder.federation_status.is_file()
+    if mode == "federated" and saved:
+        rounds = read_json(folder.federation_status)["round"]
+        return f"{rounds} round(s) done and saved in {folder.root}; continue with: " + (
+            resume_command("--resume")
         )
     return f"the {mode} run did not finish (a rerun starts afresh): {resume_command()}"
