@@ -95,3 +95,15 @@ def test_what_an_interrupted_command_says(tmp_path, monkeypatch):
         f"3 round(s) done and saved in {tmp_path}; continue with: "
         "privseg train --mode federated --resume"
     )
+
+
+def test_the_ray_internals_the_clean_stop_relies_on_are_there():
+    """Ray 2.55: ``ray.init`` sets SIGTERM's handler through ``set_sigterm_handler`` (replaced
+    while privseg starts Ray), and reads ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` (its absl dump)."""
+    import inspect
+
+    worker = pytest.importorskip("ray._private.worker")
+    from ray._private import ray_constants
+
+    assert "ray._private.utils.set_sigterm_handler(" in inspect.getsource(worker.init)
+    assert hasattr(ray_constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER")
