@@ -13,6 +13,8 @@ LAYERS = {
     "io": 0,
     "output": 0,
     "progress": 0,
+    "choices": 0,
+    "logs": 0,
     "typed_config": 0,
     "config": 0,
     "results": 0,

@@ -162,7 +162,7 @@ def test_cli_user_errors_exit_2(run_dir: Path, tmp_path: Path) -> None:
     out = runner.invoke(app, ["attack", str(run_dir), "--site", "nowhere"])
     assert out.exit_code == 2 and "sites:" in out.output
     out = runner.invoke(app, ["attack", str(run_dir), "--site", "site-0", "--threat", "T9"])
-    assert out.exit_code == 2 and "attack.threat" in out.output
+    assert out.exit_code == 2 and "'T9' is not one of 'T1', 'T2', 'T3'" in out.output
     out = runner.invoke(app, ["audit", str(tmp_path / "missing"), "--site", "a"])
     assert out.exit_code == 2
 

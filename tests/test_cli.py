@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import tomllib
+import warnings
+from pathlib import Path
 
 import pytest
-from rich.logging import RichHandler
 from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.cli.common import setup_logging
 
 runner = CliRunner()
+SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
 
 
 def test_every_command_is_registered():
@@ -106,12 +108,19 @@ def test_setup_logging_prints_privseg_records_and_leaves_other_loggers(
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
     monkeypatch.setattr(root, "level", logging.WARNING)
-    setup_logging(verbose=True)
-    assert [type(h) for h in root.handlers] == [RichHandler]
-    logging.getLogger("privseg.test").debug("debug from privseg")
-    logging.getLogger("other.lib").info("info from another library")
+    with warnings.catch_warnings():  # undoes the routing of warnings setup_logging does
+        setup_logging(verbose=True)
+        assert [type(h) for h in root.handlers] == [logging.StreamHandler]  # not a terminal
+        logging.getLogger("privseg.test").debug("debug from privseg")
+        logging.getLogger("other.lib").info("info from another library")
+        logging.getLogger("other.lib").warning("warning from another library")
+        logging.getLogger("privseg.progress").info("round 1/2")
+        warnings.simplefilter("always")
+        warnings.warn("Optimal order is the largest alpha", stacklevel=1)  # not privseg's code
+        warnings.warn_explicit("slice unit", UserWarning, str(SRC / "privacy" / "engine.py"), 1)
     err = capsys.readouterr().err
-    assert "debug from privseg" in err and "another library" not in err
+    assert "debug from privseg" in err and "round 1/2" in err and "slice unit" in err
+    assert "another library" not in err and "Optimal order" not in err
     setup_logging(verbose=False)
     assert len(root.handlers) == 1 and privseg_log_level.level == logging.INFO
 
@@ -128,3 +137,75 @@ def test_a_finished_progress_bar_is_removed_and_the_next_run_gets_a_fresh_one():
         progress("federated: round 1/6", 1, 6)  # the DP run after the non-private one
         fresh = [t for t in progress.bar.tasks if t.description.startswith("federated")]
         assert len(fresh) == 1 and fresh[0].completed == 1 and fresh[0].total == 6
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"privseg {version('privseg')}"
+
+
+def test_help_lists_commands_in_workflow_order():
+    from privseg.cli.app import WORKFLOW
+
+    listed = [
+        line.split()[1]
+        for line in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output.splitlines()
+        if line.startswith("│ ") and line.split()[1] in WORKFLOW
+    ]
+    assert listed == list(WORKFLOW)
+
+
+@pytest.mark.parametrize(
+    ("command", "choices"),
+    [
+        (["train"], "[central|local|federated]"),
+        (["run"], "[full|quick|paper]"),
+        (["attack"], "[T1|T2|T3]"),
+        (["attack"], "[given|joint|predicted]"),
+        (["attack"], "[last|first]"),
+        (["attack"], "[table|json]"),
+        (["audit"], "[table|json]"),
+        (["export"], "[torchscript|onnx]"),
+        (["budget"], "[prv|rdp]"),
+        (["data", "synth"], "[liver|pancreas]"),
+    ],
+)
+def test_options_with_a_fixed_set_of_values_list_them_in_help(command, choices):
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and choices in result.output
+
+
+def test_cli_choices_are_the_library_tables():
+    from typing import get_args
+
+    from privseg.choices import ExportFormat, MaskFormat, Organ, Preset
+    from privseg.data.phantom import ORGANS
+    from privseg.inference.export import FORMATS
+    from privseg.inference.volume import FORMATS as MASK_FORMATS
+    from privseg.runs.study import PRESETS
+
+    pairs = (
+        (Preset, PRESETS),
+        (ExportFormat, FORMATS),
+        (Organ, ORGANS),
+        (MaskFormat, MASK_FORMATS),
+    )
+    for choice, table in pairs:
+        assert list(get_args(choice)) == list(table)
+
+
+def test_help_shows_bracketed_words_as_written():
+    result = runner.invoke(app, ["site", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "TOML whose [privacy] section" in result.output
+
+
+def test_messages_show_bracketed_words_as_written(capsys):
+    from privseg.cli.common import say
+
+    say("input float32 [batch, 1, 64, 64] in [0, 1]", label="wrote")
+    say("[privacy] section", label="error:", style="bold red", err=True)
+    out, err = capsys.readouterr()
+    assert "wrote input float32 [batch, 1, 64, 64] in [0, 1]" in out
+    assert "error: [privacy] section" in err

@@ -72,4 +72,4 @@ def test_bad_override_and_too_many_sites_exit_2(phantom_dir: Path, tmp_path: Pat
     )
     assert result.exit_code == 2 and "has no patients" in _text(result)
     result = runner.invoke(app, ["synth", str(tmp_path / "t"), "--organ", "brain"])
-    assert result.exit_code == 2 and "organ = 'brain' is invalid" in _text(result)
+    assert result.exit_code == 2 and "'brain' is not one of 'liver', 'pancreas'" in _text(result)

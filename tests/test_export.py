@@ -111,6 +111,7 @@ def test_existing_out_needs_overwrite(checkpoint, tmp_path):
     assert out.read_bytes() == b"somebody else's file"
     result = _cli(*args, "--overwrite")
     assert result.exit_code == 0, result.output
+    assert "input float32 [batch, 1, " in result.output  # not read as rich markup
     torch.jit.load(str(out))
 
 

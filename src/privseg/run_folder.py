@@ -130,6 +130,10 @@ class RunFolder:
         """A study's run folder for one setting of its grid."""
         return RunFolder(self.root / "runs" / key)
 
+    def finished_settings(self) -> list[str]:
+        """The keys of a study's settings that wrote their results."""
+        return sorted(p.parent.name for p in self.setting("").root.glob("*/results.json"))
+
     @property
     def cache(self) -> Path:
         """Where a study or run prepares its slice cache from a task folder."""

@@ -9,7 +9,18 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from privseg.cli.common import DeviceOption, OverwriteOption, SetOption, console, user_errors
+from privseg.choices import OutputFormat
+from privseg.cli.common import (
+    DeviceOption,
+    OverwriteOption,
+    SetOption,
+    console,
+    load_config,
+    progress_bar,
+    say,
+    user_errors,
+)
+from privseg.config.sections import AttackRound, MaskMode, Threat
 
 
 def register(app: typer.Typer) -> None:
@@ -25,23 +36,29 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def attack(
     run_dir: Path = typer.Argument(..., help="A finished run folder (checkpoint, config)."),
     site: str = typer.Option(..., "--site", help="Site whose update is attacked."),
-    threat: str | None = typer.Option(None, "--threat", help="T1 | T2 | T3"),
+    threat: Threat | None = typer.Option(
+        None, "--threat", help="What the attacker knows (README, threat models)."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Slices per update (1-32)."),
     iterations: int | None = typer.Option(None, "--iterations", help="Optimiser iterations."),
     restarts: int | None = typer.Option(None, "--restarts", help="Random restarts."),
-    mask: str | None = typer.Option(None, "--mask", help="given | joint | predicted"),
+    mask: MaskMode | None = typer.Option(
+        None, "--mask", help="Where the attacker's labels come from."
+    ),
     targets: int | None = typer.Option(None, "--targets", help="Attacked updates."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Attack DP-SGD at this epsilon."),
-    round_: str | None = typer.Option(
-        None, "--round", help="last | first: the global model the attacked update is computed on."
+    round_: AttackRound | None = typer.Option(
+        None, "--round", help="The global model the attacked update is computed on."
     ),
     overrides: list[str] | None = SetOption,
-    output: str = typer.Option("table", "--format", help="table | json"),
+    output: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     overwrite: bool = OverwriteOption,
     device: str | None = DeviceOption,
 ) -> None:
     """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
-    from privseg.cli.common import progress_bar
+    overrides = [*(overrides or []), *([f"attack.round={round_}"] if round_ else [])]
+    load_config(None, overrides)  # field and value rules before torch loads; the run's own
+    # config gets the overrides in run_attack
     from privseg.runs.attack import run_attack
 
     with progress_bar(transient=True) as progress:
@@ -55,7 +72,7 @@ def attack(
             mask=mask,
             targets=targets,
             epsilon=epsilon,
-            overrides=[*(overrides or []), *([f"attack.round={round_}"] if round_ else [])],
+            overrides=overrides,
             progress=progress,
             overwrite=overwrite,
             device=device or "auto",
@@ -72,8 +89,8 @@ def attack(
             if k in ThreatModel.__dataclass_fields__ and k != "sees"
         }
     )
-    console.print(f"[bold]threat model[/] {tm.describe()}")
-    console.print(f"[bold]attacked global model[/] {res['weights']}")
+    say(tm.describe(), label="threat model")
+    say(str(res["weights"]), label="attacked global model")
     table = Table(
         title=f"gradient inversion, {res['threat']}, "
         + (
@@ -117,7 +134,7 @@ def attack(
         _fmt(res["matching_loss_median"], ".4f"),
     )
     console.print(table)
-    console.print(f"wrote {run_dir}/attack/attack.json and attack.png")
+    say(f"wrote {run_dir}/attack/attack.json and attack.png")
 
 
 @user_errors
@@ -127,7 +144,7 @@ def audit(
     trials: int | None = typer.Option(None, "--trials", help="Games played."),
     candidates: int | None = typer.Option(None, "--candidates", help="K candidates per game."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Audit DP-SGD at this epsilon."),
-    output: str = typer.Option("table", "--format", help="table | json"),
+    output: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Empirical K-way identification game against one DP-SGD release; write audit.json."""
@@ -144,7 +161,7 @@ def audit(
     if output == "json":
         console.print_json(json.dumps(res))
         return
-    console.print(f"[bold]game[/] {res['mechanism']}; adjacency {res['adjacency']}")
+    say(f"{res['mechanism']}; adjacency {res['adjacency']}", label="game")
     table = Table(title=f"privacy audit, site {site}")
     for col in ("trials", "K", "success", "95% CI", "bound (ε,δ)", "bound GDP", "held"):
         table.add_column(col)
@@ -160,7 +177,7 @@ def audit(
     )
     console.print(table)
     eps = "∞ (no DP)" if res["epsilon"] is None else f"{res['epsilon']:g}"
-    console.print(
+    say(
         f"ε = {eps}, δ = {res['delta']:g}, σ = {res['noise_multiplier']:.4g}, "
         f"C = {res['clip_norm']:g}; wrote {run_dir}/attack/audit.json"
     )

@@ -8,7 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import OutputFormat
 from privseg.cli.common import console, user_errors
+from privseg.config.privacy import Accountant
 from privseg.errors import ConfigError, DataError
 
 
@@ -28,10 +30,12 @@ def budget(
     delta: float | None = typer.Option(
         None, "--delta", help="delta of the reported epsilon (default: the budget's delta)."
     ),
-    accountant: str | None = typer.Option(
-        None, "--accountant", help="prv or rdp (default: the releases' own)."
+    accountant: Accountant | None = typer.Option(
+        None,
+        "--accountant",
+        help="Accountant of the reported epsilon (default: the releases' own).",
     ),
-    format: str = typer.Option("table", "--format", help="table or json."),
+    format: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     adopt: bool = typer.Option(
         False,
         "--adopt",
@@ -45,8 +49,6 @@ def budget(
     task folder and every cache prepared from it, wherever they lie. The store's
     integrity is checked first: an edited or truncated store is an error, never less spent.
     """
-    if format not in ("table", "json"):
-        raise ConfigError(f"--format = {format!r} is invalid: allowed 'table', 'json'")
     from privseg.data.contents import patients_by_site
     from privseg.privacy.budget import recorded_sites, site_budgets  # Opacus loads when needed
     from privseg.privacy.stores import LEDGER_FILE, open_store, store_dir, store_of

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import shlex
+import signal
+import sys
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +17,6 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,9 +25,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from privseg.config import Config
 from privseg.errors import ConfigError, PrivsegError, resource_error
+from privseg.logs import OursOrAtLeast, route_warnings
+from privseg.progress import PROGRESS_LOGGER
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,10 +66,20 @@ def user_errors(fn: F) -> F:
             error = exc if isinstance(exc, PrivsegError) else resource_error(exc)
             if error is None:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
+            say(str(error), label="error:", style="bold red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def say(text: str, *, label: str = "", style: str = "bold", err: bool = False) -> None:
+    """Print ``text`` as it is, after an optional ``label`` in ``style``.
+
+    Every message goes through here because rich reads ``[word]`` as markup and drops it:
+    paths, option names (``[privacy]``) and shapes (``[batch, 1, R, R]``) hold brackets.
+    """
+    line = Text.assemble((label, style), " " if label and text else "", text)
+    (err_console if err else console).print(line, soft_wrap=True)
 
 
 def load_config(path: Path | None, overrides: list[str] | None, **changes: Any) -> Config:
@@ -111,6 +127,45 @@ def refuse_dp_options_without_dp(
         )
 
 
+@contextlib.contextmanager
+def interruptible(outcome: Callable[[], str]) -> Iterator[None]:
+    """End the command at SIGINT (Ctrl-C) or SIGTERM with one line, ``outcome()`` (what
+    finished and the command that continues), and exit status 130 or 143.
+
+    The process ends at the signal, as after a crash privseg is built to survive: every file
+    is written atomically, a federated run saves its state after each round, a ledger row is
+    committed before its steps run, a folder's lock is released by the kernel, and Ray's
+    processes end with privseg (``federated.reaper``). Unwinding instead would let the sites
+    the signal also stopped print Ray's and Flower's tracebacks (115 lines), end in Ray's own
+    ``exit(1)``, or wait for Flower's server thread, which would go on training.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.disable(logging.CRITICAL)
+        try:
+            message = outcome()
+        except Exception:  # noqa: BLE001 - a signal handler that raised would not end the process
+            message = f"run the command again: {resume_command()}"
+        err_console.show_cursor(True)  # a progress bar hid it
+        say(message, label="interrupted:", style="bold yellow", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_command(*extra: str) -> str:
+    """This command line as the user can type it again, with ``extra`` options added."""
+    args = sys.argv[1:] + [a for a in extra if a not in sys.argv[1:]]
+    return shlex.join(["privseg", *args])
+
+
 class BarProgress:
     """A ``progress(description, completed, total)`` callback drawing rich progress bars.
 
@@ -143,6 +198,7 @@ def progress_bar(transient: bool = False) -> Iterator[BarProgress]:
         TimeRemainingColumn(),
         console=err_console,
         transient=transient,
+        disable=not err_console.is_terminal,  # elsewhere progress is logged as lines
     )
     with bar:
         yield BarProgress(bar)
@@ -152,13 +208,26 @@ def setup_logging(verbose: bool) -> None:
     """Show privseg's log records on stderr: DEBUG with ``--verbose``, INFO otherwise.
 
     Only the ``privseg`` loggers change level: other libraries stay at the root's WARNING, so
-    ``-v`` does not turn on their debug output. Records go through ``err_console``, which
-    prints them above a running progress bar. A root handler already there (pytest's, an
-    embedding application's) is kept and none is added.
+    ``-v`` does not turn on their debug output, and only their errors reach the console: their
+    warnings (their loggers' and ``warnings.warn``'s) go to the run's ``run.log``. On a
+    terminal records go through ``err_console``, which prints them above a running progress
+    bar, and progress lines are left to the bars; elsewhere (make, nohup, CI) each record is
+    one plain line with its time, progress lines included. A root handler already there
+    (pytest's, an embedding application's) is kept and none is added.
     """
     root = logging.getLogger()
     if not root.handlers:
-        handler = RichHandler(console=err_console, show_time=False, show_path=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler: logging.Handler
+        if err_console.is_terminal:
+            handler = RichHandler(console=err_console, show_time=False, show_path=False)
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            handler.addFilter(lambda record: record.name != PROGRESS_LOGGER)
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+        handler.addFilter(OursOrAtLeast(logging.ERROR))
         root.addHandler(handler)
+        route_warnings()
     logging.getLogger("privseg").setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import ConfigOption, SetOption, console, load_config, user_errors
+from privseg.cli.common import ConfigOption, SetOption, load_config, say, user_errors
 
 app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 
@@ -15,4 +15,4 @@ app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 @user_errors
 def show(config: Path | None = ConfigOption, set_: list[str] | None = SetOption) -> None:
     """Print the resolved config (defaults + file + overrides) as TOML."""
-    console.print(load_config(config, set_).to_toml(), markup=False, highlight=False)
+    say(load_config(config, set_).to_toml())

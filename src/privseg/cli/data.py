@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import Organ
 from privseg.cli.common import (
     ConfigOption,
     OverwriteOption,
@@ -14,6 +15,7 @@ from privseg.cli.common import (
     console,
     load_config,
     progress_bar,
+    say,
     user_errors,
 )
 
@@ -29,7 +31,7 @@ def synth(
     seed: int = typer.Option(0),
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
-    organ: str = typer.Option("liver", help="liver or pancreas"),
+    organ: Organ = typer.Option("liver", help="the organ segmented (and its cancer)"),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Write a seeded multi-site abdominal CT phantom as an MSD task folder."""
@@ -47,11 +49,7 @@ def synth(
             progress=progress,
             overwrite=overwrite,
         )
-    console.print(
-        f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}",
-        soft_wrap=True,
-        markup=False,
-    )
+    say(f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}")
 
 
 @app.command()
@@ -73,19 +71,15 @@ def prepare(
 ) -> None:
     """Slice a task (MSD, nnU-Net v2, DICOM) into per-site train/val/test caches (reused when
     up to date)."""
-    from privseg.data.prepare import prepare_cache
-
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})
+    from privseg.data.prepare import prepare_cache  # numpy and nibabel load for a valid config
+
     with progress_bar(transient=True) as progress:
         cache = prepare_cache(
             src, out, cfg.data, seed=cfg.seed, progress=progress, overwrite=overwrite
         )
     state = "up to date, reused" if cache.reused else "built"
-    console.print(
-        f"slice cache {cache.root} ({state}), resolution {cache.resolution}",
-        soft_wrap=True,
-        markup=False,
-    )
+    say(f"slice cache {cache.root} ({state}), resolution {cache.resolution}")
     console.print(_summary(cache.counts()))
 
 

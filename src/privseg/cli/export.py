@@ -6,13 +6,16 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import OverwriteOption, console, user_errors
+from privseg.choices import ExportFormat
+from privseg.cli.common import OverwriteOption, say, user_errors
 
 
 @user_errors
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="checkpoint.pt of a run."),
-    fmt: str = typer.Option(..., "--format", help="torchscript (.pt) | onnx (.onnx)"),
+    fmt: ExportFormat = typer.Option(
+        ..., "--format", help="torchscript writes a .pt file, onnx an .onnx file."
+    ),
     out: Path = typer.Option(..., "--out", help="File to write (.pt or .onnx, by --format)."),
     overwrite: bool = OverwriteOption,
 ) -> None:
@@ -21,7 +24,7 @@ def export(
 
     info = export_checkpoint(checkpoint, out, fmt, overwrite=overwrite)
     _, _, r, _ = info["input_shape"]
-    console.print(
+    say(
         f"wrote {out} ({info['format']}): input float32 [batch, 1, {r}, {r}] in [0, 1], "
         f"{info['out_channels']} logit channel(s); largest difference from the checkpoint "
         f"{info['max_abs_diff']:.2g}"

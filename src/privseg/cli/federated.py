@@ -10,14 +10,14 @@ from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
     SetOption,
-    console,
-    err_console,
     load_config,
+    say,
     user_errors,
 )
 from privseg.report.format import fmt_eps
 
 INSECURE_HELP = "No TLS and no site authentication: for tests on one machine only."
+INSECURE_WARNING = "--insecure: no TLS, no site authentication; never use this across a network"
 
 
 @user_errors
@@ -32,18 +32,15 @@ def server(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Start the SuperLink, submit the federated run, wait for the sites, write OUT."""
-    from privseg.federated.deployment import serve
-
     cfg = load_config(config, set_)
+    from privseg.federated.deployment import serve  # Flower loads only for a valid config
+
     if insecure:
-        err_console.print(
-            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
-            "never use this across a network"
-        )
+        say(INSECURE_WARNING, label="warning:", style="bold yellow", err=True)
     results = serve(
         cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume
     )
-    console.print(
+    say(
         f"federation done: {len(results['sites'])} sites, Dice {results['dice_mean']:.3f}, "
         f"max epsilon {fmt_eps(results['epsilon_max'])}, "
         f"{results['seconds_per_round']:.1f} s/round; wrote {out}/results.json"
@@ -89,13 +86,12 @@ def site(
     device: str | None = DeviceOption,
 ) -> None:
     """Join a federation as one site; return when the server has finished."""
+    if config is not None:
+        load_config(config, None)  # a bad floor file is refused before Flower loads
     from privseg.federated.site import join
 
     if insecure:
-        err_console.print(
-            "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
-            "never use this across a network"
-        )
+        say(INSECURE_WARNING, label="warning:", style="bold yellow", err=True)
     report = join(
         data=data,
         site=name,
@@ -109,7 +105,7 @@ def site(
         budget_epsilon=budget,
         device=device,
     )
-    console.print(f"site {name}: done; local report {report}")
+    say(f"site {name}: done; local report {report}")
 
 
 @user_errors
@@ -130,7 +126,7 @@ def certs(
 
     site_list = [s.strip() for s in names.split(",")] if names else site_names(sites)
     files = make_certs(out, site_list, hosts=host or [], days=days)
-    console.print(
+    say(
         f"wrote {files.root}: ca.crt (everyone), server.pem/server.key (server), "
         f"sites/<name>.key (each site its own), sites/<name>.pub (server); "
         f"keep ca.key offline"

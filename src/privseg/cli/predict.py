@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
+\nfrom privseg.choices import MaskFormat
 
 from privseg.cli.common import (
     DeviceOption,
     OverwriteOption,
-    console,
-    err_console,
     progress_bar,
+    say,
     user_errors,
 )
 from privseg.errors import ConfigError
@@ -62,7 +61,7 @@ def predict(
         help="A folder of CTs: skip the cases an earlier run into --out finished (same "
         "checkpoint and options, files unchanged) and redo the rest.",
     ),
-    fmt: str = typer.Option(
+    fmt: MaskFormat = typer.Option(
         "nifti",
         "--format",
         help="nifti: a label map on the CT's grid; dicom-seg: a DICOM Segmentation (.dcm) of "
@@ -75,8 +74,10 @@ def predict(
     ),
     device: str | None = DeviceOption,
 ) -> None:
-    """Apply the model slice by slice; each mask has its input's grid and affine and the
-    label values of the training data (data.classes)."""
+    """Segment CTs slice by slice into masks on each input's grid.
+
+    Each mask has its input's grid and affine and the label values of the training data
+    (data.classes)."""
     from privseg.inference import segment_folder, segment_nifti
     from privseg.inference.volume import MASK_SUFFIXES
 
@@ -85,9 +86,7 @@ def predict(
     if not image.is_dir() or out.name.lower().endswith((*MASK_SUFFIXES, ".dcm")):  # one CT
         if resume:
             raise ConfigError("--continue applies to a folder of CTs (an --out folder)")
-        console.print(
-            _describe(segment_nifti(checkpoint, image, out, series=series, fmt=fmt, **options))
-        )
+        say(_describe(segment_nifti(checkpoint, image, out, series=series, fmt=fmt, **options)))
         return
     if series is not None or fmt != "nifti":
         raise ConfigError(
@@ -96,14 +95,14 @@ def predict(
     with progress_bar() as bar:
         done = segment_folder(checkpoint, image, out, progress=bar, resume=resume, **options)
     for stats in done.written:
-        console.print(_describe(stats), soft_wrap=True, markup=False)
+        say(_describe(stats))
     skipped = f", {len(done.skipped)} finished earlier (skipped)" if done.skipped else ""
-    console.print(f"{len(done.written)} CT(s) segmented into {out}{skipped}", markup=False)
+    say(f"{len(done.written)} CT(s) segmented into {out}{skipped}")
     if done.failed:
-        err_console.print(f"[bold red]{len(done.failed)} CT(s) failed:[/]")
+        say("", label=f"{len(done.failed)} CT(s) failed:", style="bold red", err=True)
         for name, why in done.failed.items():
-            err_console.print(f"  {escape(name)}: {escape(why)}", soft_wrap=True)
-        err_console.print("fix them and rerun with --continue to finish the folder")
+            say(f"  {name}: {why}", err=True)
+        say("fix them and rerun with --continue to finish the folder", err=True)
         raise typer.Exit(2)
 
 

@@ -7,13 +7,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from privseg.choices import Preset
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
     SetOption,
     console,
+    interruptible,
     load_config,
     progress_bar,
+    resume_command,
+    say,
     user_errors,
 )
 from privseg.report.format import fmt_eps
@@ -33,7 +37,7 @@ def run(
         "--quick",
         help="Smoke test: a tiny grid (--preset quick; 47 s on 2 cores for the demo phantom).",
     ),
-    preset: str = typer.Option(
+    preset: Preset = typer.Option(
         "full",
         "--preset",
         help="full (the demo's study: 7.3 min on 2 cores for 3 sites x 10 phantom patients), "
@@ -44,25 +48,22 @@ def run(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
-    from privseg.errors import ConfigError
+    load_config(config, set_)  # field and value rules before torch and Flower load
     from privseg.runs.study import PRESETS, run_study
 
     if quick:
         preset = "quick"
-    if preset not in PRESETS:
-        allowed = ", ".join(PRESETS)
-        raise ConfigError(f"--preset {preset!r} is invalid: allowed values are {allowed}")
     # the preset over the config file, the user's --set over both
     cfg = PRESETS[preset](load_config(config, None)).with_overrides(set_ or [])
     if device is not None:
         cfg = cfg.replace(**{"train.device": device})
-    with progress_bar() as progress:
+    with interruptible(lambda: stopped(out)), progress_bar() as progress:
         study = run_study(
             cfg,
             data=data,
             out=out,
             progress=progress,
-            on_setting=lambda s: console.log(s),
+            on_setting=say,
             preset=preset,
         )
     table = Table(title="privseg study: test Dice per setting (mean over patient volumes)")
@@ -85,7 +86,18 @@ def run(
             f"{secs:.2f}" if secs else "–",
         )
     console.print(table)
-    console.print(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+    say(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+
+
+def stopped(out: Path) -> str:
+    """What an interrupted study leaves: its finished settings, which a rerun skips."""
+    from privseg.run_folder import RunFolder
+
+    done = RunFolder(out).finished_settings()
+    return (
+        f"{len(done)} setting(s) finished in {out} ({', '.join(done) or 'none'}); the same "
+        f"command skips them and runs the rest: {resume_command()}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
+from privseg.choices import Mode
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
     SetOption,
     console,
+    interruptible,
     load_config,
     progress_bar,
     refuse_dp_options_without_dp,
+    resume_command,
+    say,
     user_errors,
 )
+from privseg.io import read_json
+
+if TYPE_CHECKING:
+    from privseg.run_folder import RunFolder
 
 
 @user_errors
@@ -28,7 +37,7 @@ def train(
         help="Prepared cache dir or task folder (MSD, nnU-Net v2, DICOM series.csv).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
-    mode: str = typer.Option("central", "--mode", "-m", help="central | local | federated"),
+    mode: Mode = typer.Option("central", "--mode", "-m", help="Who trains on what data."),
     dp: bool | None = typer.Option(None, "--dp/--no-dp", help="DP-SGD at every site."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Target epsilon (with --dp)."),
     delta: float | None = typer.Option(None, "--delta", help="Target delta (with --dp)."),
@@ -40,9 +49,6 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
-    from privseg.run_folder import RunFolder
-    from privseg.runs.train import train as run_train
-
     cfg = load_config(
         config,
         set_,
@@ -56,19 +62,23 @@ def train(
         },
     )
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
-    try:
-        with progress_bar() as progress:
-            results = run_train(
-                cfg,
-                data=data,
-                out=out,
-                mode=mode,
-                progress=progress,  # type: ignore[arg-type]
-                resume=resume,
-            )
-    except BaseException:
-        RunFolder(out).abandon()  # a folder this command created and never finished
-        raise
+    from privseg.run_folder import RunFolder  # torch loads only for a valid config
+    from privseg.runs.train import train as run_train
+
+    with interruptible(lambda: stopped(RunFolder(out), mode)):
+        try:
+            with progress_bar() as progress:
+                results = run_train(
+                    cfg,
+                    data=data,
+                    out=out,
+                    mode=mode,
+                    progress=progress,  # type: ignore[arg-type]
+                    resume=resume,
+                )
+        except BaseException:
+            RunFolder(out).abandon()  # a folder this command created and never finished
+            raise
     table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
@@ -78,4 +88,16 @@ def train(
         table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
     table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
     console.print(table)
-    console.print(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+    say(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+
+
+def stopped(folder: RunFolder, mode: str) -> str:
+    """What an interrupted run leaves, and the command that continues it: a federated run
+    resumes after its last saved round; central and local runs start afresh."""
+    saved = folder.federated_state.is_file() and folder.federation_status.is_file()
+    if mode == "federated" and saved:
+        rounds = read_json(folder.federation_status)["round"]
+        return f"{rounds} round(s) done and saved in {folder.root}; continue with: " + (
+            resume_command("--resume")
+        )
+    return f"the {mode} run did not finish (a rerun starts afresh): {resume_command()}"

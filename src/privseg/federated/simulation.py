@@ -59,6 +59,24 @@ def _quiet() -> Iterator[None]:
         flwr_log.setLevel(level)
 
 
+@contextlib.contextmanager
+def _ray_engine() -> Iterator[str]:
+    """Flower's Ray backend, with SIGTERM's handler kept while Ray starts.
+
+    ``ray.init`` replaces it with ``sys.exit(15)`` (through
+    ``ray._private.utils.set_sigterm_handler``, Ray 2.55), which unwinds through Flower's
+    threads into Ray's tracebacks and its own ``exit(1)``, in place of the handler privseg set
+    (the CLI's one-line stop, ``privseg.cli.common.interruptible``)."""
+    from ray._private import utils
+
+    saved = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield "ray"
+    finally:
+        utils.set_sigterm_handler = saved
+
+
 def check_site_plans(cfg: Config, cache: Any) -> None:
     """Before Flower starts, what each site will check in round 1: its DP plan for the whole
     run calibrates on its training split (an unreachable privacy.target_epsilon, a delta too
@@ -96,6 +114,11 @@ def run_federated(
     ``backend``: where the sites' ClientApps run, "ray" (one Ray actor) or "in-process" (this
     process, no Ray: also what a machine without Ray gets); None = "ray" when installed.
     """
+    # Ray would hide the GPUs from actors that reserve none (ours: one actor trains every site
+    # in turn, on train.device); "0" leaves CUDA_VISIBLE_DEVICES as it is (and quiets Ray).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # read when Ray is imported: its C++ (absl) stack dump at SIGTERM is noise, not a crash
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flwr.simulation import run_simulation
 
     if backend is None:
@@ -104,9 +127,6 @@ def run_federated(
         raise ValueError(f"backend = {backend!r} is invalid: allowed {', '.join(BACKENDS)}")
     if backend == "in-process":
         log.info("simulation without Ray: the sites' ClientApps run in this process")
-    # Ray would hide the GPUs from actors that reserve none (ours: one actor trains every site
-    # in turn, on train.device); "0" leaves CUDA_VISIBLE_DEVICES as it is (and quiets Ray).
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     started = time.perf_counter()
     out_dir = Path(out_dir)
     make_folder(out_dir)
@@ -138,7 +158,7 @@ def run_federated(
         {"sites": ",".join(sites), "data-dir": str(cache_dir), "out-dir": str(out_dir)},
         trainer_factory,
     )
-    engine = in_process_simulation() if backend == "in-process" else contextlib.nullcontext("ray")
+    engine = in_process_simulation() if backend == "in-process" else _ray_engine()
     # Ray's raylet, agents and workers end within 1 s of a killed privseg (see reaper)
     with _quiet(), reaping(), engine as backend_name:
         try:

@@ -90,7 +90,7 @@ class SitePrivacy:
             plan.accountant,
             plan.epsilon(),
             self.epsilon(),
-            cfg.budget_epsilon,
+            "none-set" if cfg.budget_epsilon is None else f"{cfg.budget_epsilon:g}",
             cfg.grad_path,
         )
         if self.padding is not None:

@@ -64,14 +64,14 @@ def plan_grid(cfg: Config, cache: Any, settings: list[tuple[str, Config]]) -> di
         plans[site] = {"spent": before, "planned_total": after, "budget_epsilon": budget}
         log.info(
             "study privacy plan: site %s has spent epsilon %.3f; after %s it will have %.3f "
-            "(delta %g, %s, budget %s)",
+            "(delta %g, %s, %s)",
             site,
             before,
             ", ".join(key for key, _ in dp),
             after,
             p.delta,
             p.accountant,
-            budget,
+            "no budget set" if budget is None else f"lifetime budget {budget:g}",
         )
         if budget is not None and after > budget:
             raise PrivacyBudgetExceeded(

@@ -22,7 +22,7 @@ from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
-from privseg.progress import Progress, no_progress
+from privseg.progress import Progress, logged, no_progress
 from privseg.results import StudyResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs import privacy as study_privacy
@@ -148,7 +148,7 @@ def run_study(
     """
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is invalid: allowed values are {', '.join(PRESETS)}")
-    progress = progress or no_progress
+    progress = logged(progress or no_progress)
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("study", inputs=[data])
     started = time.perf_counter()

@@ -14,27 +14,26 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from privseg import __version__
+from privseg.choices import MODES, Mode
 from privseg.config import Config
 from privseg.data.cache import SliceCache
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.io import private_file
-from privseg.progress import Progress, no_progress
+from privseg.logs import OursOrAtLeast
+from privseg.progress import Progress, logged, no_progress
 from privseg.results import RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
 
 log = logging.getLogger(__name__)
-
-Mode = Literal["central", "local", "federated"]
-MODES: tuple[str, ...] = ("central", "local", "federated")
 
 
 def train(
@@ -59,11 +58,13 @@ def train(
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
+    rounds_done = 0
     if resume:  # refuse an incompatible resume before anything in the folder is replaced
         from privseg.federated.state import load_state
 
-        load_state(folder.root, cfg)
+        rounds_done = int((load_state(folder.root, cfg) or {}).get("round", 0))
     apply_threads(cfg)
+    progress = logged(progress)
     with run_log(folder):
 
         def inputs(cache: SliceCache) -> RunInputs:
@@ -87,6 +88,11 @@ def train(
         elif mode == "local":
             result = run_local(cfg, cache, folder, progress, run_id=run_id)
         else:
+            progress(
+                f"federated: round {rounds_done}/{cfg.federated.rounds}",
+                rounds_done,
+                cfg.federated.rounds,
+            )
             result = _run_federated(
                 cfg, cache, folder, progress, run_id=run_id, resume=resume, backend=simulation
             )
@@ -120,8 +126,11 @@ def _run_federated(
     from privseg.federated.simulation import run_federated
 
     def on_round(entry: dict[str, Any]) -> None:
-        rnd = int(entry.get("round", 0))
-        progress(f"federated: round {rnd}/{cfg.federated.rounds}", rnd, cfg.federated.rounds)
+        rnd, rounds = int(entry.get("round", 0)), cfg.federated.rounds
+        loss, eps = entry.get("train_loss"), entry.get("epsilon_max")
+        shown = "" if loss is None else f", train loss {loss:.3f}"
+        shown += "" if eps is None else f", ε {eps:.2f} so far"
+        progress(f"federated: round {rnd}/{rounds}{shown}", rnd, rounds)
 
     return run_federated(
         cfg,
@@ -136,20 +145,23 @@ def _run_federated(
 
 @contextlib.contextmanager
 def run_log(folder: RunFolder) -> Iterator[None]:
-    """privseg's log messages (info and up) also go to the run folder's ``run.log``."""
+    """privseg's log messages (info and up, progress lines included) and other libraries'
+    warnings (their loggers', and ``warnings.warn``'s once the CLI routes them) also go to the
+    run folder's ``run.log``."""
     handler = logging.FileHandler(private_file(folder.log), encoding="utf-8")
     handler.setLevel(logging.INFO)
+    handler.addFilter(OursOrAtLeast(logging.WARNING))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("privseg")
-    level = root.level
-    root.addHandler(handler)
-    if root.getEffectiveLevel() > logging.INFO:
-        root.setLevel(logging.INFO)
+    ours = logging.getLogger("privseg")
+    level = ours.level
+    logging.getLogger().addHandler(handler)
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+        logging.getLogger().removeHandler(handler)
+        ours.setLevel(level)
         handler.close()
 
 

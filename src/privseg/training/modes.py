@@ -54,8 +54,10 @@ def train_site(
         steps = per_epoch if epoch < parts else total - done
         base = done
 
-        def on_step(i: int, n: int, base: int = base, epoch: int = epoch) -> None:
-            progress(f"{name}: epoch {epoch}/{parts}", base + i, total)
+        shown = f"{name}: epoch {epoch}/{parts}{_so_far(history)}"
+
+        def on_step(i: int, n: int, base: int = base, shown: str = shown) -> None:
+            progress(shown, base + i, total)
 
         _, metrics = trainer.fit(None, steps, run_id=run_id, on_step=on_step)
         done += steps
@@ -73,6 +75,17 @@ def train_site(
             }
         )
     return trainer, history, train_seconds / parts
+
+
+def _so_far(history: list[dict[str, Any]]) -> str:
+    """The last finished epoch's train loss, validation Dice and epsilon, for progress."""
+    if not history:
+        return ""
+    last = history[-1]
+    eps = last["epsilon_max"]
+    return f", train loss {last['train_loss']:.3f}, val Dice {last['val_dice']:.3f}" + (
+        "" if eps is None else f", ε {eps:.2f} so far"
+    )
 
 
 def run_central(
