@@ -2,8 +2,8 @@
 
 Kept apart from the modules that act on them (which load torch) so that ``--help`` lists the
 choices and a wrong one is refused without importing the library. The library's own tables
-(``runs.study.PRESETS``, ``inference.export.FORMATS``, ``inference.volume.FORMATS``, ``data.phantom.ORGANS``) are keyed by
-these names; tests/test_cli.py checks they agree.
+(``runs.study.PRESETS``, ``inference.export.FORMATS``, ``inference.volume.FORMATS``,
+``data.phantom.ORGANS``) are keyed by these names; tests/test_cli.py checks they agree.
 """
 
 from __future__ import annotations

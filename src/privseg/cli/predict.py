@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-\nfrom privseg.choices import MaskFormat
 
+from privseg.choices import MaskFormat
 from privseg.cli.common import (
     DeviceOption,
     OverwriteOption,
