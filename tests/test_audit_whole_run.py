@@ -33,6 +33,13 @@ def _cfg(phantom_cache, tmp_path, **changes):
     )
 
 
+def test_federated_runs_refuse_canaries_before_any_output(phantom_cache, tmp_path):
+    cfg = _cfg(phantom_cache, tmp_path)
+    with pytest.raises(ConfigError, match="not supported in federated runs yet"):
+        train(cfg, data=phantom_cache.root, out=tmp_path / "fed", mode="federated")
+    assert not (tmp_path / "fed").exists()
+
+
 def test_canaries_need_dp_and_enough_of_them():
     with pytest.raises(ConfigError, match="privacy.audit_canaries = 20 needs privacy.enabled"):
         Config().replace(**{"privacy.audit_canaries": 20})
