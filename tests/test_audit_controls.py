@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from privseg.attack.one_run import audit_scores
+from privseg.attack.one_run import audit_scores, one_shot_estimate
 from privseg.privacy.accounting import calibrate_noise
+from privseg.privacy.audit_bounds import gaussian_sigma
 from privseg.privacy.canaries import GradientCanaries, cosine_scores, direction, flatten
 from privseg.privacy.dp_sgd import DPGradient
 from privseg.privacy.sampling import PoissonUnitSampler
@@ -106,3 +107,12 @@ def test_run_without_noise_reaches_the_ceiling():
 def test_one_unnoised_step_fails_the_audit():
     res = _audit(_run("broken")[0])
     assert res["epsilon_lower"] > EPSILON
+
+
+def test_one_shot_estimate_recovers_a_gaussian_mechanism():
+    rng = np.random.default_rng(1)
+    inside = rng.random(2000) < 0.5
+    sigma = gaussian_sigma(2.0, DELTA)  # exactly (2, 1e-5)-DP
+    est = one_shot_estimate(inside + sigma * rng.standard_normal(2000), inside, delta=DELTA)
+    lo, hi = est["interval_95"]
+    assert lo <= 2.0 <= hi and abs(est["epsilon"] - 2.0) < 0.5

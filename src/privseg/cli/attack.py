@@ -184,7 +184,17 @@ def _audit_whole_run(run_dir: Path, output: str) -> None:
         console.print_json(json.dumps(res))
     else:
         table = Table(title="one-run audit (95 % lower bounds on epsilon)")
-        for col in ("trainer", "threat model", "m", "reported ε", "bound", "bound f-DP", "ceiling"):
+        cols = (
+            "trainer",
+            "threat",
+            "m",
+            "reported ε",
+            "bound",
+            "bound f-DP",
+            "ceiling",
+            "estimate",
+        )
+        for col in cols:
             table.add_column(col)
         for t in res["trainers"]:
             for threat, a in t["threat_models"].items():
@@ -197,9 +207,13 @@ def _audit_whole_run(run_dir: Path, output: str) -> None:
                     f"[red]{a['epsilon_lower']:.2f}[/]" if bad else f"{a['epsilon_lower']:.2f}",
                     _fmt(a["epsilon_lower_fdp"]),
                     f"{a['ceiling']:.2f}",
+                    f"{a['estimate']['epsilon']:.2f}",
                 )
         console.print(table)
-        console.print(f"{res['note']}; wrote {run_dir}/audit_run.json")
+        console.print(
+            f"{res['note']}; the estimate (Andrew et al.) is no bound; wrote "
+            f"{run_dir}/audit_run.json"
+        )
     if not res["passed"]:
         console.print(
             "[red]audit FAILED[/]: a lower bound exceeds the reported epsilon: the training "

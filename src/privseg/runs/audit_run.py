@@ -12,6 +12,8 @@ canary, scores it for two threat models, and bounds epsilon from below
 - ``final_model``: whoever holds the final model; the cosine with final - initial weights
   (Adam rescales coordinates, so this score is weaker than a plain-SGD one).
 
+Each also gets Andrew et al.'s one-shot estimate (an estimate, not a bound).
+
 A bound above the run's reported epsilon (``epsilon_run``: this run's releases alone, what the
 canaries can measure) means the training leaked more than it accounted: the audit fails.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from privseg.attack.one_run import audit_scores
+from privseg.attack.one_run import audit_scores, one_shot_estimate
 from privseg.errors import DataError
 from privseg.io import read_json, write_json
 from privseg.models.checkpoint import load_checkpoint
@@ -101,7 +103,12 @@ def _audit_trainer(
     threats = {}
     for threat, s in scores.items():
         res = audit_scores(s, included, delta=float(claim["delta"]))
-        threats[threat] = {**res, "scores": s.tolist(), "passed": res["epsilon_lower"] <= claimed}
+        threats[threat] = {
+            **res,
+            "estimate": one_shot_estimate(s, included, delta=float(claim["delta"])),
+            "scores": s.tolist(),
+            "passed": res["epsilon_lower"] <= claimed,
+        }
     return {
         "trainer": name,
         "claim": claim,
