@@ -17,7 +17,7 @@ from torch import nn
 
 from privseg.attack.one_run import audit_scores, one_shot_estimate
 from privseg.privacy.accounting import calibrate_noise
-from privseg.privacy.audit_bounds import gaussian_sigma
+from privseg.privacy.audit_bounds import gaussian_sigma, one_run_epsilon
 from privseg.privacy.canaries import GradientCanaries, cosine_scores, direction, flatten
 from privseg.privacy.dp_sgd import DPGradient
 from privseg.privacy.sampling import PoissonUnitSampler
@@ -116,3 +116,14 @@ def test_one_shot_estimate_recovers_a_gaussian_mechanism():
     est = one_shot_estimate(inside + sigma * rng.standard_normal(2000), inside, delta=DELTA)
     lo, hi = est["interval_95"]
     assert lo <= 2.0 <= hi and abs(est["epsilon"] - 2.0) < 0.5
+
+
+def test_the_guessing_rules_pay_for_their_number():
+    """Perfectly separated scores: the best rule (0.4m in, 0.4m out) reaches the ceiling, at
+    significance 0.05 / 4, below the uncorrected ln(m / 3)."""
+    inside = np.random.default_rng(2).random(M) < 0.5
+    res = audit_scores(inside.astype(float), inside, delta=DELTA, fdp=False)
+    expected = one_run_epsilon(m=M, r=160, v=160, delta=DELTA, significance=0.05 / 4)
+    assert res["r"] == res["v"] == 160
+    assert res["epsilon_lower"] == res["ceiling"] == pytest.approx(expected)
+    assert res["ceiling"] < one_run_epsilon(m=M, r=M, v=M, delta=DELTA)
