@@ -126,6 +126,16 @@ class RunFolder:
     def attack(self) -> Path:
         return self.root / "attack"
 
+    def canaries(self, site: str, *, revealed: bool) -> Path:
+        """A DP site's audit canaries: the seed's hash, written before training (``revealed``
+        False), then the seed and the scores after it (privseg.privacy.canaries)."""
+        return self.root / "audit" / f"canaries-{site}{'' if revealed else '.commit'}.json"
+
+    @property
+    def audit_run(self) -> Path:
+        """The one-run audit of this run (``privseg audit RUN --whole-run``)."""
+        return self.root / "audit_run.json"
+
     def setting(self, key: str) -> RunFolder:
         """A study's run folder for one setting of its grid."""
         return RunFolder(self.root / "runs" / key)

@@ -140,14 +140,23 @@ def attack(
 @user_errors
 def audit(
     run_dir: Path = typer.Argument(..., help="A finished run folder (checkpoint, config)."),
-    site: str = typer.Option(..., "--site", help="Site whose DP mechanism is audited."),
+    site: str | None = typer.Option(None, "--site", help="Site whose DP mechanism is audited."),
+    whole_run: bool = typer.Option(
+        False, "--whole-run", help="Audit the run's own training from its canaries: audit_run.json."
+    ),
     trials: int | None = typer.Option(None, "--trials", help="Games played."),
     candidates: int | None = typer.Option(None, "--candidates", help="K candidates per game."),
     epsilon: float | None = typer.Option(None, "--epsilon", help="Audit DP-SGD at this epsilon."),
     output: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     overwrite: bool = OverwriteOption,
 ) -> None:
-    """Empirical K-way identification game against one DP-SGD release; write audit.json."""
+    """Empirical K-way identification game against one DP-SGD release; write audit.json.
+    With --whole-run: the one-run audit of the training itself (exit code 1 if it fails)."""
+    if whole_run:
+        _audit_whole_run(run_dir, output)
+        return
+    if site is None:
+        raise typer.BadParameter("--site is required (or --whole-run)", param_hint="--site")
     from privseg.runs.attack import run_audit
 
     res = run_audit(
@@ -181,3 +190,50 @@ def audit(
         f"ε = {eps}, δ = {res['delta']:g}, σ = {res['noise_multiplier']:.4g}, "
         f"C = {res['clip_norm']:g}; wrote {run_dir}/attack/audit.json"
     )
+
+
+def _audit_whole_run(run_dir: Path, output: str) -> None:
+    """Print the one-run audit (reported epsilon, lower bounds, ceiling); exit 1 on a failure."""
+    from privseg.runs.audit_run import audit_whole_run
+
+    res = audit_whole_run(run_dir)
+    if output == "json":
+        console.print_json(json.dumps(res))
+    else:
+        table = Table(title="one-run audit (95 % lower bounds on epsilon)")
+        cols = (
+            "trainer",
+            "threat",
+            "m",
+            "reported ε",
+            "bound",
+            "bound f-DP",
+            "ceiling",
+            "estimate",
+        )
+        for col in cols:
+            table.add_column(col)
+        for t in res["trainers"]:
+            for threat, a in t["threat_models"].items():
+                bad = not a["passed"]
+                table.add_row(
+                    t["trainer"],
+                    threat,
+                    str(a["m"]),
+                    _fmt(t["claim"]["epsilon_run"], ".3g"),
+                    f"[red]{a['epsilon_lower']:.2f}[/]" if bad else f"{a['epsilon_lower']:.2f}",
+                    _fmt(a["epsilon_lower_fdp"]),
+                    f"{a['ceiling']:.2f}",
+                    f"{a['estimate']['epsilon']:.2f}",
+                )
+        console.print(table)
+        console.print(
+            f"{res['note']}; the estimate (Andrew et al.) is no bound; wrote "
+            f"{run_dir}/audit_run.json"
+        )
+    if not res["passed"]:
+        console.print(
+            "[red]audit FAILED[/]: a lower bound exceeds the reported epsilon: the training "
+            "leaked more than it accounted"
+        )
+        raise typer.Exit(1)

@@ -11,6 +11,8 @@ from privseg.typed_config import rule
 Accountant = Literal["prv", "rdp"]
 PrivacyUnit = Literal["slice", "patient"]
 GradPath = Literal["auto", "batched", "loop", "opacus", "functorch"]
+#: Fewest canaries worth adding: 10 perfect guesses reject epsilon 1.2 at most (ln(10 / 3)).
+MIN_CANARIES = 10
 
 
 @dataclass
@@ -86,9 +88,29 @@ class PrivacyConfig:
         ),
     )
 
+    audit_canaries: int = field(
+        default=0,
+        metadata=rule(
+            ge=0,
+            le=100_000,
+            help="m gradient canaries added to each DP site's DP-SGD for the one-run audit "
+            "(`privseg audit RUN --whole-run`, docs/AUDIT.md); 0 = off",
+        ),
+    )
+
     def check(self) -> None:
         if self.enabled:
             self.noise_source()
+        if self.audit_canaries and not self.enabled:
+            raise ConfigError(
+                f"privacy.audit_canaries = {self.audit_canaries} needs privacy.enabled = true: "
+                "canaries audit DP-SGD; set privacy.audit_canaries = 0 without DP"
+            )
+        if 0 < self.audit_canaries < MIN_CANARIES:
+            raise ConfigError(
+                f"privacy.audit_canaries = {self.audit_canaries} is invalid: use 0 (off) or at "
+                f"least {MIN_CANARIES} (fewer cannot bound epsilon above ~1.2; docs/AUDIT.md)"
+            )
 
     def noise_source(self) -> tuple[float | None, float | None]:
         """``(noise_multiplier, None)`` when the noise is given, else ``(None, target_epsilon)``;

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from privseg.privacy.canaries import GradientCanaries
 from privseg.privacy.opacus_grads import opacus_per_sample
 from privseg.privacy.sampling import secure_generator
 from privseg.privacy.unit_grads import (
@@ -116,6 +117,8 @@ class DPGradient:
         self._own_generators: dict[torch.device, torch.Generator] = {}
         self._validated: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._threads: tuple[int, ThreadPoolExecutor] | None = None
+        # privacy.audit_canaries: records added before the noise, scored on each release
+        self.canaries: GradientCanaries | None = None
 
     def __call__(
         self,
@@ -153,9 +156,14 @@ class DPGradient:
                 model, params, loss_fn, images, labels, (group_t, keep), k,
                 functorch=path == "functorch",
             )  # fmt: skip
+        if self.canaries is not None:
+            summed = self.canaries.add_to(summed)
         std = self.noise_multiplier * self.max_grad_norm
-        for p, s in zip(params, summed, strict=True):
-            p.grad = (s + self._noise(std, s)) / self.expected_batch_size
+        released = [s + self._noise(std, s) for s in summed]
+        if self.canaries is not None:
+            self.canaries.observe(released)
+        for p, r in zip(params, released, strict=True):
+            p.grad = r / self.expected_batch_size
         live = torch.ones(k, dtype=torch.bool)  # units with a real slice
         if keep is not None:
             live = torch.zeros(k, dtype=torch.bool).index_fill_(0, group_t[keep], True)

@@ -56,6 +56,11 @@ def train(
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
     if resume and mode != "federated":
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
+    if mode == "federated" and cfg.privacy.audit_canaries:
+        raise ConfigError(
+            "privacy.audit_canaries is not supported in federated runs yet (issue 25): set it "
+            "to 0, or audit a central or local run"
+        )
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
     rounds_done = 0

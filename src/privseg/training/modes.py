@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config
+from privseg.io import write_json
 from privseg.models.checkpoint import save_checkpoint
+from privseg.privacy.canaries import attach_canaries
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult, SiteResult, nanmean
@@ -36,17 +38,28 @@ def train_site(
     cache: Any,
     run_id: str,
     progress: Progress,
+    folder: RunFolder,
 ) -> tuple[SiteTrainer, list[dict[str, Any]], float]:
     """Train one model on ``train`` in ``train.epochs`` parts; validate after each part.
 
     Validation Dice is computed for the learning curve only; the final model is reported (no
-    model selection on private validation data).
+    model selection on private validation data). With ``privacy.audit_canaries`` the site's
+    canaries are committed in ``folder`` before the first step and revealed after the last.
     """
     total = site_steps(cfg, train)
     parts = min(cfg.train.epochs, total)  # an epoch, or a part of ``train.steps``
     per_epoch = total // parts
     privacy = open_privacy(cfg, cache, site=name, train=train, planned_steps=total, run_id=run_id)
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
+    canaries = None
+    if privacy is not None and cfg.privacy.audit_canaries:
+        canaries = attach_canaries(
+            privacy.gradient,
+            trainer.model,
+            count=cfg.privacy.audit_canaries,
+            sample_rate=privacy.sample_rate,
+        )
+        write_json(folder.canaries(name, revealed=False), canaries.commit())
     history: list[dict[str, Any]] = []
     done = 0
     train_seconds = 0.0
@@ -74,6 +87,8 @@ def train_site(
                 "seconds": metrics["seconds"],
             }
         )
+    if canaries is not None:
+        write_json(folder.canaries(name, revealed=True), canaries.reveal())
     return trainer, history, train_seconds / parts
 
 
@@ -110,6 +125,7 @@ def run_central(
         cache=cache,
         run_id=run_id,
         progress=progress,
+        folder=folder,
     )
     sites = [
         SiteResult.from_test(
@@ -145,6 +161,7 @@ def run_local(
             cache=cache,
             run_id=run_id,
             progress=progress,
+            folder=folder,
         )
         entry = SiteResult.from_test(
             site,
