@@ -30,6 +30,11 @@ def synth(
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
     organ: str = typer.Option("liver", help="liver or pancreas"),
+    population: str = typer.Option(
+        "sites",
+        help="sites (stands for the hospitals' data) or public (other scanners and anatomy, "
+        "for pretraining; releases no patient)",
+    ),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Write a seeded multi-site abdominal CT phantom as an MSD task folder."""
@@ -44,11 +49,13 @@ def synth(
             size=size,
             slices=slices,
             organ=organ,
+            population=population,
             progress=progress,
             overwrite=overwrite,
         )
     console.print(
-        f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}",
+        f"wrote {sites * patients} phantom CTs ({organ}, {population} population, {sites} "
+        f"sites) to {path}",
         soft_wrap=True,
         markup=False,
     )
