@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config
+from privseg.data.public import public_data
 from privseg.models.checkpoint import save_checkpoint
+from privseg.models.init import load_init, trained_on
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
 from privseg.results import RunResult, SiteResult, nanmean
@@ -47,6 +49,8 @@ def train_site(
     per_epoch = total // parts
     privacy = open_privacy(cfg, cache, site=name, train=train, planned_steps=total, run_id=run_id)
     trainer = SiteTrainer(cfg, name=name, train=train, privacy=privacy, planned_steps=total)
+    init = load_init(cfg)
+    start = init.state_dict if init is not None else None  # else the trainer's seeded model
     history: list[dict[str, Any]] = []
     done = 0
     train_seconds = 0.0
@@ -57,7 +61,9 @@ def train_site(
         def on_step(i: int, n: int, base: int = base, epoch: int = epoch) -> None:
             progress(f"{name}: epoch {epoch}/{parts}", base + i, total)
 
-        _, metrics = trainer.fit(None, steps, run_id=run_id, on_step=on_step)
+        _, metrics = trainer.fit(
+            start if epoch == 1 else None, steps, run_id=run_id, on_step=on_step
+        )
         done += steps
         train_seconds += metrics["seconds"]
         val = {site: trainer.evaluate(None, split) for site, split in val_splits.items()}
@@ -107,7 +113,14 @@ def run_central(
         )
         for s in cache.sites
     ]
-    save_checkpoint(folder.checkpoint, trainer.state_dict(), cfg, mode="central", run_id=run_id)
+    save_checkpoint(
+        folder.checkpoint,
+        trainer.state_dict(),
+        cfg,
+        mode="central",
+        run_id=run_id,
+        trained_on=_trained_on(cfg, cache),
+    )
     return _result(cfg, "central", sites, history, started, per_epoch)
 
 
@@ -154,9 +167,16 @@ def run_local(
             mode="local",
             site=site,
             run_id=run_id,
+            trained_on=_trained_on(cfg, cache),
         )
     history = _merge_histories(histories, [s.name for s in sites])
     return _result(cfg, "local", sites, history, started, float(np.mean(per_epochs)))
+
+
+def _trained_on(cfg: Config, cache: Any) -> dict[str, Any]:
+    """What this run's checkpoints were trained on (read by the next run's ``train.init``)."""
+    init = load_init(cfg)
+    return trained_on(cfg, public=public_data(cache), init=init.record if init else None)
 
 
 def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) -> list[dict]:
