@@ -177,3 +177,27 @@ def test_the_pretrain_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "no patient released, epsilon 0" in result.output
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_open_privacy_exempts_only_the_verified_public_cache(tmp_path: Path) -> None:
+    from privseg.data.phantom import synth_task
+    from privseg.data.prepare import prepare_cache
+    from privseg.training.trainer import CENTRAL, open_privacy
+
+    tiny = {"sites": 2, "patients_per_site": 3, "size": 16, "slices": 4, "seed": 1}
+    cfg = _cfg(**{"data.resolution": 16, "data.sites": 2, "data.slice_policy": "all"})
+    caches = {}
+    for population in ("public", "sites"):
+        task = synth_task(tmp_path / population, population=population, **tiny)
+        caches[population] = prepare_cache(task, tmp_path / f"{population}-cache", cfg.data, seed=0)
+    args = {"site": CENTRAL, "train": None, "planned_steps": 1, "run_id": "r"}
+    assert open_privacy(cfg, caches["public"], **args) is None
+    assert not (store_dir() / LEDGER_FILE).exists()
+    dp = cfg.replace(**{"privacy.enabled": True, "privacy.noise_multiplier": 1.0})
+    with pytest.raises(ConfigError, match="public phantom .* needs no DP"):
+        open_privacy(dp, caches["public"], **args)
+    assert open_privacy(cfg, caches["sites"], **args) is None  # recorded: a release without DP
+    from privseg.privacy.ledger import PrivacyLedger
+
+    rows = PrivacyLedger(store_dir() / LEDGER_FILE).rows()
+    assert [r["kind"] for r in rows] == ["non-private"]
