@@ -127,11 +127,13 @@ def _check_model(payload: dict[str, Any], cfg: Config, path: Path) -> None:
     }
     for name, value in ours.items():
         if theirs[name] != value:
-            what = " (number of classes)" if name == "data.classes" else ""
+            classes = name == "data.classes"
+            what = " (number of classes)" if classes else ""
+            fix = "the checkpoint's data.classes" if classes else f"{name} = {theirs[name]!r}"
             raise ConfigError(
                 f"train.init = {str(path)!r} is refused: its {name}{what} = {theirs[name]!r} "
                 f"differs from this run's {name} = {value!r}; a run starts from a checkpoint "
-                f"of the same model: set {name} = {theirs[name]!r} or pick another checkpoint"
+                f"of the same model: use {fix}, or another checkpoint"
             )
 
 
