@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from privseg.data.anatomy import FAT, LIVER, MUSCLE, SPLEEN, _anatomy
 from privseg.data.msd import load_case, read_task
-from privseg.data.phantom import FAT, LIVER, MUSCLE, SPLEEN, _anatomy, scanner, synth_task
+from privseg.data.phantom import synth_task
+from privseg.data.scanners import scanner
 from privseg.errors import ConfigError, DataError
 
 

@@ -108,9 +108,20 @@ PROVENANCE_KEYS = (
     "machine",
     "device",
     "privacy_note",
+    "data_origin",
+    "init",
 )
 """``device``: where the run computed (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``), from
-``train.device``; absent where this process trained nothing (a deployment's server)."""
+``train.device``; absent where this process trained nothing (a deployment's server).
+``data_origin``: ``{"kind": "private"}``, or privseg's public phantom (:data:`PUBLIC_ORIGIN`
+kind, its generator record). ``init``: the checkpoint the run started from (``train.init``:
+path, sha256, what it was trained on), None without one."""
+
+PUBLIC_ORIGIN = "generated-public"
+"""``data_origin.kind`` of privseg's public phantom: generated, no patient, no ledger row."""
+PUBLIC_PRIVACY = {"epsilon": 0.0, "epsilon_run": 0.0, "steps": 0, "releases": []}
+"""A ``sites[]`` entry's privacy on the public phantom: epsilon 0 by construction (no patient
+was released), never a stand-in for a missing epsilon of private data."""
 STUDY_KEYS = (
     "preset",
     "quick",

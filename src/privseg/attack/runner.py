@@ -255,10 +255,10 @@ def attacked_model(cfg: Config, final: nn.Module | None) -> tuple[nn.Module, str
     """The global model the attacked update is computed on (``cfg.attack.round``) and what it
     is: the run's ``final`` model, or the initial one the server broadcast in round 1 (rebuilt
     from the run's seed exactly as training built it)."""
-    from privseg.models import initial_model
+    from privseg.models.init import starting_model
 
     if cfg.attack.round == "first" or final is None:
-        model = initial_model(cfg.model, cfg.seed, cfg.data.n_classes).eval()
+        model = starting_model(cfg, cfg.data.n_classes).eval()
         return model, f"round 1: the initial global model (seed {cfg.seed})"
     return final, "the run's final global model"
 

@@ -17,6 +17,7 @@ from privseg.cli import data as data_cli
 from privseg.cli import export as export_cli
 from privseg.cli import federated as federated_cli
 from privseg.cli import predict as predict_cli
+from privseg.cli import pretrain as pretrain_cli
 from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
 from privseg.cli.common import say, setup_logging
@@ -100,7 +101,8 @@ app.command("train")(train_cli.train)
 
 # Subcommand groups whose modules own their registration (one module per subcommand group).
 app.add_typer(data_cli.app, name="data")
-for _module in (budget_cli, federated_cli, attack_cli, study_cli, predict_cli, export_cli):
+_modules = (budget_cli, federated_cli, attack_cli, study_cli, predict_cli, export_cli, pretrain_cli)
+for _module in _modules:
     _module.register(app)
 
 

@@ -32,6 +32,11 @@ def synth(
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
     organ: Organ = typer.Option("liver", help="the organ segmented (and its cancer)"),
+    population: str = typer.Option(
+        "sites",
+        help="sites (stands for the hospitals' data) or public (other scanners and anatomy, "
+        "for pretraining; releases no patient)",
+    ),
     overwrite: bool = OverwriteOption,
 ) -> None:
     """Write a seeded multi-site abdominal CT phantom as an MSD task folder."""
@@ -46,10 +51,14 @@ def synth(
             size=size,
             slices=slices,
             organ=organ,
+            population=population,
             progress=progress,
             overwrite=overwrite,
         )
-    say(f"wrote {sites * patients} phantom CTs ({organ}, {sites} sites) to {path}")
+    say(
+        f"wrote {sites * patients} phantom CTs ({organ}, {population} population, {sites} "
+        f"sites) to {path}"
+    )
 
 
 @app.command()

@@ -222,6 +222,14 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata=rule(ge=0.0, le=1.0))
     threads: int = field(default=0, metadata=rule(ge=0, le=512, help="torch threads; 0 = all"))
+    init: str | None = field(
+        default=None,
+        metadata=rule(
+            help="checkpoint every mode starts from (from `privseg pretrain`, or trained with "
+            "DP; one trained on private data without DP is refused); its sha256 and what it "
+            "was trained on are recorded; None = the seeded initial model"
+        ),
+    )
     device: str = field(
         default="auto",
         metadata=rule(

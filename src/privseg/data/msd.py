@@ -313,8 +313,10 @@ def write_dataset_json(
     description: str = "",
     reference: str = "",
     licence: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a ``dataset.json`` that ``monai.apps.DecathlonDataset`` accepts."""
+    """Write a ``dataset.json`` that ``monai.apps.DecathlonDataset`` accepts (``extra``:
+    more top-level entries, which MSD readers ignore)."""
     write_json(
         root / DATASET_JSON,
         {
@@ -333,5 +335,6 @@ def write_dataset_json(
                 for c in case_ids
             ],
             "test": [],
+            **(extra or {}),
         },
     )

@@ -3,20 +3,31 @@
 The real MSD data cannot be downloaded here, so tests and the demo need data that behaves like
 it: organs with close HU (liver, spleen, muscle), noise, partial-volume blur, varying anatomy,
 and sites that differ the way scanners do (calibration, noise, field of view, blur, slice
-thickness, stored orientation). Everything is vectorised numpy on one [X, Y, Z] grid.
+thickness, stored orientation). The anatomy is drawn in :mod:`privseg.data.anatomy`; who the
+patients are (the sites, or a public population apart from them) in
+:mod:`privseg.data.scanners`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
+from privseg.data.anatomy import synth_patient
 from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
-from privseg.data.sites import SITE_MAP_FILE, site_name
+from privseg.data.scanners import (
+    PUBLIC,
+    SITES,
+    Scanner,
+    check_population,
+    patient_stream,
+    population_scanner,
+)
+from privseg.data.sites import SITE_MAP_FILE
 from privseg.errors import ConfigError
 from privseg.io import write_json
 from privseg.output import claimed_folder
@@ -26,64 +37,6 @@ ORGANS = {
     "liver": {0: "background", 1: "liver", 2: "cancer"},
     "pancreas": {0: "background", 1: "pancreas", 2: "cancer"},
 }
-# Nominal cranio-caudal length (mm) the anatomy is laid out on; slice thickness only sets spacing.
-BODY_LENGTH = 200.0
-
-# Tissue ids, painted in this order (later ones overwrite earlier ones).
-(
-    AIR,
-    TABLE,
-    SKIN,
-    FAT,
-    MUSCLE,
-    CAVITY,
-    BOWEL_WALL,
-    BOWEL_FLUID,
-    GAS,
-    KIDNEY,
-    MEDULLA,
-    LIVER,
-    PORTAL,
-    SPLEEN,
-    STOMACH,
-    PANCREAS,
-    AORTA,
-    IVC,
-    BONE,
-    MARROW,
-    CSF,
-    LESION,
-) = range(22)
-
-
-@dataclass(frozen=True)
-class Scanner:
-    """How one site's scanner differs: calibration, noise, geometry and stored orientation."""
-
-    name: str
-    hu_scale: float
-    hu_offset: float
-    noise: float  # HU standard deviation of the (correlated) noise
-    fov: float  # in-plane field of view, mm
-    thickness: float  # slice thickness, mm
-    blur: float  # in-plane point-spread sigma, voxels (partial-volume effect)
-    flip: bool  # stored with x and y reversed (LPS-like), as many DICOM converters write
-
-
-def scanner(index: int, seed: int) -> Scanner:
-    """Site ``index``'s scanner; offsets step by ~12 HU between neighbouring sites."""
-    rng = np.random.default_rng([seed, 1000, index])
-    ladder = (0, 1, -1, 2, -2)[index % 5] * 12.0
-    return Scanner(
-        name=site_name(index),
-        hu_scale=float(rng.uniform(0.94, 1.06)),
-        hu_offset=ladder + float(rng.uniform(-4.0, 4.0)),
-        noise=float(rng.uniform(8.0, 24.0)),
-        fov=float(rng.uniform(350.0, 440.0)),
-        thickness=float(rng.choice([2.5, 3.0, 4.0, 5.0])),
-        blur=float(rng.uniform(0.5, 1.3)),
-        flip=index % 2 == 1,
-    )
 
 
 def synth_task(
@@ -95,16 +48,31 @@ def synth_task(
     size: int = 128,
     slices: int = 32,
     organ: str = "liver",
+    population: str = SITES,
     progress: Progress | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the phantom as an MSD task folder with ``sites.json``; returns the folder.
 
+    ``population``: ``sites`` (stands for the hospitals' private data) or ``public`` (another
+    random stream and scanners and anatomy outside the sites' ranges, see
+    :mod:`privseg.data.scanners`). ``dataset.json`` records the generator's settings under
+    :data:`GENERATOR_KEY`; prepare trusts a public claim only after regenerating it.
     ``out`` is claimed through :mod:`privseg.output`: a real task folder (or anything privseg
     did not write) is never replaced. ``progress(description, done, total)`` is called after
     each patient when given.
     """
     _check_args(sites, patients_per_site, size, slices, organ)
+    check_population(population)
+    record = generator_record(
+        population=population,
+        seed=seed,
+        sites=sites,
+        patients_per_site=patients_per_site,
+        size=size,
+        slices=slices,
+        organ=organ,
+    )
     out = Path(out)
     total = sites * patients_per_site
     site_of: dict[str, str] = {}
@@ -113,29 +81,70 @@ def synth_task(
         with claim.build(anchor=DATASET_JSON) as tmp:
             (tmp / "imagesTr").mkdir()
             (tmp / "labelsTr").mkdir()
-            for s in range(sites):
-                sc = scanner(s, seed)
-                for p in range(patients_per_site):
-                    case = f"{organ}_{s * patients_per_site + p:03d}"
-                    rng = np.random.default_rng([seed, s, p])
-                    hu, label = synth_patient(rng, sc, size=size, slices=slices, organ=organ)
-                    _save(tmp, case, hu, label, sc)
-                    site_of[case] = sc.name
-                    if progress is not None:
-                        progress("synthesising phantom", len(site_of), total)
+            for case, sc, hu, label in generate(record):
+                _save(tmp, case, hu, label, sc)
+                site_of[case] = sc.name
+                if progress is not None:
+                    progress("synthesising phantom", len(site_of), total)
+            public = " (public population)" if population == PUBLIC else ""
             write_dataset_json(
                 tmp,
-                name=f"Phantom{organ.capitalize()}",
+                name=f"Phantom{organ.capitalize()}{'Public' if public else ''}",
                 labels=ORGANS[organ],
                 case_ids=list(site_of),
                 description=(
                     f"privseg synthetic multi-site abdominal CT phantom ({organ}), seed {seed}"
+                    f"{public}"
                 ),
                 reference="privseg.data.phantom",
                 licence="CC0-1.0",
+                extra={GENERATOR_KEY: record},
             )
             write_json(tmp / SITE_MAP_FILE, site_of)
     return out
+
+
+GENERATOR_KEY = "privseg_generator"
+"""The ``dataset.json`` entry that records how privseg generated the task."""
+GENERATOR = "privseg.data.phantom/1"  # bump when the same settings give other voxels
+
+
+def generator_record(
+    *,
+    population: str,
+    seed: int,
+    sites: int,
+    patients_per_site: int,
+    size: int,
+    slices: int,
+    organ: str,
+) -> dict[str, Any]:
+    """Everything :func:`generate` needs to draw the same patients again."""
+    return {
+        "generator": GENERATOR,
+        "population": population,
+        "seed": seed,
+        "sites": sites,
+        "patients_per_site": patients_per_site,
+        "size": size,
+        "slices": slices,
+        "organ": organ,
+    }
+
+
+def generate(record: dict[str, Any]) -> Iterator[tuple[str, Scanner, np.ndarray, np.ndarray]]:
+    """``(case id, scanner, HU, label)`` of every patient of a :func:`generator_record`, in
+    order; the same record always gives the same voxels (for one :data:`GENERATOR`)."""
+    population, seed, organ = record["population"], int(record["seed"]), str(record["organ"])
+    per_site = int(record["patients_per_site"])
+    for s in range(int(record["sites"])):
+        sc = population_scanner(population, s, seed)
+        for p in range(per_site):
+            rng = np.random.default_rng(patient_stream(population, seed, s, p))
+            hu, label = synth_patient(
+                rng, sc, size=int(record["size"]), slices=int(record["slices"]), organ=organ
+            )
+            yield f"{organ}_{s * per_site + p:03d}", sc, hu, label
 
 
 def _check_args(sites: int, patients: int, size: int, slices: int, organ: str) -> None:
@@ -166,224 +175,3 @@ def _save(root: Path, case: str, hu: np.ndarray, label: np.ndarray, sc: Scanner)
         img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, root / folder / f"{case}{NIFTI_SUFFIX}")
-
-
-def synth_patient(
-    rng: np.random.Generator, sc: Scanner, *, size: int, slices: int, organ: str = "liver"
-) -> tuple[np.ndarray, np.ndarray]:
-    """One patient as (HU int16, label uint8), both [X, Y, Z] in RAS (+x = patient's right)."""
-    sp = sc.fov / size
-    c = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * sp
-    x, y = c[:, None, None], c[None, :, None]
-    z = ((np.arange(slices, dtype=np.float32) + 0.5) / slices * BODY_LENGTH)[None, None, :]
-    tissue = _anatomy(rng, x, y, z, organ)
-    hu = _intensities(rng)[tissue]
-    hu = gaussian_filter(hu, sigma=(sc.blur, sc.blur, 0.4), mode="nearest")
-    noise = gaussian_filter(rng.standard_normal(hu.shape, dtype=np.float32), (0.7, 0.7, 0))
-    hu = hu * sc.hu_scale + sc.hu_offset + noise * (sc.noise / max(float(noise.std()), 1e-6))
-    target = _organ_mask(tissue, LIVER if organ == "liver" else PANCREAS)
-    label = np.where(tissue == LESION, 2, target).astype(np.uint8)
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), label
-
-
-def _intensities(rng: np.random.Generator) -> np.ndarray:
-    """HU per tissue for one patient; contrast phase ``c`` brightens enhancing organs together."""
-    c = rng.uniform(0.0, 1.0)
-    liver = rng.uniform(50.0, 65.0) + 35.0 * c
-    lut = np.zeros(LESION + 1, dtype=np.float32)
-    lut[[AIR, GAS]] = -1000.0
-    lut[TABLE] = rng.uniform(-250.0, -150.0)
-    lut[SKIN] = rng.uniform(20.0, 40.0)
-    lut[FAT] = rng.uniform(-115.0, -90.0)
-    lut[CAVITY] = lut[FAT] + rng.uniform(0.0, 20.0)
-    lut[MUSCLE] = rng.uniform(45.0, 60.0)
-    lut[BOWEL_WALL] = rng.uniform(35.0, 60.0) + 30.0 * c
-    lut[BOWEL_FLUID] = rng.uniform(5.0, 30.0)
-    lut[KIDNEY] = 120.0 + 90.0 * c
-    lut[MEDULLA] = lut[KIDNEY] - rng.uniform(30.0, 70.0)
-    lut[LIVER] = liver
-    lut[PORTAL] = liver + rng.uniform(25.0, 60.0) * c + 10.0
-    lut[SPLEEN] = liver + rng.uniform(-5.0, 15.0)
-    lut[STOMACH] = rng.uniform(10.0, 35.0)
-    lut[PANCREAS] = rng.uniform(35.0, 50.0) + 40.0 * c
-    lut[AORTA] = 130.0 + 170.0 * c
-    lut[IVC] = 90.0 + 90.0 * c
-    lut[BONE] = rng.uniform(600.0, 1000.0)
-    lut[MARROW] = rng.uniform(180.0, 300.0)
-    lut[CSF] = rng.uniform(5.0, 20.0)
-    lut[LESION] = liver - rng.uniform(25.0, 60.0)
-    return lut
-
-
-def _ellipsoid(x, y, z, centre, semi) -> np.ndarray:
-    """Normalised ellipsoid radius (< 1 inside); an infinite z semi-axis gives a cylinder."""
-    (cx, cy, cz), (ax, ay, az) = centre, semi
-    r = ((x - cx) / ax) ** 2 + ((y - cy) / ay) ** 2
-    return r + ((z - cz) / az) ** 2 if np.isfinite(az) else r + 0 * z
-
-
-def _smooth_field(rng: np.random.Generator, x, y, z, amplitude: float) -> np.ndarray:
-    """A smooth random deformation: a few low-frequency plane waves (wavelength 60-160 mm)."""
-    field = 0.0
-    for _ in range(5):
-        k = rng.normal(size=3)
-        kx, ky, kz = (
-            float(v) for v in k * 2 * np.pi / rng.uniform(60.0, 160.0) / np.linalg.norm(k)
-        )
-        phase = (kx * x + ky * y) + (kz * z + rng.uniform(0, 2 * np.pi))  # float32, 2D + 1D
-        field = field + rng.uniform(0.3, 1.0) * amplitude * np.cos(phase)
-    return field
-
-
-def _anatomy(rng: np.random.Generator, x, y, z, organ: str) -> np.ndarray:
-    """Tissue ids [X, Y, Z]: body wall layers, retroperitoneum, viscera, then the target organ."""
-    shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-    t = np.full(shape, AIR, dtype=np.uint8)
-    u = z / BODY_LENGTH
-    a = rng.uniform(125.0, 160.0) * (1 + 0.06 * (u - 0.5))
-    b_ant = rng.uniform(95.0, 120.0)
-    b = np.where(y >= 0, b_ant, 0.85 * b_ant)
-    r = np.hypot(x, y)
-    theta = np.arctan2(y, x)
-    wobble = 1 + 0.04 * np.cos(2 * theta + rng.uniform(0, 6.3)) + 0.03 * np.cos(3 * theta + 1.0)
-    rho = np.sqrt((x / a) ** 2 + (y / b) ** 2) / wobble
-    depth = r * (1 / np.maximum(rho, 1e-3) - 1)  # mm from the skin, along the ray from the centre
-    fat = rng.uniform(8.0, 35.0) * (1 + 0.4 * np.sin(theta))
-    wall = rng.uniform(6.0, 14.0)
-    inner = 2 + fat + wall
-
-    table = (np.abs(x) < 0.8 * a) & (y < -0.85 * b_ant - 12) & (y > -0.85 * b_ant - 20)
-    t[np.broadcast_to(table, shape)] = TABLE
-    body = rho < 1
-    t[body] = SKIN
-    t[body & (depth > 2)] = FAT
-    t[body & (depth > 2 + fat)] = MUSCLE
-    cavity = body & (depth > inner)
-    t[cavity] = CAVITY
-    ribs = body & (u > 0.45) & (depth > inner - wall * 0.8) & (depth < inner - wall * 0.2)
-    t[ribs & (np.cos(9 * theta + 40 * u) > 0.55)] = BONE
-
-    ys = -0.85 * b_ant * 0.6  # centre of the vertebral body
-    rv = rng.uniform(15.0, 20.0)
-    inf = np.inf
-    _bowel(rng, t, x, y, z, cavity, a, b_ant)
-    for side, zc in ((1, 0.27), (-1, 0.33)):  # the right kidney sits lower
-        centre = (side * (rv + 45), ys + 8, zc * BODY_LENGTH)
-        k = _ellipsoid(x, y, z, centre, (28, 22, 0.22 * BODY_LENGTH * rng.uniform(0.85, 1.1)))
-        t[k < 1] = KIDNEY
-        t[k < 0.45] = MEDULLA
-    liver = _liver(rng, t, x, y, z, cavity, a, b_ant)
-    spleen = _ellipsoid(
-        x,
-        y,
-        z,
-        (-0.55 * a, -0.2 * b_ant, 0.7 * BODY_LENGTH),
-        (0.2 * a, 0.32 * b_ant, 0.17 * BODY_LENGTH),
-    )
-    t[(spleen + _smooth_field(rng, x, y, z, 0.1) < 1) & cavity & ~liver] = SPLEEN
-    stomach = _ellipsoid(
-        x,
-        y,
-        z,
-        (-0.25 * a, 0.35 * b_ant, 0.75 * BODY_LENGTH),
-        (0.25 * a, 0.22 * b_ant, 0.14 * BODY_LENGTH),
-    )
-    t[(stomach < 1) & cavity & ~liver] = STOMACH
-    t[(stomach < 1) & cavity & ~liver & (y > 0.42 * b_ant)] = GAS
-    if organ == "pancreas":
-        _pancreas(rng, t, x, y, z, a, ys, rv)
-    t[_ellipsoid(x, y, z, (-18, ys + rv + 10, 0), (11, 11, inf)) < 1] = AORTA
-    t[(_ellipsoid(x, y, z, (24, ys + rv + 8, 0), (13, 9, inf)) < 1) & (u < 0.85)] = IVC
-    _spine(rng, t, x, y, z, ys, rv)
-    if organ == "liver":
-        _lesions(rng, t, x, y, z, _organ_mask(t, LIVER), count=rng.poisson(1.3), radius=18.0)
-    else:  # one small tumour in about half of the pancreases
-        _lesions(rng, t, x, y, z, _organ_mask(t, PANCREAS), count=rng.poisson(0.6), radius=9.0)
-    return t
-
-
-def _organ_mask(t: np.ndarray, organ: int) -> np.ndarray:
-    return (t == organ) | ((t == PORTAL) & (organ == LIVER))
-
-
-def _bowel(rng, t, x, y, z, cavity, a, b) -> None:
-    """Gas- and fluid-filled loops with walls in the anterior and lower abdomen."""
-    for _ in range(int(rng.integers(8, 16))):
-        centre = (
-            rng.uniform(-0.6, 0.6) * a,
-            rng.uniform(-0.1, 0.7) * b,
-            rng.uniform(0.0, 0.65) * BODY_LENGTH,
-        )
-        radius = rng.uniform(8.0, 18.0)
-        loop = _ellipsoid(x, y, z, centre, (radius, radius, radius * rng.uniform(1.0, 2.5)))
-        t[(loop < 1) & cavity] = BOWEL_WALL
-        t[(loop < 0.65) & cavity] = GAS if rng.uniform() < 0.4 else BOWEL_FLUID
-
-
-def _liver(rng, t, x, y, z, cavity, a, b) -> np.ndarray:
-    """Right lobe plus left lobe, deformed per patient, with portal veins inside."""
-    zc = rng.uniform(0.6, 0.7) * BODY_LENGTH
-    hz = rng.uniform(0.22, 0.3) * BODY_LENGTH
-    right = _ellipsoid(
-        x,
-        y,
-        z,
-        (0.42 * a, 0.0, zc),
-        (0.42 * a * rng.uniform(0.9, 1.1), 0.62 * b * rng.uniform(0.9, 1.1), hz),
-    )
-    left = _ellipsoid(
-        x,
-        y,
-        z,
-        (-0.05 * a, 0.4 * b, zc + 0.1 * BODY_LENGTH),
-        (0.38 * a * rng.uniform(0.8, 1.2), 0.28 * b, 0.6 * hz),
-    )
-    shape = np.minimum(right, left) + _smooth_field(rng, x, y, z, 0.12)
-    liver = (shape < 1) & cavity & (t != KIDNEY) & (t != MEDULLA)
-    t[liver] = LIVER
-    for _ in range(3):
-        vx, vy = rng.uniform(0.2, 0.6) * a, rng.uniform(-0.3, 0.3) * b
-        vessel = _ellipsoid(x, y, z, (vx, vy, 0), (rng.uniform(3, 6), rng.uniform(3, 6), np.inf))
-        t[(vessel < 1) & liver] = PORTAL
-    return liver
-
-
-def _pancreas(rng, t, x, y, z, a, ys, rv) -> None:
-    """An elongated low-contrast organ from the splenic hilum (tail) to the duodenum (head)."""
-    s = x / a
-    yc = ys + rv + 28 + 20 * (s + 0.4) ** 2
-    zc = (0.45 - 0.12 * s) * BODY_LENGTH + rng.uniform(-10, 10)
-    radius = np.where(s > 0.05, 13.0, 8.0) * rng.uniform(0.85, 1.15)
-    shape = ((y - yc) / radius) ** 2 + ((z - zc) / (1.4 * radius)) ** 2
-    shape = shape + _smooth_field(rng, x, y, z, 0.25)
-    t[(shape < 1) & (s > -0.5) & (s < 0.25) & (t == CAVITY)] = PANCREAS
-
-
-def _spine(rng, t, x, y, z, ys, rv) -> None:
-    """Vertebral body (cortex, marrow), canal, posterior elements, psoas and paraspinal muscles."""
-    inf = np.inf
-    u = z / BODY_LENGTH
-    for side in (1, -1):
-        psoas = 8 + 12 * (1 - u)
-        t[_ellipsoid(x, y, z, (side * (rv + 12), ys + 5, 0), (1, 1, inf)) < psoas**2] = MUSCLE
-        t[_ellipsoid(x, y, z, (side * 30, ys - rv - 15, 0), (22, 18, inf)) < 1] = MUSCLE
-    body = _ellipsoid(x, y, z, (0, ys, 0), (rv, rv, inf))
-    t[body < 1] = BONE
-    t[body < ((rv - 2.5) / rv) ** 2] = MARROW
-    canal = _ellipsoid(x, y, z, (0, ys - rv - 9, 0), (1, 1, inf))
-    t[(canal < 14**2) & (canal >= 8**2)] = BONE
-    t[canal < 8**2] = CSF
-    process = (np.abs(x) < 4) & (y < ys - rv - 20) & (y > ys - rv - 36)
-    t[np.broadcast_to(process, t.shape)] = BONE
-
-
-def _lesions(rng, t, x, y, z, organ: np.ndarray, count: int, radius: float) -> None:
-    """Hypodense lesions centred on random organ voxels, kept inside the organ."""
-    inside = np.flatnonzero(organ)
-    shape = np.broadcast_shapes(x.shape, y.shape, z.shape)
-    for _ in range(min(count, len(inside))):
-        i, j, k = np.unravel_index(rng.choice(inside), shape)
-        centre = (x.flat[i], y.flat[j], z.flat[k])
-        r = rng.uniform(4.0, radius)
-        lesion = _ellipsoid(x, y, z, centre, (r, r * rng.uniform(0.7, 1.3), r))
-        t[(lesion < 1) & organ] = LESION

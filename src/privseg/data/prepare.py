@@ -33,6 +33,8 @@ from privseg.data.cache import (
 )
 from privseg.data.msd import check_label_values, replace_nan
 from privseg.data.preprocess import PlaneTransform, map_labels, volume_to_slices
+from privseg.data.public import MANIFEST_KEY as PUBLIC_DATA
+from privseg.data.public import verified_public
 from privseg.data.sites import (
     SITE_MAP_FILE,
     SPLITS,
@@ -137,6 +139,13 @@ def prepare_cache(
         claim.check_free([MANIFEST, *splits])
         with claim.build(anchor=MANIFEST) as tmp:
             summary = _build(task, splits, shift, cfg, seed, tmp, progress)
+            contents = [
+                case["content"]
+                for by_split in summary.values()
+                for entry in by_split.values()
+                for case in entry["cases"].values()
+            ]
+            public = verified_public(task, contents)
             write_json(
                 tmp / MANIFEST,
                 {
@@ -147,6 +156,7 @@ def prepare_cache(
                     "settings": settings,
                     "intensity_shift": shift,
                     "sites": summary,
+                    **({PUBLIC_DATA: public} if public else {}),
                 },
             )
             staged = SliceCache.open(tmp)

@@ -98,7 +98,9 @@ def scalars_to_test_metrics(scal: dict[str, Any], cfg: Config) -> dict[str, Any]
 def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str) -> None:
     """The final global model as a privseg checkpoint (``predict`` reads it)."""
     from privseg.models.checkpoint import save_checkpoint
+    from privseg.models.init import load_init, trained_on
 
+    init = load_init(cfg)
     save_checkpoint(
         RunFolder(out_dir).checkpoint,
         summary["state_dict"],
@@ -106,6 +108,8 @@ def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str)
         mode="federated",
         run_id=run_id,
         rounds=len(summary["history"]),
+        # the server never sees the sites' data: counted private (never wrongly public)
+        trained_on=trained_on(cfg, public=None, init=init.record if init else None),
     )
 
 

@@ -20,10 +20,11 @@ from privseg.run_folder import RunFolder
 
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The round-0 global model (seeded, so simulation and deployment start alike)."""
-    from privseg.models import initial_model
+    """The round-0 global model (``train.init``'s, else seeded: simulation and deployment
+    start alike)."""
+    from privseg.models.init import starting_model
 
-    model = initial_model(cfg.model, cfg.seed, cfg.data.n_classes)
+    model = starting_model(cfg, cfg.data.n_classes)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -23,12 +23,14 @@ from privseg.choices import MODES, Mode
 from privseg.config import Config
 from privseg.data.cache import SliceCache
 from privseg.data.prepare import resolve_cache
+from privseg.data.public import public_data
 from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.io import private_file
 from privseg.logs import OursOrAtLeast
+from privseg.models.init import load_init
 from privseg.progress import Progress, logged, no_progress
-from privseg.results import RunResult
+from privseg.results import PUBLIC_ORIGIN, PUBLIC_PRIVACY, RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
@@ -62,6 +64,7 @@ def train(
             "to 0, or audit a central or local run"
         )
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
+    init = load_init(cfg)  # a refused or mismatched train.init: before any output too
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
     rounds_done = 0
     if resume:  # refuse an incompatible resume before anything in the folder is replaced
@@ -104,6 +107,10 @@ def train(
     result.wall_seconds = time.perf_counter() - started
     sizes = {s: len(cache.split(s, "train")) for s in cache.sites}
     result.compute = compute_of(cfg, mode, sizes)
+    public = public_data(cache)
+    if public is not None:  # no site's data: every site entry releases no one
+        for site in result.sites:
+            site.privacy = dict(PUBLIC_PRIVACY)
     result.provenance.update(
         {
             "privseg_version": __version__,
@@ -111,11 +118,26 @@ def train(
             "cache_dir": str(Path(cache.root).resolve()),
             "machine": machine_info(),
             "device": device_name,
+            "data_origin": data_origin(public),
+            "init": init.record if init is not None else None,
         }
     )
     results = result.write(folder.results)
     _plot(result, folder)
     return results
+
+
+def data_origin(public: dict[str, Any] | None) -> dict[str, Any]:
+    """results.json ``data_origin``: private data, or the public phantom's generator record."""
+    if public is None:
+        return {"kind": "private"}
+    return {
+        "kind": PUBLIC_ORIGIN,
+        "generator": public,
+        "epsilon": 0.0,
+        "note": "privseg's public phantom population: generated data, no site's patients; "
+        "epsilon 0 by construction, nothing recorded in the privacy ledger",
+    }
 
 
 def _run_federated(

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config
+from privseg.data.public import public_data
 from privseg.io import write_json
 from privseg.models.checkpoint import save_checkpoint
+from privseg.models.init import load_init, trained_on
 from privseg.privacy.canaries import attach_canaries
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
@@ -60,6 +62,8 @@ def train_site(
             sample_rate=privacy.sample_rate,
         )
         write_json(folder.canaries(name, revealed=False), canaries.commit())
+    init = load_init(cfg)
+    start = init.state_dict if init is not None else None  # else the trainer's seeded model
     history: list[dict[str, Any]] = []
     done = 0
     train_seconds = 0.0
@@ -72,7 +76,9 @@ def train_site(
         def on_step(i: int, n: int, base: int = base, shown: str = shown) -> None:
             progress(shown, base + i, total)
 
-        _, metrics = trainer.fit(None, steps, run_id=run_id, on_step=on_step)
+        _, metrics = trainer.fit(
+            start if epoch == 1 else None, steps, run_id=run_id, on_step=on_step
+        )
         done += steps
         train_seconds += metrics["seconds"]
         val = {site: trainer.evaluate(None, split) for site, split in val_splits.items()}
@@ -136,7 +142,14 @@ def run_central(
         )
         for s in cache.sites
     ]
-    save_checkpoint(folder.checkpoint, trainer.state_dict(), cfg, mode="central", run_id=run_id)
+    save_checkpoint(
+        folder.checkpoint,
+        trainer.state_dict(),
+        cfg,
+        mode="central",
+        run_id=run_id,
+        trained_on=_trained_on(cfg, cache),
+    )
     return _result(cfg, "central", sites, history, started, per_epoch)
 
 
@@ -184,9 +197,16 @@ def run_local(
             mode="local",
             site=site,
             run_id=run_id,
+            trained_on=_trained_on(cfg, cache),
         )
     history = _merge_histories(histories, [s.name for s in sites])
     return _result(cfg, "local", sites, history, started, float(np.mean(per_epochs)))
+
+
+def _trained_on(cfg: Config, cache: Any) -> dict[str, Any]:
+    """What this run's checkpoints were trained on (read by the next run's ``train.init``)."""
+    init = load_init(cfg)
+    return trained_on(cfg, public=public_data(cache), init=init.record if init else None)
 
 
 def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) -> list[dict]:

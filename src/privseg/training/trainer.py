@@ -22,7 +22,7 @@ from torch import nn
 from privseg.config import Config
 from privseg.data.classes import Classes, bits_to_target
 from privseg.device import describe_device, resolve_device
-from privseg.errors import DataError
+from privseg.errors import ConfigError, DataError
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models import initial_model
 from privseg.training.losses import DiceBCELoss
@@ -261,10 +261,22 @@ def open_privacy(
     """Every training run is a release on its patients, recorded in the ledger store before
     it starts: with DP, the site's DP-SGD engine (noise calibrated once for the run); without,
     a non-private release (epsilon infinite), refused on patients that hold a budget unless
-    ``privacy.allow_nonprivate``. Returns the engine, or None without DP."""
+    ``privacy.allow_nonprivate``. Returns the engine, or None without DP.
+
+    The one exemption: a cache of privseg's public phantom (verified when it was prepared,
+    :func:`privseg.data.public.public_data`) holds no patient, so nothing is recorded."""
+    from privseg.data.public import public_data
     from privseg.privacy.engine import open_site_privacy, record_nonprivate
     from privseg.privacy.stores import open_store
 
+    if public_data(cache) is not None:
+        if cfg.privacy.enabled:
+            raise ConfigError(
+                f"privacy.enabled = true is invalid for {cache.root}: it is privseg's public "
+                "phantom (generated, no patient), which needs no DP; set privacy.enabled = false"
+            )
+        log.info("site %s trains on privseg's public phantom: no patient, no ledger row", site)
+        return None
     patients = training_patients(cache, site)
     ledger = open_store(cfg.privacy.ledger_dir, [p for g in patients.values() for p in g])
     if not cfg.privacy.enabled:
