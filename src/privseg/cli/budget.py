@@ -10,6 +10,7 @@ from rich.table import Table
 
 from privseg.cli.common import console, user_errors
 from privseg.errors import ConfigError, DataError
+from privseg.plugins import ACCOUNTANTS, input_formats
 
 
 @user_errors
@@ -17,7 +18,7 @@ def budget(
     data: Path | None = typer.Option(
         None,
         "--data",
-        help="A prepared cache or a task folder (MSD, nnU-Net, DICOM): its patients, by site.",
+        help=f"A prepared cache or a task folder ({input_formats()}): its patients, by site.",
     ),
     ledgers: Path | None = typer.Option(
         None,
@@ -29,7 +30,9 @@ def budget(
         None, "--delta", help="delta of the reported epsilon (default: the budget's delta)."
     ),
     accountant: str | None = typer.Option(
-        None, "--accountant", help="prv or rdp (default: the releases' own)."
+        None,
+        "--accountant",
+        help=f"One of {', '.join(ACCOUNTANTS)} (default: the releases' own).",
     ),
     format: str = typer.Option("table", "--format", help="table or json."),
     adopt: bool = typer.Option(

@@ -16,6 +16,7 @@ from privseg.cli.common import (
     progress_bar,
     user_errors,
 )
+from privseg.plugins import input_formats
 
 app = typer.Typer(help="Data: synthesise the CT phantom, prepare per-site slice caches.")
 
@@ -59,8 +60,7 @@ def synth(
 def prepare(
     src: Path = typer.Argument(
         ...,
-        help="task folder: MSD or nnU-Net v2 (dataset.json), or DICOM series (series.csv, "
-        "or the CSV itself)",
+        help=f"task folder: {input_formats()}; or a DICOM series CSV itself",
     ),
     out: Path = typer.Option(..., "--out", help="cache folder to write"),
     sites: int | None = typer.Option(None, help="number of sites (overrides data.sites)"),
@@ -71,8 +71,7 @@ def prepare(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
 ) -> None:
-    """Slice a task (MSD, nnU-Net v2, DICOM) into per-site train/val/test caches (reused when
-    up to date)."""
+    """Slice a task folder into per-site train/val/test caches (reused when up to date)."""
     from privseg.data.prepare import prepare_cache
 
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})

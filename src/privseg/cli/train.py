@@ -17,6 +17,7 @@ from privseg.cli.common import (
     refuse_dp_options_without_dp,
     user_errors,
 )
+from privseg.plugins import input_formats
 
 
 @user_errors
@@ -25,7 +26,7 @@ def train(
         ...,
         "--data",
         "-d",
-        help="Prepared cache dir or task folder (MSD, nnU-Net v2, DICOM series.csv).",
+        help=f"Prepared cache dir or task folder ({input_formats()}).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
     mode: str = typer.Option("central", "--mode", "-m", help="central | local | federated"),

@@ -1,7 +1,8 @@
 """DP-ready 2D segmentation networks: ``build_model(cfg.model)`` -> logits ``[B, 1, R, R]``."""
 
 from privseg.models.monet import MoNet
-from privseg.models.registry import MODELS, build_model, get_builder, initial_model
+from privseg.models.registry import build_model, initial_model
 from privseg.models.unet import UNet
+from privseg.plugins import MODELS
 
-__all__ = ["MODELS", "MoNet", "UNet", "build_model", "get_builder", "initial_model"]
+__all__ = ["MODELS", "MoNet", "UNet", "build_model", "initial_model"]
