@@ -21,12 +21,13 @@ MODELS.add("unet", "privseg.models.unet:build", help="a compact 2D U-Net", width
 MODELS.add("monet", "privseg.models.monet:build", help="Ziller et al.'s MoNet", widths=(1, 2, 4))
 
 #: An input format -> :class:`privseg.data.task.Reader`, for ``data prepare`` / training (a task
-#: folder) and ``predict`` (one CT). Tried in this order; ``ct`` says what one CT of it is.
+#: folder) and ``predict`` (one CT). Tried in this order (nnU-Net's dataset.json before MSD's,
+#: the fallback); ``ct`` says what one CT of the format is, for help texts.
 READERS: Registry[Any] = Registry("input format")
+READERS.add("nnunet", "privseg.data.nnunet:READER", help="nnU-Net v2 dataset (dataset.json)")
 READERS.add(
     "msd", "privseg.data.msd:READER", help="MSD task (dataset.json)", ct="a .nii/.nii.gz file"
 )
-READERS.add("nnunet", "privseg.data.nnunet:READER", help="nnU-Net v2 dataset (dataset.json)")
 READERS.add(
     "dicom",
     "privseg.data.dicom_task:READER",
