@@ -19,6 +19,8 @@ LAYERS = {
     "config": 0,
     "results": 0,
     "device": 0,
+    "registry": 0,
+    "plugins": 0,
     "data": 1,
     "models": 1,
     "evaluation": 1,

@@ -176,7 +176,7 @@ def test_a_folder_is_checked_before_any_work(tmp_path: Path, monkeypatch) -> Non
     mixed = tmp_path / "mixed"
     (mixed / "sub").mkdir(parents=True)
     (mixed / "ct.nii.gz").write_bytes(b"x")
-    with pytest.raises(Exception, match="both NIfTI files and subfolders"):
+    with pytest.raises(Exception, match=r"CTs of several formats \(msd: ct.nii.gz, dicom: sub\)"):
         segment_folder(checkpoint, mixed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -15,11 +15,22 @@ import typing
 from typing import Any, Literal, get_args, get_origin
 
 from privseg.errors import ConfigError
+from privseg.registry import choice_error
 
 
 def rule(**kwargs: Any) -> dict[str, Any]:
-    """Field metadata: numeric bounds (gt, ge, lt, le) and a short help text."""
+    """Field metadata: numeric bounds (gt, ge, lt, le), ``multiple_of``, a short help text, and
+    ``one_of`` (a :class:`~privseg.registry.Registry` or any collection of names, read when
+    the config is validated, so a plug-in registered later is allowed) with ``also`` (values
+    allowed besides those, e.g. ``"auto"``)."""
     return kwargs
+
+
+def choices(meta: Any) -> tuple[Any, ...] | None:
+    """The values a field with ``one_of`` allows now (None: the field has no such rule)."""
+    if "one_of" not in meta:
+        return None
+    return (*meta.get("also", ()), *meta["one_of"])
 
 
 # ---- overrides ---------------------------------------------------------------------------
@@ -78,12 +89,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"{name} = {value!r} is invalid{hint}: allowed values are "
-                + ", ".join(repr(a) for a in allowed)
-            )
+            raise choice_error(name, value, allowed)
         return value
     if origin is list:
         (item_tp,) = get_args(tp)
@@ -129,6 +135,10 @@ def validate(obj: Any, prefix: str) -> None:
             validate(value, prefix=f"{name}.")
             continue
         values = value if isinstance(value, list) else [value]
+        allowed = choices(f.metadata)
+        for v in values if allowed is not None else ():
+            if v not in allowed:
+                raise choice_error(name, v, allowed)
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 continue

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from privseg.choices import OutputFormat
 from privseg.cli.common import console, user_errors
-from privseg.config.privacy import Accountant
 from privseg.errors import ConfigError, DataError
+from privseg.plugins import ACCOUNTANTS, input_formats
 
 
 @user_errors
@@ -19,7 +19,7 @@ def budget(
     data: Path | None = typer.Option(
         None,
         "--data",
-        help="A prepared cache or a task folder (MSD, nnU-Net, DICOM): its patients, by site.",
+        help=f"A prepared cache or a task folder ({input_formats()}): its patients, by site.",
     ),
     ledgers: Path | None = typer.Option(
         None,
@@ -30,10 +30,10 @@ def budget(
     delta: float | None = typer.Option(
         None, "--delta", help="delta of the reported epsilon (default: the budget's delta)."
     ),
-    accountant: Accountant | None = typer.Option(
+    accountant: str | None = typer.Option(
         None,
         "--accountant",
-        help="Accountant of the reported epsilon (default: the releases' own).",
+        help=f"One of {', '.join(ACCOUNTANTS)} (default: the releases' own).",
     ),
     format: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     adopt: bool = typer.Option(

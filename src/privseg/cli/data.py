@@ -18,6 +18,7 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
+from privseg.plugins import input_formats
 
 app = typer.Typer(help="Data: synthesise the CT phantom, prepare per-site slice caches.")
 
@@ -66,8 +67,7 @@ def synth(
 def prepare(
     src: Path = typer.Argument(
         ...,
-        help="task folder: MSD or nnU-Net v2 (dataset.json), or DICOM series (series.csv, "
-        "or the CSV itself)",
+        help=f"task folder: {input_formats()}; or a DICOM series CSV itself",
     ),
     out: Path = typer.Option(..., "--out", help="cache folder to write"),
     sites: int | None = typer.Option(None, help="number of sites (overrides data.sites)"),
@@ -78,8 +78,7 @@ def prepare(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
 ) -> None:
-    """Slice a task (MSD, nnU-Net v2, DICOM) into per-site train/val/test caches (reused when
-    up to date)."""
+    """Slice a task folder into per-site train/val/test caches (reused when up to date)."""
     cfg = load_config(config, overrides, **{"data.sites": sites, "data.site_name": site_name})
     from privseg.data.prepare import prepare_cache  # numpy and nibabel load for a valid config
 

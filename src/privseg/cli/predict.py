@@ -16,6 +16,7 @@ from privseg.cli.common import (
     user_errors,
 )
 from privseg.errors import ConfigError
+from privseg.plugins import ct_formats
 
 
 def _describe(stats: dict[str, Any]) -> str:
@@ -36,8 +37,8 @@ def predict(
     image: Path = typer.Option(
         ...,
         "--image",
-        help="A CT: a .nii/.nii.gz file or a DICOM series folder; or a folder of them "
-        "(NIfTI files or one subfolder per series) when --out is a folder.",
+        help=f"A CT: {ct_formats()}; or a folder of them (of one kind; a DICOM series: one "
+        "subfolder each) when --out is a folder.",
     ),
     out: Path = typer.Option(
         ...,

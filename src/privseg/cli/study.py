@@ -20,6 +20,7 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
+from privseg.plugins import input_formats
 from privseg.report.format import fmt_eps
 
 
@@ -29,7 +30,7 @@ def run(
         ...,
         "--data",
         "-d",
-        help="Task folder (MSD, nnU-Net v2, DICOM series.csv) or prepared cache.",
+        help=f"Task folder ({input_formats()}) or prepared cache.",
     ),
     out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Study folder."),
     quick: bool = typer.Option(

@@ -26,6 +26,7 @@ from privseg.io import read_json
 
 if TYPE_CHECKING:
     from privseg.run_folder import RunFolder
+from privseg.plugins import input_formats
 
 
 @user_errors
@@ -34,7 +35,7 @@ def train(
         ...,
         "--data",
         "-d",
-        help="Prepared cache dir or task folder (MSD, nnU-Net v2, DICOM series.csv).",
+        help=f"Prepared cache dir or task folder ({input_formats()}).",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder to write."),
     mode: Mode = typer.Option("central", "--mode", "-m", help="Who trains on what data."),

@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from privseg.errors import ConfigError
+from privseg.plugins import ACCOUNTANTS, GRAD_PATHS
 from privseg.typed_config import rule
 
-Accountant = Literal["prv", "rdp"]
 PrivacyUnit = Literal["slice", "patient"]
-GradPath = Literal["auto", "batched", "loop", "opacus", "functorch"]
 #: Fewest canaries worth adding: 10 perfect guesses reject epsilon 1.2 at most (ln(10 / 3)).
 MIN_CANARIES = 10
 
@@ -29,16 +28,21 @@ class PrivacyConfig:
     noise_multiplier: float | None = field(default=None, metadata=rule(ge=0.0, le=1e4))
     target_epsilon: float | None = field(default=8.0, metadata=rule(gt=0.0, le=1e4))
     delta: float = field(default=1e-5, metadata=rule(gt=0.0, lt=1.0))
-    accountant: Accountant = "prv"
+    accountant: str = field(
+        default="prv",
+        metadata=rule(one_of=ACCOUNTANTS, help="privseg.plugins.ACCOUNTANTS (Opacus's)"),
+    )
     budget_epsilon: float | None = field(
         default=None,
         metadata=rule(gt=0.0, le=1e4, help="site budget over all runs; None = no budget"),
     )
-    grad_path: GradPath = field(
+    grad_path: str = field(
         default="auto",
         metadata=rule(
-            help="per-sample gradient implementation; auto = the measured fastest on the "
-            "device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)"
+            one_of=GRAD_PATHS,
+            also=("auto",),
+            help="per-sample gradient implementation (privseg.plugins.GRAD_PATHS); auto = the "
+            "measured fastest on the device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)",
         ),
     )
     ledger_dir: str | None = field(

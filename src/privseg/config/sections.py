@@ -8,20 +8,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from privseg.config.privacy import Accountant, GradPath, PrivacyConfig, PrivacyUnit
+from privseg.config.privacy import PrivacyConfig, PrivacyUnit
 from privseg.errors import ConfigError
+from privseg.plugins import AGGREGATIONS, MODELS, STRATEGIES
 from privseg.typed_config import rule
 
-__all__ = ["Accountant", "GradPath", "PrivacyConfig", "PrivacyUnit"]  # the [privacy] section
+__all__ = ["PrivacyConfig", "PrivacyUnit"]  # the [privacy] section
 
-ModelName = Literal["unet", "monet"]
 Partition = Literal["auto", "mapping", "iid", "non-iid"]
 SlicePolicy = Literal["all", "foreground"]
 LrSchedule = Literal["cosine", "constant"]
-Strategy = Literal["fedavg", "fedprox", "fedadam"]
-#: The server's aggregation rule; Flower 1.42's implementations, mapped in
-#: ``federated/strategy.py: AGGREGATIONS`` (a test keeps both lists equal).
-Aggregation = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
 Threat = Literal["T1", "T2", "T3"]
 MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
@@ -168,7 +164,9 @@ class DataConfig:
 class ModelConfig:
     """Which DP-ready 2D network to train."""
 
-    name: ModelName = field(default="unet", metadata=rule(help="unet or monet (the paper's)"))
+    name: str = field(
+        default="unet", metadata=rule(one_of=MODELS, help="the network (privseg.plugins.MODELS)")
+    )
     features: int = field(
         default=16, metadata=rule(ge=4, le=256, multiple_of=4, help="channels of the first level")
     )
@@ -176,11 +174,14 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata=rule(ge=0.0, lt=1.0))
 
     def check(self) -> None:
-        if self.features % self.groups:
-            raise ConfigError(
-                f"model.groups = {self.groups} is invalid: must divide model.features "
-                f"({self.features})"
-            )
+        """The model's own rule, from its registration: GroupNorm groups divide every width."""
+        for m in MODELS.info(self.name).get("widths", (1,)):
+            if (self.features * m) % self.groups:
+                raise ConfigError(
+                    f"model.groups = {self.groups} is invalid: must divide every channel count "
+                    f"of {self.name} (model.features = {self.features} -> {self.features * m} "
+                    "channels)"
+                )
 
 
 @dataclass
@@ -253,7 +254,10 @@ class FederatedConfig:
     local_steps: int = field(
         default=4, metadata=rule(ge=1, le=100_000, help="optimizer steps per site per round")
     )
-    strategy: Strategy = "fedavg"
+    strategy: str = field(
+        default="fedavg",
+        metadata=rule(one_of=STRATEGIES, help="the server's strategy (privseg.plugins.STRATEGIES)"),
+    )
     weighted: bool = field(
         default=True,
         metadata=rule(help="weight sites by sample count (false = the paper's plain mean)"),
@@ -284,7 +288,10 @@ class FederatedConfig:
     #: refused; SecAgg+ scales by it
     max_examples: int = field(default=1_000_000, metadata=rule(ge=1, le=10**9))
     #: mean (weighted by federated.weighted) or a robust rule, which ignores the sites' sizes
-    aggregation: Aggregation = "mean"
+    aggregation: str = field(
+        default="mean",
+        metadata=rule(one_of=AGGREGATIONS, help="privseg.plugins.AGGREGATIONS (Flower 1.42's)"),
+    )
     malicious_sites: int = field(default=0, metadata=rule(ge=0, le=1000, help="krum, bulyan: f"))
     trim_fraction: float = field(default=0.2, metadata=rule(ge=0.0, lt=0.5, help="trimmed_mean"))
     #: an update (new - global weights) with a norm over this many times the global model's
@@ -294,13 +301,14 @@ class FederatedConfig:
 
     def check(self) -> None:
         robust = self.aggregation != "mean"
-        if robust and (self.strategy == "fedadam" or self.secure_aggregation):
-            why = "fedadam" if self.strategy == "fedadam" else "secure_aggregation = true"
+        mean_only = STRATEGIES.info(self.strategy).get("mean_only")
+        if robust and (mean_only or self.secure_aggregation):
+            why = f"strategy = {self.strategy!r}" if mean_only else "secure_aggregation = true"
             raise ConfigError(
                 f"federated.aggregation = {self.aggregation!r} is invalid with federated.{why}: "
                 "the server then works on the mean of the updates; use aggregation = 'mean'"
             )
-        need = {"krum": 2, "multikrum": 2, "bulyan": 4}.get(self.aggregation)
+        need = AGGREGATIONS.info(self.aggregation).get("sites_per_malicious")
         if need and self.min_sites < need * self.malicious_sites + 3:
             raise ConfigError(
                 f"federated.min_sites = {self.min_sites} is too small for federated.aggregation "

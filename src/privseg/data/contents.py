@@ -12,8 +12,9 @@ from pathlib import Path
 from privseg.config import DataConfig
 from privseg.data.cache import MANIFEST, SliceCache
 from privseg.data.sites import SITE_MAP_FILE, SPLITS, load_site_map
-from privseg.data.sources import FORMATS, is_source, load_volume, read_source
+from privseg.data.sources import is_source, load_volume, read_source
 from privseg.errors import DataError
+from privseg.plugins import input_formats
 from privseg.progress import Progress
 
 ALL = "all"
@@ -30,7 +31,9 @@ def patients_by_site(
         cache = SliceCache.open(data)
         return {s: sorted({c for sp in SPLITS for c in cache.contents(s, sp)}) for s in cache.sites}
     if not is_source(data):
-        raise DataError(f"{data} is neither a prepared cache ({MANIFEST}) nor {FORMATS}")
+        raise DataError(
+            f"{data} is neither a prepared cache ({MANIFEST}) nor a task ({input_formats()})"
+        )
     task = read_source(data)
     site_map = task.site_map
     if site_map is None and (task.root / SITE_MAP_FILE).is_file():

@@ -15,10 +15,10 @@ from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 
-from privseg.data.dicom import read_dicom_series
+from privseg.data.dicom import read_dicom_series, series_files
 from privseg.data.msd import MAX_VOXELS, NIFTI_READ_ERRORS, open_nifti, out_of_memory, volume_of
 from privseg.data.sites import SITE_MAP_FILE
-from privseg.data.task import Case, Task, Volume, duplicate_ids, task_path
+from privseg.data.task import Case, Reader, Task, Volume, duplicate_ids, task_path
 from privseg.errors import DataError
 from privseg.output import check_site_name
 
@@ -93,3 +93,26 @@ def load_dicom_case(case: Case, max_voxels: int = MAX_VOXELS) -> Volume:
             f"{case.label} is truncated or corrupt: {type(exc).__name__}: {exc}"
         ) from exc
     return volume_of(case, image, label)
+
+
+def _is_task(path: Path) -> bool:
+    """The CSV itself, or a folder holding ``series.csv``."""
+    if path.is_file():
+        return path.suffix.lower() == ".csv"
+    return (path / SERIES_CSV).is_file()
+
+
+def _read_series(folder: Path, max_voxels: int, series: str | None = None) -> nib.Nifti1Image:
+    """One series for ``predict``, on its own voxel grid (as dicom2nifti would write it)."""
+    hu, affine = read_dicom_series(folder, max_voxels, series)
+    return nib.Nifti1Image(hu, affine)
+
+
+READER = Reader(
+    finds=_is_task,
+    read_task=read_dicom_task,
+    load_case=load_dicom_case,
+    image_files=series_files,
+    is_ct=Path.is_dir,
+    read_ct=_read_series,
+)

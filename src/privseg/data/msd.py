@@ -19,7 +19,15 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from privseg.config import DataConfig
-from privseg.data.task import Case, Task, Volume, check_case_id, duplicate_ids, task_path
+from privseg.data.task import (
+    Case,
+    Reader,
+    Task,
+    Volume,
+    check_case_id,
+    duplicate_ids,
+    task_path,
+)
 from privseg.errors import DataError
 from privseg.io import write_json
 
@@ -338,3 +346,18 @@ def write_dataset_json(
             **(extra or {}),
         },
     )
+
+
+def is_nifti(path: Path) -> bool:
+    """Whether ``path`` is a NIfTI file (``.nii``, ``.nii.gz``): one CT for ``predict``."""
+    return path.is_file() and path.name.lower().endswith((NIFTI_SUFFIX, ".nii"))
+
+
+def _is_task(path: Path) -> bool:
+    """A folder with a ``dataset.json`` (nnU-Net's are found first: READERS order)."""
+    return path.is_dir() and (path / DATASET_JSON).is_file()
+
+
+READER = Reader(
+    finds=_is_task, read_task=read_task, load_case=load_case, is_ct=is_nifti, read_ct=open_nifti
+)

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from privseg.data.msd import DATASET_JSON
-from privseg.data.task import Case, Task, check_case_id
+from privseg.data.msd import DATASET_JSON, load_case, read_dataset_json
+from privseg.data.task import Case, Reader, Task, check_case_id
 from privseg.errors import DataError
 
 FILE_ENDINGS = (".nii.gz", ".nii")
@@ -148,3 +148,16 @@ def _find_cases(root: Path, ending: str) -> list[Case]:
     if not cases:
         raise DataError(f"{images}: no training images *_0000{ending}; expected at least one case")
     return cases
+
+
+def _is_task(path: Path) -> bool:
+    index = path / DATASET_JSON
+    return path.is_dir() and index.is_file() and is_nnunet(read_dataset_json(index))
+
+
+def read_nnunet_task(root: Path) -> Task:
+    return read_nnunet(root, read_dataset_json(root / DATASET_JSON))
+
+
+#: Volumes are NIfTI, loaded (and predicted on) as MSD's are.
+READER = Reader(finds=_is_task, read_task=read_nnunet_task, load_case=load_case)

@@ -44,11 +44,12 @@ from privseg.data.sites import (
     split_patients,
     stable_hash,
 )
-from privseg.data.sources import FORMATS, case_files, is_source, load_volume, read_source
+from privseg.data.sources import case_files, is_source, load_volume, read_source
 from privseg.data.task import Case, Task
 from privseg.errors import ConfigError, DataError
 from privseg.io import make_folder, write_json
 from privseg.output import claimed_folder
+from privseg.plugins import input_formats
 from privseg.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def resolve_cache(
             data, work_dir, cfg.data, seed=cfg.seed, progress=progress, accept=accept
         )
     raise DataError(
-        f"{data} is neither a prepared cache ({MANIFEST}) nor {FORMATS}; run "
+        f"{data} is neither a prepared cache ({MANIFEST}) nor a task ({input_formats()}); run "
         "`privseg data prepare` or `privseg data synth` first"
     )
 

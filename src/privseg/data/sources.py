@@ -1,64 +1,83 @@
-"""Which reader an input folder needs, and loading its cases: one entry point for prepare.
+"""Which reader an input needs, and loading its cases: the one entry point for ``data prepare``,
+training and ``predict``.
 
-- ``dataset.json`` with a ``training`` list: an MSD task (:mod:`privseg.data.msd`);
-- ``dataset.json`` with ``channel_names`` / ``file_ending``: an nnU-Net v2 raw dataset
-  (:mod:`privseg.data.nnunet`);
-- ``series.csv`` (or a ``.csv`` file given directly): DICOM series with NIfTI labels
-  (:mod:`privseg.data.dicom_task`).
-
-Every reader gives a :class:`~privseg.data.task.Task`; :func:`load_volume` gives each case as
-the same :class:`~privseg.data.task.Volume`, so building a cache is one code path.
+The readers are the entries of :data:`privseg.plugins.READERS` (MSD, nnU-Net v2, DICOM series;
+see :class:`~privseg.data.task.Reader`). Every reader gives a :class:`~privseg.data.task.Task`;
+:func:`load_volume` gives each case as the same :class:`~privseg.data.task.Volume`, so building
+a cache is one code path; :func:`load_ct` reads one CT for ``predict`` the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from privseg.data.dicom import series_files
-from privseg.data.dicom_task import SERIES_CSV, load_dicom_case, read_dicom_task
-from privseg.data.msd import DATASET_JSON, load_case, read_dataset_json, read_task
-from privseg.data.nnunet import is_nnunet, read_nnunet
-from privseg.data.task import Case, Task, Volume
+from privseg.data.task import Case, Reader, Task, Volume
 from privseg.errors import DataError
+from privseg.plugins import READERS, ct_formats, input_formats
 
-FORMATS = "an MSD task or nnU-Net v2 dataset (dataset.json) or DICOM series (series.csv)"
-_LOADERS: dict[str, Callable[[Case, int], Volume]] = {
-    "msd": load_case,
-    "nnunet": load_case,
-    "dicom": load_dicom_case,
-}
+if TYPE_CHECKING:
+    import nibabel as nib
+
+
+def _reader(name: str) -> Reader:
+    reader: Reader = READERS.get(name)
+    return reader
+
+
+def find_reader(path: Path) -> Reader | None:
+    """The first reader (in READERS order) that finds a task at ``path``, or None."""
+    return next((_reader(n) for n in READERS if _reader(n).finds(path)), None)
 
 
 def is_source(path: Path) -> bool:
     """Whether ``path`` looks like an input privseg can read (its reader checks the rest)."""
-    if path.is_file():
-        return path.suffix.lower() == ".csv"
-    return (path / DATASET_JSON).is_file() or (path / SERIES_CSV).is_file()
+    return find_reader(path) is not None
 
 
 def read_source(src: str | Path) -> Task:
     """Detect the format of ``src`` and read it with its reader."""
     src = Path(src)
-    if src.is_file() and src.suffix.lower() == ".csv":
-        return read_dicom_task(src)
-    if not src.is_dir():
-        raise DataError(f"task folder {src} does not exist (expected {FORMATS})")
-    if (src / DATASET_JSON).is_file():
-        meta = read_dataset_json(src / DATASET_JSON)
-        return read_nnunet(src, meta) if is_nnunet(meta) else read_task(src)
-    if (src / SERIES_CSV).is_file():
-        return read_dicom_task(src)
-    raise DataError(f"{src} has neither {DATASET_JSON} nor {SERIES_CSV}: expected {FORMATS}")
+    reader = find_reader(src)
+    if reader is not None:
+        return reader.read_task(src)
+    if not src.exists():
+        raise DataError(f"task folder {src} does not exist (expected {input_formats()})")
+    raise DataError(f"{src} is no task privseg reads: expected {input_formats()}")
 
 
 def load_volume(task: Task, case: Case, max_voxels: int) -> Volume:
     """One case of ``task`` as a canonical RAS Volume (HU image, uint8 label); a volume over
     ``max_voxels`` (data.max_voxels) is refused before it is read."""
-    return _LOADERS[task.kind](case, max_voxels)
+    return _reader(task.kind).load_case(case, max_voxels)
 
 
 def case_files(task: Task, case: Case) -> list[Path]:
     """The files a case is read from (a DICOM series: every file of its folder)."""
-    images = series_files(case.image) if task.kind == "dicom" else [case.image]
-    return [*images, case.label]
+    return [*_reader(task.kind).image_files(case.image), case.label]
+
+
+def ct_kind(path: Path) -> str | None:
+    """The name of the reader that reads ``path`` as one CT (``predict``), or None."""
+    for name in READERS:
+        is_ct = _reader(name).is_ct
+        if is_ct is not None and is_ct(path):
+            return name
+    return None
+
+
+def load_ct(path: Path, max_voxels: int, series: str | None = None) -> nib.Nifti1Image:
+    """One CT for ``predict``, read by its format's reader, on its own grid (HU); a DataError
+    naming what ``predict`` reads when no reader reads ``path``. ``series`` chooses one series
+    of a folder holding several (for a reader whose ``read_ct`` takes ``series``)."""
+    name = ct_kind(path)
+    read = None if name is None else _reader(name).read_ct
+    if read is None:
+        what = "does not exist" if not path.exists() else "is no CT privseg reads"
+        raise DataError(f"{path} {what}: expected {ct_formats()}")
+    if series is None:
+        return read(path, max_voxels)
+    if "series" not in inspect.signature(read).parameters:
+        raise DataError(f"{path}: --series chooses among the series of a DICOM folder")
+    return read(path, max_voxels, series=series)

@@ -1,6 +1,6 @@
 """What every input reader gives prepare: a :class:`Task` of :class:`Case` s, each loaded as a
-:class:`Volume`. The readers (MSD, nnU-Net v2, DICOM series) differ only in how they find the
-cases and read the image; :mod:`privseg.data.sources` picks the reader.
+:class:`Volume`. The readers (:data:`privseg.plugins.READERS`, each a :class:`Reader`) differ
+only in how they find the cases and read the image; :mod:`privseg.data.sources` picks the reader.
 """
 
 from __future__ import annotations
@@ -8,13 +8,17 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from privseg.errors import DataError
+
+if TYPE_CHECKING:
+    import nibabel as nib
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,9 @@ class Task:
 
     ``labels`` maps label value to name (0 = background), or is ``None`` when the format
     declares none (DICOM: any integer 0..255 is accepted). ``index`` is the file that lists or
-    describes the cases (``dataset.json``, ``series.csv``); ``kind`` names the reader
-    (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a patient -> site map the index carries
-    itself (the DICOM CSV's ``site`` column).
+    describes the cases (``dataset.json``, ``series.csv``); ``kind`` is the reader's name in
+    :data:`privseg.plugins.READERS` (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a
+    patient -> site map the index carries itself (the DICOM CSV's ``site`` column).
     """
 
     root: Path
@@ -71,6 +75,31 @@ class Volume:
         h = hashlib.sha256(b"privseg-patient-v2\n" + repr(data.shape).encode() + b"\n")
         h.update(memoryview(data).cast("B"))
         return h.hexdigest()
+
+
+def _image_file(image: Path) -> list[Path]:
+    return [image]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One input format, registered in :data:`privseg.plugins.READERS`: the same entry serves
+    ``data prepare`` and training (a task folder) and ``predict`` (one CT).
+
+    ``finds(path)``: whether ``path`` is a task of this format (readers are tried in table
+    order); ``read_task(path)``: the validated Task (``kind`` = the reader's name);
+    ``load_case(case, max_voxels)``: one case as a Volume; ``image_files(case.image)``: the
+    files a case's image is read from (what the cache fingerprint hashes). ``is_ct(path)`` and
+    ``read_ct(path, max_voxels)`` (the CT on its own grid, HU) let ``predict`` read one CT of
+    the format; None: this format's CTs are read by another reader (nnU-Net: NIfTI, as MSD).
+    """
+
+    finds: Callable[[Path], bool]
+    read_task: Callable[[Path], Task]
+    load_case: Callable[[Case, int], Volume]
+    image_files: Callable[[Path], list[Path]] = _image_file
+    is_ct: Callable[[Path], bool] | None = None
+    read_ct: Callable[[Path, int], nib.Nifti1Image] | None = None
 
 
 def task_path(root: Path, raw: Any, where: str, example: str) -> Path:

@@ -27,6 +27,7 @@ from privseg.federated import messages as M
 from privseg.federated import replay, secagg
 from privseg.federated.answers import EVALUATED, private_answer, record_exact_answer
 from privseg.io import atomic_write_text, read_json, write_json
+from privseg.plugins import STRATEGIES
 from privseg.privacy.policy import apply_floor
 from privseg.run_folder import RunFolder
 
@@ -172,7 +173,8 @@ def site_train(
     elif int(config.get(M.CFG_EVAL_INCOMING, 0)):
         record_exact_answer(cfg, trainer, "val", str(config[M.CFG_RUN_ID]))
         incoming[M.VAL_DICE] = M.scalar(trainer.evaluate(state, "val").get("dice"))
-    global_state = state if cfg.federated.strategy == "fedprox" else None
+    proximal = STRATEGIES.info(cfg.federated.strategy).get("proximal")
+    global_state = state if proximal else None
     try:
         new_state, metrics = trainer.fit(
             state,

@@ -1,4 +1,5 @@
-"""Flower's FedAvg / FedProx / FedAdam, made aware of sites, declines and privacy.
+"""The registered Flower strategies (:mod:`privseg.federated.strategies`), made aware of sites,
+declines and privacy.
 
 Flower's strategies average every numeric metric; an epsilon must never be averaged. These
 subclasses keep each site's metrics, report the MAX epsilon, skip sites that declined a round
@@ -15,17 +16,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedAdam,
-    FedAvg,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    Krum,
-    MultiKrum,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 
 from privseg.config import Config, FederatedConfig
 from privseg.federated import messages as M
@@ -40,6 +31,7 @@ from privseg.federated.validation import (
     update_norm,
     update_norm_bound,
 )
+from privseg.plugins import STRATEGIES
 from privseg.results import nanmean
 
 log = logging.getLogger(__name__)
@@ -329,44 +321,12 @@ class SiteAggregation(Strategy):
         )
 
 
-AGGREGATIONS: dict[str, type[Strategy]] = {
-    "mean": FedAvg,
-    "median": FedMedian,
-    "trimmed_mean": FedTrimmedAvg,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    "bulyan": Bulyan,
-}
-"""``federated.aggregation`` -> Flower 1.42's strategy (the config's Literal lists the same)."""
-
-
-def _strategy_class(fed: FederatedConfig) -> tuple[type[Strategy], dict[str, Any]]:
-    """The Flower strategy and its own arguments for ``fed``."""
-    if fed.strategy == "fedadam":  # the config allows only aggregation = "mean" here
-        return FedAdam, {"eta": fed.server_lr}
-    if fed.aggregation == "mean":
-        if fed.strategy == "fedprox":  # the server side is FedAvg; mu goes to the sites
-            return FedProx, {"proximal_mu": fed.proximal_mu}
-        return FedAvg, {}
-    extra: dict[str, Any] = {
-        "trimmed_mean": {"beta": fed.trim_fraction},
-        "krum": {"num_malicious_nodes": fed.malicious_sites},
-        "multikrum": {
-            "num_malicious_nodes": fed.malicious_sites,
-            "num_nodes_to_select": max(1, fed.min_sites - fed.malicious_sites),
-        },
-        "bulyan": {"num_malicious_nodes": fed.malicious_sites},
-    }.get(fed.aggregation, {})
-    return AGGREGATIONS[fed.aggregation], extra
-
-
 def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggregation:
-    """The strategy named by ``cfg.federated`` (strategy, aggregation); ``identity`` checks
+    """The strategy named by ``cfg.federated`` (strategy, aggregation: looked up in
+    :mod:`privseg.plugins`), made site-aware; ``identity`` checks
     which node is which site (default: no registrations, first come holds a name)."""
     fed = cfg.federated
-    base, extra = _strategy_class(fed)
-    if fed.strategy == "fedadam":
-        extra["eta_l"] = cfg.train.lr
+    base, extra = STRATEGIES.get(fed.strategy)(cfg)
     cls = type(f"Site{base.__name__}", (SiteAggregation, base), {"__doc__": base.__doc__})
     strategy: SiteAggregation = cls(
         fraction_train=1.0,

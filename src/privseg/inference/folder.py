@@ -1,4 +1,5 @@
-"""Segment every CT of a folder: NIfTI files, DICOM series subfolders, or one DICOM series.
+"""Segment every CT of a folder: NIfTI files, DICOM series subfolders, or one DICOM series (any
+CT format of :data:`privseg.plugins.READERS`, one format per folder).
 
 Every output name is checked before the first case is read, against each other as well as the
 inputs. A CT that cannot be read is reported and the others still run. The output folder's
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privseg.data.sources import ct_kind
 from privseg.errors import DataError, PrivsegError
 from privseg.inference.volume import (
-    MASK_SUFFIXES,
     claim_outputs,
     companions,
     load_model,
@@ -45,23 +46,21 @@ class FolderResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(MASK_SUFFIXES)
-
-
 def find_inputs(folder: Path) -> list[Path]:
-    """The CTs of ``folder``: its NIfTI files, else its subfolders (DICOM series), else the
-    folder itself (one series). Hidden entries are skipped."""
+    """The CTs of ``folder`` (the entries a reader reads as one CT: NIfTI files, DICOM series
+    subfolders), all of one format; none: the folder itself (one DICOM series). Hidden
+    entries are skipped."""
     if not folder.is_dir():
         raise DataError(f"input folder {folder} does not exist")
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    niftis = [p for p in entries if _is_nifti(p)]
-    series = [p for p in entries if p.is_dir()]
-    if niftis and series:
-        raise DataError(
-            f"input folder {folder} holds both NIfTI files and subfolders; give one kind"
-        )
-    return niftis or series or [folder]
+    by_kind: dict[str, list[Path]] = {}
+    for path in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        kind = ct_kind(path)
+        if kind is not None:
+            by_kind.setdefault(kind, []).append(path)
+    if len(by_kind) > 1:
+        found = ", ".join(f"{k}: {v[0].name}" for k, v in by_kind.items())
+        raise DataError(f"input folder {folder} holds CTs of several formats ({found}); give one")
+    return next(iter(by_kind.values()), [folder])
 
 
 def segment_folder(

@@ -1,6 +1,7 @@
 """Inference on whole CT volumes with the same windowing, spacing and classes as training.
 
-An input is a NIfTI file or a DICOM series folder; the mask is written in the input's own voxel
+An input is one CT any reader of :data:`privseg.plugins.READERS` reads (a NIfTI file, a DICOM
+series folder; :func:`privseg.data.sources.load_ct`); the mask is written in the input's own voxel
 grid and affine (for DICOM: the series' voxel order and RAS affine, as dicom2nifti writes it),
 with the label values of the training data (:meth:`~privseg.data.classes.Classes.output_values`).
 """
@@ -37,7 +38,7 @@ class CTInput:
     zooms: tuple[float, float, float]  # mm per canonical axis
     canonical_affine: np.ndarray
     affine: np.ndarray  # the input's own grid: outputs are written on it
-    header: nib.Nifti1Header | None  # the NIfTI input's header (None for DICOM)
+    header: nib.Nifti1Header  # the input's header as read (its qform and sform place the outputs)
 
 
 def read_ct(
@@ -46,23 +47,19 @@ def read_ct(
     max_voxels: int = DataConfig().max_voxels,
     series: str | None = None,
 ) -> CTInput:
-    """A NIfTI file or a DICOM series folder, validated (a clear DataError naming it);
-    ``series``: the SeriesInstanceUID to read from a DICOM folder holding several."""
-    from privseg.data.dicom import read_dicom_series
-    from privseg.data.msd import canonical_data, open_nifti, replace_nan
+    """One CT (read by its format's reader: :func:`~privseg.data.sources.load_ct`), validated
+    (a clear DataError naming it); ``series``: the SeriesInstanceUID to read from a DICOM
+    folder holding several."""
+    from privseg.data.msd import canonical_data, replace_nan
+    from privseg.data.sources import load_ct
 
     path = Path(path)
-    if path.is_dir():
-        hu_series, affine = read_dicom_series(path, max_voxels, series)
-        original = nib.Nifti1Image(hu_series, affine)
-        header = None
-    else:
-        original = open_nifti(path, max_voxels)
-        affine, header = original.affine, original.header
+    original = load_ct(path, max_voxels, series)
     hu, canonical = canonical_data(original, path)
     hu = replace_nan(hu, path, nan_hu)
-    zooms = tuple(float(z) for z in canonical.header.get_zooms()[:3])
-    return CTInput(path, hu, zooms, canonical.affine, np.asarray(affine), header)  # type: ignore[arg-type]
+    sx, sy, sz = (float(z) for z in canonical.header.get_zooms()[:3])
+    zooms = (sx, sy, sz)
+    return CTInput(path, hu, zooms, canonical.affine, np.asarray(original.affine), original.header)
 
 
 @torch.no_grad()

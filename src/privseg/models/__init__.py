@@ -2,7 +2,8 @@
 ``[B, classes, R, R]``."""
 
 from privseg.models.monet import MoNet
-from privseg.models.registry import MODELS, build_model, get_builder, initial_model
+from privseg.models.registry import build_model, initial_model
 from privseg.models.unet import UNet
+from privseg.plugins import MODELS
 
-__all__ = ["MODELS", "MoNet", "UNet", "build_model", "get_builder", "initial_model"]
+__all__ = ["MODELS", "MoNet", "UNet", "build_model", "initial_model"]

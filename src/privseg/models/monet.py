@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privseg.config import ModelConfig
+
 
 class ConvNormELU(nn.Module):
     """Conv (bias-free: the norm shifts) -> GroupNorm -> ELU, the paper's ConvBnElu."""
@@ -162,3 +164,10 @@ class MoNet(nn.Module):
         ):
             x = block(fuse(torch.cat([skip, up(x)], dim=1)))
         return self.head(x)
+
+
+def build(cfg: ModelConfig, classes: int) -> MoNet:
+    """``model.name = "monet"`` (registered in :data:`privseg.plugins.MODELS`)."""
+    return MoNet(
+        out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout
+    )

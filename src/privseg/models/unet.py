@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from privseg.config import ModelConfig
+
 
 def _conv_norm_relu(in_ch: int, out_ch: int, groups: int, k: int = 3) -> list[nn.Module]:
     # No conv bias: GroupNorm's shift makes it redundant (fewer parameters to clip and noise).
@@ -81,3 +83,8 @@ class UNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips), strict=True):
             x = up(x, skip)
         return self.head(x)
+
+
+def build(cfg: ModelConfig, classes: int) -> UNet:
+    """``model.name = "unet"`` (registered in :data:`privseg.plugins.MODELS`)."""
+    return UNet(out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout)

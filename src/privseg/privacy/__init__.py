@@ -1,15 +1,6 @@
-"""Differential privacy at each site: accounting (pure), ledger (durable), budget, DP-SGD."""
+"""Differential privacy at each site: accounting (pure), ledger (durable), budget, DP-SGD.
 
-from privseg.privacy.accounting import calibrate_noise, epsilon
-from privseg.privacy.dp_sgd import DPGradient
-from privseg.privacy.ledger import PrivacyLedger
-from privseg.privacy.sampling import PoissonUnitSampler, secure_generator
-
-__all__ = [
-    "DPGradient",
-    "PoissonUnitSampler",
-    "PrivacyLedger",
-    "calibrate_noise",
-    "epsilon",
-    "secure_generator",
-]
+Import the modules themselves (``privseg.privacy.ledger``, ``privseg.privacy.dp_sgd``...): this
+package imports nothing, so the ledger, the budget and a non-DP run load neither torch's DP
+paths nor Opacus.
+"""

@@ -2,6 +2,8 @@
 
 No state lives here: the ledger stores releases and recomputes epsilon through these functions,
 so the spent budget is always derived from the durable record, never from a running counter.
+``privacy.accountant`` names an entry of :data:`privseg.plugins.ACCOUNTANTS` (Opacus's, loaded
+on first use: importing this module does not import Opacus).
 """
 
 from __future__ import annotations
@@ -12,24 +14,20 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from privseg.errors import ConfigError
+from privseg.plugins import ACCOUNTANTS
 
-ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 # Beyond this the update is noise; it also bounds the search (accounting at huge sigma is slow).
 MAX_NOISE_MULTIPLIER = 200.0
+#: Opacus's ``get_noise_multiplier`` search: start and largest sigma.
+_SEARCH_START, _SEARCH_MAX = 10.0, 1e6
 
 Release = tuple[float, float, int]
 
 
 def _check_accountant(accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ConfigError(
-            f"privacy.accountant = {accountant!r} is invalid: allowed values are "
-            + ", ".join(repr(a) for a in ACCOUNTANTS)
-        )
+    ACCOUNTANTS.check(accountant)
 
 
 def _merge(history: Sequence[Release]) -> list[Release]:
@@ -69,7 +67,7 @@ def epsilon(history: Sequence[Release], *, delta: float, accountant: str) -> flo
 @functools.lru_cache(maxsize=256)
 def _epsilon(merged: tuple[Release, ...], delta: float, accountant: str) -> float:
     """Pure, hence cached: a site asks for the same ledger's epsilon many times."""
-    acc = ACCOUNTANTS[accountant]()
+    acc = ACCOUNTANTS.get(accountant)()
     acc.history = list(merged)
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1, handled there
         return float(acc.get_epsilon(delta=delta))
@@ -158,16 +156,7 @@ def _calibrate(
             "fewer steps"
         )
     try:
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
-            )
-        )
+        sigma = _noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
     except (ValueError, RuntimeError, OverflowError, FloatingPointError) as exc:
         raise ConfigError(
             f"privacy.target_epsilon = {target_epsilon!r} is unreachable with delta={delta:g}, "
@@ -185,3 +174,30 @@ def _calibrate(
         f"privacy.target_epsilon = {target_epsilon!r} could not be met (noise calibration "
         f"stopped at epsilon {eps:.4g} with noise multiplier {sigma:.4g})"
     )
+
+
+def _noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus's ``get_noise_multiplier`` (same search, same result), for any registered
+    accountant: double sigma until epsilon is below the target, then bisect to within 0.01."""
+    acc = ACCOUNTANTS.get(accountant)()
+
+    def eps(sigma: float) -> float:
+        acc.history = [(sigma, sample_rate, steps)]
+        return float(acc.get_epsilon(delta=delta))
+
+    low, high, eps_high = 0.0, _SEARCH_START, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        eps_high = eps(high)
+        if high > _SEARCH_MAX:
+            raise ValueError("The privacy budget is too low.")
+    while target_epsilon - eps_high > 0.01:
+        mid = (low + high) / 2
+        eps_mid = eps(mid)
+        if eps_mid < target_epsilon:
+            high, eps_high = mid, eps_mid
+        else:
+            low = mid
+    return high

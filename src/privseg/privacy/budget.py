@@ -13,6 +13,7 @@ from typing import Any
 from privseg.errors import ConfigError
 from privseg.privacy import accounting, history
 from privseg.privacy.ledger import PrivacyLedger
+from privseg.registry import choice_error
 from privseg.results import epsilon_json
 
 
@@ -39,7 +40,7 @@ def site_budgets(
     if delta is not None and not 0 < delta < 1:
         raise ConfigError(f"--delta = {delta!r} is invalid: allowed values are > 0 and < 1")
     if accountant is not None and accountant not in accounting.ACCOUNTANTS:
-        raise ConfigError(f"--accountant = {accountant!r} is invalid: allowed 'prv', 'rdp'")
+        raise choice_error("--accountant", accountant, accounting.ACCOUNTANTS.names())
     rows = ledger.rows()
     out = []
     for name, patients in groups.items():

@@ -9,7 +9,8 @@ Interchangeable per-unit gradient paths give identical results (speed: ``bench/d
 :mod:`privseg.privacy.per_sample`; chunks sharded over threads; the fastest on CPU),
 ``"loop"`` (one backward per unit, sharded over threads; the leanest), ``"opacus"`` (Opacus's
 per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``); ``"auto"`` picks one per
-device (:data:`AUTO_GRAD_PATH`).
+device (:data:`AUTO_GRAD_PATH`). Paths are looked up in :data:`privseg.plugins.GRAD_PATHS`: a
+path is a :data:`GradPathFn`.
 
 Everything runs where the model's parameters are (CPU or CUDA); norms, clip factors and noise
 are computed in the parameters' dtype (float32 for privseg's models, never lower).
@@ -19,30 +20,29 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import nn
 
+from privseg.plugins import GRAD_PATHS
 from privseg.privacy.canaries import GradientCanaries
-from privseg.privacy.opacus_grads import opacus_per_sample
 from privseg.privacy.sampling import secure_generator
 from privseg.privacy.unit_grads import (
     LossFn,
-    Slices,
+    PathResult,
+    UnitBatch,
     chunks,
     clip_and_sum,
     dense_groups,
     mean_loss,
-    only_real,
-    per_unit,
     real_mask,
     unit_grads,
 )
 
-GRAD_PATHS = ("batched", "loop", "opacus", "functorch")
+__all__ = ["AUTO_GRAD_PATH", "GRAD_PATHS", "DPGradient", "GradPathFn", "resolve_grad_path"]
 #: ``privacy.grad_path = "auto"`` by device type. CPU: measured (bench/dp_step.py, see
 #: CHUNK_PIXELS). CUDA: PROVISIONAL, "opacus", the fastest DP path measured on a GPU so far
 #: (one H200, U-Net 16 features, batch 32, before "batched" existed; docs/BENCHMARKS.md):
@@ -70,7 +70,7 @@ def chunk_slices_for(images: torch.Tensor) -> int:
 def resolve_grad_path(grad_path: str, device: torch.device) -> str:
     """The per-unit gradient path ``grad_path`` names on ``device`` ("auto": by device)."""
     if grad_path != "auto":
-        return grad_path
+        return GRAD_PATHS.check(grad_path)
     return AUTO_GRAD_PATH.get(torch.device(device).type, AUTO_GRAD_PATH["cpu"])
 
 
@@ -99,10 +99,8 @@ class DPGradient:
             raise ValueError(
                 f"expected_batch_size = {expected_batch_size!r} is invalid: must be > 0"
             )
-        if grad_path != "auto" and grad_path not in GRAD_PATHS:
-            raise ValueError(
-                f"grad_path = {grad_path!r} is invalid: allowed 'auto' or one of {GRAD_PATHS}"
-            )
+        if grad_path != "auto":
+            GRAD_PATHS.check(grad_path)
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.expected_batch_size = float(expected_batch_size)
@@ -147,15 +145,9 @@ class DPGradient:
         if k == 0:
             summed = [torch.zeros_like(p) for p in params]
             loss, norms = float("nan"), torch.zeros(0)
-        elif path in ("loop", "batched"):
-            summed, loss, norms = self._sharded(
-                model, params, loss_fn, images, labels, (group_t, keep), k, loop=path == "loop"
-            )
-        else:  # both Opacus paths: hooks, or vmap(grad) for every layer
-            summed, loss, norms = self._opacus(
-                model, params, loss_fn, images, labels, (group_t, keep), k,
-                functorch=path == "functorch",
-            )  # fmt: skip
+        else:
+            batch = UnitBatch(model, params, loss_fn, images, labels, (group_t, keep), k)
+            summed, loss, norms = GRAD_PATHS.get(path)(self, batch)
         if self.canaries is not None:
             summed = self.canaries.add_to(summed)
         std = self.noise_multiplier * self.max_grad_norm
@@ -201,19 +193,8 @@ class DPGradient:
         )
         return noise.to(ref.device)
 
-    # ---- per-unit gradient paths -------------------------------------------------------
-    def _sharded(
-        self,
-        model: nn.Module,
-        params: Sequence[torch.Tensor],
-        loss_fn: LossFn,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        slices: Slices,
-        k: int,
-        *,
-        loop: bool,
-    ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
+    # ---- our per-unit gradient paths ---------------------------------------------------
+    def sharded(self, batch: UnitBatch, *, loop: bool) -> PathResult:
         """The loop and batched paths: work items (one unit, or a chunk of whole units; the
         loop's chunks hold one unit) sharded over ``torch.get_num_threads()`` worker threads,
         each single-threaded (on the CPU; a GPU runs the items in order from one thread).
@@ -223,13 +204,14 @@ class DPGradient:
         ``j, j+w, ...`` and the partial sums are added in shard order, so the result does not
         depend on thread timing.
         """
+        params, images, slices, k = batch.params, batch.images, batch.slices, batch.units
         size = 1 if loop else self.chunk_slices or chunk_slices_for(images)
         items = chunks(slices[0], k, size)
         saved = torch.get_num_threads()
         workers = 1 if params and params[0].device.type != "cpu" else min(saved, len(items))
 
         def shard(mine: list[list[int]]) -> _Part:
-            return self._clipped_sum(model, params, loss_fn, images, labels, slices, mine)
+            return self._clipped_sum(batch, mine)
 
         if workers == 1:
             parts = [shard(items)]
@@ -251,23 +233,17 @@ class DPGradient:
                 norms[u] = n
         return summed, mean_loss(sum(p[1] for p in parts), slices[1], len(images)), norms
 
-    def _clipped_sum(
-        self,
-        model: nn.Module,
-        params: Sequence[torch.Tensor],
-        loss_fn: LossFn,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        slices: Slices,
-        items: list[list[int]],
-    ) -> _Part:
+    def _clipped_sum(self, batch: UnitBatch, items: list[list[int]]) -> _Part:
         """For each item (one unit, or a chunk of whole units) its units' gradients, each
         clipped; returns their sum, the summed loss and the unit norms."""
-        summed = [torch.zeros_like(p) for p in params]
+        b = batch
+        summed = [torch.zeros_like(p) for p in b.params]
         norms: dict[int, float] = {}
         total = 0.0
         for units in items:
-            grads, loss = unit_grads(model, params, loss_fn, images, labels, slices, units)
+            grads, loss = unit_grads(
+                b.model, b.params, b.loss_fn, b.images, b.labels, b.slices, units
+            )
             total += loss
             clipped, unit_norms = clip_and_sum(grads, self.max_grad_norm)
             for s, c in zip(summed, clipped, strict=True):
@@ -284,25 +260,16 @@ class DPGradient:
             self._threads = (workers, ThreadPoolExecutor(workers, thread_name_prefix="dp-unit"))
         return self._threads[1]
 
-    def _opacus(
-        self,
-        model: nn.Module,
-        params: Sequence[torch.Tensor],
-        loss_fn: LossFn,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        slices: Slices,
-        k: int,
-        *,
-        functorch: bool,
-    ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """Per-slice gradients from Opacus (hooks, or ``vmap(grad)`` everywhere), summed
-        per unit and clipped."""
-        groups, keep = slices
-        per_slice, losses = opacus_per_sample(
-            model, params, loss_fn, images, labels, functorch=functorch
-        )
-        per_slice, losses = only_real(keep, per_slice, losses)
-        summed, norms = clip_and_sum(per_unit(per_slice, groups, k), self.max_grad_norm)
-        loss = mean_loss(float(losses.sum()), keep, len(images))
-        return summed, loss, norms.detach().double().cpu()
+
+#: A per-unit gradient path: ``(the DPGradient, the batch) -> PathResult``.
+GradPathFn = Callable[[DPGradient, UnitBatch], PathResult]
+
+
+def batched_path(dp: DPGradient, batch: UnitBatch) -> PathResult:
+    """``privacy.grad_path = "batched"``: chunks of whole units, one batched pass each."""
+    return dp.sharded(batch, loop=False)
+
+
+def loop_path(dp: DPGradient, batch: UnitBatch) -> PathResult:
+    """``privacy.grad_path = "loop"``: one backward per unit."""
+    return dp.sharded(batch, loop=True)

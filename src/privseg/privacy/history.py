@@ -128,7 +128,7 @@ def row_problem(
     if not 0 < row["delta"] < 1:
         return "delta", "must be in (0, 1)"
     if row["unit"] not in units or row["accountant"] not in accounting.ACCOUNTANTS:
-        return "unit", f"unit one of {units}, accountant one of {accounting.ACCOUNTANTS}"
+        return "unit", f"unit one of {units}, accountant one of {accounting.ACCOUNTANTS.names()}"
     try:
         if not isinstance(json.loads(row["patients"]), list):
             return "patients", "must be a JSON list"

@@ -1,17 +1,53 @@
-"""Per-slice gradients from Opacus, for the ``"opacus"`` and ``"functorch"`` grad paths.
+"""The ``"opacus"`` and ``"functorch"`` grad paths: per-slice gradients from Opacus.
 
 Opacus's ``GradSampleModule`` wraps the caller's model for one pass only: its hooks and
 per-sample attributes are removed afterwards, so the model is left as it was (same parameter
-tensors, same ``p.grad``). Clipping and noise stay in :mod:`privseg.privacy.dp_sgd`.
+tensors, same ``p.grad``). Each unit is clipped as in every path (``unit_grads.clip_and_sum``);
+the noise is added in :mod:`privseg.privacy.dp_sgd`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from privseg.privacy.unit_grads import (
+    PathResult,
+    UnitBatch,
+    clip_and_sum,
+    mean_loss,
+    only_real,
+    per_unit,
+)
+
+if TYPE_CHECKING:
+    from privseg.privacy.dp_sgd import DPGradient
+
+
+def hooks_path(dp: DPGradient, batch: UnitBatch) -> PathResult:
+    """``privacy.grad_path = "opacus"``: Opacus's per-layer hooks."""
+    return _opacus_path(dp, batch, functorch=False)
+
+
+def functorch_path(dp: DPGradient, batch: UnitBatch) -> PathResult:
+    """``privacy.grad_path = "functorch"``: Opacus with ``vmap(grad)`` for every layer."""
+    return _opacus_path(dp, batch, functorch=True)
+
+
+def _opacus_path(dp: DPGradient, batch: UnitBatch, *, functorch: bool) -> PathResult:
+    """Per-slice gradients from Opacus, summed per unit and clipped."""
+    groups, keep = batch.slices
+    per_slice, losses = opacus_per_sample(
+        batch.model, batch.params, batch.loss_fn, batch.images, batch.labels, functorch=functorch
+    )
+    per_slice, losses = only_real(keep, per_slice, losses)
+    summed, norms = clip_and_sum(per_unit(per_slice, groups, batch.units), dp.max_grad_norm)
+    loss = mean_loss(float(losses.sum()), keep, len(batch.images))
+    return summed, loss, norms.detach().double().cpu()
 
 
 def opacus_per_sample(

@@ -7,6 +7,7 @@ slices of a padded batch selected out, per-unit gradients, Opacus's clip factor 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,25 @@ def clip_and_sum(
 
 Slices = tuple[torch.Tensor, "torch.Tensor | None"]
 """Each slice's unit 0..k-1 (on the CPU) and its real-slice mask (None: all real)."""
+
+
+@dataclass(frozen=True)
+class UnitBatch:
+    """One DP step's batch as a gradient path (:data:`privseg.plugins.GRAD_PATHS`) gets it."""
+
+    model: nn.Module
+    params: Sequence[torch.Tensor]  # the trainable parameters, in model order
+    loss_fn: LossFn  # one loss per slice
+    images: torch.Tensor  # [n, 1, R, R]
+    labels: torch.Tensor
+    slices: Slices
+    units: int  # k: units 0..k-1 (k > 0)
+
+
+PathResult = tuple[list[torch.Tensor], float, torch.Tensor]
+"""What a gradient path returns: per parameter the sum over units of each unit's gradient
+clipped to ``max_grad_norm``, the mean loss over the real slices, the k unit norms (float64,
+CPU)."""
 
 
 def real_mask(real: Any, n: int) -> torch.Tensor | None:
