@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import typer
 from rich.table import Table
 
@@ -33,7 +34,8 @@ def budget(
     accountant: str | None = typer.Option(
         None,
         "--accountant",
-        help=f"One of {', '.join(ACCOUNTANTS)} (default: the releases' own).",
+        click_type=click.Choice(ACCOUNTANTS.names()),  # the registered accountants
+        help="Accountant of the reported epsilon (default: the releases' own).",
     ),
     format: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     adopt: bool = typer.Option(
