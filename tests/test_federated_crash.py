@@ -198,3 +198,34 @@ def test_a_site_is_told_it_may_leave_only_for_the_run_its_report_is_of(tmp_path:
     assert not settings.done.exists()
     ca.handle_done(done("old-run"), settings)
     assert settings.done.read_text() == "old-run\n"
+
+
+def test_the_norm_bound_is_anchored_to_the_runs_first_model_after_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of #24: a resumed server anchored the update norm bound to the model it resumed
+    from (which a site may have grown round by round), not to the run's first model."""
+    import privseg.federated.rounds as rounds
+    from privseg.federated.state import initial_state
+    from privseg.federated.validation import model_norm
+
+    anchors: list[float] = []
+    made = rounds.make_strategy
+
+    def spy(*args, **kwargs):
+        strategy = made(*args, **kwargs)
+        original = strategy.start
+
+        def start(arrays):
+            original(arrays)
+            anchors.append(strategy.first_norm)
+
+        strategy.start = start
+        return strategy
+
+    monkeypatch.setattr(rounds, "make_strategy", spy)
+    out = tmp_path / "run"
+    run_server(SiteGrid(tmp_path), _settings(_cfg(rounds=1), out))
+    run_server(SiteGrid(tmp_path), _settings(_cfg(rounds=2), out, resume=True))
+    first = model_norm({k: v.numpy() for k, v in initial_state(_cfg()).items()})
+    assert len(anchors) == 2 and anchors == pytest.approx([first, first], rel=1e-5)

@@ -234,4 +234,4 @@ def test_the_norm_bound_does_not_grow_with_the_model() -> None:
     strategy = make_strategy(Config())
     strategy.start(M.array_record({"w": np.ones(4, dtype=np.float32)}))
     strategy.start(M.array_record({"w": 100 * np.ones(4, dtype=np.float32)}))
-    assert strategy._first_norm == pytest.approx(2.0)
+    assert strategy.first_norm == pytest.approx(2.0)

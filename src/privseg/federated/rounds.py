@@ -37,7 +37,7 @@ from privseg.federated.state import (
     write_status,
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
-from privseg.federated.validation import ModelSpec
+from privseg.federated.validation import ModelSpec, model_norm
 from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
 from privseg.results import nanmean
@@ -132,6 +132,9 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         M.CFG_PLANNED_STEPS: planned_steps(cfg, federated=True),
     }
     strategy.spec = ModelSpec.of(M.pack(model, layout))
+    # the norm bound is anchored to the run's first model, also after a resume (never to a
+    # model a site may have grown round by round)
+    strategy.first_norm = model_norm(M.pack(model, layout))
     wait = s.node_wait if s.node_wait is not None else fed.round_timeout
     # Last known cumulative epsilon and training size of every site that ever answered: a
     # site that drops out still counts in the maximum.

@@ -86,6 +86,7 @@ class SiteAggregation(Strategy):
     fed: FederatedConfig  # the update norm bound
     identity: SiteIdentity  # which node is which site (its registered key, see identity.py)
     spec: ModelSpec | None  # the model's arrays: names, shapes, dtypes
+    first_norm: float | None  # the run's first model's norm: anchors the update norm bound
     sizes: dict[str, int]  # each site's registered training size (its first reply's)
     accepted: set[int]  # nodes with at least one accepted training reply in this run
     accepted_sites: set[str]  # their sites, the rounds before a resume included
@@ -161,7 +162,7 @@ class SiteAggregation(Strategy):
             raise Refused(f"it sent array records {sorted(records)}, not [{M.ARRAYS!r}]")
         arrays = self.spec.check(records[M.ARRAYS])
         norm = update_norm(arrays, self._global)
-        bound = update_norm_bound(self.fed, self._global, getattr(self, "_first_norm", None))
+        bound = update_norm_bound(self.fed, self._global, self.first_norm)
         if not norm <= bound:
             raise Refused(
                 f"its update's norm {norm:.4g} is over the bound {bound:.4g} "
@@ -180,8 +181,8 @@ class SiteAggregation(Strategy):
         """Remember the global weights the sites start from (updates are measured against
         them); the first round's also fix the model's wire form unless :attr:`spec` is set."""
         self._global = {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
-        if getattr(self, "_first_norm", None) is None:  # the bound never grows with the model
-            self._first_norm = model_norm(self._global)
+        if self.first_norm is None:  # the bound never grows with the model
+            self.first_norm = model_norm(self._global)
         if self.spec is None:
             self.spec = ModelSpec.of({k: v.numpy() for k, v in arrays.items()})
 
@@ -343,6 +344,7 @@ def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggr
     strategy.dp = cfg.privacy.enabled
     strategy.fed = fed
     strategy.spec = None
+    strategy.first_norm = None
     strategy.sizes = {}
     strategy.accepted = set()
     strategy.accepted_sites = set()
