@@ -61,3 +61,18 @@ def test_a_cache_inside_its_task_folder_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "inside the input folder" in " ".join(result.output.split())
     assert sorted(p.name for p in task.iterdir()) == before
+
+
+def test_what_other_programs_create_under_privseg_is_private_too(tmp_path: Path) -> None:
+    """Review of #24: Flower wrote `.flwr/source` under the server folder 0644. The `privseg`
+    process sets umask 077, which the programs it starts inherit."""
+    import subprocess
+    import sys
+
+    made = tmp_path / "made-by-a-child"
+    code = (
+        "import subprocess, sys; from privseg.cli import app as a; "
+        "a.app = lambda: subprocess.run(['touch', sys.argv[1]], check=True); a.main()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(made)], check=True)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600

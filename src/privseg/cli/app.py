@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import click
@@ -107,4 +108,8 @@ for _module in _modules:
 
 
 def main() -> None:
+    # Patient data: what privseg's processes and the ones they start (Flower's SuperLink,
+    # SuperNode, ServerApp) create is the user's alone, 0700/0600, not only what privseg
+    # writes itself (a review found Flower's `.flwr/source` at 0644)
+    os.umask(0o077)
     app()
