@@ -174,3 +174,17 @@ def test_no_output_goes_inside_a_slice_cache(
         assert not out.exists()
     result = _predict(checkpoint, cts / "a.nii.gz", tmp_path / "mask.nii.gz")
     assert result.exit_code == 0, result.output
+
+
+def test_a_run_folder_is_not_a_prediction_folder(
+    checkpoint: Path, cts: Path, tmp_path: Path
+) -> None:
+    """Review of #24: `predict --out RUN` mixed masks and the prediction record into a run
+    folder, beside its results and the sites' kept replies."""
+    from privseg.run_folder import RunFolder
+
+    run = RunFolder(tmp_path / "run").claim("run")
+    result = _predict(checkpoint, cts, run.root)
+    assert result.exit_code == 2, result.output
+    assert "is a privseg run folder" in " ".join(result.output.split())
+    assert not list(run.root.glob("*.nii.gz"))

@@ -324,9 +324,16 @@ def check_not_input(out: Path, inputs: Iterable[str | Path], *, folder: bool) ->
             )
 
 
-def check_not_in_rebuilt(out: Path) -> None:
+def check_not_in_rebuilt(out: Path, *, folder: bool = False) -> None:
     """Refuse an output inside a folder privseg rebuilds (a slice cache, a phantom task): the
-    next prepare would discard it, and a cache holds prepared data only."""
+    next prepare would discard it, and a cache holds prepared data only. An output ``folder``
+    may not be another privseg folder either (a run's files and a prediction's would mix)."""
+    marker = read_marker(out) if folder and out.is_dir() else None
+    if marker is not None:
+        raise DataError(
+            f"output {out} is a privseg {KINDS[marker['kind']]}: predictions go in a folder of "
+            "their own; choose another --out"
+        )
     for folder in Path(os.path.realpath(out)).parents:
         marker = read_marker(folder)
         if marker is not None and marker["kind"] in REBUILT_KINDS:

@@ -87,7 +87,7 @@ def segment_folder(
     if len(set(names)) != len(names):
         raise DataError(f"input folder {folder}: two inputs give the same case name")
     check_not_input(out, [folder], folder=True)  # a run folder holding the checkpoint is fine
-    check_not_in_rebuilt(out)
+    check_not_in_rebuilt(out, folder=True)
     if not out.parent.is_dir():
         raise DataError(f"output {out}: folder {out.parent} does not exist; create it first")
     plans = {n: companions(out / f"{n}.nii.gz", probabilities, preview) for n in names}
