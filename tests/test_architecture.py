@@ -16,6 +16,8 @@ LAYERS = {
     "typed_config": 0,
     "config": 0,
     "results": 0,
+    "study_result": 0,
+    "fields": 0,
     "device": 0,
     "data": 1,
     "models": 1,

@@ -15,7 +15,7 @@ from privseg.cli.common import (
     load_config,
     user_errors,
 )
-from privseg.report.format import fmt_eps
+from privseg.report.format import fmt, fmt_eps
 
 INSECURE_HELP = "No TLS and no site authentication: for tests on one machine only."
 
@@ -33,6 +33,8 @@ def server(
 ) -> None:
     """Start the SuperLink, submit the federated run, wait for the sites, write OUT."""
     from privseg.federated.deployment import serve
+    from privseg.results import RunResult
+    from privseg.run_folder import RunFolder
 
     cfg = load_config(config, set_)
     if insecure:
@@ -40,13 +42,13 @@ def server(
             "[bold yellow]warning:[/] --insecure: no TLS, no site authentication; "
             "never use this across a network"
         )
-    results = serve(
-        cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume
-    )
+    serve(cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume)
+    path = RunFolder(out).results
+    result = RunResult.load(path)
     console.print(
-        f"federation done: {len(results['sites'])} sites, Dice {results['dice_mean']:.3f}, "
-        f"max epsilon {fmt_eps(results['epsilon_max'])}, "
-        f"{results['seconds_per_round']:.1f} s/round; wrote {out}/results.json"
+        f"federation done: {len(result.sites)} sites, Dice {fmt(result.dice_mean)}, "
+        f"max epsilon {fmt_eps(result.epsilon_max)}, "
+        f"{fmt(result.seconds_per_round, '.1f')} s/round; wrote {path}"
     )
 
 

@@ -16,7 +16,7 @@ from privseg.cli.common import (
     progress_bar,
     user_errors,
 )
-from privseg.report.format import fmt_eps
+from privseg.report.format import fmt, fmt_eps, fmt_pm
 
 
 @user_errors
@@ -74,18 +74,18 @@ def run(
         "s / round or epoch",
     ):
         table.add_column(col)
-    for r in study["runs"]:
-        run_eps, total = r.get("epsilon_run_max"), r.get("epsilon_max")
-        secs = r.get("seconds_per_round") or r.get("seconds_per_epoch")
+    for r in study.runs:
+        res = r.result
+        secs = res.seconds_per_round or res.seconds_per_epoch
         table.add_row(
-            r["label"],
-            f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
-            fmt_eps(run_eps),
-            fmt_eps(total),
-            f"{secs:.2f}" if secs else "–",
+            r.label,
+            fmt_pm(res.dice_mean, res.dice_sd),
+            fmt_eps(res.epsilon_run_max),
+            fmt_eps(res.epsilon_max),
+            fmt(secs, ".2f"),
         )
     console.print(table)
-    console.print(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+    console.print(f"report: {out / 'report.html'} ({fmt(study.wall_seconds, '.0f')} s)")
 
 
 def register(app: typer.Typer) -> None:

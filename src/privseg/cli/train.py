@@ -40,6 +40,8 @@ def train(
     set_: list[str] | None = SetOption,
 ) -> None:
     """Train a segmentation model and write config, metrics, checkpoint and a curve to OUT."""
+    from privseg.report.format import fmt, fmt_eps
+    from privseg.results import RunResult
     from privseg.run_folder import RunFolder
     from privseg.runs.train import train as run_train
 
@@ -58,7 +60,7 @@ def train(
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
     try:
         with progress_bar() as progress:
-            results = run_train(
+            run_train(
                 cfg,
                 data=data,
                 out=out,
@@ -69,13 +71,13 @@ def train(
     except BaseException:
         RunFolder(out).abandon()  # a folder this command created and never finished
         raise
-    table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
+    result = RunResult.load(RunFolder(out).results)
+    table = Table(title=f"{result.mode} training, {'DP' if result.dp else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
-    for s in results["sites"]:
-        eps = s.get("epsilon")
-        eps = "–" if eps is None else eps if isinstance(eps, str) else f"{eps:.2f}"
-        table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
-    table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
+    for s in result.sites:
+        eps = s.privacy.get("epsilon") if s.privacy else None
+        table.add_row(s.name, fmt(s.n_train, "d"), fmt(s.dice), fmt_eps(eps))
+    table.add_row("mean", "", fmt(result.dice_mean), "")
     console.print(table)
-    console.print(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+    console.print(f"wrote {RunFolder(out).results} ({fmt(result.wall_seconds, '.1f')} s)")

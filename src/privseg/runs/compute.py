@@ -3,7 +3,7 @@
 Compute, per site, is two numbers: the sequential optimiser steps the model takes, and the
 slices whose gradient is computed (steps x batch; for central training the pooled batch is
 shared by the sites). The rule of ``study.compute = "equal"`` is stated once, in
-:data:`privseg.results.COMPUTE_RULES`; :func:`equalise` applies it.
+:data:`privseg.study_result.COMPUTE_RULES`; :func:`equalise` applies it.
 """
 
 from __future__ import annotations

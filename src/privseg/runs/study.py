@@ -23,11 +23,12 @@ from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
-from privseg.results import StudyResult
+from privseg.results import RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs import privacy as study_privacy
 from privseg.runs.compute import equalise
 from privseg.runs.train import machine_info, train
+from privseg.study_result import StudyResult, StudyRun
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def run_study(
     progress: Progress | None = None,
     on_setting: Callable[[str], None] | None = None,
     preset: str = "full",
-) -> dict[str, Any]:
+) -> StudyResult:
     """Run every setting of the grid (skipping finished ones), the attack, then the report.
 
     ``preset`` is recorded in the results: "quick" (:func:`quick_preset`) makes the report a
@@ -162,7 +163,7 @@ def run_study(
     attack = [("attack", cfg.replace(**{"privacy.enabled": False}))]
     attack = attack if "attack" in cfg.study.settings else []
     plan = study_privacy.plan_grid(cfg, cache, todo + attack)  # refuses before anything runs
-    runs: list[dict[str, Any]] = []
+    runs: list[StudyRun] = []
     for i, setting in enumerate(settings, 1):
         if on_setting:
             on_setting(f"[{i}/{len(settings)}] {setting.label}")
@@ -184,37 +185,30 @@ def run_study(
         attack=attacks,
         audit=audits,
         privacy={"plan": plan, "spent": study_privacy.spent(cfg, cache)},
-    ).write(folder.results)
+    )
     from privseg.report.render import write_report
 
-    write_report(study, folder.root)
+    write_report(study.write(folder.results), folder.root)
     return study
 
 
 def _run_setting(
     setting: Setting, base: Config, cache: Any, run: RunFolder, progress: Progress
-) -> dict[str, Any]:
+) -> StudyRun:
     cfg = setting.config(base, len(cache.sites))
     if _finished(run, cfg, setting, cache):
         log.info("skipping %s: %s exists with the same config", setting.key, run.results)
-        results = read_json(run.results)
     else:
-        results = train(
+        train(
             cfg,
             data=Path(cache.root),
             out=run.root,
             mode=setting.mode,  # type: ignore[arg-type]
             progress=progress,
         )
-    results.update(
-        {
-            "setting": setting.setting,
-            "label": setting.label,
-            "target_epsilon": setting.epsilon,
-            "run_dir": str(run.root),
-        }
-    )
-    return results
+    result = RunResult.load(run.results)
+    result.target_epsilon = setting.epsilon
+    return StudyRun(setting.setting, setting.label, str(run.root), result)
 
 
 def _finished(run: RunFolder, cfg: Config, setting: Setting, cache: Any) -> bool:
