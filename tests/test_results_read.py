@@ -22,7 +22,7 @@ PRIVACY = {
     "sample_rate": 0.25,
     "steps": 40,
     "steps_lifetime": 41,
-    "clip_norm": 1.0,
+    "max_grad_norm": 1.0,
     "accountant": "prv",
     "budget_epsilon": None,
     "budget_delta": None,

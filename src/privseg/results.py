@@ -21,9 +21,11 @@ import numpy as np
 from privseg.fields import INFINITE, Fields, read_fields
 from privseg.io import write_json
 
-MODES = ("central", "local", "federated")
+CENTRAL, LOCAL, FEDERATED = "central", "local", "federated"
+MODES = (CENTRAL, LOCAL, FEDERATED)
 """A run's ``mode``: how it trains (the ``privseg train --mode`` values)."""
-SETTINGS = (*MODES, "federated_dp")
+FEDERATED_DP = "federated_dp"
+SETTINGS = (*MODES, FEDERATED_DP)
 """A study's training settings, in report order (``federated_dp``: one per study epsilon)."""
 
 _number, _text = partial(Fields.number, optional=True), partial(Fields.text, optional=True)
@@ -37,7 +39,7 @@ _PRIVACY_READERS: dict[str, Callable[[Fields, str], Any]] = {
     "sample_rate": _number,
     "steps": _whole,
     "steps_lifetime": _whole,
-    "clip_norm": _number,
+    "max_grad_norm": _number,
     "accountant": _text,
     "budget_epsilon": _number,
     "budget_delta": _number,
@@ -298,6 +300,15 @@ class RunResult:
                 k: f.data[k] for k in PROVENANCE_KEYS if k in f.data and k != "privacy_note"
             },
         )
+
+    def site(self, name: str) -> SiteResult | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The slice cache the run trained on (absent from a deployment's server)."""
+        cache = self.provenance.get("cache_dir")
+        return Path(cache) if cache else None
 
     def _dice(self) -> list[float]:
         pooled = [p["dice"] for s in self.sites for p in s.patients]

@@ -45,6 +45,7 @@ def run(
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
     from privseg.errors import ConfigError
+    from privseg.run_folder import RunFolder
     from privseg.runs.study import PRESETS, run_study
 
     if quick:
@@ -85,7 +86,7 @@ def run(
             fmt(secs, ".2f"),
         )
     console.print(table)
-    console.print(f"report: {out / 'report.html'} ({fmt(study.wall_seconds, '.0f')} s)")
+    console.print(f"report: {RunFolder(out).report_html} ({fmt(study.wall_seconds, '.0f')} s)")
 
 
 def register(app: typer.Typer) -> None:

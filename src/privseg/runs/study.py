@@ -18,12 +18,21 @@ from typing import Any
 
 from privseg import __version__
 from privseg.config import Config
+from privseg.config.privacy import DEFAULT_EPSILON
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, no_progress
-from privseg.results import RunResult
+from privseg.results import (
+    CENTRAL,
+    FEDERATED,
+    FEDERATED_DP,
+    LOCAL,
+    MODES,
+    SETTINGS,
+    RunResult,
+)
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs import privacy as study_privacy
 from privseg.runs.compute import equalise
@@ -46,7 +55,7 @@ def quick_preset(cfg: Config) -> Config:
             "attack.restarts": 1,
             "attack.targets": 2,
             "attack.audit_trials": 50,
-            "study.epsilons": [8.0],
+            "study.epsilons": [DEFAULT_EPSILON],
             "model.features": 8,
         }
     )
@@ -76,7 +85,7 @@ def paper_preset(cfg: Config) -> Config:
             "privacy.unit": "slice",
             "privacy.delta": 1e-5,
             "study.epsilons": [],
-            "study.settings": ["central", "local", "federated", "federated_dp"],
+            "study.settings": list(SETTINGS),
         }
     )
 
@@ -108,28 +117,15 @@ class Setting:
 def grid(cfg: Config) -> list[Setting]:
     """The settings `privseg run` executes, in order, from ``study.settings``/``epsilons``."""
     wanted = set(cfg.study.settings)
-    out: list[Setting] = []
-    if "central" in wanted:
-        out.append(Setting("central", "Centralised", "central", "central", False))
-    if "local" in wanted:
-        out.append(Setting("local", "Local only", "local", "local", False))
-    if "federated" in wanted:
-        out.append(Setting("federated", "Federated", "federated", "federated", False))
-    if "federated_dp" in wanted and not cfg.study.epsilons:
+    labels = {CENTRAL: "Centralised", LOCAL: "Local only", FEDERATED: "Federated"}
+    out = [Setting(m, labels[m], m, m, False) for m in MODES if m in wanted]
+    if FEDERATED_DP in wanted and not cfg.study.epsilons:
         label = f"Federated DP (σ={cfg.privacy.noise_multiplier:g})"
-        out.append(Setting("federated_dp", label, "federated_dp", "federated", True))
-    if "federated_dp" in wanted:
+        out.append(Setting(FEDERATED_DP, label, FEDERATED_DP, FEDERATED, True))
+    if FEDERATED_DP in wanted:
         for eps in sorted(cfg.study.epsilons):
-            out.append(
-                Setting(
-                    f"federated_dp_eps{eps:g}",
-                    f"Federated DP (ε={eps:g})",
-                    "federated_dp",
-                    "federated",
-                    True,
-                    eps,
-                )
-            )
+            key, label = f"{FEDERATED_DP}_eps{eps:g}", f"Federated DP (ε={eps:g})"
+            out.append(Setting(key, label, FEDERATED_DP, FEDERATED, True, eps))
     return out
 
 
@@ -230,12 +226,12 @@ def _run_attack(
     """Attack one site's update without DP and with DP at the largest study epsilon."""
     from privseg.runs.attack import run_attack_study
 
-    done = study.attack / "attack_results.json"
+    done = study.attack_results
     if done.is_file():
         saved = read_json(done)
         if saved.get("config") == cfg.to_dict():
             return saved["attack"], saved["audit"]
-    checkpoint = study.setting("federated").checkpoint
+    checkpoint = study.setting(FEDERATED).checkpoint
     attacks, audits = run_attack_study(
         cfg,
         cache=cache,

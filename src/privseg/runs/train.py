@@ -25,15 +25,14 @@ from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.io import private_file
 from privseg.progress import Progress, no_progress
-from privseg.results import RunResult
+from privseg.results import CENTRAL, FEDERATED, LOCAL, MODES, RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["central", "local", "federated"]
-MODES: tuple[str, ...] = ("central", "local", "federated")
+Mode = Literal["central", "local", "federated"]  # results.MODES, spelled for type checkers
 
 
 def train(
@@ -54,7 +53,7 @@ def train(
     """
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
-    if resume and mode != "federated":
+    if resume and mode != FEDERATED:
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
     device = resolve_device(cfg.train.device)  # a GPU this machine lacks: refused before output
     folder = RunFolder(Path(out)).claim("run", inputs=[data])
@@ -71,9 +70,9 @@ def train(
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
         log.info("privseg %s: %s run into %s on %s", __version__, mode, folder.root, device_name)
-        if mode == "central":
+        if mode == CENTRAL:
             result = run_central(cfg, cache, folder, progress, run_id=run_id)
-        elif mode == "local":
+        elif mode == LOCAL:
             result = run_local(cfg, cache, folder, progress, run_id=run_id)
         else:
             result = _run_federated(

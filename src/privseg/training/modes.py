@@ -16,9 +16,9 @@ from privseg.config import Config
 from privseg.models.checkpoint import save_checkpoint
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
-from privseg.results import RunResult, SiteResult, nanmean
+from privseg.results import CENTRAL, LOCAL, RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
-from privseg.training.trainer import CENTRAL, SiteTrainer, open_privacy
+from privseg.training.trainer import SiteTrainer, open_privacy
 
 
 def site_steps(cfg: Config, train: Any) -> int:
@@ -107,8 +107,8 @@ def run_central(
         )
         for s in cache.sites
     ]
-    save_checkpoint(folder.checkpoint, trainer.state_dict(), cfg, mode="central", run_id=run_id)
-    return _result(cfg, "central", sites, history, started, per_epoch)
+    save_checkpoint(folder.checkpoint, trainer.state_dict(), cfg, mode=CENTRAL, run_id=run_id)
+    return _result(cfg, CENTRAL, sites, history, started, per_epoch)
 
 
 def run_local(
@@ -151,12 +151,12 @@ def run_local(
             folder.site_checkpoint(site),
             trainer.state_dict(),
             cfg,
-            mode="local",
+            mode=LOCAL,
             site=site,
             run_id=run_id,
         )
     history = _merge_histories(histories, [s.name for s in sites])
-    return _result(cfg, "local", sites, history, started, float(np.mean(per_epochs)))
+    return _result(cfg, LOCAL, sites, history, started, float(np.mean(per_epochs)))
 
 
 def _merge_histories(histories: list[list[dict[str, Any]]], names: list[str]) -> list[dict]:
