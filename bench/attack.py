@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from privseg.attack.runner import attack_setting, attacked_model, audit_setting
+from privseg.attack.runner import attack_setting, attacked_model, audit_setting, dp_plan
 from privseg.config import AttackConfig, Config
 from privseg.runs.attack import load_run
 
@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {"no_dp": [None], "dp": [args.epsilon], None: [None, args.epsilon]}[args.only]
         for eps in chosen:
             started = time.perf_counter()
-            res = attack_setting(model, split, cfg, eps, out_dir=args.out)
+            dp = None if eps is None else dp_plan(cfg, split, epsilon=eps)
+            res = attack_setting(model, split, cfg, dp, out_dir=args.out)
             seconds = time.perf_counter() - started
-            key, dp = res["setting"], res["dp_setting"]
+            key = res["setting"]
             row = {k: res.get(k) for k in KEYS}
             row.update(
                 {

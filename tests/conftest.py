@@ -32,12 +32,29 @@ from privseg.data.prepare import prepare_cache
 from privseg.errors import PrivacyBudgetExceeded
 from privseg.federated import client_app as ca
 from privseg.io import read_json, write_json
+from privseg.privacy.plan import DPPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(os.environ.get("PRIVSEG_TESTDATA", ROOT / ".cache" / "testdata"))
 # Two chest CTs from different scanners (pyradiomics 3.0.1 test data, BSD-3).
 REAL_CASES = {"lung1": "site-a", "lung2": "site-b"}
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def plan(*, noise_multiplier: float, target_epsilon: float | None = None) -> DPPlan:
+    """A site's DP-SGD plan with the given noise (C = 1, delta = 1e-5, 100 slices, q = 0.1)."""
+    return DPPlan(
+        noise_multiplier=noise_multiplier,
+        sample_rate=0.1,
+        steps=10,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        unit="slice",
+        accountant="rdp",
+        n_units=100,
+        expected_batch_size=10,
+        target_epsilon=target_epsilon,
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -265,7 +282,7 @@ class FakeTrainer:
             "noise_multiplier": 1.1,
             "sample_rate": 0.1,
             "steps": self._spent(),
-            "clip_norm": 1.0,
+            "max_grad_norm": 1.0,
             "accountant": self.cfg.privacy.accountant,
             "releases": [  # one release as the ledger's rows give it (RELEASE_KEYS)
                 {

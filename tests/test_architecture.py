@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
@@ -18,6 +19,8 @@ LAYERS = {
     "typed_config": 0,
     "config": 0,
     "results": 0,
+    "study_result": 0,
+    "fields": 0,
     "device": 0,
     "registry": 0,
     "plugins": 0,
@@ -85,3 +88,21 @@ def test_no_module_is_over_the_size_limit() -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not big, f"modules over {MAX_LINES} lines: {big}"
+
+
+FILE_NAME = re.compile(r"^[\w.-]+\.(json|pt|toml|png|svg|csv|md|html|sqlite|log|npy)$")
+FLOWER_NAMES = {"pyproject.toml", "config.toml"}  # Flower's files (the App, $FLWR_HOME), not ours
+
+
+def test_each_file_name_is_spelled_in_one_module() -> None:
+    """``"attack.json"``-style names live in their one place (RunFolder, the cache, ...)."""
+    where: dict[str, set[str]] = {}
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(name, str) and FILE_NAME.match(name) and name not in FLOWER_NAMES:
+                where.setdefault(name, set()).add(str(path.relative_to(SRC)))
+    spread = {name: sorted(mods) for name, mods in where.items() if len(mods) > 1}
+    assert not spread, f"file names spelled in several modules: {spread}"
+    assert where["attack.json"] == where["audit.json"] == {"run_folder.py"}
+    assert where["manifest.json"] == {"data/cache.py"}

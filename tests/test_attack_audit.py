@@ -35,7 +35,7 @@ def test_without_noise_the_attacker_always_wins() -> None:
         Tiny(),
         x,
         y,
-        clip_norm=1.0,
+        max_grad_norm=1.0,
         noise_multiplier=0.0,
         epsilon=None,
         delta=1e-5,
@@ -54,7 +54,7 @@ def test_without_noise_the_attacker_always_wins() -> None:
         "delta",
         "candidates",
         "noise_multiplier",
-        "clip_norm",
+        "max_grad_norm",
     ):
         assert key in res
 
@@ -67,7 +67,7 @@ def test_with_noise_success_stays_within_the_bounds() -> None:
         Tiny(),
         x,
         y,
-        clip_norm=1.0,
+        max_grad_norm=1.0,
         noise_multiplier=sigma,
         epsilon=10.0,  # covers the single release (its own epsilon is about 2.1)
         delta=1e-5,
@@ -100,7 +100,7 @@ def test_an_audit_whose_release_the_reported_epsilon_does_not_cover_does_not_app
     torch.manual_seed(0)
     x, y = _data()
     res = audit.audit_model(
-        Tiny(), x, y, clip_norm=1.0, noise_multiplier=4.0, epsilon=1.0, delta=1e-5,
+        Tiny(), x, y, max_grad_norm=1.0, noise_multiplier=4.0, epsilon=1.0, delta=1e-5,
         trials=20, candidates=2,
     )  # fmt: skip
     assert res["epsilon_release"] > 1.0 and not res["reported_bound_applies"]

@@ -12,7 +12,7 @@ import inspect
 import pytest
 import torch
 
-from conftest import R, TinySeg, phantom
+from conftest import R, TinySeg, phantom, plan
 from privseg.attack import metrics
 from privseg.attack.inversion import (
     ORGAN_PRIOR,
@@ -62,7 +62,7 @@ def test_t1_without_dp_reconstructs_the_slice() -> None:
 
 def test_strong_dp_noise_leaves_no_better_than_chance() -> None:
     threat = ThreatModel(
-        threat="T3", batch_size=1, resolution=R, lr=0.1, clip_norm=1.0, noise_multiplier=2.0
+        threat="T3", batch_size=1, resolution=R, lr=0.1, max_grad_norm=1.0, noise_multiplier=2.0
     )
     r = _attack(threat, iterations=60)
     assert r["psnr"] < r["chance"] + 1.0
@@ -114,7 +114,7 @@ def test_joint_and_predicted_masks_run_and_return_binary_masks() -> None:
 
 def test_threat_model_is_explicit_and_validated() -> None:
     cfg = Config()
-    t = ThreatModel.from_config(cfg, dp={"noise_multiplier": 1.1, "clip_norm": 1.0, "epsilon": 8.0})
+    t = ThreatModel.from_config(cfg, dp=plan(noise_multiplier=1.1, target_epsilon=8.0))
     d = t.to_dict()
     assert d["threat"] == "T3" and d["dp"] and d["epsilon"] == 8.0 and "global weights" in d["sees"]
     assert "sigma=1.1" in t.describe()

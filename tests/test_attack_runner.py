@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import R, TinySeg, phantom
+from conftest import R, TinySeg, phantom, plan
 from privseg.attack.runner import run_attack_on_model
 from privseg.config import Config
-from privseg.io import read_json, write_json
+from privseg.io import read_json
+from privseg.results import RunResult, SiteResult
 from privseg.runs.attack import run_attack, run_audit
 
 KEYS = (
@@ -61,9 +62,9 @@ def test_run_attack_on_model_writes_json_and_png(tmp_path: Path) -> None:
     assert (tmp_path / "attack.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_dp_setting_makes_it_t3_with_epsilon(tmp_path: Path) -> None:
+def test_a_dp_plan_makes_it_t3_with_epsilon(tmp_path: Path) -> None:
     x, y = phantom(24)
-    dp = {"noise_multiplier": 1.5, "clip_norm": 1.0, "epsilon": 8.0, "delta": 1e-5}
+    dp = plan(noise_multiplier=1.5, target_epsilon=8.0)
     res = run_attack_on_model(
         TinySeg(),
         x[:, 0],
@@ -107,14 +108,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (run / "config.toml").write_text(cfg.to_toml())
     torch.manual_seed(1)  # "trained": not the initial weights the seed gives
     save_checkpoint(run / "checkpoint.pt", build_model(cfg.model).state_dict(), cfg)
-    write_json(
-        run / "results.json",
-        {
-            "cache_dir": str(cache.root),
-            "mode": "central",
-            "sites": [{"name": s} for s in cache.sites],
-        },
-    )
+    sites = [SiteResult.from_test(s, None, {}, None) for s in cache.sites]
+    result = RunResult.of(cfg.privacy, "central", sites, history=[])
+    result.provenance["cache_dir"] = str(cache.root)
+    result.write(run / "results.json")
     return run
 
 

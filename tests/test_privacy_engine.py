@@ -24,7 +24,7 @@ SUMMARY_KEYS = {
     "noise_multiplier",
     "sample_rate",
     "steps",
-    "clip_norm",
+    "max_grad_norm",
     "accountant",
     "unit",
     "expected_batch_size",

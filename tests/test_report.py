@@ -46,7 +46,7 @@ def _site(
         "noise_multiplier": 1.7 / eps if dp and eps else None,
         "sample_rate": 0.0267 if dp else None,
         "steps": 120 if dp else None,
-        "clip_norm": 1.0 if dp else None,
+        "max_grad_norm": 1.0 if dp else None,
         "accountant": "prv" if dp else None,
     }
     if cross is not None:
@@ -432,13 +432,63 @@ def test_tables_are_csv_and_figures_svg_next_to_the_report(study, tmp_path):
     paths = write_report(study, out)
     for name in ("dice", "cross_site", "dp_cost", "epsilon", "attack", "audit", "data"):
         assert paths[f"table_{name}"] == out / "tables" / f"{name}.csv", name
-    rows = list(csv.reader(paths["table_dice"].open()))
-    assert rows[0] == ["Setting", *SITES, "Overall", "HD95 (mm)"]
+    rows = list(csv.DictReader(paths["table_dice"].open()))
+    per_site = [f"{s}_dice_{k}" for s in SITES for k in ("mean", "sd")]
+    assert list(rows[0]) == [
+        "setting",
+        "did_not_learn",
+        *per_site,
+        "dice_mean",
+        "dice_sd",
+        "hd95_mm_mean",
+    ]
     central = study["runs"][0]
-    assert rows[1][0] == "Centralised" and rows[1][-2] == fmt_pm(
-        central["dice_mean"], central["dice_sd"]
-    )
+    assert rows[0]["setting"] == "Centralised" and rows[0]["did_not_learn"] == "0"
+    assert float(rows[0]["dice_mean"]) == central["dice_mean"]  # the number, not "0.601 ± 0.035"
     for stem in ("privacy_utility", "learning_curves", "dp_cost"):
         svg = paths[stem].with_suffix(".svg").read_text()
         assert svg.lstrip().startswith("<?xml") and "<svg" in svg, stem
     assert "validation Dice" in (out / "figures" / "learning_curves.svg").read_text()
+
+
+TEXT_COLUMNS = {
+    "setting",
+    "site",
+    "trained_at",
+    "per",
+    "accountant",
+    "unit",
+    "attack",
+    "threat",
+    "mask_mode",
+}
+"""CSV columns that name things; every other cell is a number or empty."""
+KEY_VALUE_TABLES = {"threat_model", "machine", "config"}  # settings as written, not results
+
+
+def test_every_csv_cell_is_a_number_or_empty(study, tmp_path):
+    import csv
+
+    written = write_report(study, tmp_path / "study")
+    tables = [p for k, p in written.items() if k.startswith("table_")]
+    assert len(tables) >= 7
+    for path in tables:
+        if path.stem in KEY_VALUE_TABLES:
+            continue
+        for row in csv.DictReader(path.open()):
+            for column, cell in row.items():
+                if column not in TEXT_COLUMNS and cell != "":
+                    float(cell)  # "0.601 ± 0.035", "2.13×", "–" or "(did not learn)" fail here
+                assert cell not in (MISSING, "nan"), (path.name, column)
+
+
+def test_a_missing_value_is_an_empty_csv_cell_and_a_dash_in_the_report():
+    from privseg.report.tables import dp_cost_table
+
+    runs = [{"label": "DP", "mode": "federated", "dp": True, "seconds_per_round": 2.0}]
+    table = dp_cost_table(runs)
+    assert table.rows == [["DP", "round", "2.00", MISSING, MISSING]]
+    assert table.to_csv().splitlines() == [
+        "setting,per,seconds_dp,seconds_nonprivate,ratio_x",
+        "DP,round,2.0,,",
+    ]

@@ -9,10 +9,10 @@ from privseg.errors import ConfigError
 from privseg.report.sections import build_blocks
 from privseg.report.study_view import federated_beats_local_cross_site
 from privseg.report.summary import summarise
-from privseg.results import COMPUTE_RULES
 from privseg.runs.compute import compute_of, equalise
 from privseg.runs.study import PRESETS, grid, paper_preset
 from privseg.runs.train import train
+from privseg.study_result import COMPUTE_RULES
 
 SIZES = {"site-0": 130, "site-1": 125, "site-2": 128}
 

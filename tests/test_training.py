@@ -104,7 +104,7 @@ def test_dp_local_training_records_privacy_and_still_learns(phantom_cache, tmp_p
         assert 0 < site["epsilon"] <= 8.0 + 1e-6
         assert site["delta"] == cfg.privacy.delta
         assert site["noise_multiplier"] > 0 and 0 < site["sample_rate"] <= 1
-        assert site["clip_norm"] == cfg.privacy.max_grad_norm
+        assert site["max_grad_norm"] == cfg.privacy.max_grad_norm
         assert site["accountant"] == "prv"
         assert set(site["cross"]) == set(phantom_cache.sites) - {site["name"]}
         assert (tmp_path / "ledgers" / "ledger.sqlite").is_file()  # privacy.ledger_dir's store

@@ -2,45 +2,54 @@
 
 Central, local-only and federated runs (simulation and deployment) and the study all build
 their ``results.json`` here, so a key means the same in every file. The schema table in
-docs/RESULTS.md is tested against :data:`RUN_KEYS`, :data:`SITE_KEYS` and :data:`STUDY_KEYS`.
+docs/RESULTS.md is tested against :data:`RUN_KEYS` and :data:`SITE_KEYS`; each result is read
+back typed (:meth:`RunResult.load`), a bad field refused with the file and field named.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from privseg.choices import MODES
+from privseg.fields import INFINITE, Fields, read_fields
 from privseg.io import write_json
 
-PRIVACY_KEYS = (
-    "epsilon",
-    "epsilon_run",
-    "delta",
-    "unit",
-    "noise_multiplier",
-    "sample_rate",
-    "steps",
-    "steps_lifetime",
-    "clip_norm",
-    "accountant",
-    "budget_epsilon",
-    "budget_delta",
-    "releases",
-)
+CENTRAL, LOCAL, FEDERATED = MODES  # a run's ``mode``, named (choices.Mode spells them)
+FEDERATED_DP = "federated_dp"
+SETTINGS = (*MODES, FEDERATED_DP)
+"""A study's training settings, in report order (``federated_dp``: one per study epsilon)."""
+
+_number, _text = partial(Fields.number, optional=True), partial(Fields.text, optional=True)
+_whole = partial(Fields.integer, optional=True)
+_PRIVACY_READERS: dict[str, Callable[[Fields, str], Any]] = {
+    "epsilon": Fields.epsilon,
+    "epsilon_run": Fields.epsilon,
+    "delta": _number,
+    "unit": _text,
+    "noise_multiplier": _number,
+    "sample_rate": _number,
+    "steps": _whole,
+    "steps_lifetime": _whole,
+    "max_grad_norm": _number,
+    "accountant": _text,
+    "budget_epsilon": _number,
+    "budget_delta": _number,
+    "releases": partial(Fields.items, optional=True),
+}
+PRIVACY_KEYS = tuple(_PRIVACY_READERS)
 """The privacy fields of every ``sites[]`` entry (None without DP). ``epsilon`` is what the
 site's training patient who has spent most has spent over every release ever recorded on it
 (recomputable from ``releases`` alone; the string ``"inf"`` after a release without DP);
 ``epsilon_run`` is this run's releases taken alone (what ``target_epsilon`` bounds); ``steps``
 are this run's, ``steps_lifetime`` that patient's over every release."""
-
-INFINITE = "inf"
-"""How an infinite epsilon (a release without DP) is written in JSON: never 0, never missing."""
 
 
 def epsilon_json(eps: Any) -> Any:
@@ -48,11 +57,6 @@ def epsilon_json(eps: Any) -> Any:
     if isinstance(eps, float) and math.isinf(eps):
         return INFINITE if eps > 0 else f"-{INFINITE}"
     return eps
-
-
-def epsilon_value(eps: Any) -> float | None:
-    """Epsilon read back from JSON (``"inf"`` -> infinity); None stays None."""
-    return None if eps is None else float(eps)
 
 
 SLICE_UNIT_NOTE = (
@@ -122,30 +126,6 @@ PUBLIC_ORIGIN = "generated-public"
 PUBLIC_PRIVACY = {"epsilon": 0.0, "epsilon_run": 0.0, "steps": 0, "releases": []}
 """A ``sites[]`` entry's privacy on the public phantom: epsilon 0 by construction (no patient
 was released), never a stand-in for a missing epsilon of private data."""
-STUDY_KEYS = (
-    "preset",
-    "quick",
-    "privseg_version",
-    "created",
-    "machine",
-    "data",
-    "config",
-    "wall_seconds",
-    "runs",
-    "attack",
-    "audit",
-    "threat_model",
-    "privacy",
-    "compute_rule",
-)
-COMPUTE_RULES = {
-    "equal": (
-        "Equal compute: every setting takes rounds x local_steps sequential optimiser steps and "
-        "computes batch_size slice gradients per site and step (centralised: one pooled batch "
-        "of sites x batch_size)."
-    ),
-    "as_configured": "Each setting's own schedule: compute differs between settings.",
-}
 
 
 def nanmean(values: Iterable[float | None]) -> float:
@@ -156,6 +136,12 @@ def nanmean(values: Iterable[float | None]) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(np.nanmean(arr))
+
+
+def _largest(eps: Iterable[float | None]) -> float | None:
+    """The largest epsilon that is known (never an average); None when none is."""
+    known = [e for e in eps if e is not None]
+    return max(known) if known else None
 
 
 def as_float(value: Any) -> float:
@@ -208,6 +194,28 @@ class SiteResult:
                 for n, m in dict(test.get("classes") or {}).items()
             },
             privacy=privacy,
+        )
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> SiteResult:
+        """A ``sites[]`` entry read back (see :meth:`RunResult.load`)."""
+        privacy = {k: _PRIVACY_READERS[k](f, k) for k in PRIVACY_KEYS}
+        classes, cross = f.sub("classes"), f.sub("cross", optional=True)
+        return cls(
+            name=f.text("name"),
+            n_train=f.integer("n_train", optional=True),
+            dice=f.metric("dice"),
+            dice_sd=f.metric("dice_sd"),
+            hd95=f.metric("hd95"),
+            assd=f.metric("assd"),
+            hd95_units=f.text("hd95_units"),
+            assd_units=f.text("assd_units"),
+            patients=[p.data for p in f.each("patients")],
+            classes={n: classes.sub(n).metrics() for n in classes.data},
+            privacy=privacy if any(v is not None for v in privacy.values()) else None,
+            cross=None if cross is None else cross.metrics(),
+            completed=f.flag("completed", optional=True),
+            epsilon_lower_bound=f.flag("epsilon_lower_bound", optional=True),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,6 +276,50 @@ class RunResult:
             history=history,
         )
 
+    @classmethod
+    def load(cls, path: Path) -> RunResult:
+        """A run's ``results.json`` read back; a bad field is a DataError naming it."""
+        return cls.from_fields(read_fields(path))
+
+    @classmethod
+    def from_fields(cls, f: Fields) -> RunResult:
+        """The typed fields of a run (derived ones, like ``dice_mean``, are recomputed)."""
+        federation = (
+            {
+                "strategy": f.text("strategy"),
+                "rounds": f.integer("rounds"),
+                "local_steps": f.integer("local_steps"),
+                "secure_aggregation": f.flag("secure_aggregation"),
+            }
+            if "strategy" in f.data
+            else None
+        )
+        return cls(
+            mode=f.one_of("mode", MODES),
+            dp=f.flag("dp"),
+            unit=f.text("unit", optional=True),
+            target_epsilon=f.number("target_epsilon", optional=True),
+            sites=[SiteResult.from_fields(s) for s in f.each("sites")],
+            history=[h.data for h in f.each("history")],
+            seconds_per_epoch=f.number("seconds_per_epoch", optional=True),
+            seconds_per_round=f.number("seconds_per_round", optional=True),
+            wall_seconds=f.metric("wall_seconds"),
+            compute=f.mapping("compute", optional=True),
+            federation=federation,
+            provenance={  # privacy_note is derived from dp and unit, like dice_mean
+                k: f.data[k] for k in PROVENANCE_KEYS if k in f.data and k != "privacy_note"
+            },
+        )
+
+    def site(self, name: str) -> SiteResult | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The slice cache the run trained on (absent from a deployment's server)."""
+        cache = self.provenance.get("cache_dir")
+        return Path(cache) if cache else None
+
     def _dice(self) -> list[float]:
         pooled = [p["dice"] for s in self.sites for p in s.patients]
         return pooled or [s.dice for s in self.sites]
@@ -309,16 +361,12 @@ class RunResult:
     @property
     def epsilon_max(self) -> float | None:
         """The largest per-site epsilon (never an average); None without DP."""
-        eps = [epsilon_value(s.privacy.get("epsilon")) for s in self.sites if s.privacy]
-        eps = [e for e in eps if e is not None]
-        return max(eps) if eps else None
+        return _largest(s.privacy.get("epsilon") for s in self.sites if s.privacy)
 
     @property
     def epsilon_run_max(self) -> float | None:
         """The largest per-site epsilon of this run's own releases (what its target bounds)."""
-        eps = [epsilon_value(s.privacy.get("epsilon_run")) for s in self.sites if s.privacy]
-        eps = [e for e in eps if e is not None]
-        return max(eps) if eps else None
+        return _largest(s.privacy.get("epsilon_run") for s in self.sites if s.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -349,52 +397,6 @@ class RunResult:
 
     def write(self, path: Path) -> dict[str, Any]:
         """Write ``results.json`` atomically; return what was written."""
-        out = self.to_dict()
-        write_json(path, out)
-        return out
-
-
-@dataclass
-class StudyResult:
-    """A study's ``results.json`` (``privseg run``): every run, the attacks and audits.
-
-    ``preset`` is "quick" for ``privseg run --quick`` (a smoke test: ``quick`` is true and the
-    report draws no comparisons) and "full" otherwise.
-    """
-
-    preset: str
-    privseg_version: str
-    created: str
-    machine: dict[str, Any]
-    data: dict[str, Any]
-    config: dict[str, Any]
-    wall_seconds: float
-    runs: list[dict[str, Any]]
-    attack: list[dict[str, Any]]
-    audit: list[dict[str, Any]]
-    # per site: the grid's planned epsilon ("plan") and what the data spent ("spent": the
-    # rows of `privseg budget --data`, every release included)
-    privacy: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "preset": self.preset,
-            "quick": self.preset == "quick",
-            "privseg_version": self.privseg_version,
-            "created": self.created,
-            "machine": self.machine,
-            "data": self.data,
-            "config": self.config,
-            "wall_seconds": self.wall_seconds,
-            "runs": self.runs,
-            "attack": self.attack,
-            "audit": self.audit,
-            "threat_model": self.attack[0].get("threat_model", {}) if self.attack else {},
-            "privacy": self.privacy,
-            "compute_rule": COMPUTE_RULES[self.config["study"]["compute"]],
-        }
-
-    def write(self, path: Path) -> dict[str, Any]:
         out = self.to_dict()
         write_json(path, out)
         return out

@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from torch import nn
 
@@ -23,6 +23,15 @@ from privseg.errors import DataError
 from privseg.io import atomic_write_text, make_folder, read_json, write_json
 from privseg.models.checkpoint import load_checkpoint
 from privseg.output import abandon_held, hold_folder
+from privseg.report.blocks import REPORT_HTML
+from privseg.results import RunResult
+
+ATTACK_JSON = "attack.json"
+"""An attack's result in its folder (``RUN/attack/``, or a study's ``attack/<setting>/``)."""
+ATTACK_PNG = "attack.png"
+"""The attack's reconstruction grid, next to :data:`ATTACK_JSON`."""
+AUDIT_JSON = "audit.json"
+"""The identification audit's result, next to :data:`ATTACK_JSON`."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,11 @@ class RunFolder:
         """privseg's log messages of the run (info and up)."""
         return self.root / "run.log"
 
+    def process_log(self, name: str) -> Path:
+        """A process's output in a deployment (``superlink``, ``supernode``, ``worker``, and
+        ``flwr-run``: the server's ``flwr run``); its pid file is beside it (``.pid``)."""
+        return self.root / "logs" / f"{name}.log"
+
     def figure(self, name: str) -> Path:
         return self.root / f"{name}.png"
 
@@ -124,6 +138,7 @@ class RunFolder:
     # ---- study and attack --------------------------------------------------------------------
     @property
     def attack(self) -> Path:
+        """``privseg attack`` / ``audit`` output (:data:`ATTACK_JSON`, ...); a study's attack."""
         return self.root / "attack"
 
     def canaries(self, site: str, *, revealed: bool) -> Path:
@@ -136,6 +151,11 @@ class RunFolder:
         """The one-run audit of this run (``privseg audit RUN --whole-run``)."""
         return self.root / "audit_run.json"
 
+    @property
+    def attack_results(self) -> Path:
+        """A study's finished attacks and audits with their config (reused when unchanged)."""
+        return self.attack / "attack_results.json"
+
     def setting(self, key: str) -> RunFolder:
         """A study's run folder for one setting of its grid."""
         return RunFolder(self.root / "runs" / key)
@@ -143,6 +163,11 @@ class RunFolder:
     def finished_settings(self) -> list[str]:
         """The keys of a study's settings that wrote their results."""
         return sorted(p.parent.name for p in self.setting("").root.glob("*/results.json"))
+
+    @property
+    def report_html(self) -> Path:
+        """A study's report (``report.md`` beside it; figures/ and tables/ too)."""
+        return self.root / REPORT_HTML
 
     @property
     def cache(self) -> Path:
@@ -231,13 +256,13 @@ class RunFolder:
     def load_config(self) -> Config:
         return Config.load(self.config)
 
-    def load_results(self) -> dict[str, Any]:
+    def load_results(self) -> RunResult:
         """results.json of a finished run (a clear error when the run did not finish)."""
         if not self.root.is_dir():
             raise DataError(f"run folder {self.root} does not exist")
         if not self.results.is_file():
             raise DataError(f"{self.results} does not exist: is {self.root} a finished run?")
-        return read_json(self.results)
+        return RunResult.load(self.results)
 
     def load_model(self) -> nn.Module:
         """The run's final model (eval mode)."""

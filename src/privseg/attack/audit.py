@@ -150,7 +150,7 @@ def audit_model(
     images: Any,
     labels: Any,
     *,
-    clip_norm: float,
+    max_grad_norm: float,
     noise_multiplier: float,
     epsilon: float | None,
     delta: float,
@@ -174,10 +174,10 @@ def audit_model(
     clipped = []
     for i in pool:
         g = _flat_grad(model, loss_fn, x_all[i : i + 1], y_all[i : i + 1])
-        clipped.append(g * min(1.0, clip_norm / (float(g.norm()) + 1e-6)))
+        clipped.append(g * min(1.0, max_grad_norm / (float(g.norm()) + 1e-6)))
     c = torch.stack(clipped)
     threat = ThreatModel(
-        threat="T3", batch_size=1, clip_norm=clip_norm, noise_multiplier=noise_multiplier
+        threat="T3", batch_size=1, max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier
     )
     step = dp_gradient_fn(threat, torch.Generator().manual_seed(seed), expected_batch_size=1)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,7 +227,7 @@ def audit_model(
         "delta": delta,
         "candidates": k,
         "noise_multiplier": noise_multiplier,
-        "clip_norm": clip_norm,
+        "max_grad_norm": max_grad_norm,
         "sample_rate": sample_rate,
         "steps": steps,
         "adjacency": "replace-one (sensitivity 2C, mu = 2/sigma)",

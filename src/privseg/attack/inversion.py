@@ -107,7 +107,7 @@ def unrolled_update(
 ) -> list[torch.Tensor]:
     """``w0 - w_k`` after ``threat.local_steps`` SGD steps on the whole batch, as a function of
     the data (``torch.func.functional_call`` keeps the global model untouched)."""
-    clip = threat.clip_norm if threat.dp and threat.dp_aware else None
+    clip = threat.max_grad_norm if threat.dp and threat.dp_aware else None
     params = dict(params0)
     for _ in range(threat.local_steps):
         grads = _gradient(
@@ -225,9 +225,9 @@ def dp_gradient_fn(
     """
     from privseg.privacy.dp_sgd import DPGradient
 
-    assert threat.clip_norm is not None and threat.noise_multiplier is not None
+    assert threat.max_grad_norm is not None and threat.noise_multiplier is not None
     return DPGradient(
-        max_grad_norm=threat.clip_norm,
+        max_grad_norm=threat.max_grad_norm,
         noise_multiplier=threat.noise_multiplier,
         expected_batch_size=expected_batch_size or threat.batch_size,
         generator=generator,

@@ -8,6 +8,7 @@ and scores the result against the truth afterwards (``metrics.score``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -22,19 +23,20 @@ from privseg.attack.audit import audit_model
 from privseg.attack.inversion import default_loss, reconstruct, simulate_site_update
 from privseg.attack.threat import ThreatModel
 from privseg.config import Config
+from privseg.config.privacy import DEFAULT_EPSILON
 from privseg.data.classes import bits_to_target
 from privseg.errors import DataError
 from privseg.io import atomic_write_bytes, write_json
-from privseg.privacy.plan import DPPlan
+from privseg.privacy.plan import DPPlan, count_units, expected_batch_size, unit_ids
 from privseg.progress import Progress, no_progress
 from privseg.report.figures import reconstruction_grid_png
+from privseg.results import FEDERATED, RunResult
+from privseg.run_folder import ATTACK_JSON, ATTACK_PNG
 
 log = logging.getLogger(__name__)
 
 GALLERY_OTHERS = 15
 CHANCE_SLICES = 8
-GRID_PNG = "attack.png"
-"""The reconstruction grid's file name in an attack's ``out_dir`` (next to ``attack.json``)."""
 
 
 def relative_path(path: Path, base: Path) -> str:
@@ -47,48 +49,43 @@ def relative_path(path: Path, base: Path) -> str:
 
 
 # ---- DP setting of a site -----------------------------------------------------------------
-def dp_setting(
+def dp_plan(
     cfg: Config,
     split: Any,
     *,
     epsilon: float | None = None,
-    site_row: dict[str, Any] | None = None,
-    federated: bool = True,
-) -> dict[str, Any]:
-    """The site's DP-SGD parameters: the run's own (``site_row`` from results.json) when it
-    was private and no other ``epsilon`` is asked for, else the site's :class:`DPPlan` for
-    ``epsilon`` (default ``privacy.target_epsilon``) on its training ``split``, with the run's
-    steps when it recorded them."""
-    row = site_row or {}
-    if epsilon is None and row.get("noise_multiplier"):
-        return {
-            "noise_multiplier": float(row["noise_multiplier"]),
-            "clip_norm": float(row.get("clip_norm") or cfg.privacy.max_grad_norm),
-            "epsilon": row.get("epsilon"),
-            "delta": float(row.get("delta") or cfg.privacy.delta),
-            "sample_rate": row.get("sample_rate"),
-            "steps": row.get("steps"),
-            "unit": row.get("unit") or cfg.privacy.unit,
-            "source": "run",
-        }
-    eps = float(epsilon if epsilon is not None else (cfg.privacy.target_epsilon or 8.0))
-    plan = DPPlan.for_split(
+    run: RunResult | None = None,
+    site: str = "",
+) -> DPPlan:
+    """The DP-SGD plan of ``site`` attacked on its training ``split``: the run's own (its
+    results' site entry) when it was private and no other ``epsilon`` is asked for, else the
+    site's plan for ``epsilon`` (default ``privacy.target_epsilon``) with the run's steps when
+    it recorded them (federated calibration without a run)."""
+    entry = run.site(site) if run is not None else None
+    recorded = (entry.privacy if entry else None) or {}
+    if epsilon is None and recorded.get("noise_multiplier"):
+        n_units = count_units(unit_ids(split, recorded["unit"]))
+        return DPPlan(
+            noise_multiplier=recorded["noise_multiplier"],
+            sample_rate=recorded["sample_rate"],
+            steps=recorded["steps"],
+            max_grad_norm=recorded["max_grad_norm"],
+            delta=recorded["delta"],
+            unit=recorded["unit"],
+            accountant=recorded["accountant"],
+            n_units=n_units,
+            expected_batch_size=expected_batch_size(cfg.train.batch_size, n_units),
+            target_epsilon=run.target_epsilon if run is not None else None,
+        )
+    return DPPlan.for_split(
         cfg,
         split,
-        federated=federated,
-        steps=int(row["steps"]) if row.get("steps") else None,
-        target_epsilon=eps,
+        federated=run is None or run.mode == FEDERATED,
+        steps=recorded.get("steps"),
+        target_epsilon=epsilon
+        if epsilon is not None
+        else cfg.privacy.target_epsilon or DEFAULT_EPSILON,
     )
-    return {
-        "noise_multiplier": plan.noise_multiplier,
-        "clip_norm": plan.max_grad_norm,
-        "epsilon": eps,
-        "delta": plan.delta,
-        "sample_rate": plan.sample_rate,
-        "steps": plan.steps,
-        "unit": plan.unit,
-        "source": "calibrated",
-    }
 
 
 # ---- the attack on a model and a site's slices ---------------------------------------------
@@ -123,7 +120,7 @@ def run_attack_on_model(
     *,
     threat: ThreatModel | None = None,
     cfg: Config,
-    dp: dict[str, Any] | None = None,
+    dp: DPPlan | None = None,
     patients: Any = None,
     seed: int | None = None,
     loss_fn: nn.Module | None = None,
@@ -135,7 +132,7 @@ def run_attack_on_model(
     relative_to: Path | None = None,
 ) -> dict[str, Any]:
     """Attack ``cfg.attack.targets`` batches drawn from ``images``/``labels`` (a site's training
-    slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_setting`) makes it T3.
+    slices ``[N, R, R]``) and score them; ``dp`` (see :func:`dp_plan`) makes it T3.
 
     With ``out_dir``, writes ``attack.png`` (the reconstruction grid) and ``attack.json``
     (``meta`` merged in) there; the result's ``grid_png`` is the PNG's path relative to
@@ -232,22 +229,20 @@ def run_attack_on_model(
         "seed": seed,
         "seconds": time.perf_counter() - started,
         "threat_model": threat.to_dict(),
-        "dp_setting": dp,
+        "dp_plan": None if dp is None else dataclasses.asdict(dp),
         **(meta or {}),
         "targets": rows,
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
-        png = out_dir / GRID_PNG
+        png = out_dir / ATTACK_PNG
         atomic_write_bytes(png, reconstruction_grid_png(shown, result))
         result["grid_png"] = relative_path(png, relative_to if relative_to else out_dir)
-        write_json(out_dir / "attack.json", result)
+        write_json(out_dir / ATTACK_JSON, result)
     return result
 
 
 def _fields(threat: ThreatModel) -> dict[str, Any]:
-    import dataclasses
-
     return {f.name: getattr(threat, f.name) for f in dataclasses.fields(threat)}
 
 
@@ -267,33 +262,39 @@ def audit_setting(
     model: nn.Module,
     split: Any,
     cfg: Config,
-    dp: dict[str, Any] | None,
+    dp: DPPlan | None,
     *,
     trials: int | None = None,
     candidates: int | None = None,
 ) -> dict[str, Any]:
-    """The identification audit of one DP setting (``cfg.attack`` trials and candidates)."""
+    """The identification audit of one DP setting (``cfg.attack`` trials and candidates);
+    without ``dp``, the clipped step without noise."""
     return audit_model(
         model,
         split.images,
         bits_to_target(split.labels, cfg.data.n_classes),
-        clip_norm=float(dp["clip_norm"]) if dp else cfg.privacy.max_grad_norm,
-        noise_multiplier=float(dp["noise_multiplier"]) if dp else 0.0,
-        epsilon=dp.get("epsilon") if dp else None,
-        delta=float(dp["delta"]) if dp else cfg.privacy.delta,
+        max_grad_norm=dp.max_grad_norm if dp else cfg.privacy.max_grad_norm,
+        noise_multiplier=dp.noise_multiplier if dp else 0.0,
+        epsilon=dp.stated_epsilon() if dp else None,
+        delta=dp.delta if dp else cfg.privacy.delta,
         trials=trials or cfg.attack.audit_trials,
         candidates=candidates or cfg.attack.audit_candidates,
         seed=cfg.seed,
-        sample_rate=dp.get("sample_rate") if dp else None,
-        steps=dp.get("steps") if dp else None,
+        sample_rate=dp.sample_rate if dp else None,
+        steps=dp.steps if dp else None,
     )
+
+
+def setting_key(dp: DPPlan | None) -> str:
+    """A study attack's name: ``no_dp``, or ``dp_eps<E>`` for the epsilon its noise is for."""
+    return "no_dp" if dp is None else f"dp_eps{dp.stated_epsilon():g}"
 
 
 def attack_setting(
     model: nn.Module,
     split: Any,
     cfg: Config,
-    epsilon: float | None,
+    dp: DPPlan | None,
     *,
     out_dir: Path | None = None,
     progress: Progress | None = None,
@@ -301,13 +302,12 @@ def attack_setting(
     relative_to: Path | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """One setting of the study's attack on a site's training ``split``: no DP (``epsilon``
-    None) or the site's DP-SGD with sigma calibrated for ``epsilon`` (federated calibration).
-    The result names it (``setting``: ``no_dp`` / ``dp_eps<E>``) and carries its
-    ``dp_setting``; with ``out_dir``, files go to ``out_dir/<setting>/`` (``grid_png``
-    relative to ``relative_to``; ``device``, see :func:`run_attack_on_model`)."""
-    key = "no_dp" if epsilon is None else f"dp_eps{epsilon:g}"
-    dp = None if epsilon is None else dp_setting(cfg, split, epsilon=epsilon)
+    """One setting of the study's attack on a site's training ``split``: no DP (``dp`` None)
+    or the site's DP-SGD plan (:func:`dp_plan`). The result names it (``setting``, see
+    :func:`setting_key`) and carries the plan; with ``out_dir``, files go to
+    ``out_dir/<setting>/`` (``grid_png`` relative to ``relative_to``; ``device``, see
+    :func:`run_attack_on_model`)."""
+    key = setting_key(dp)
     return run_attack_on_model(
         model,
         split.images,

@@ -19,6 +19,7 @@ from torch import nn
 
 from privseg.config import AttackConfig, Config
 from privseg.errors import ConfigError
+from privseg.privacy.plan import DPPlan
 
 THREATS = {
     "T1": "one local SGD step on a batch of B slices; the update / lr is the averaged gradient",
@@ -71,12 +72,12 @@ class ThreatModel:
     architecture: str = "unet"
     loss: str = "DiceBCELoss (per-sample, batch mean)"
     num_samples: int = 1
-    clip_norm: float | None = None
+    max_grad_norm: float | None = None
     noise_multiplier: float | None = None
     epsilon: float | None = None
     delta: float | None = None
     sample_rate: float | None = None
-    accounted_steps: int | None = None
+    steps: int | None = None
     dp_aware: bool = True
     local_optimizer: str = "sgd"
     sees: tuple[str, ...] = field(default=SEES)
@@ -95,7 +96,7 @@ class ThreatModel:
         if not self.lr > 0:
             raise ConfigError(f"local lr = {self.lr} is invalid: must be > 0")
         if self.dp:
-            if self.clip_norm is None or not self.clip_norm > 0:
+            if self.max_grad_norm is None or not self.max_grad_norm > 0:
                 raise ConfigError("threat T3 needs a positive clip norm (privacy.max_grad_norm)")
             if self.noise_multiplier is None or self.noise_multiplier < 0:
                 raise ConfigError("threat T3 needs a noise multiplier >= 0")
@@ -115,7 +116,7 @@ class ThreatModel:
     def describe(self) -> str:
         """One paragraph for logs and the CLI."""
         dp = (
-            f"; DP-SGD clip C={self.clip_norm:g}, noise sigma={self.noise_multiplier:.4g}"
+            f"; DP-SGD clip C={self.max_grad_norm:g}, noise sigma={self.noise_multiplier:.4g}"
             + (f" (epsilon={self.epsilon:g}, delta={self.delta:g})" if self.epsilon else "")
             if self.dp
             else "; no DP"
@@ -131,15 +132,14 @@ class ThreatModel:
         cls,
         cfg: Config,
         *,
-        dp: dict[str, Any] | None = None,
+        dp: DPPlan | None = None,
         local_steps: int | None = None,
         num_samples: int | None = None,
     ) -> ThreatModel:
         """The threat of ``cfg.attack`` against a site trained with ``cfg`` (lr, local steps).
 
-        ``dp`` (keys ``noise_multiplier``, ``clip_norm``, optional ``epsilon``, ``delta``,
-        ``sample_rate``, ``steps``) turns the threat into T3. T3 takes one local step unless
-        ``local_steps`` says otherwise (T3 = T1 or T2 under DP-SGD).
+        ``dp`` (the site's DP-SGD plan) turns the threat into T3. T3 takes one local step
+        unless ``local_steps`` says otherwise (T3 = T1 or T2 under DP-SGD).
         """
         a: AttackConfig = cfg.attack
         threat = "T3" if dp is not None else a.threat
@@ -148,7 +148,6 @@ class ThreatModel:
         if local_steps is None:
             multi = a.threat == "T2"  # T2, or T3 built on T2 (dp given with attack.threat T2)
             local_steps = max(2, cfg.federated.local_steps) if multi else 1
-        d = dp or {}
         return cls(
             threat=threat,
             batch_size=a.batch_size,
@@ -158,13 +157,20 @@ class ThreatModel:
             resolution=cfg.data.resolution,
             architecture=cfg.model.name,
             num_samples=num_samples if num_samples is not None else a.batch_size,
-            clip_norm=d.get("clip_norm", cfg.privacy.max_grad_norm) if dp is not None else None,
-            noise_multiplier=d.get("noise_multiplier"),
-            epsilon=d.get("epsilon"),
-            delta=d.get("delta", cfg.privacy.delta) if dp is not None else None,
-            sample_rate=d.get("sample_rate"),
-            accounted_steps=d.get("steps"),
+            **({} if dp is None else dp_fields(dp)),
         )
+
+
+def dp_fields(plan: DPPlan) -> dict[str, Any]:
+    """The threat model's DP fields from a site's plan (the same names as :class:`DPPlan`)."""
+    return {
+        "max_grad_norm": plan.max_grad_norm,
+        "noise_multiplier": plan.noise_multiplier,
+        "epsilon": plan.stated_epsilon(),
+        "delta": plan.delta,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+    }
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.table import Table
@@ -21,15 +20,12 @@ from privseg.cli.common import (
     user_errors,
 )
 from privseg.config.sections import AttackRound, MaskMode, Threat
+from privseg.report.format import fmt, fmt_bool, fmt_eps
 
 
 def register(app: typer.Typer) -> None:
     app.command("attack")(attack)
     app.command("audit")(audit)
-
-
-def _fmt(v: Any, spec: str = ".2f") -> str:
-    return "–" if v is None else format(v, spec)
 
 
 @user_errors
@@ -55,7 +51,7 @@ def attack(
     overwrite: bool = OverwriteOption,
     device: str | None = DeviceOption,
 ) -> None:
-    """Reconstruct a site's slices from its update (Inverting Gradients); write attack.json."""
+    """Reconstruct a site's slices from its update (Inverting Gradients); write RUN/attack/."""
     overrides = [*(overrides or []), *([f"attack.round={round_}"] if round_ else [])]
     load_config(None, overrides)  # field and value rules before torch loads; the run's own
     # config gets the overrides in run_attack
@@ -94,7 +90,7 @@ def attack(
     table = Table(
         title=f"gradient inversion, {res['threat']}, "
         + (
-            f"DP ε={res['epsilon']:g}"
+            f"DP ε={fmt_eps(res['epsilon'])}"
             if res["dp"] and res["epsilon"]
             else "DP"
             if res["dp"]
@@ -115,26 +111,29 @@ def attack(
     for r in res["targets"]:
         table.add_row(
             str(r["target"] + r["batch"] * res["batch_size"]),
-            _fmt(r["psnr"]),
-            _fmt(r["psnr_body"]),
-            _fmt(r["ssim"], ".3f"),
-            _fmt(r["prior_psnr"]),
-            _fmt(r["chance_psnr"]),
-            "yes" if r["reidentified"] else "no",
-            _fmt(r["matching_loss"], ".4f"),
+            fmt(r["psnr"], ".2f"),
+            fmt(r["psnr_body"], ".2f"),
+            fmt(r["ssim"], ".3f"),
+            fmt(r["prior_psnr"], ".2f"),
+            fmt(r["chance_psnr"], ".2f"),
+            fmt_bool(r["reidentified"]),
+            fmt(r["matching_loss"], ".4f"),
         )
     table.add_row(
         "median",
-        _fmt(res["psnr_median"]),
-        _fmt(res["psnr_body_median"]),
-        _fmt(res["ssim_median"], ".3f"),
-        _fmt(res["prior_psnr_median"]),
-        _fmt(res["chance_psnr_median"]),
-        f"{res['reidentification_rate']:.0%}",
-        _fmt(res["matching_loss_median"], ".4f"),
+        fmt(res["psnr_median"], ".2f"),
+        fmt(res["psnr_body_median"], ".2f"),
+        fmt(res["ssim_median"], ".3f"),
+        fmt(res["prior_psnr_median"], ".2f"),
+        fmt(res["chance_psnr_median"], ".2f"),
+        fmt(res["reidentification_rate"], ".0%"),
+        fmt(res["matching_loss_median"], ".4f"),
     )
     console.print(table)
-    say(f"wrote {run_dir}/attack/attack.json and attack.png")
+    from privseg.run_folder import ATTACK_JSON, ATTACK_PNG, RunFolder
+
+    folder = RunFolder(run_dir).attack
+    say(f"wrote {folder / ATTACK_JSON} and {ATTACK_PNG}")
 
 
 @user_errors
@@ -150,7 +149,7 @@ def audit(
     output: OutputFormat = typer.Option("table", "--format", help="How to print the result."),
     overwrite: bool = OverwriteOption,
 ) -> None:
-    """Empirical K-way identification game against one DP-SGD release; write audit.json.
+    """Empirical K-way identification game against one DP-SGD release; write RUN/attack/.
     With --whole-run: the one-run audit of the training itself (exit code 1 if it fails)."""
     if whole_run:
         _audit_whole_run(run_dir, output)
@@ -178,17 +177,19 @@ def audit(
     table.add_row(
         str(res["trials"]),
         str(res["candidates"]),
-        f"{res['success_rate']:.3f}",
-        f"[{lo:.3f}, {hi:.3f}]",
-        f"{res['bound']:.3f}",
-        f"{res['bound_gdp']:.3f}",
-        "[green]yes[/]" if res["held"] else "[red]NO[/]",
+        fmt(res["success_rate"]),
+        f"[{fmt(lo)}, {fmt(hi)}]",
+        fmt(res["bound"]),
+        fmt(res["bound_gdp"]),
+        fmt_bool(res["held"], "[green]yes[/]", "[red]NO[/]"),
     )
     console.print(table)
-    eps = "∞ (no DP)" if res["epsilon"] is None else f"{res['epsilon']:g}"
+    from privseg.run_folder import AUDIT_JSON, RunFolder
+
+    eps = "∞ (no DP)" if res["epsilon"] is None else fmt_eps(res["epsilon"])
     say(
-        f"ε = {eps}, δ = {res['delta']:g}, σ = {res['noise_multiplier']:.4g}, "
-        f"C = {res['clip_norm']:g}; wrote {run_dir}/attack/audit.json"
+        f"ε = {eps}, δ = {fmt(res['delta'], 'g')}, σ = {fmt(res['noise_multiplier'], '.4g')}, "
+        f"C = {fmt(res['max_grad_norm'], 'g')}; wrote {RunFolder(run_dir).attack / AUDIT_JSON}"
     )
 
 
@@ -220,9 +221,9 @@ def _audit_whole_run(run_dir: Path, output: str) -> None:
                     t["trainer"],
                     threat,
                     str(a["m"]),
-                    _fmt(t["claim"]["epsilon_run"], ".3g"),
+                    fmt(t["claim"]["epsilon_run"], ".3g"),
                     f"[red]{a['epsilon_lower']:.2f}[/]" if bad else f"{a['epsilon_lower']:.2f}",
-                    _fmt(a["epsilon_lower_fdp"]),
+                    fmt(a["epsilon_lower_fdp"], ".2f"),
                     f"{a['ceiling']:.2f}",
                     f"{a['estimate']['epsilon']:.2f}",
                 )

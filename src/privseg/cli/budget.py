@@ -13,6 +13,7 @@ from privseg.choices import OutputFormat
 from privseg.cli.common import console, user_errors
 from privseg.errors import ConfigError, DataError
 from privseg.plugins import ACCOUNTANTS, input_formats
+from privseg.report.format import MISSING, fmt, fmt_value
 
 
 @user_errors
@@ -81,23 +82,23 @@ def budget(
         )
     for r in sites:
         bud = (
-            "-"
+            MISSING
             if r["budget_epsilon"] is None
-            else f"{r['budget_epsilon']:g} at delta {r['budget_delta']:g}"
+            else f"{fmt(r['budget_epsilon'], 'g')} at delta {fmt(r['budget_delta'], 'g')}"
         )
         left = r["remaining"]
-        shown = "-" if left is None else str(left) if isinstance(left, str) else f"{left:.3f}"
+        shown = fmt(left, ".3f")  # "-inf": spent past the budget
         if isinstance(left, str) or (left is not None and left < 0):
             shown = f"[red]{shown}[/]"
-        eps = r["epsilon"] if isinstance(r["epsilon"], str) else f"{r['epsilon']:.3f}"
+        eps = fmt(r["epsilon"], ".3f")  # "inf" after a release without DP
         table.add_row(
             r["name"],
             str(r["patients"]),
-            r["unit"] or "-",
+            fmt_value(r["unit"]),
             str(len(r["releases"])),
             str(r["steps"]),
             f"{eps} ({r['accountant']})",
-            f"{r['delta']:g}",
+            fmt(r["delta"], "g"),
             bud,
             shown,
         )

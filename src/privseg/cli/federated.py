@@ -14,7 +14,7 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
-from privseg.report.format import fmt_eps
+from privseg.report.format import fmt, fmt_eps
 
 INSECURE_HELP = "No TLS and no site authentication: for tests on one machine only."
 INSECURE_WARNING = "--insecure: no TLS, no site authentication; never use this across a network"
@@ -37,13 +37,16 @@ def server(
 
     if insecure:
         say(INSECURE_WARNING, label="warning:", style="bold yellow", err=True)
-    results = serve(
-        cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume
-    )
+    serve(cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume)
+    from privseg.results import RunResult
+    from privseg.run_folder import RunFolder
+
+    path = RunFolder(out).results
+    result = RunResult.load(path)
     say(
-        f"federation done: {len(results['sites'])} sites, Dice {results['dice_mean']:.3f}, "
-        f"max epsilon {fmt_eps(results['epsilon_max'])}, "
-        f"{results['seconds_per_round']:.1f} s/round; wrote {out}/results.json"
+        f"federation done: {len(result.sites)} sites, Dice {fmt(result.dice_mean)}, "
+        f"max epsilon {fmt_eps(result.epsilon_max)}, "
+        f"{fmt(result.seconds_per_round, '.1f')} s/round; wrote {path}"
     )
 
 

@@ -21,7 +21,7 @@ from privseg.cli.common import (
     user_errors,
 )
 from privseg.plugins import input_formats
-from privseg.report.format import fmt_eps
+from privseg.report.format import fmt, fmt_eps, fmt_pm
 
 
 @user_errors
@@ -50,6 +50,7 @@ def run(
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
     load_config(config, set_)  # field and value rules before torch and Flower load
+    from privseg.run_folder import RunFolder
     from privseg.runs.study import PRESETS, run_study
 
     if quick:
@@ -76,18 +77,18 @@ def run(
         "s / round or epoch",
     ):
         table.add_column(col)
-    for r in study["runs"]:
-        run_eps, total = r.get("epsilon_run_max"), r.get("epsilon_max")
-        secs = r.get("seconds_per_round") or r.get("seconds_per_epoch")
+    for r in study.runs:
+        res = r.result
+        secs = res.seconds_per_round or res.seconds_per_epoch
         table.add_row(
-            r["label"],
-            f"{r['dice_mean']:.3f} ± {r['dice_sd']:.3f}",
-            fmt_eps(run_eps),
-            fmt_eps(total),
-            f"{secs:.2f}" if secs else "–",
+            r.label,
+            fmt_pm(res.dice_mean, res.dice_sd),
+            fmt_eps(res.epsilon_run_max),
+            fmt_eps(res.epsilon_max),
+            fmt(secs, ".2f"),
         )
     console.print(table)
-    say(f"report: {out / 'report.html'} ({study['wall_seconds']:.0f} s)")
+    say(f"report: {RunFolder(out).report_html} ({fmt(study.wall_seconds, '.0f')} s)")
 
 
 def stopped(out: Path) -> str:

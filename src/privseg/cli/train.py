@@ -69,7 +69,7 @@ def train(
     with interruptible(lambda: stopped(RunFolder(out), mode)):
         try:
             with progress_bar() as progress:
-                results = run_train(
+                run_train(
                     cfg,
                     data=data,
                     out=out,
@@ -80,16 +80,19 @@ def train(
         except BaseException:
             RunFolder(out).abandon()  # a folder this command created and never finished
             raise
-    table = Table(title=f"{results['mode']} training, {'DP' if results['dp'] else 'non-private'}")
+    from privseg.report.format import fmt, fmt_eps
+    from privseg.results import RunResult
+
+    result = RunResult.load(RunFolder(out).results)
+    table = Table(title=f"{result.mode} training, {'DP' if result.dp else 'non-private'}")
     for col in ("site", "n_train", "Dice (test)", "epsilon"):
         table.add_column(col)
-    for s in results["sites"]:
-        eps = s.get("epsilon")
-        eps = "–" if eps is None else eps if isinstance(eps, str) else f"{eps:.2f}"
-        table.add_row(s["name"], str(s["n_train"]), f"{s['dice']:.3f}", eps)
-    table.add_row("mean", "", f"{results['dice_mean']:.3f}", "")
+    for s in result.sites:
+        eps = s.privacy.get("epsilon") if s.privacy else None
+        table.add_row(s.name, fmt(s.n_train, "d"), fmt(s.dice), fmt_eps(eps))
+    table.add_row("mean", "", fmt(result.dice_mean), "")
     console.print(table)
-    say(f"wrote {out}/results.json ({results['wall_seconds']:.1f} s)")
+    say(f"wrote {RunFolder(out).results} ({fmt(result.wall_seconds, '.1f')} s)")
 
 
 def stopped(folder: RunFolder, mode: str) -> str:

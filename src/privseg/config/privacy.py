@@ -14,6 +14,10 @@ PrivacyUnit = Literal["slice", "patient"]
 MIN_CANARIES = 10
 
 
+DEFAULT_EPSILON = 8.0
+"""``privacy.target_epsilon`` unless set; the attack's DP setting when a run has no target."""
+
+
 @dataclass
 class PrivacyConfig:
     """DP-SGD at each site. The noise is ``noise_multiplier``, or calibrated for
@@ -26,7 +30,7 @@ class PrivacyConfig:
     )
     max_grad_norm: float = field(default=1.0, metadata=rule(gt=0.0, le=1e6))
     noise_multiplier: float | None = field(default=None, metadata=rule(ge=0.0, le=1e4))
-    target_epsilon: float | None = field(default=8.0, metadata=rule(gt=0.0, le=1e4))
+    target_epsilon: float | None = field(default=DEFAULT_EPSILON, metadata=rule(gt=0.0, le=1e4))
     delta: float = field(default=1e-5, metadata=rule(gt=0.0, lt=1.0))
     accountant: str = field(
         default="prv",

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.federated import messages as M
 from privseg.federated.identity import SiteNodes, dumps_site_nodes
 from privseg.io import atomic_write_text
 
@@ -33,13 +34,22 @@ serverapp = "privseg.federated.server_app:app"
 clientapp = "privseg.federated.client_app:app"
 
 [tool.flwr.app.config]
-privseg-config = ""
-run-id = ""
-out-dir = ""
-resume = false
-expected-sites = 0
-site-nodes = ""
 """
+
+
+def run_config_toml(
+    cfg_toml: str, run_id: str, out: str, resume: bool, expected_sites: int, site_nodes: str
+) -> str:
+    """The ServerApp's run config as TOML lines (the App's defaults: all empty)."""
+    values = {
+        M.CFG_TOML: toml_str(cfg_toml),
+        M.CFG_RUN_ID: toml_str(run_id),
+        M.RUN_OUT_DIR: toml_str(out),
+        M.RUN_RESUME: "true" if resume else "false",
+        M.RUN_EXPECTED_SITES: str(int(expected_sites)),
+        M.RUN_SITE_NODES: toml_str(site_nodes),
+    }
+    return "".join(f"{k} = {v}\n" for k, v in values.items())
 
 
 def toml_str(value: str) -> str:
@@ -74,19 +84,12 @@ def write_app(
     ``site_nodes``: node id -> site, from the server's key registrations (the ServerApp checks
     every reply's site against it).
     """
-    atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT)
+    defaults = run_config_toml("", "", "", False, 0, "")
+    atomic_write_text(folder / "pyproject.toml", APP_PYPROJECT + defaults)
     run_config = folder.parent / "run-config.toml"
+    nodes = dumps_site_nodes(site_nodes) if site_nodes else ""
     atomic_write_text(
         run_config,
-        "".join(
-            [
-                f"privseg-config = {toml_str(cfg.to_toml())}\n",
-                f"run-id = {toml_str(run_id)}\n",
-                f"out-dir = {toml_str(str(out.resolve()))}\n",
-                f"resume = {'true' if resume else 'false'}\n",
-                f"expected-sites = {int(expected_sites)}\n",
-                f"site-nodes = {toml_str(dumps_site_nodes(site_nodes) if site_nodes else '')}\n",
-            ]
-        ),
+        run_config_toml(cfg.to_toml(), run_id, str(out.resolve()), resume, expected_sites, nodes),
     )
     return run_config

@@ -63,18 +63,19 @@ class SiteSettings:
 def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
     """Resolve the site from the node config (deployment) or its partition id (simulation)."""
     conf = {**defaults, **node_config}
-    site = conf.get("site")
-    if not site and "partition-id" in conf and conf.get("sites"):
-        sites = str(conf["sites"]).split(",")
-        site = sites[int(conf["partition-id"])]
-    if not site or not conf.get("data-dir"):
+    site = conf.get(M.NODE_SITE)
+    if not site and M.NODE_PARTITION in conf and conf.get(M.NODE_SITES):
+        sites = str(conf[M.NODE_SITES]).split(",")
+        site = sites[int(conf[M.NODE_PARTITION])]
+    if not site or not conf.get(M.NODE_DATA_DIR):
         raise DataError(
             "this SuperNode has no site: start it with --node-config "
-            "\"site='NAME' data-dir='CACHE_DIR' out-dir='DIR'\" (privseg site does this)"
+            f"\"{M.NODE_SITE}='NAME' {M.NODE_DATA_DIR}='CACHE_DIR' {M.NODE_OUT_DIR}='DIR'\" "
+            "(privseg site does this)"
         )
-    data_dir = Path(str(conf["data-dir"]))
-    out_dir = Path(str(conf.get("out-dir") or data_dir / "site-out"))
-    privacy = Path(str(conf["privacy-config"])) if conf.get("privacy-config") else None
+    data_dir = Path(str(conf[M.NODE_DATA_DIR]))
+    out_dir = Path(str(conf.get(M.NODE_OUT_DIR) or data_dir / "site-out"))
+    privacy = Path(str(conf[M.NODE_PRIVACY])) if conf.get(M.NODE_PRIVACY) else None
     return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, privacy_config=privacy)
 
 

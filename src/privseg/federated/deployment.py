@@ -107,7 +107,7 @@ def serve(
     if keys:
         argv.append("--enable-supernode-auth")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    link_log = out / "logs" / "superlink.log"
+    link_log = run.process_log("superlink")
     if stop_stale(link_log.with_suffix(".pid")) is not None:
         echo("stopped the SuperLink an earlier `privseg server` left running in this folder")
     with Processes() as procs:
@@ -132,7 +132,7 @@ def serve(
             f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
             f"{len(keys)} site key(s) registered; waiting for sites..."
         )
-        with open(private_file(out / "logs" / "run.log"), "a") as run_log:
+        with open(private_file(run.process_log("flwr-run")), "a") as run_log:
             proc = subprocess.Popen(
                 [
                     flower_bin("flwr"),
@@ -173,7 +173,7 @@ def serve(
         raise FederationError(status["message"])
     if status["status"] != "completed" or not run.results.is_file():
         raise FederationError(
-            f"the run failed after round {status['round']}; see {out / 'logs' / 'run.log'}"
+            f"the run failed after round {status['round']}; see {run.process_log('flwr-run')}"
         )
     return read_json(run.results)
 

@@ -30,7 +30,21 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"  # ConfigRecord {"name": site name} in replies
 
-# ---- config keys sent by the server ---------------------------------------------------------
+# ---- Flower run config (the ServerApp's; `flwr run --run-config`) ----------------------------
+RUN_OUT_DIR = "out-dir"  # the server's run folder
+RUN_RESUME = "resume"
+RUN_EXPECTED_SITES = "expected-sites"  # wait for this many sites before the first round
+RUN_SITE_NODES = "site-nodes"  # node id -> site, from the key registrations (JSON)
+
+# ---- Flower node config (a site's SuperNode, `--node-config`; simulation: the ClientApp's) ---
+NODE_SITE = "site"
+NODE_DATA_DIR = "data-dir"  # the site's slice cache
+NODE_OUT_DIR = "out-dir"  # the site's folder (its report and last reply)
+NODE_PRIVACY = "privacy-config"  # the site's privacy floor (site-privacy.toml)
+NODE_SITES = "sites"  # simulation: every site, comma-separated, by partition id
+NODE_PARTITION = "partition-id"  # set by Flower's simulation
+
+# ---- config keys sent by the server (the first two also in the Flower run config) -----------
 CFG_TOML = "privseg-config"  # the run's Config as TOML
 CFG_RUN_ID = "run-id"
 CFG_LOCAL_STEPS = "local-steps"
@@ -77,14 +91,14 @@ CLASS_DICE = tuple(f"dice_class_{k}" for k in range(MAX_CLASSES))
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise_multiplier"
 SAMPLE_RATE = "sample_rate"
-CLIP_NORM = "clip_norm"
+MAX_GRAD_NORM = "max_grad_norm"
 AGG_WEIGHT = "agg-weight"  # added by the server before averaging, never sent by a site
 SECAGG_CLIPPED = "secagg_clipped"  # SecAgg+: update coordinates clipped to +-secagg_clip
 
 TRAIN_KEYS = frozenset(
     {NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON, SECONDS, DECLINED, SECAGG_CLIPPED, VAL_DICE}
 )
-PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, CLIP_NORM)
+PRIVACY_SCALARS = (EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE, STEPS, MAX_GRAD_NORM)
 EVAL_KEYS = frozenset(
     {NUM_EXAMPLES, DICE, DICE_SD, HD95, N_PATIENTS, *CLASS_DICE, *PRIVACY_SCALARS}
 )

@@ -70,11 +70,11 @@ class ServerSettings:
             cfg = Config.from_dict(tomllib.loads(str(run_config[M.CFG_TOML])))
             return cls(
                 cfg=cfg,
-                out_dir=Path(str(run_config["out-dir"])),
+                out_dir=Path(str(run_config[M.RUN_OUT_DIR])),
                 run_id=str(run_config[M.CFG_RUN_ID]),
-                resume=bool(run_config.get("resume", False)),
-                expected_sites=int(run_config.get("expected-sites", 0)),
-                site_nodes=loads_site_nodes(str(run_config.get("site-nodes", ""))),
+                resume=bool(run_config.get(M.RUN_RESUME, False)),
+                expected_sites=int(run_config.get(M.RUN_EXPECTED_SITES, 0)),
+                site_nodes=loads_site_nodes(str(run_config.get(M.RUN_SITE_NODES, ""))),
             )
         except KeyError as exc:
             raise FederationError(f"the run config lacks {exc.args[0]!r}") from None

@@ -19,7 +19,7 @@ from privseg.data.classes import Classes
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import load_state
-from privseg.results import PRIVACY_KEYS, RunResult, SiteResult, nanmean
+from privseg.results import FEDERATED, PRIVACY_KEYS, RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
 
 
@@ -61,7 +61,7 @@ def build_results(
         sites.append(site)
     _local_val_curves(history, reports)
     fed = cfg.federated
-    result = RunResult.of(cfg.privacy, "federated", sites, history)
+    result = RunResult.of(cfg.privacy, FEDERATED, sites, history)
     result.seconds_per_round = float(np.mean([h["seconds"] for h in history])) if history else None
     result.wall_seconds = wall_seconds
     result.federation = {
@@ -105,7 +105,7 @@ def save_final(out_dir: Path, cfg: Config, summary: dict[str, Any], run_id: str)
         RunFolder(out_dir).checkpoint,
         summary["state_dict"],
         cfg,
-        mode="federated",
+        mode=FEDERATED,
         run_id=run_id,
         rounds=len(summary["history"]),
         # the server never sees the sites' data: counted private (never wrongly public)

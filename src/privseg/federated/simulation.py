@@ -14,6 +14,7 @@ from typing import Any
 
 from privseg.config import Config
 from privseg.errors import DataError, FederationError, PrivsegError
+from privseg.federated import messages as M
 from privseg.federated.client_app import TrainerFactory, make_client_app, release_trainers
 from privseg.federated.flower_compat import in_process_simulation
 from privseg.federated.reaper import reaping
@@ -155,7 +156,11 @@ def run_federated(
         poll=SIMULATION_POLL,
     )
     client = make_client_app(
-        {"sites": ",".join(sites), "data-dir": str(cache_dir), "out-dir": str(out_dir)},
+        {
+            M.NODE_SITES: ",".join(sites),
+            M.NODE_DATA_DIR: str(cache_dir),
+            M.NODE_OUT_DIR: str(out_dir),
+        },
         trainer_factory,
     )
     engine = in_process_simulation() if backend == "in-process" else _ray_engine()

@@ -16,8 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.data.cache import MANIFEST
 from privseg.device import resolve_device
 from privseg.errors import ConfigError, DataError, FederationError
+from privseg.federated import messages as M
 from privseg.federated.app_files import toml_str
 from privseg.federated.certs import CertFiles
 from privseg.federated.processes import Processes, flower_bin, flower_env, service_port, stop_stale
@@ -39,9 +41,9 @@ def check_site_data(data: Path, site: str) -> None:
     from privseg.data.cache import SliceCache
 
     data = Path(data)
-    if not (data / "manifest.json").is_file():
+    if not (data / MANIFEST).is_file():
         raise DataError(
-            f"{data} is not a prepared slice cache (no manifest.json); run "
+            f"{data} is not a prepared slice cache (no {MANIFEST}); run "
             "`privseg data prepare` at this site first"
         )
     sites = SliceCache.open(data).sites
@@ -123,7 +125,7 @@ def join(
     with claimed_folder(out, "site", inputs=inputs) as claim:
         claim.own([SITE_POLICY, "logs", "sites", ".flwr"])
         for name in SITE_PROCESSES:
-            pid = stop_stale(out / "logs" / f"{name}.pid")
+            pid = stop_stale(RunFolder(out).process_log(name).with_suffix(".pid"))
             if pid is not None:
                 echo(f"site {site}: stopped the {name} (pid {pid}) an earlier run left behind")
         privacy_config = site_policy(out, privacy_config, budget_epsilon, device)
@@ -161,9 +163,14 @@ def _serve_site(
     started = time.time()
     env = flower_env(out / ".flwr")
     with Processes() as procs:
-        node_config = (
-            f"site={toml_str(site)} data-dir={toml_str(str(data))} out-dir={toml_str(str(out))} "
-            f"privacy-config={toml_str(str(privacy_config))}"
+        node_config = " ".join(
+            f"{key}={toml_str(value)}"
+            for key, value in (
+                (M.NODE_SITE, site),
+                (M.NODE_DATA_DIR, str(data)),
+                (M.NODE_OUT_DIR, str(out)),
+                (M.NODE_PRIVACY, str(privacy_config)),
+            )
         )
         runtime_port = service_port()  # the SuperNode's local Runtime API (127.0.0.1)
         if worker:
@@ -180,7 +187,7 @@ def _serve_site(
                     f"127.0.0.1:{runtime_port}",
                 ],
                 env=env,
-                log_file=out / "logs" / "worker.log",
+                log_file=RunFolder(out).process_log("worker"),
             )
             argv = [sys.executable, "-m", "privseg.federated.worker", "supernode"]
             argv += ["--isolation", "process"]
@@ -209,7 +216,7 @@ def _serve_site(
             return done.is_file() and done.stat().st_mtime >= started and report.is_file()
 
         give_up = time.monotonic() + timeout
-        node_log = out / "logs" / "supernode.log"
+        node_log = RunFolder(out).process_log("supernode")
         while True:
             # A SuperNode exits at once when the server is not up yet or has not registered
             # this site's key (exit 305), and after `timeout` s without the server: retry

@@ -223,7 +223,7 @@ class SitePrivacy:
             "sample_rate": self.sample_rate,
             "steps": self.reserved,
             "steps_lifetime": sum(r["steps"] for r in releases),
-            "clip_norm": self.plan.max_grad_norm,
+            "max_grad_norm": self.plan.max_grad_norm,
             "accountant": self.plan.accountant,
             "unit": self.plan.unit,
             "budget_epsilon": None if held is None else held.epsilon,

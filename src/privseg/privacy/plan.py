@@ -197,6 +197,10 @@ class DPPlan:
             spent_histories=spent_histories,
         )
 
+    def stated_epsilon(self) -> float:
+        """The epsilon this plan is quoted at: its target, or (noise given) its own steps'."""
+        return self.target_epsilon if self.target_epsilon is not None else self.epsilon()
+
     def epsilon(self) -> float:
         """Epsilon of this plan taken alone (all its steps)."""
         from privseg.privacy import accounting

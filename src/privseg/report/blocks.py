@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from privseg.report.tables import Table
 
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
+"""The two renderings of a study's report, in the study folder."""
+
 
 @dataclass
 class Heading:

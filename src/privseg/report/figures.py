@@ -23,6 +23,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from privseg.io import atomic_write_bytes
+from privseg.report.format import fmt
+from privseg.results import SETTINGS
 
 DPI = 150
 STYLE = {
@@ -35,12 +37,7 @@ STYLE = {
     "axes.grid": True,
     "grid.alpha": 0.3,
 }
-SETTING_COLOURS = {
-    "central": "#1f77b4",
-    "local": "#2ca02c",
-    "federated": "#ff7f0e",
-    "federated_dp": "#d62728",
-}
+SETTING_COLOURS = dict(zip(SETTINGS, ("#1f77b4", "#2ca02c", "#ff7f0e", "#d62728"), strict=True))
 DP_COLOUR, PLAIN_COLOUR = "#d62728", "#4c72b0"
 
 
@@ -55,10 +52,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     atomically (a crash never leaves half a file). Returns the PNG's path."""
     FigureCanvasAgg(fig)
     path = Path(path)
-    for fmt, target in (("png", path), ("svg", path.with_suffix(".svg"))):
+    for kind, target in (("png", path), ("svg", path.with_suffix(".svg"))):
         buf = io.BytesIO()
         with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "privseg"}):
-            fig.savefig(buf, format=fmt, dpi=DPI, bbox_inches="tight", metadata=_METADATA[fmt])
+            fig.savefig(buf, format=kind, dpi=DPI, bbox_inches="tight", metadata=_METADATA[kind])
         atomic_write_bytes(target, buf.getvalue())
     return path
 
@@ -250,7 +247,7 @@ def plot_dp_cost(
         )
         for b, v in zip(bars, values, strict=True):
             ax.annotate(
-                "–" if math.isnan(v) else f"{v:.2f}",
+                fmt(v, ".2f"),
                 (b.get_x() + b.get_width() / 2, b.get_height()),
                 textcoords="offset points",
                 xytext=(0, 3),

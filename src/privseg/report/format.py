@@ -35,6 +35,21 @@ def fmt_eps(x: Any) -> str:
     return fmt(x, ".3g")
 
 
+def fmt_ratio(x: Any) -> str:
+    """A ratio as ``2.13×``."""
+    return f"{fmt(x, '.2f')}×" if is_num(x) else MISSING
+
+
+def csv_cell(x: Any) -> str:
+    """A value as a CSV cell a program can read: a number in full, empty where it is missing
+    (never a dash, never 0), a flag as 1 / 0, infinity as ``inf``, text as it is."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if isinstance(x, bool):
+        return "1" if x else "0"
+    return repr(x) if isinstance(x, float) else str(x)
+
+
 def fmt_bool(x: Any, yes: str = "yes", no: str = "no") -> str:
     return MISSING if x is None else (yes if x else no)
 

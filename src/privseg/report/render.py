@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.io import atomic_write_text, make_folder
-from privseg.report.blocks import to_html, to_markdown
+from privseg.report.blocks import REPORT_HTML, REPORT_MD, to_html, to_markdown
 from privseg.report.sections import build_blocks
 from privseg.report.tables import Table
 
@@ -33,11 +33,10 @@ def write_report(study: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     make_folder(out_dir / "figures")
     blocks, written = build_blocks(study, out_dir)
     written.update(write_tables(blocks, out_dir / "tables"))
-    atomic_write_text(out_dir / "report.md", to_markdown(blocks))
-    atomic_write_text(out_dir / "report.html", to_html(blocks))
-    written["markdown"] = out_dir / "report.md"
-    written["html"] = out_dir / "report.html"
-    log.info("report written to %s", out_dir / "report.html")
+    written["markdown"], written["html"] = out_dir / REPORT_MD, out_dir / REPORT_HTML
+    atomic_write_text(written["markdown"], to_markdown(blocks))
+    atomic_write_text(written["html"], to_html(blocks))
+    log.info("report written to %s", written["html"])
     return written
 
 

@@ -46,7 +46,7 @@ from privseg.report.tables import (
     epsilon_table,
     key_value_table,
 )
-from privseg.results import NATIVE_UNITS, SLICE_UNIT_NOTE
+from privseg.results import LOCAL, NATIVE_UNITS, SLICE_UNIT_NOTE
 
 SECTIONS = {
     "summary": "Summary",
@@ -153,7 +153,7 @@ def _dice(runs: Runs, compute_rule: str | None) -> list[Block]:
     if compute:
         compute.caption = "Compute per site. " + (compute_rule or "")
         b.append(compute)
-    local = next((r for r in runs if r.get("mode") == "local"), None)
+    local = next((r for r in runs if r.get("mode") == LOCAL), None)
     cross = cross_site_table(local) if local else None
     b.append(Heading("Local-only models across sites", 3))
     if cross:
@@ -174,7 +174,7 @@ def _privacy_utility(runs: Runs, sink: FigureSink) -> list[Block]:
     points = [(run_epsilon(r), r.get("dice_mean"), r.get("dice_sd"), run_label(r)) for r in dp_runs]
     refs = [
         (
-            run_label(r) if r.get("mode") != "local" else f"{run_label(r)}, site mean",
+            run_label(r) if r.get("mode") != LOCAL else f"{run_label(r)}, site mean",
             r.get("dice_mean"),
         )
         for r in runs

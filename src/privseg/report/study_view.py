@@ -10,8 +10,7 @@ import math
 from typing import Any
 
 from privseg.report.format import is_num
-
-SETTING_ORDER = ("central", "local", "federated", "federated_dp")
+from privseg.results import FEDERATED, LOCAL, SETTINGS
 
 DID_NOT_LEARN_DICE = 0.1
 """A setting whose mean test Dice is below this did not learn: reported so, never compared."""
@@ -26,7 +25,7 @@ def sorted_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def key(r: dict[str, Any]) -> tuple[int, float]:
         s = r.get("setting")
-        rank = SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER)
+        rank = SETTINGS.index(s) if s in SETTINGS else len(SETTINGS)
         return rank, run_epsilon(r) if is_num(run_epsilon(r)) else math.inf
 
     return sorted(runs, key=key)
@@ -38,9 +37,13 @@ def learned(run: dict[str, Any]) -> bool | None:
     return dice >= DID_NOT_LEARN_DICE if is_num(dice) else None
 
 
+def with_verdict(label: str, did_not_learn: bool) -> str:
+    """A run's label, marked when it did not learn (tables and the summary say the same)."""
+    return f"{label} (did not learn)" if did_not_learn else label
+
+
 def not_learned_label(run: dict[str, Any]) -> str:
-    """The run's label, marked when it did not learn (tables and the summary say the same)."""
-    return f"{run_label(run)} (did not learn)" if learned(run) is False else run_label(run)
+    return with_verdict(run_label(run), learned(run) is False)
 
 
 def run_epsilon(run: dict[str, Any]) -> float | None:
@@ -66,7 +69,7 @@ def time_per_unit(run: dict[str, Any]) -> tuple[float | None, str]:
     for key, unit in (("seconds_per_round", "round"), ("seconds_per_epoch", "epoch")):
         if is_num(run.get(key)):
             return float(run[key]), unit
-    return None, "round" if run.get("mode") == "federated" else "epoch"
+    return None, "round" if run.get("mode") == FEDERATED else "epoch"
 
 
 def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -79,8 +82,8 @@ def baseline_for(run: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, A
 
 def federated_beats_local_cross_site(runs: list[dict[str, Any]]) -> bool | None:
     """Is non-private federated Dice above every other site's local-only model, site by site?"""
-    local = next((r for r in runs if r.get("mode") == "local" and not r.get("dp")), None)
-    fed = next((r for r in runs if r.get("mode") == "federated" and not r.get("dp")), None)
+    local = next((r for r in runs if r.get("mode") == LOCAL and not r.get("dp")), None)
+    fed = next((r for r in runs if r.get("mode") == FEDERATED and not r.get("dp")), None)
     if not local or not fed:
         return None
     best: dict[str, float] = {}

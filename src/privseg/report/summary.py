@@ -20,6 +20,7 @@ from privseg.report.study_view import (
     sorted_runs,
     time_per_unit,
 )
+from privseg.results import CENTRAL, FEDERATED, LOCAL
 
 RECONSTRUCTION_MARGIN_DB = 3.0
 """An attack counts as reconstructing when its median PSNR beats the better of the two
@@ -170,8 +171,8 @@ def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:
         f"{fmt_pm(best['dice_mean'], best.get('dice_sd'))} (mean ± sd over patient "
         "volumes)."
     ]
-    local = next((r for r in plain if r.get("mode") == "local"), None)
-    fed = next((r for r in plain if r.get("mode") == "federated"), None)
+    local = next((r for r in plain if r.get("mode") == LOCAL), None)
+    fed = next((r for r in plain if r.get("mode") == FEDERATED), None)
     if local and fed:
         verb = "above" if fed["dice_mean"] > local["dice_mean"] else "not above"
         parts.append(
@@ -187,7 +188,7 @@ def _utility_sentences(runs: list[dict[str, Any]]) -> list[str]:
             )
         else:
             parts[-1] += "."
-    central = next((r for r in plain if r.get("mode") == "central"), None)
+    central = next((r for r in plain if r.get("mode") == CENTRAL), None)
     if central and fed:
         gap = fed["dice_mean"] - central["dice_mean"]
         parts.append(

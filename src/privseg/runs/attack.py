@@ -15,12 +15,12 @@ from typing import Any
 from torch import nn
 
 from privseg.attack.runner import (
-    GRID_PNG,
     attack_setting,
     attacked_model,
     audit_setting,
-    dp_setting,
+    dp_plan,
     run_attack_on_model,
+    setting_key,
 )
 from privseg.config import Config
 from privseg.data.cache import SliceCache, SliceSplit
@@ -30,7 +30,8 @@ from privseg.io import write_json
 from privseg.models.checkpoint import load_checkpoint
 from privseg.output import claimed_folder
 from privseg.progress import Progress
-from privseg.run_folder import RunFolder
+from privseg.results import RunResult
+from privseg.run_folder import ATTACK_JSON, ATTACK_PNG, AUDIT_JSON, RunFolder
 from privseg.typed_config import apply_override
 
 
@@ -46,16 +47,14 @@ def record_attack(cfg: Config, cache: SliceCache, site: str, what: str) -> None:
     record_nonprivate(cfg.privacy, ledger, patients, site=site, steps=1, run_id=what)
 
 
-def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any], SliceSplit]:
+def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, RunResult, SliceSplit]:
     """A run folder's global model, config, results and ``site``'s training split."""
     run = RunFolder(run_dir)
     results = run.load_results()
     cfg = run.load_config()
     model = run.load_model()
-    cache_dir = results.get("cache_dir")
-    if not cache_dir:
-        raise DataError(f"{run.results} has no 'cache_dir': cannot find the site's slices")
-    cache = SliceCache.open(Path(cache_dir))
+    cache = _cache_of(run, results)
+    cache_dir = cache.root
     recorded = run.recorded_inputs()
     if recorded is not None and recorded.data not in (None, cache.content_fingerprint):
         raise DataError(
@@ -68,24 +67,23 @@ def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, dict[str, Any
     return model, cfg, results, cache.split(site, "train")
 
 
+def _cache_of(run: RunFolder, results: RunResult) -> SliceCache:
+    if results.cache_dir is None:
+        raise DataError(f"{run.results} has no 'cache_dir': cannot find the site's slices")
+    return SliceCache.open(results.cache_dir)
+
+
 @contextmanager
 def _attack_folder(
-    run_dir: Path, results: dict[str, Any], names: Iterable[str], *, overwrite: bool
+    run_dir: Path, results: RunResult, names: Iterable[str], *, overwrite: bool
 ) -> Iterator[Path]:
     """``RUN_DIR/attack``, claimed for writing ``names`` (refused when it is a folder privseg
     did not create, unless ``overwrite``; even then none of its own files is replaced)."""
-    inputs = [Path(results["cache_dir"])] if results.get("cache_dir") else []
+    inputs = [results.cache_dir] if results.cache_dir else []
     folder = RunFolder(run_dir).attack
     with claimed_folder(folder, "attack", inputs=inputs, overwrite=overwrite) as claim:
         claim.own(names)
         yield folder
-
-
-def _site_row(results: dict[str, Any], site: str) -> dict[str, Any]:
-    for row in results.get("sites") or []:
-        if row.get("name") == site:
-            return row
-    return {}
 
 
 def run_attack(
@@ -104,7 +102,7 @@ def run_attack(
     overwrite: bool = False,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/attack.json`` + PNG.
+    """Attack ``site``'s update in a finished run; write ``RUN_DIR/attack/`` (result + PNG).
 
     ``epsilon`` (or ``threat="T3"``) attacks the DP version: the run's own noise when it was
     private, else sigma calibrated for ``epsilon`` at the run's sample rate and steps.
@@ -127,19 +125,13 @@ def run_attack(
         for item in overrides:
             apply_override(raw, item)
         cfg = Config.from_dict(raw)
-    record_attack(cfg, SliceCache.open(Path(results["cache_dir"])), site, f"attack of {run_dir}")
+    record_attack(cfg, _cache_of(RunFolder(run_dir), results), site, f"attack of {run_dir}")
     model, weights = attacked_model(cfg, model)
     dp = None
     if cfg.attack.threat == "T3" or epsilon is not None:
-        dp = dp_setting(
-            cfg,
-            split,
-            epsilon=epsilon,
-            site_row=_site_row(results, site),
-            federated=results.get("mode") == "federated",
-        )
+        dp = dp_plan(cfg, split, epsilon=epsilon, run=results, site=site)
     with _attack_folder(
-        run_dir, results, ["attack.json", GRID_PNG], overwrite=overwrite
+        run_dir, results, [ATTACK_JSON, ATTACK_PNG], overwrite=overwrite
     ) as out_dir:
         return run_attack_on_model(
             model,
@@ -165,28 +157,22 @@ def run_audit(
     epsilon: float | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The K-way identification audit on ``site``; writes ``RUN_DIR/attack/audit.json``.
+    """The K-way identification audit on ``site``; writes its result into ``RUN_DIR/attack/``.
 
     The run's own DP noise when it was private (or sigma for ``epsilon``); a non-private run
     is audited without noise (reported epsilon = infinity, bound 1).
     """
     model, cfg, results, split = load_run(run_dir, site)
-    record_attack(cfg, SliceCache.open(Path(results["cache_dir"])), site, f"audit of {run_dir}")
+    record_attack(cfg, _cache_of(RunFolder(run_dir), results), site, f"audit of {run_dir}")
     model, weights = attacked_model(cfg, model)
-    row = _site_row(results, site)
+    entry = results.site(site)
     dp = None
-    if epsilon is not None or row.get("noise_multiplier"):
-        dp = dp_setting(
-            cfg,
-            split,
-            epsilon=epsilon,
-            site_row=row,
-            federated=results.get("mode") == "federated",
-        )
-    with _attack_folder(run_dir, results, ["audit.json"], overwrite=overwrite) as out_dir:
+    if epsilon is not None or (entry and entry.privacy and entry.privacy.get("noise_multiplier")):
+        dp = dp_plan(cfg, split, epsilon=epsilon, run=results, site=site)
+    with _attack_folder(run_dir, results, [AUDIT_JSON], overwrite=overwrite) as out_dir:
         result = audit_setting(model, split, cfg, dp, trials=trials, candidates=candidates)
         result.update({"site": site, "weights": weights})
-        write_json(out_dir / "audit.json", result)
+        write_json(out_dir / AUDIT_JSON, result)
     return result
 
 
@@ -203,7 +189,7 @@ def run_attack_study(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The study's attack: one site's update without DP (``None``) and with DP-SGD at each
     epsilon (sigma calibrated for the federated setting); an audit for each. Writes
-    ``out_dir/<setting>/attack.json|png`` and ``audit.json``; each result's ``grid_png`` is
+    ``out_dir/<setting>/`` (attack result, grid and audit); each result's ``grid_png`` is
     relative to ``relative_to`` (the study folder; default ``out_dir/<setting>``). The attacks
     run on ``train.device``; the audits (one-slice steps) on the CPU."""
     device = resolve_device(cfg.train.device)
@@ -217,21 +203,21 @@ def run_attack_study(
     attacks, audits = [], []
     for eps in epsilons:
         meta = {"site": site, "weights": weights}
+        dp = None if eps is None else dp_plan(cfg, split, epsilon=eps)
         res = attack_setting(
             model,
             split,
             cfg,
-            eps,
+            dp,
             out_dir=out_dir,
             progress=progress,
             meta=meta,
             relative_to=relative_to,
             device=device,
         )
-        key, dp = res["setting"], res["dp_setting"]
         aud = audit_setting(model, split, cfg, dp)
-        aud.update({"site": site, "setting": key})
-        write_json(Path(out_dir) / key / "audit.json", aud)
+        aud.update({"site": site, "setting": setting_key(dp)})
+        write_json(Path(out_dir) / setting_key(dp) / AUDIT_JSON, aud)
         attacks.append(res)
         audits.append(aud)
     return attacks, audits

@@ -38,7 +38,7 @@ from privseg.training.trainer import CENTRAL
 
 #: The claim's fields copied from a site's results.json privacy entry.
 CLAIM_KEYS = ("epsilon_run", "delta", "unit", "noise_multiplier", "sample_rate", "steps",
-              "clip_norm", "accountant")  # fmt: skip
+              "max_grad_norm", "accountant")  # fmt: skip
 NOTE = (
     "an empirical LOWER bound on epsilon at 95 % confidence from this one run, limited by the "
     "number of canaries (the ceiling); the accountant's epsilon stays the guarantee"

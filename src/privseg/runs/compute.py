@@ -3,7 +3,7 @@
 Compute, per site, is two numbers: the sequential optimiser steps the model takes, and the
 slices whose gradient is computed (steps x batch; for central training the pooled batch is
 shared by the sites). The rule of ``study.compute = "equal"`` is stated once, in
-:data:`privseg.results.COMPUTE_RULES`; :func:`equalise` applies it.
+:data:`privseg.study_result.COMPUTE_RULES`; :func:`equalise` applies it.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from typing import Any
 
 from privseg.config import Config
 from privseg.privacy.plan import planned_steps
+from privseg.results import CENTRAL, FEDERATED
 
 
 def equalise(cfg: Config, mode: str, n_sites: int) -> Config:
     """``cfg`` for ``mode`` with the federated run's compute (``study.compute = "equal"``)."""
-    if cfg.study.compute != "equal" or mode == "federated":
+    if cfg.study.compute != "equal" or mode == FEDERATED:
         return cfg
     steps = cfg.federated.rounds * cfg.federated.local_steps
     changes: dict[str, Any] = {"train.steps": steps}
-    if mode == "central":
+    if mode == CENTRAL:
         changes["train.batch_size"] = cfg.train.batch_size * n_sites
     return cfg.replace(**changes)
 
@@ -32,11 +33,11 @@ def compute_of(cfg: Config, mode: str, train_sizes: dict[str, int]) -> dict[str,
     """
     batch = cfg.train.batch_size
     n_sites = len(train_sizes)
-    if mode == "central":
+    if mode == CENTRAL:
         steps = planned_steps(cfg, sum(train_sizes.values()), federated=False)
         per_site = steps * batch / n_sites
     else:
-        per = [planned_steps(cfg, n, federated=mode == "federated") for n in train_sizes.values()]
+        per = [planned_steps(cfg, n, federated=mode == FEDERATED) for n in train_sizes.values()]
         steps = max(per)
         per_site = (
             sum(p * min(batch, n) for p, n in zip(per, train_sizes.values(), strict=True)) / n_sites

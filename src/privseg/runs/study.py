@@ -18,16 +18,26 @@ from typing import Any
 
 from privseg import __version__
 from privseg.config import Config
+from privseg.config.privacy import DEFAULT_EPSILON
 from privseg.data.prepare import resolve_cache
 from privseg.device import describe_device, resolve_device
 from privseg.errors import PrivsegError
 from privseg.io import read_json, write_json
 from privseg.progress import Progress, logged, no_progress
-from privseg.results import StudyResult
+from privseg.results import (
+    CENTRAL,
+    FEDERATED,
+    FEDERATED_DP,
+    LOCAL,
+    MODES,
+    SETTINGS,
+    RunResult,
+)
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs import privacy as study_privacy
 from privseg.runs.compute import equalise
 from privseg.runs.train import machine_info, train
+from privseg.study_result import StudyResult, StudyRun
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,7 @@ def quick_preset(cfg: Config) -> Config:
             "attack.restarts": 1,
             "attack.targets": 2,
             "attack.audit_trials": 50,
-            "study.epsilons": [8.0],
+            "study.epsilons": [DEFAULT_EPSILON],
             "model.features": 8,
         }
     )
@@ -75,7 +85,7 @@ def paper_preset(cfg: Config) -> Config:
             "privacy.unit": "slice",
             "privacy.delta": 1e-5,
             "study.epsilons": [],
-            "study.settings": ["central", "local", "federated", "federated_dp"],
+            "study.settings": list(SETTINGS),
         }
     )
 
@@ -107,28 +117,15 @@ class Setting:
 def grid(cfg: Config) -> list[Setting]:
     """The settings `privseg run` executes, in order, from ``study.settings``/``epsilons``."""
     wanted = set(cfg.study.settings)
-    out: list[Setting] = []
-    if "central" in wanted:
-        out.append(Setting("central", "Centralised", "central", "central", False))
-    if "local" in wanted:
-        out.append(Setting("local", "Local only", "local", "local", False))
-    if "federated" in wanted:
-        out.append(Setting("federated", "Federated", "federated", "federated", False))
-    if "federated_dp" in wanted and not cfg.study.epsilons:
+    labels = {CENTRAL: "Centralised", LOCAL: "Local only", FEDERATED: "Federated"}
+    out = [Setting(m, labels[m], m, m, False) for m in MODES if m in wanted]
+    if FEDERATED_DP in wanted and not cfg.study.epsilons:
         label = f"Federated DP (σ={cfg.privacy.noise_multiplier:g})"
-        out.append(Setting("federated_dp", label, "federated_dp", "federated", True))
-    if "federated_dp" in wanted:
+        out.append(Setting(FEDERATED_DP, label, FEDERATED_DP, FEDERATED, True))
+    if FEDERATED_DP in wanted:
         for eps in sorted(cfg.study.epsilons):
-            out.append(
-                Setting(
-                    f"federated_dp_eps{eps:g}",
-                    f"Federated DP (ε={eps:g})",
-                    "federated_dp",
-                    "federated",
-                    True,
-                    eps,
-                )
-            )
+            key, label = f"{FEDERATED_DP}_eps{eps:g}", f"Federated DP (ε={eps:g})"
+            out.append(Setting(key, label, FEDERATED_DP, FEDERATED, True, eps))
     return out
 
 
@@ -140,7 +137,7 @@ def run_study(
     progress: Progress | None = None,
     on_setting: Callable[[str], None] | None = None,
     preset: str = "full",
-) -> dict[str, Any]:
+) -> StudyResult:
     """Run every setting of the grid (skipping finished ones), the attack, then the report.
 
     ``preset`` is recorded in the results: "quick" (:func:`quick_preset`) makes the report a
@@ -168,7 +165,7 @@ def run_study(
     attack = [("attack", cfg.replace(**{"privacy.enabled": False}))]
     attack = attack if "attack" in cfg.study.settings else []
     plan = study_privacy.plan_grid(cfg, cache, todo + attack)  # refuses before anything runs
-    runs: list[dict[str, Any]] = []
+    runs: list[StudyRun] = []
     for i, setting in enumerate(settings, 1):
         if on_setting:
             on_setting(f"[{i}/{len(settings)}] {setting.label}")
@@ -190,37 +187,30 @@ def run_study(
         attack=attacks,
         audit=audits,
         privacy={"plan": plan, "spent": study_privacy.spent(cfg, cache)},
-    ).write(folder.results)
+    )
     from privseg.report.render import write_report
 
-    write_report(study, folder.root)
+    write_report(study.write(folder.results), folder.root)
     return study
 
 
 def _run_setting(
     setting: Setting, base: Config, cache: Any, run: RunFolder, progress: Progress
-) -> dict[str, Any]:
+) -> StudyRun:
     cfg = setting.config(base, len(cache.sites))
     if _finished(run, cfg, setting, cache):
         log.info("skipping %s: %s exists with the same config", setting.key, run.results)
-        results = read_json(run.results)
     else:
-        results = train(
+        train(
             cfg,
             data=Path(cache.root),
             out=run.root,
             mode=setting.mode,  # type: ignore[arg-type]
             progress=progress,
         )
-    results.update(
-        {
-            "setting": setting.setting,
-            "label": setting.label,
-            "target_epsilon": setting.epsilon,
-            "run_dir": str(run.root),
-        }
-    )
-    return results
+    result = RunResult.load(run.results)
+    result.target_epsilon = setting.epsilon
+    return StudyRun(setting.setting, setting.label, str(run.root), result)
 
 
 def _finished(run: RunFolder, cfg: Config, setting: Setting, cache: Any) -> bool:
@@ -242,12 +232,12 @@ def _run_attack(
     """Attack one site's update without DP and with DP at the largest study epsilon."""
     from privseg.runs.attack import run_attack_study
 
-    done = study.attack / "attack_results.json"
+    done = study.attack_results
     if done.is_file():
         saved = read_json(done)
         if saved.get("config") == cfg.to_dict():
             return saved["attack"], saved["audit"]
-    checkpoint = study.setting("federated").checkpoint
+    checkpoint = study.setting(FEDERATED).checkpoint
     attacks, audits = run_attack_study(
         cfg,
         cache=cache,

@@ -30,7 +30,7 @@ from privseg.io import private_file
 from privseg.logs import OursOrAtLeast
 from privseg.models.init import load_init
 from privseg.progress import Progress, logged, no_progress
-from privseg.results import PUBLIC_ORIGIN, PUBLIC_PRIVACY, RunResult
+from privseg.results import CENTRAL, FEDERATED, LOCAL, PUBLIC_ORIGIN, PUBLIC_PRIVACY, RunResult
 from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
 from privseg.training.modes import run_central, run_local
@@ -56,7 +56,7 @@ def train(
     """
     if mode not in MODES:
         raise DataError(f"mode {mode!r} is invalid: allowed values are {', '.join(MODES)}")
-    if resume and mode != "federated":
+    if resume and mode != FEDERATED:
         raise ConfigError(f"--resume continues a federated run; mode {mode!r} starts afresh")
     if mode == "federated" and cfg.privacy.audit_canaries:
         raise ConfigError(
@@ -91,9 +91,9 @@ def train(
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
         log.info("privseg %s: %s run into %s on %s", __version__, mode, folder.root, device_name)
-        if mode == "central":
+        if mode == CENTRAL:
             result = run_central(cfg, cache, folder, progress, run_id=run_id)
-        elif mode == "local":
+        elif mode == LOCAL:
             result = run_local(cfg, cache, folder, progress, run_id=run_id)
         else:
             progress(

@@ -20,9 +20,9 @@ from privseg.models.init import load_init, trained_on
 from privseg.privacy.canaries import attach_canaries
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
 from privseg.progress import Progress, no_progress
-from privseg.results import RunResult, SiteResult, nanmean
+from privseg.results import CENTRAL, LOCAL, RunResult, SiteResult, nanmean
 from privseg.run_folder import RunFolder
-from privseg.training.trainer import CENTRAL, SiteTrainer, open_privacy
+from privseg.training.trainer import SiteTrainer, open_privacy
 
 
 def site_steps(cfg: Config, train: Any) -> int:
@@ -146,11 +146,11 @@ def run_central(
         folder.checkpoint,
         trainer.state_dict(),
         cfg,
-        mode="central",
+        mode=CENTRAL,
         run_id=run_id,
         trained_on=_trained_on(cfg, cache),
     )
-    return _result(cfg, "central", sites, history, started, per_epoch)
+    return _result(cfg, CENTRAL, sites, history, started, per_epoch)
 
 
 def run_local(
@@ -194,13 +194,13 @@ def run_local(
             folder.site_checkpoint(site),
             trainer.state_dict(),
             cfg,
-            mode="local",
+            mode=LOCAL,
             site=site,
             run_id=run_id,
             trained_on=_trained_on(cfg, cache),
         )
     history = _merge_histories(histories, [s.name for s in sites])
-    return _result(cfg, "local", sites, history, started, float(np.mean(per_epochs)))
+    return _result(cfg, LOCAL, sites, history, started, float(np.mean(per_epochs)))
 
 
 def _trained_on(cfg: Config, cache: Any) -> dict[str, Any]:

@@ -25,6 +25,9 @@ from privseg.device import describe_device, resolve_device
 from privseg.errors import ConfigError, DataError
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models import initial_model
+from privseg.results import (
+    CENTRAL,  # also the site name of the pooled trainer: its releases name every site's patients
+)
 from privseg.training.losses import DiceBCELoss
 
 log = logging.getLogger(__name__)
@@ -243,9 +246,6 @@ def build_site_trainer(
         privacy=privacy,
         planned_steps=planned_steps,
     )
-
-
-CENTRAL = "central"  # the trainer of pooled data: its releases name every site's patients
 
 
 def training_patients(cache: Any, site: str) -> dict[str, list[str]]:
