@@ -337,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Print the table for every resolution; return the summary (also bench/gpu_session.py)."""
     from privseg.config import DataConfig, PrivacyConfig
-    from privseg.device import describe_device, resolve_device
+    from privseg.core.device import describe_device, resolve_device
     from privseg.privacy.dp_sgd import resolve_grad_path
 
     device = resolve_device(args.device, field="--device")

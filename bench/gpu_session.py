@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     args.started = time.perf_counter()
     args.sizes = TINY if args.tiny else FULL
-    from privseg.device import resolve_device
+    from privseg.core.device import resolve_device
 
     device = resolve_device(args.device, field="--device")
     args.out.mkdir(parents=True, exist_ok=True)

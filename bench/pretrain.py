@@ -26,7 +26,7 @@ from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models.checkpoint import load_checkpoint
-from privseg.results import nanmean
+from privseg.core.results import nanmean
 from privseg.runs.pretrain import PublicPopulation, pretrain
 from privseg.runs.train import train
 

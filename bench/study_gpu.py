@@ -120,7 +120,7 @@ def summarise(results: dict[str, Any], cfg: Any, args: argparse.Namespace) -> di
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """One study on ``args.device``; prints the summary table, returns the summary."""
-    from privseg.device import resolve_device
+    from privseg.core.device import resolve_device
     from privseg.runs.train import train
 
     if args.tiny:

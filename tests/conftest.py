@@ -25,13 +25,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from privseg.config import Config, DataConfig
+from privseg.core.errors import PrivacyBudgetExceeded
+from privseg.core.io import read_json, write_json
 from privseg.data.cache import SliceCache
 from privseg.data.msd import write_dataset_json
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
-from privseg.errors import PrivacyBudgetExceeded
 from privseg.federated import client_app as ca
-from privseg.io import read_json, write_json
 from privseg.privacy.plan import DPPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +269,7 @@ class FakeTrainer:
         }
 
     def _class_names(self) -> tuple[str, ...]:
-        from privseg.data.classes import Classes
+        from privseg.core.classes import Classes
 
         return Classes.of(self.cfg.data).names
 

@@ -8,28 +8,17 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "privseg"
 
-# Lower numbers are lower layers; a module may import its own layer or any layer below.
+# Each layer is a set of folders; lower numbers are lower layers. A module may import its own
+# folder, the layers below, and (except in layer 1, whose parts are independent of each other)
+# the other folders of its layer.
 LAYERS = {
-    "errors": 0,
-    "io": 0,
-    "output": 0,
-    "progress": 0,
-    "choices": 0,
-    "logs": 0,
-    "typed_config": 0,
+    "core": 0,
     "config": 0,
-    "results": 0,
-    "study_result": 0,
-    "fields": 0,
-    "device": 0,
-    "registry": 0,
-    "plugins": 0,
     "data": 1,
     "models": 1,
     "evaluation": 1,
     "privacy": 1,
     "report": 1,
-    "run_folder": 2,
     "training": 2,
     "attack": 2,
     "inference": 2,
@@ -37,6 +26,7 @@ LAYERS = {
     "runs": 4,
     "cli": 5,
 }
+PEERS_APART = {1}  # layers whose folders never import each other
 MAX_LINES = 400
 
 
@@ -63,16 +53,33 @@ def _owner(path: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
-def test_every_module_has_a_layer() -> None:
-    owners = {_owner(p) for p in SRC.rglob("*.py")} - {"__init__"}
+def test_every_module_lies_in_a_layer_folder() -> None:
+    """No module loose at the package root: its folder says its layer."""
+    loose = sorted(p.name for p in SRC.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert not loose, f"modules at the package root (put each in its layer's folder): {loose}"
+    owners = {_owner(p) for p in SRC.rglob("*.py")} - {"__init__", "__main__"}
     assert owners <= set(LAYERS), f"add a layer for {sorted(owners - set(LAYERS))}"
+
+
+def test_the_parts_of_layer_1_do_not_import_each_other() -> None:
+    """data, models, evaluation, privacy and report each stand on layer 0 alone."""
+    crossing = []
+    for path in sorted(SRC.rglob("*.py")):
+        owner = _owner(path)
+        if LAYERS.get(owner) not in PEERS_APART:
+            continue
+        for line, module in _imports(path):
+            target = _part(module)
+            if target != owner and target in LAYERS and LAYERS[target] == LAYERS[owner]:
+                crossing.append(f"{path.relative_to(SRC)}:{line} imports {module}")
+    assert not crossing, "layer-1 parts importing each other:\n" + "\n".join(crossing)
 
 
 def test_no_import_runs_back_up_a_layer() -> None:
     upward = []
     for path in sorted(SRC.rglob("*.py")):
         owner = _owner(path)
-        if owner == "__init__":
+        if owner in ("__init__", "__main__"):
             continue
         for line, module in _imports(path):
             target = _part(module)
@@ -104,5 +111,5 @@ def test_each_file_name_is_spelled_in_one_module() -> None:
                 where.setdefault(name, set()).add(str(path.relative_to(SRC)))
     spread = {name: sorted(mods) for name, mods in where.items() if len(mods) > 1}
     assert not spread, f"file names spelled in several modules: {spread}"
-    assert where["attack.json"] == where["audit.json"] == {"run_folder.py"}
+    assert where["attack.json"] == where["audit.json"] == {"core/run_folder.py"}
     assert where["manifest.json"] == {"data/cache.py"}

@@ -27,7 +27,7 @@ from privseg.attack.inversion import (
 )
 from privseg.attack.threat import ServerPayload, ThreatModel
 from privseg.config import AttackConfig, Config, ModelConfig
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.training.losses import DiceBCELoss
 
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import R, TinySeg, phantom, plan
 from privseg.attack.runner import run_attack_on_model
 from privseg.config import Config
-from privseg.io import read_json
-from privseg.results import RunResult, SiteResult
+from privseg.core.io import read_json
+from privseg.core.results import RunResult, SiteResult
 from privseg.runs.attack import run_attack, run_audit
 
 KEYS = (
@@ -169,7 +169,7 @@ def test_the_attack_folder_is_claimed_like_every_output(run_dir: Path, tmp_path:
     """RUN/attack is refused when privseg did not create it (--overwrite adds files next to the
     user's and never replaces one), and one writer at a time holds it."""
     from privseg.cli.app import app
-    from privseg.output import MARKER, claim_folder, read_marker
+    from privseg.core.output import MARKER, claim_folder, read_marker
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("attack"))

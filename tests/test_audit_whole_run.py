@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config
-from privseg.errors import ConfigError, DataError
+from privseg.core.errors import ConfigError, DataError
 from privseg.privacy.canaries import commitment
 from privseg.runs.audit_run import audit_whole_run
 from privseg.runs.train import train

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from privseg.config import Config
-from privseg.errors import CheckpointError
+from privseg.core.errors import CheckpointError
 from privseg.models import build_model
 from privseg.models.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from privseg.config import Config, DataConfig
-from privseg.data.classes import Classes, bits_to_target, probabilities_to_bits
-from privseg.errors import ConfigError
+from privseg.core.classes import Classes, bits_to_target, probabilities_to_bits
+from privseg.core.errors import ConfigError
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models import build_model
 from privseg.training.losses import DiceBCELoss
@@ -128,7 +128,7 @@ def test_the_network_has_one_output_channel_per_class() -> None:
 def test_a_cache_prepared_for_other_classes_is_refused(phantom_cache) -> None:
     """The checkpoint's config is what predict trusts: training on labels encoded for other
     classes would save a model whose channels mean something else."""
-    from privseg.errors import DataError
+    from privseg.core.errors import DataError
     from privseg.training.trainer import SiteTrainer
 
     site = phantom_cache.sites[0]

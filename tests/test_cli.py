@@ -114,7 +114,7 @@ def test_setup_logging_prints_privseg_records_and_leaves_other_loggers(
         logging.getLogger("privseg.test").debug("debug from privseg")
         logging.getLogger("other.lib").info("info from another library")
         logging.getLogger("other.lib").warning("warning from another library")
-        logging.getLogger("privseg.progress").info("round 1/2")
+        logging.getLogger("privseg.core.progress").info("round 1/2")
         warnings.simplefilter("always")
         warnings.warn("Optimal order is the largest alpha", stacklevel=1)  # not privseg's code
         warnings.warn_explicit("slice unit", UserWarning, str(SRC / "privacy" / "engine.py"), 1)
@@ -180,7 +180,7 @@ def test_options_with_a_fixed_set_of_values_list_them_in_help(command, choices):
 def test_cli_choices_are_the_library_tables():
     from typing import get_args
 
-    from privseg.choices import ExportFormat, MaskFormat, Organ, Preset
+    from privseg.core.choices import ExportFormat, MaskFormat, Organ, Preset
     from privseg.data.phantom import ORGANS
     from privseg.inference.export import FORMATS
     from privseg.inference.volume import FORMATS as MASK_FORMATS

@@ -16,8 +16,8 @@ import pytest
 from conftest import e2e_config
 from privseg.cli import study as study_cli
 from privseg.cli import train as train_cli
-from privseg.io import write_json
-from privseg.run_folder import RunFolder
+from privseg.core.io import write_json
+from privseg.core.run_folder import RunFolder
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ privseg[.a-z_]*: ")

@@ -7,8 +7,8 @@ import tomllib
 import pytest
 
 from privseg.config import Config
-from privseg.errors import ConfigError
-from privseg.typed_config import apply_override
+from privseg.config.typed import apply_override
+from privseg.core.errors import ConfigError
 
 
 def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):

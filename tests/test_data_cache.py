@@ -12,12 +12,12 @@ import pytest
 import privseg.data.cache as cache_module
 import privseg.data.prepare as prepare_module
 from privseg.config import DataConfig
+from privseg.core.errors import DataError
 from privseg.data.cache import SliceCache, SliceSplit
 from privseg.data.msd import load_case, read_task
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.data.preprocess import image_to_model_input
-from privseg.errors import DataError
 
 SMALL = DataConfig(resolution=16)
 

@@ -26,9 +26,9 @@ from typer.testing import CliRunner
 import privseg
 from privseg.cli.app import app
 from privseg.config import DataConfig
+from privseg.core.errors import DataError
 from privseg.data import msd
 from privseg.data.prepare import prepare_cache
-from privseg.errors import DataError
 from task_formats import to_dicom
 
 CFG = DataConfig(resolution=16, sites=1)

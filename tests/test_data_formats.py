@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
+from privseg.core.errors import DataError
 from privseg.data.cache import SliceCache
 from privseg.data.dicom import load_dicom_image, read_dicom_series
 from privseg.data.msd import load_image, read_task
@@ -23,7 +24,6 @@ from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache, resolve_cache
 from privseg.data.sites import SPLITS
 from privseg.data.sources import read_source
-from privseg.errors import DataError
 from task_formats import to_dicom, to_nnunet, write_csv, write_series
 
 runner = CliRunner()

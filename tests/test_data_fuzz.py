@@ -24,9 +24,9 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
+from privseg.core.errors import PrivsegError
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
-from privseg.errors import PrivsegError
 from privseg.inference import segment_nifti
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint

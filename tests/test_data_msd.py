@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from monai.apps.datasets import load_decathlon_datalist, load_decathlon_properties
 
+from privseg.core.errors import DataError
 from privseg.data.msd import load_case, load_image, read_task, write_dataset_json
-from privseg.errors import DataError
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from privseg.core.errors import ConfigError, DataError
 from privseg.data.anatomy import FAT, LIVER, MUSCLE, SPLEEN, _anatomy
 from privseg.data.msd import load_case, read_task
 from privseg.data.phantom import synth_task
 from privseg.data.scanners import scanner
-from privseg.errors import ConfigError, DataError
 
 
 def _volumes(task_dir: Path) -> dict[str, object]:

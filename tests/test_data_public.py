@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from privseg.config import DataConfig
+from privseg.core.errors import ConfigError, DataError
 from privseg.data.phantom import GENERATOR_KEY, synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.data.public import public_data
 from privseg.data.scanners import public_scanner, scanner
-from privseg.errors import ConfigError, DataError
 
 TINY = {"sites": 2, "patients_per_site": 3, "size": 16, "slices": 4}
 SMALL = DataConfig(resolution=16, slice_policy="all", sites=2)

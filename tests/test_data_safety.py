@@ -20,15 +20,15 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
+from privseg.core.errors import ConfigError, DataError
+from privseg.core.output import LOCK, MARKER, claimed_folder
+from privseg.core.run_folder import RunFolder
 from privseg.data.cache import SliceCache
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
-from privseg.errors import ConfigError, DataError
 from privseg.inference import segment_nifti
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint
-from privseg.output import LOCK, MARKER, claimed_folder
-from privseg.run_folder import RunFolder
 
 CFG = DataConfig(resolution=16, sites=1)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -144,7 +144,7 @@ def test_a_second_writer_is_refused(task: Path, tmp_path: Path) -> None:
     """Two prepares into one --out both printed "built" and one result was silently lost."""
     out = tmp_path / "cache"
     holder = subprocess.Popen(  # another prepare, still running
-        [sys.executable, "-c", "import sys, time; from privseg.output import claim_folder; "
+        [sys.executable, "-c", "import sys, time; from privseg.core.output import claim_folder; "
          "claim_folder(sys.argv[1], 'cache'); print('held', flush=True); time.sleep(60)", out],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC},
     )  # fmt: skip

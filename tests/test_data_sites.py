@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from privseg.core.errors import DataError
 from privseg.data.cache import SliceCache
 from privseg.data.msd import read_task
 from privseg.data.sites import (
@@ -15,7 +16,6 @@ from privseg.data.sites import (
     load_site_map,
     split_patients,
 )
-from privseg.errors import DataError
 
 IDS = [f"p{i:02d}" for i in range(20)]
 

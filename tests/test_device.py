@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from conftest import TinyNet, per_sample_loss
 from privseg.cli.app import app
 from privseg.config import Config
-from privseg.device import describe_device, resolve_device
-from privseg.errors import ConfigError
+from privseg.core.device import describe_device, resolve_device
+from privseg.core.errors import ConfigError
 from privseg.privacy.dp_sgd import (
     AUTO_GRAD_PATH,
     GRAD_PATHS,

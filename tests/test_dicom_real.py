@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config
+from privseg.core.errors import DataError
 from privseg.data.dicom import read_dicom_series
-from privseg.errors import DataError
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint
 

@@ -16,10 +16,10 @@ from monai.metrics import (
 from torch import nn
 
 from privseg.config import DataConfig
+from privseg.core.results import MODEL_GRID_UNITS, NATIVE_UNITS
 from privseg.data.cache import NativeGrid
 from privseg.data.preprocess import label_to_model_target, mask_to_image_space
 from privseg.evaluation import dice, evaluate_split, surface_distances
-from privseg.results import MODEL_GRID_UNITS, NATIVE_UNITS
 
 
 def cube(shape: tuple[int, ...], lo: tuple[int, ...], hi: tuple[int, ...]) -> np.ndarray:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import privseg.inference.export as export_mod
 from privseg.cli.app import app
 from privseg.config import Config, DataConfig
-from privseg.errors import PrivsegError
+from privseg.core.errors import PrivsegError
 from privseg.inference.export import METADATA_KEY, export_checkpoint
 from privseg.models import build_model
 from privseg.models.checkpoint import load_checkpoint, save_checkpoint

@@ -16,13 +16,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from conftest import InProcessGrid, fake_factory, fake_ledger, handle, small_cfg
 from privseg.config import Config
-from privseg.errors import DataError, FederationError
+from privseg.core.errors import DataError, FederationError
+from privseg.core.io import read_json
+from privseg.core.run_folder import RunFolder, RunInputs
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.strategy import make_strategy
-from privseg.io import read_json
-from privseg.run_folder import RunFolder, RunInputs
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -309,7 +309,7 @@ def test_privseg_site_owns_its_supernode_and_worker(tmp_path: Path, cache: Path)
 
 
 def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) -> None:
-    from privseg.errors import FederationError
+    from privseg.core.errors import FederationError
     from privseg.federated.site import join
 
     certs = make_certs(tmp_path / "certs", ["site-0"])
@@ -330,7 +330,7 @@ def test_unreachable_server_is_an_error_not_a_hang(tmp_path: Path, cache: Path) 
 
 
 def test_wrong_certificate_is_refused(tmp_path: Path, cache: Path) -> None:
-    from privseg.errors import FederationError
+    from privseg.core.errors import FederationError
     from privseg.federated.processes import Processes, flower_bin, flower_env, wait_for_port
     from privseg.federated.site import join
 

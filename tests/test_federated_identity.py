@@ -16,7 +16,7 @@ import pytest
 from flwr.app import Message, MetricRecord
 
 from conftest import InProcessGrid, fake_factory, handle, small_cfg
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
 from privseg.federated.certs import check_distinct_keys, make_certs

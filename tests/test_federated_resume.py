@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import e2e_config
+from privseg.core.run_folder import RunFolder
 from privseg.federated.certs import make_certs
 from privseg.federated.processes import free_port, stop_stale
 from privseg.privacy.plan import planned_steps
-from privseg.run_folder import RunFolder
 
 pytestmark = pytest.mark.slow
 

@@ -18,13 +18,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from conftest import DELTAS, SIZES, InProcessGrid, e2e_config, fake_factory, small_cfg
 from privseg.config import Config
-from privseg.errors import ConfigError, FederationError
+from privseg.core.errors import ConfigError, FederationError
+from privseg.core.io import read_json
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.secagg import protocol_params, secure_round, secure_train
 from privseg.federated.strategy import make_strategy
-from privseg.io import read_json
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

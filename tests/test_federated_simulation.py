@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import SIZES, e2e_config, fake_factory, fake_ledger, small_cfg
-from privseg.errors import ConfigError, FederationError
+from privseg.core.errors import ConfigError, FederationError
+from privseg.core.io import read_json
 from privseg.federated import client_app as ca
 from privseg.federated import flower_compat as fc
 from privseg.federated.simulation import run_federated
-from privseg.io import read_json
 
 
 @pytest.mark.slow
@@ -150,7 +150,7 @@ def test_an_unreachable_epsilon_is_refused_before_flower_starts(
 def test_a_sites_error_names_the_site_not_the_node(tmp_path: Path) -> None:
     from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-    from privseg.errors import DataError
+    from privseg.core.errors import DataError
     from privseg.federated.identity import SiteIdentity
     from privseg.federated.strategy import make_strategy
 

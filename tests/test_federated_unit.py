@@ -23,14 +23,14 @@ from conftest import (
     small_cfg,
 )
 from privseg.config import Config
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
+from privseg.core.io import read_json
+from privseg.core.run_folder import RunFolder
 from privseg.federated import client_app as ca
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import initial_state
 from privseg.federated.strategy import load_strategy_state, make_strategy, strategy_state
-from privseg.io import read_json
-from privseg.run_folder import RunFolder
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -648,7 +648,7 @@ def test_a_sites_error_is_reported_in_one_line_without_the_traceback():
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\n"
         '  File "x.py", line 1, in f\n    raise DataError(...)\n'
-        "privseg.errors.DataError: cache: not a manifest\n\n"
+        "privseg.core.errors.DataError: cache: not a manifest\n\n"
         "Exception ClientAppException occurred. Message: cache: not a manifest'>"
     )
     assert short(ray) == "cache: not a manifest"
@@ -726,7 +726,7 @@ def test_a_resume_with_another_config_is_refused_before_anything_is_written(
 ) -> None:
     """Review of #24: a resume compared only model and strategy, so a non-DP run resumed with
     DP on (or another aggregation, lr, local steps) was admitted and its config.toml replaced."""
-    from privseg.errors import CheckpointError
+    from privseg.core.errors import CheckpointError
     from privseg.federated.state import load_state
 
     cfg = plain_cfg(rounds=3)

@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from conftest import small_cfg
 from privseg.config import Config
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import AGGREGATIONS
 from privseg.federated import messages as M
 from privseg.federated.strategy import make_strategy
-from privseg.plugins import AGGREGATIONS
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -10,7 +10,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from privseg.config import ModelConfig
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.models import MODELS, MoNet, build_model
 
 NAMES = sorted(MODELS)

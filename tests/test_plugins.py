@@ -1,4 +1,4 @@
-"""The plug-in tables (privseg.plugins): the config allows exactly their names, and a toy plug-in
+"""The plug-in tables (core.plugins): the config allows exactly their names, and a toy plug-in
 of each kind, registered here, works through the same path as a built-in."""
 
 from __future__ import annotations
@@ -23,15 +23,9 @@ from typer.testing import CliRunner
 from conftest import small_cfg
 from privseg.cli.app import app
 from privseg.config import Config, FederatedConfig, ModelConfig, PrivacyConfig
-from privseg.data.prepare import prepare_cache
-from privseg.data.sources import load_volume, read_source
-from privseg.data.task import Case, Reader, Task, Volume
-from privseg.errors import ConfigError
-from privseg.federated.strategy import SiteAggregation, make_strategy
-from privseg.inference.folder import find_inputs
-from privseg.inference.volume import read_ct
-from privseg.models import build_model
-from privseg.plugins import (
+from privseg.config.typed import choices
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import (
     ACCOUNTANTS,
     AGGREGATIONS,
     GRAD_PATHS,
@@ -40,11 +34,17 @@ from privseg.plugins import (
     STRATEGIES,
     input_formats,
 )
+from privseg.core.registry import Registry
+from privseg.data.prepare import prepare_cache
+from privseg.data.sources import load_volume, read_source
+from privseg.data.task import Case, Reader, Task, Volume
+from privseg.federated.strategy import SiteAggregation, make_strategy
+from privseg.inference.folder import find_inputs
+from privseg.inference.volume import read_ct
+from privseg.models import build_model
 from privseg.privacy import accounting
 from privseg.privacy.dp_sgd import DPGradient, loop_path
 from privseg.privacy.unit_grads import PathResult, UnitBatch
-from privseg.registry import Registry
-from privseg.typed_config import choices
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TABLES = [MODELS, READERS, ACCOUNTANTS, GRAD_PATHS, STRATEGIES, AGGREGATIONS]

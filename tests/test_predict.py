@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from privseg.cli.app import app
 from privseg.config import Config
-from privseg.errors import CheckpointError, DataError
+from privseg.core.errors import CheckpointError, DataError
 from privseg.inference import segment_nifti
 from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint

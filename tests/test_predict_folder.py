@@ -181,7 +181,7 @@ def test_a_run_folder_is_not_a_prediction_folder(
 ) -> None:
     """Review of #24: `predict --out RUN` mixed masks and the prediction record into a run
     folder, beside its results and the sites' kept replies."""
-    from privseg.run_folder import RunFolder
+    from privseg.core.run_folder import RunFolder
 
     run = RunFolder(tmp_path / "run").claim("run")
     result = _predict(checkpoint, cts, run.root)

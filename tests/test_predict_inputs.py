@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import privseg.models.checkpoint as ckpt
 from privseg.cli.app import app
 from privseg.config import Config
-from privseg.data.classes import Classes, bits_to_target
+from privseg.core.classes import Classes, bits_to_target
 from privseg.data.msd import load_image, read_task
 from privseg.data.preprocess import PlaneTransform, label_to_model_target
 from privseg.evaluation.metrics import dice

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from privseg.config import Config
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.models.checkpoint import read_checkpoint, save_checkpoint
 from privseg.models.init import load_init, trained_on
 from privseg.models.registry import initial_model

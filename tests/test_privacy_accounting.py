@@ -7,7 +7,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.privacy.accounting import calibrate_noise, epsilon
 
 # Field notes: n=2000, expected batch 32 (q=0.016), sigma 1, 50 epochs = 3125 steps, delta 1e-5.

@@ -20,7 +20,7 @@ from torch import nn
 
 from conftest import TinyNet, per_sample_loss
 from privseg.config import Config, PrivacyConfig
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.privacy.dp_sgd import GRAD_PATHS, DPGradient
 from privseg.privacy.engine import SitePrivacy
 from privseg.privacy.ledger import PrivacyLedger

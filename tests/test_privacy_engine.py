@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from privseg.config import PrivacyConfig
-from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.core.errors import ConfigError, DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
 from privseg.privacy.engine import SitePrivacy
 from privseg.privacy.ledger import PrivacyLedger

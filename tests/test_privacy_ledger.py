@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from privseg.errors import DataError, PrivacyBudgetExceeded
+from privseg.core.errors import DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
 from privseg.privacy.history import Budget
 from privseg.privacy.ledger import LedgerTampered, PrivacyLedger

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from privseg.config import PrivacyConfig
-from privseg.errors import DataError, PrivacyBudgetExceeded
+from privseg.core.errors import DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
 from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.metric_release import release_metrics

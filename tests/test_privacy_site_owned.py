@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from privseg.config import Config, PrivacyConfig
-from privseg.errors import ConfigError, PrivacyBudgetExceeded
+from privseg.core.errors import ConfigError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
 from privseg.privacy.engine import open_site_privacy
 from privseg.privacy.ledger import PrivacyLedger

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from privseg.core.errors import DataError
 from privseg.data.task import Volume
-from privseg.errors import DataError
 from privseg.privacy.stores import LEDGER_FILE, open_store, store_dir
 
 P = [f"{i:064x}" for i in range(3)]

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from privseg.progress import LoggedProgress, logged
-from privseg.run_folder import RunFolder
+from privseg.core.progress import LoggedProgress, logged
+from privseg.core.run_folder import RunFolder
 from privseg.runs.train import run_log
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -19,7 +19,7 @@ def test_logged_progress_logs_first_every_twentieth_and_last_with_time_left(capl
     now = [0.0]
     seen = []
     progress = LoggedProgress(lambda *a: seen.append(a), clock=lambda: now[0])
-    with caplog.at_level(logging.INFO, logger="privseg.progress"):
+    with caplog.at_level(logging.INFO, logger="privseg.core.progress"):
         for done in range(0, 41):
             now[0] = 3.0 * done
             progress(f"federated: round {done}/40, ε 1.00 so far", done, 40)
@@ -59,6 +59,6 @@ def test_a_train_without_a_terminal_writes_progress_to_run_log_and_stderr(tmp_pa
     )
     assert done.returncode == 0, done.stderr
     for text in (done.stderr, (out / "run.log").read_text()):
-        assert "privseg.progress: central: epoch 1/2 [1/" in text, text
+        assert "privseg.core.progress: central: epoch 1/2 [1/" in text, text
         assert "about" in text and "left" in text and "elapsed" in text
         assert "epoch 2/2, train loss " in text and "val Dice" in text

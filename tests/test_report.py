@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from privseg.core.results import SLICE_UNIT_NOTE
 from privseg.report import figures
 from privseg.report.format import MISSING, fmt_pm
 from privseg.report.render import write_report
@@ -18,7 +19,6 @@ from privseg.report.study_view import (
     DID_NOT_LEARN_DICE,
 )
 from privseg.report.summary import attack_reconstructs, summarise
-from privseg.results import SLICE_UNIT_NOTE
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SITES = ["site-a", "site-b", "site-c"]
@@ -365,7 +365,7 @@ def test_attack_grid_written_by_the_runner_is_embedded(study, tmp_path):
     from conftest import TinySeg, phantom
     from privseg.attack.runner import attack_setting
     from privseg.config import Config
-    from privseg.io import read_json
+    from privseg.core.io import read_json
 
     root = tmp_path / "real"
     torch.manual_seed(0)

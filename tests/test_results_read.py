@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from privseg.config import Config, PrivacyConfig
-from privseg.errors import DataError
-from privseg.results import RunResult, SiteResult
-from privseg.study_result import StudyResult, StudyRun
+from privseg.core.errors import DataError
+from privseg.core.results import RunResult, SiteResult
+from privseg.core.study_result import StudyResult, StudyRun
 
 PRIVACY = {
     "epsilon": math.inf,  # a release without DP on these patients: "inf" in JSON

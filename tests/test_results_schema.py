@@ -1,4 +1,4 @@
-"""results.json: the schema table in docs/RESULTS.md and privseg.results' typed schema agree."""
+"""results.json: the schema table in docs/RESULTS.md and core.results' typed schema agree."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 
 from privseg.config import PrivacyConfig
-from privseg.privacy.history import RELEASE_KEYS
-from privseg.results import (
+from privseg.core.results import (
     FEDERATION_KEYS,
     PROVENANCE_KEYS,
     RUN_KEYS,
@@ -19,6 +18,7 @@ from privseg.results import (
     SiteResult,
     nanmean,
 )
+from privseg.privacy.history import RELEASE_KEYS
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 

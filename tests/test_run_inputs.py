@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from privseg.config import Config
+from privseg.core.errors import DataError
+from privseg.core.run_folder import RunFolder, RunInputs
 from privseg.data.cache import SliceCache
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
-from privseg.errors import DataError
-from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.train import train
 
 TINY = {
@@ -76,8 +76,8 @@ def test_a_study_refuses_another_task(tmp_path):
 
 def test_a_finished_server_folder_is_reused_only_with_resume(tmp_path, monkeypatch):
     """`privseg server --out R` on a finished federation deleted R/results.json."""
+    from privseg.core.output import hold_folder
     from privseg.federated import deployment
-    from privseg.output import hold_folder
 
     out = tmp_path / "run"
     hold_folder(out, "run")

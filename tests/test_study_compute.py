@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from privseg.config import Config
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
+from privseg.core.study_result import COMPUTE_RULES
 from privseg.report.sections import build_blocks
 from privseg.report.study_view import federated_beats_local_cross_site
 from privseg.report.summary import summarise
 from privseg.runs.compute import compute_of, equalise
 from privseg.runs.study import PRESETS, grid, paper_preset
 from privseg.runs.train import train
-from privseg.study_result import COMPUTE_RULES
 
 SIZES = {"site-0": 130, "site-1": 125, "site-2": 128}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from privseg.config import Config
-from privseg.device import describe_device, resolve_device
-from privseg.errors import PrivacyBudgetExceeded
+from privseg.core.device import describe_device, resolve_device
+from privseg.core.errors import PrivacyBudgetExceeded
 from privseg.models import build_model
 from privseg.models.checkpoint import load_checkpoint
 from privseg.runs.train import train
@@ -72,8 +72,8 @@ def test_central_training_beats_untrained_and_writes_run_folder(phantom_cache, t
 
 def test_a_rejected_resume_leaves_the_run_folder_as_it_was(phantom_cache, tmp_path):
     """A resume refused for another model once replaced the run's config.toml first."""
-    from privseg.errors import CheckpointError
-    from privseg.run_folder import RunFolder
+    from privseg.core.errors import CheckpointError
+    from privseg.core.run_folder import RunFolder
 
     out = tmp_path / "fed"
     RunFolder(out).claim("run", inputs=[phantom_cache.root])

@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from privseg.attack.threat import ServerPayload, ThreatModel
 from privseg.config import AttackConfig
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

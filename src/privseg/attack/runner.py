@@ -24,14 +24,14 @@ from privseg.attack.inversion import default_loss, reconstruct, simulate_site_up
 from privseg.attack.threat import ThreatModel
 from privseg.config import Config
 from privseg.config.privacy import DEFAULT_EPSILON
-from privseg.data.classes import bits_to_target
-from privseg.errors import DataError
-from privseg.io import atomic_write_bytes, write_json
+from privseg.core.classes import bits_to_target
+from privseg.core.errors import DataError
+from privseg.core.io import atomic_write_bytes, write_json
+from privseg.core.progress import Progress, no_progress
+from privseg.core.results import FEDERATED, RunResult
+from privseg.core.run_folder import ATTACK_JSON, ATTACK_PNG
 from privseg.privacy.plan import DPPlan, count_units, expected_batch_size, unit_ids
-from privseg.progress import Progress, no_progress
 from privseg.report.figures import reconstruction_grid_png
-from privseg.results import FEDERATED, RunResult
-from privseg.run_folder import ATTACK_JSON, ATTACK_PNG
 
 log = logging.getLogger(__name__)
 

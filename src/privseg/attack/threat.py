@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from privseg.config import AttackConfig, Config
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 from privseg.privacy.plan import DPPlan
 
 THREATS = {

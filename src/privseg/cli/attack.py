@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from privseg.choices import OutputFormat
 from privseg.cli.common import (
     DeviceOption,
     OverwriteOption,
@@ -20,6 +19,7 @@ from privseg.cli.common import (
     user_errors,
 )
 from privseg.config.sections import AttackRound, MaskMode, Threat
+from privseg.core.choices import OutputFormat
 from privseg.report.format import fmt, fmt_bool, fmt_eps
 
 
@@ -130,7 +130,7 @@ def attack(
         fmt(res["matching_loss_median"], ".4f"),
     )
     console.print(table)
-    from privseg.run_folder import ATTACK_JSON, ATTACK_PNG, RunFolder
+    from privseg.core.run_folder import ATTACK_JSON, ATTACK_PNG, RunFolder
 
     folder = RunFolder(run_dir).attack
     say(f"wrote {folder / ATTACK_JSON} and {ATTACK_PNG}")
@@ -184,7 +184,7 @@ def audit(
         fmt_bool(res["held"], "[green]yes[/]", "[red]NO[/]"),
     )
     console.print(table)
-    from privseg.run_folder import AUDIT_JSON, RunFolder
+    from privseg.core.run_folder import AUDIT_JSON, RunFolder
 
     eps = "∞ (no DP)" if res["epsilon"] is None else fmt_eps(res["epsilon"])
     say(

@@ -9,10 +9,10 @@ import click
 import typer
 from rich.table import Table
 
-from privseg.choices import OutputFormat
 from privseg.cli.common import console, user_errors
-from privseg.errors import ConfigError, DataError
-from privseg.plugins import ACCOUNTANTS, input_formats
+from privseg.core.choices import OutputFormat
+from privseg.core.errors import ConfigError, DataError
+from privseg.core.plugins import ACCOUNTANTS, input_formats
 from privseg.report.format import MISSING, fmt, fmt_value
 
 

@@ -28,9 +28,9 @@ from rich.progress import (
 from rich.text import Text
 
 from privseg.config import Config
-from privseg.errors import ConfigError, PrivsegError, resource_error
-from privseg.logs import OursOrAtLeast, route_warnings
-from privseg.progress import PROGRESS_LOGGER
+from privseg.core.errors import ConfigError, PrivsegError, resource_error
+from privseg.core.logs import OursOrAtLeast, route_warnings
+from privseg.core.progress import PROGRESS_LOGGER
 
 console = Console()
 err_console = Console(stderr=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from privseg.choices import Organ
 from privseg.cli.common import (
     ConfigOption,
     OverwriteOption,
@@ -18,7 +17,8 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
-from privseg.plugins import input_formats
+from privseg.core.choices import Organ
+from privseg.core.plugins import input_formats
 
 app = typer.Typer(help="Data: synthesise the CT phantom, prepare per-site slice caches.")
 

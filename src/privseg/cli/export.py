@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.choices import ExportFormat
 from privseg.cli.common import OverwriteOption, say, user_errors
+from privseg.core.choices import ExportFormat
 
 
 @user_errors

@@ -38,8 +38,8 @@ def server(
     if insecure:
         say(INSECURE_WARNING, label="warning:", style="bold yellow", err=True)
     serve(cfg, out=out, port=port, certs=certs, insecure=insecure, host=host, resume=resume)
-    from privseg.results import RunResult
-    from privseg.run_folder import RunFolder
+    from privseg.core.results import RunResult
+    from privseg.core.run_folder import RunFolder
 
     path = RunFolder(out).results
     result = RunResult.load(path)

@@ -7,7 +7,6 @@ from typing import Any
 
 import typer
 
-from privseg.choices import MaskFormat
 from privseg.cli.common import (
     DeviceOption,
     OverwriteOption,
@@ -15,8 +14,9 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
-from privseg.errors import ConfigError
-from privseg.plugins import ct_formats
+from privseg.core.choices import MaskFormat
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import ct_formats
 
 
 def _describe(stats: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ def pretrain(
 ) -> None:
     """Train centrally on a freshly generated public phantom; its checkpoint may start any run
     (train.init = OUT/checkpoint.pt)."""
-    from privseg.run_folder import RunFolder
+    from privseg.core.run_folder import RunFolder
+    from privseg.privacy.stores import stores_in
     from privseg.runs.pretrain import PublicPopulation
     from privseg.runs.pretrain import pretrain as run_pretrain
 
@@ -43,7 +44,7 @@ def pretrain(
         with progress_bar() as progress:
             results = run_pretrain(cfg, out=out, population=population, progress=progress)
     except BaseException:
-        RunFolder(out).abandon()  # a folder this command created and never finished
+        RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
         raise
     console.print(
         f"pretrained on privseg's public phantom (seed {seed}, {scanners} x {patients} "

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from privseg.choices import Preset
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
@@ -20,7 +19,8 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
-from privseg.plugins import input_formats
+from privseg.core.choices import Preset
+from privseg.core.plugins import input_formats
 from privseg.report.format import fmt, fmt_eps, fmt_pm
 
 
@@ -50,7 +50,7 @@ def run(
 ) -> None:
     """Run central, local-only, federated and federated-DP training plus the attack; report."""
     load_config(config, set_)  # field and value rules before torch and Flower load
-    from privseg.run_folder import RunFolder
+    from privseg.core.run_folder import RunFolder
     from privseg.runs.study import PRESETS, run_study
 
     if quick:
@@ -93,7 +93,7 @@ def run(
 
 def stopped(out: Path) -> str:
     """What an interrupted study leaves: its finished settings, which a rerun skips."""
-    from privseg.run_folder import RunFolder
+    from privseg.core.run_folder import RunFolder
 
     done = RunFolder(out).finished_settings()
     return (

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from privseg.choices import Mode
 from privseg.cli.common import (
     ConfigOption,
     DeviceOption,
@@ -22,11 +21,12 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
-from privseg.io import read_json
+from privseg.core.choices import Mode
+from privseg.core.io import read_json
 
 if TYPE_CHECKING:
-    from privseg.run_folder import RunFolder
-from privseg.plugins import input_formats
+    from privseg.core.run_folder import RunFolder
+from privseg.core.plugins import input_formats
 
 
 @user_errors
@@ -63,7 +63,8 @@ def train(
         },
     )
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
-    from privseg.run_folder import RunFolder  # torch loads only for a valid config
+    from privseg.core.run_folder import RunFolder  # torch loads only for a valid config
+    from privseg.privacy.stores import stores_in
     from privseg.runs.train import train as run_train
 
     with interruptible(lambda: stopped(RunFolder(out), mode)):
@@ -78,10 +79,10 @@ def train(
                     resume=resume,
                 )
         except BaseException:
-            RunFolder(out).abandon()  # a folder this command created and never finished
+            RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
             raise
+    from privseg.core.results import RunResult
     from privseg.report.format import fmt, fmt_eps
-    from privseg.results import RunResult
 
     result = RunResult.load(RunFolder(out).results)
     table = Table(title=f"{result.mode} training, {'DP' if result.dp else 'non-private'}")

@@ -2,7 +2,7 @@
 
 The config is a tree of dataclasses. It is read from a TOML file, then CLI overrides
 (``section.field=value``) are applied, then every field is validated. A bad value raises
-:class:`~privseg.errors.ConfigError` naming the field, the value and what is allowed.
+:class:`~privseg.core.errors.ConfigError` naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from privseg.config.sections import (
     Threat,
     TrainConfig,
 )
-from privseg.errors import ConfigError
-from privseg.typed_config import (
+from privseg.config.typed import (
     apply_override,
     build,
     dumps_toml,
@@ -43,6 +42,7 @@ from privseg.typed_config import (
     set_path,
     validate,
 )
+from privseg.core.errors import ConfigError
 
 __all__ = [
     "AttackConfig",

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from privseg.errors import ConfigError
-from privseg.plugins import ACCOUNTANTS, GRAD_PATHS
-from privseg.typed_config import rule
+from privseg.config.typed import rule
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import ACCOUNTANTS, GRAD_PATHS
 
 PrivacyUnit = Literal["slice", "patient"]
 #: Fewest canaries worth adding: 10 perfect guesses reject epsilon 1.2 at most (ln(10 / 3)).
@@ -34,7 +34,7 @@ class PrivacyConfig:
     delta: float = field(default=1e-5, metadata=rule(gt=0.0, lt=1.0))
     accountant: str = field(
         default="prv",
-        metadata=rule(one_of=ACCOUNTANTS, help="privseg.plugins.ACCOUNTANTS (Opacus's)"),
+        metadata=rule(one_of=ACCOUNTANTS, help="privseg.core.plugins.ACCOUNTANTS (Opacus's)"),
     )
     budget_epsilon: float | None = field(
         default=None,
@@ -45,7 +45,7 @@ class PrivacyConfig:
         metadata=rule(
             one_of=GRAD_PATHS,
             also=("auto",),
-            help="per-sample gradient implementation (privseg.plugins.GRAD_PATHS); auto = the "
+            help="per-sample gradient implementation (privseg.core.plugins.GRAD_PATHS); auto = the "
             "measured fastest on the device (privseg.privacy.dp_sgd.AUTO_GRAD_PATH)",
         ),
     )

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from privseg.config.privacy import PrivacyConfig, PrivacyUnit
-from privseg.errors import ConfigError
-from privseg.plugins import AGGREGATIONS, MODELS, STRATEGIES
-from privseg.typed_config import rule
+from privseg.config.typed import rule
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import AGGREGATIONS, MODELS, STRATEGIES
 
 __all__ = ["PrivacyConfig", "PrivacyUnit"]  # the [privacy] section
 
@@ -23,7 +23,7 @@ MaskMode = Literal["given", "joint", "predicted"]
 AttackRound = Literal["last", "first"]
 StudyCompute = Literal["equal", "as_configured"]
 StudySetting = Literal["central", "local", "federated", "federated_dp", "attack"]
-#: What ``train.device`` may name (``privseg.device.resolve_device`` turns it into a device).
+#: What ``train.device`` may name (``privseg.core.device.resolve_device`` turns it into a device).
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(?::\d+)?")
 #: ``data.classes`` holds at most 8 classes: masks carry them as uint8 bit sets.
 MAX_CLASSES = 8
@@ -110,8 +110,8 @@ class DataConfig:
 
     def check(self) -> None:
         if self.site_name:
-            from privseg.errors import DataError
-            from privseg.output import check_site_name
+            from privseg.core.errors import DataError
+            from privseg.core.output import check_site_name
 
             try:
                 check_site_name(self.site_name, "data.site_name")
@@ -165,7 +165,8 @@ class ModelConfig:
     """Which DP-ready 2D network to train."""
 
     name: str = field(
-        default="unet", metadata=rule(one_of=MODELS, help="the network (privseg.plugins.MODELS)")
+        default="unet",
+        metadata=rule(one_of=MODELS, help="the network (core.plugins.MODELS)"),
     )
     features: int = field(
         default=16, metadata=rule(ge=4, le=256, multiple_of=4, help="channels of the first level")
@@ -256,7 +257,7 @@ class FederatedConfig:
     )
     strategy: str = field(
         default="fedavg",
-        metadata=rule(one_of=STRATEGIES, help="the server's strategy (privseg.plugins.STRATEGIES)"),
+        metadata=rule(one_of=STRATEGIES, help="the server's strategy (core.plugins.STRATEGIES)"),
     )
     weighted: bool = field(
         default=True,
@@ -290,7 +291,7 @@ class FederatedConfig:
     #: mean (weighted by federated.weighted) or a robust rule, which ignores the sites' sizes
     aggregation: str = field(
         default="mean",
-        metadata=rule(one_of=AGGREGATIONS, help="privseg.plugins.AGGREGATIONS (Flower 1.42's)"),
+        metadata=rule(one_of=AGGREGATIONS, help="core.plugins.AGGREGATIONS (Flower 1.42's)"),
     )
     malicious_sites: int = field(default=0, metadata=rule(ge=0, le=1000, help="krum, bulyan: f"))
     trim_fraction: float = field(default=0.2, metadata=rule(ge=0.0, lt=0.5, help="trimmed_mean"))

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from privseg.config import DataConfig
-from privseg.data.classes import Classes
+from privseg.core.classes import Classes
+from privseg.core.errors import DataError
+from privseg.core.output import check_site_name
 from privseg.data.preprocess import PlaneTransform, mask_to_image_space
 from privseg.data.sites import SPLITS
-from privseg.errors import DataError
-from privseg.output import check_site_name
 
 log = logging.getLogger(__name__)
 

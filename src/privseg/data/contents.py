@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from privseg.config import DataConfig
+from privseg.core.errors import DataError
+from privseg.core.plugins import input_formats
+from privseg.core.progress import Progress
 from privseg.data.cache import MANIFEST, SliceCache
 from privseg.data.sites import SITE_MAP_FILE, SPLITS, load_site_map
 from privseg.data.sources import is_source, load_volume, read_source
-from privseg.errors import DataError
-from privseg.plugins import input_formats
-from privseg.progress import Progress
 
 ALL = "all"
 """The one group of a task folder that names no sites (no site map)."""

@@ -17,7 +17,7 @@ localizer (scout) images and objects without pixel data (dose reports) beside th
 which are skipped and named in the log. A folder with several series is read when one is
 chosen (``series``: its SeriesInstanceUID); else the series are listed.
 
-Everything that would give a wrong volume is a :class:`~privseg.errors.DataError` naming the
+Everything that would give a wrong volume is a :class:`~privseg.core.errors.DataError` naming the
 series folder (and the files): orientation, size or pixel spacing differing within a series,
 two slices at one position, a gap where slices are missing, slices off one line, gantry tilt,
 non-CT or multi-frame objects, pixel data that cannot be decoded.
@@ -33,9 +33,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
+from privseg.core.errors import DataError
 from privseg.data.dicom_file import MAX_SPACING_MM, Slice, number, read_slice, slice_hu
 from privseg.data.msd import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
-from privseg.errors import DataError
 
 log = logging.getLogger(__name__)
 

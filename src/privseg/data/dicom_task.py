@@ -15,12 +15,12 @@ from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 
+from privseg.core.errors import DataError
+from privseg.core.output import check_site_name
 from privseg.data.dicom import read_dicom_series, series_files
 from privseg.data.msd import MAX_VOXELS, NIFTI_READ_ERRORS, open_nifti, out_of_memory, volume_of
 from privseg.data.sites import SITE_MAP_FILE
 from privseg.data.task import Case, Reader, Task, Volume, duplicate_ids, task_path
-from privseg.errors import DataError
-from privseg.output import check_site_name
 
 SERIES_CSV = "series.csv"
 COLUMNS = ("series", "label")

@@ -1,7 +1,7 @@
 """Read Medical Segmentation Decathlon task folders (``dataset.json``, ``imagesTr``, ``labelsTr``).
 
 Every problem a user can cause (missing files, bad JSON, mismatched image/label, corrupt NIfTI)
-raises :class:`~privseg.errors.DataError` naming the file and what was expected.
+raises :class:`~privseg.core.errors.DataError` naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError, ImageDataError
 
 from privseg.config import DataConfig
+from privseg.core.errors import DataError
+from privseg.core.io import write_json
 from privseg.data.task import (
     Case,
     Reader,
@@ -28,8 +30,6 @@ from privseg.data.task import (
     duplicate_ids,
     task_path,
 )
-from privseg.errors import DataError
-from privseg.io import write_json
 
 DATASET_JSON = "dataset.json"
 NIFTI_SUFFIX = ".nii.gz"

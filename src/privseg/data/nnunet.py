@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from privseg.core.errors import DataError
 from privseg.data.msd import DATASET_JSON, load_case, read_dataset_json
 from privseg.data.task import Case, Reader, Task, check_case_id
-from privseg.errors import DataError
 
 FILE_ENDINGS = (".nii.gz", ".nii")
 # nnU-Net's channel suffix: case_0000.nii.gz is channel 0 of case "case".

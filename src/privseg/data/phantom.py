@@ -17,6 +17,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from privseg.core.errors import ConfigError
+from privseg.core.io import write_json
+from privseg.core.output import claimed_folder
+from privseg.core.progress import Progress
 from privseg.data.anatomy import synth_patient
 from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
 from privseg.data.scanners import (
@@ -28,10 +32,6 @@ from privseg.data.scanners import (
     population_scanner,
 )
 from privseg.data.sites import SITE_MAP_FILE
-from privseg.errors import ConfigError
-from privseg.io import write_json
-from privseg.output import claimed_folder
-from privseg.progress import Progress
 
 ORGANS = {
     "liver": {0: "background", 1: "liver", 2: "cancer"},
@@ -58,7 +58,7 @@ def synth_task(
     random stream and scanners and anatomy outside the sites' ranges, see
     :mod:`privseg.data.scanners`). ``dataset.json`` records the generator's settings under
     :data:`GENERATOR_KEY`; prepare trusts a public claim only after regenerating it.
-    ``out`` is claimed through :mod:`privseg.output`: a real task folder (or anything privseg
+    ``out`` is claimed through :mod:`privseg.core.output`: a real task folder (or anything privseg
     did not write) is never replaced. ``progress(description, done, total)`` is called after
     each patient when given.
     """

@@ -21,6 +21,11 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config, DataConfig
+from privseg.core.errors import ConfigError, DataError
+from privseg.core.io import make_folder, write_json
+from privseg.core.output import claimed_folder
+from privseg.core.plugins import input_formats
+from privseg.core.progress import Progress
 from privseg.data.cache import (
     ARRAYS,
     EVALUATED_SPLIT,
@@ -46,11 +51,6 @@ from privseg.data.sites import (
 )
 from privseg.data.sources import case_files, is_source, load_volume, read_source
 from privseg.data.task import Case, Task
-from privseg.errors import ConfigError, DataError
-from privseg.io import make_folder, write_json
-from privseg.output import claimed_folder
-from privseg.plugins import input_formats
-from privseg.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def prepare_cache(
 ) -> SliceCache:
     """Build (or reuse) the slice cache of task ``src`` in ``out``.
 
-    ``out`` is claimed through :mod:`privseg.output` (never a folder privseg did not write,
+    ``out`` is claimed through :mod:`privseg.core.output` (never a folder privseg did not write,
     unless ``overwrite``; never the task itself; one writer at a time).
     ``progress(description, done, total)`` is called after each patient when given.
     ``accept(cache)``, when given, may refuse the cache (reused, or built and still staged)

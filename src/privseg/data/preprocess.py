@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from privseg.config import DataConfig
-from privseg.data.classes import Classes
+from privseg.core.classes import Classes
 
 
 def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from privseg.core.errors import DataError
 from privseg.data.phantom import GENERATOR, GENERATOR_KEY, generate, generator_record
 from privseg.data.scanners import PUBLIC
 from privseg.data.task import Task, Volume
-from privseg.errors import DataError
 
 MANIFEST_KEY = "public_data"
 """The cache manifest's entry for a verified public population (absent otherwise)."""

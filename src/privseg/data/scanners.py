@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privseg.core.errors import ConfigError
 from privseg.data.sites import site_name
-from privseg.errors import ConfigError
 
 SITES = "sites"
 PUBLIC = "public"

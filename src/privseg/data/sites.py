@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from privseg.errors import DataError
-from privseg.output import check_site_name
+from privseg.core.errors import DataError
+from privseg.core.output import check_site_name
 
 SPLITS = ("train", "val", "test")
 SITE_MAP_FILE = "sites.json"

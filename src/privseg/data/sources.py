@@ -1,7 +1,7 @@
 """Which reader an input needs, and loading its cases: the one entry point for ``data prepare``,
 training and ``predict``.
 
-The readers are the entries of :data:`privseg.plugins.READERS` (MSD, nnU-Net v2, DICOM series;
+The readers are the entries of :data:`privseg.core.plugins.READERS` (MSD, nnU-Net v2, DICOM series;
 see :class:`~privseg.data.task.Reader`). Every reader gives a :class:`~privseg.data.task.Task`;
 :func:`load_volume` gives each case as the same :class:`~privseg.data.task.Volume`, so building
 a cache is one code path; :func:`load_ct` reads one CT for ``predict`` the same way.
@@ -13,9 +13,9 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from privseg.core.errors import DataError
+from privseg.core.plugins import READERS, ct_formats, input_formats
 from privseg.data.task import Case, Reader, Task, Volume
-from privseg.errors import DataError
-from privseg.plugins import READERS, ct_formats, input_formats
 
 if TYPE_CHECKING:
     import nibabel as nib

@@ -1,5 +1,5 @@
 """What every input reader gives prepare: a :class:`Task` of :class:`Case` s, each loaded as a
-:class:`Volume`. The readers (:data:`privseg.plugins.READERS`, each a :class:`Reader`) differ
+:class:`Volume`. The readers (:data:`privseg.core.plugins.READERS`, each a :class:`Reader`) differ
 only in how they find the cases and read the image; :mod:`privseg.data.sources` picks the reader.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from privseg.errors import DataError
+from privseg.core.errors import DataError
 
 if TYPE_CHECKING:
     import nibabel as nib
@@ -38,7 +38,7 @@ class Task:
     ``labels`` maps label value to name (0 = background), or is ``None`` when the format
     declares none (DICOM: any integer 0..255 is accepted). ``index`` is the file that lists or
     describes the cases (``dataset.json``, ``series.csv``); ``kind`` is the reader's name in
-    :data:`privseg.plugins.READERS` (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a
+    :data:`privseg.core.plugins.READERS` (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a
     patient -> site map the index carries itself (the DICOM CSV's ``site`` column).
     """
 
@@ -83,7 +83,7 @@ def _image_file(image: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Reader:
-    """One input format, registered in :data:`privseg.plugins.READERS`: the same entry serves
+    """One input format, registered in :data:`privseg.core.plugins.READERS`: the same entry serves
     ``data prepare`` and training (a task folder) and ``predict`` (one CT).
 
     ``finds(path)``: whether ``path`` is a task of this format (readers are tried in table

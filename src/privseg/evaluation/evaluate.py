@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from privseg.data.classes import FOREGROUND, probabilities_to_bits
-from privseg.errors import DataError
+from privseg.core.classes import FOREGROUND, probabilities_to_bits
+from privseg.core.errors import DataError
+from privseg.core.results import MODEL_GRID_UNITS, NATIVE_UNITS, nanmean
 from privseg.evaluation.metrics import dice, surface_distances
-from privseg.results import MODEL_GRID_UNITS, NATIVE_UNITS, nanmean
 
 #: Per-patient scores; with several classes, a patient's are the means over its classes.
 METRICS = ("dice", "hd95", "assd")
@@ -98,8 +98,8 @@ def evaluate_split(
 
     When every case of the split has a label on its original grid (``split.native``, a cache's
     test split), Dice, HD95 and ASSD are computed there and distances are in mm
-    (``hd95_units`` = :data:`~privseg.results.NATIVE_UNITS`); otherwise on the model grid in
-    its voxels (:data:`~privseg.results.MODEL_GRID_UNITS`, spacing 1 per pixel and slice).
+    (``hd95_units`` = :data:`~privseg.core.results.NATIVE_UNITS`); otherwise on the model grid in
+    its voxels (:data:`~privseg.core.results.MODEL_GRID_UNITS`, spacing 1 per pixel and slice).
 
     Returns ``dice`` (mean over patient volumes), ``dice_sd`` (sample SD; 0.0 for one patient),
     ``hd95`` and ``assd`` (nanmean over patients; a patient with an empty prediction or label has

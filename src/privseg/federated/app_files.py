@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.core.io import atomic_write_text
 from privseg.federated import messages as M
 from privseg.federated.identity import SiteNodes, dumps_site_nodes
-from privseg.io import atomic_write_text
 
 CONNECTION = "privseg"
 APP_PYPROJECT = """\

@@ -14,69 +14,23 @@ import logging
 import math
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from privseg.config import Config
-from privseg.errors import DataError, PrivacyBudgetExceeded, PrivsegError
+from privseg.core.errors import DataError, PrivacyBudgetExceeded, PrivsegError
+from privseg.core.io import atomic_write_text, read_json, write_json
+from privseg.core.plugins import STRATEGIES
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated import replay, secagg
 from privseg.federated.answers import EVALUATED, private_answer, record_exact_answer
-from privseg.io import atomic_write_text, read_json, write_json
-from privseg.plugins import STRATEGIES
+from privseg.federated.site_settings import SiteSettings, site_settings
 from privseg.privacy.policy import apply_floor
-from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SiteSettings:
-    """Where one site's data, privacy ledger and local report live."""
-
-    site: str
-    data_dir: Path
-    out_dir: Path
-    privacy_config: Path | None = None  # the site's own [privacy] settings win over the server's
-
-    @property
-    def report(self) -> Path:
-        """The site-local test report (per-patient results never leave the site)."""
-        return RunFolder(self.out_dir).site_report(self.site)
-
-    @property
-    def refused(self) -> Path:
-        """Written on the final test when the server accepted none of this site's training
-        replies in the run (a wrong key: the server registered another site's)."""
-        return self.report.with_suffix(".refused")
-
-    @property
-    def done(self) -> Path:
-        """Written when the server has kept the final test answers (the site may leave)."""
-        return RunFolder(self.out_dir).site_done(self.site)
-
-
-def site_settings(node_config: Mapping[str, Any], defaults: Mapping[str, Any]) -> SiteSettings:
-    """Resolve the site from the node config (deployment) or its partition id (simulation)."""
-    conf = {**defaults, **node_config}
-    site = conf.get(M.NODE_SITE)
-    if not site and M.NODE_PARTITION in conf and conf.get(M.NODE_SITES):
-        sites = str(conf[M.NODE_SITES]).split(",")
-        site = sites[int(conf[M.NODE_PARTITION])]
-    if not site or not conf.get(M.NODE_DATA_DIR):
-        raise DataError(
-            "this SuperNode has no site: start it with --node-config "
-            f"\"{M.NODE_SITE}='NAME' {M.NODE_DATA_DIR}='CACHE_DIR' {M.NODE_OUT_DIR}='DIR'\" "
-            "(privseg site does this)"
-        )
-    data_dir = Path(str(conf[M.NODE_DATA_DIR]))
-    out_dir = Path(str(conf.get(M.NODE_OUT_DIR) or data_dir / "site-out"))
-    privacy = Path(str(conf[M.NODE_PRIVACY])) if conf.get(M.NODE_PRIVACY) else None
-    return SiteSettings(site=str(site), data_dir=data_dir, out_dir=out_dir, privacy_config=privacy)
 
 
 TrainerFactory = Callable[..., Any]

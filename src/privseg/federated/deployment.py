@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
+from privseg.core.io import private_file, read_json
+from privseg.core.run_folder import RunFolder, RunInputs
 from privseg.federated.app_files import CONNECTION, write_app, write_flower_home
 from privseg.federated.certs import CertFiles, check_distinct_keys
 from privseg.federated.identity import SiteNodes
@@ -35,8 +37,6 @@ from privseg.federated.processes import (
     stop_stale,
     wait_for_port,
 )
-from privseg.io import private_file, read_json
-from privseg.run_folder import RunFolder, RunInputs
 
 log = logging.getLogger(__name__)
 

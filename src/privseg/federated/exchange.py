@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
 from privseg.federated.flower_compat import Backoff
 
 POLL = (0.02, 0.5, 0.1)  # pull replies every 10% of the time waited so far, in [20 ms, 0.5 s]

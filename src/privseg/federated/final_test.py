@@ -18,11 +18,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
+from privseg.core.io import read_json, write_json
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated.exchange import connected, send_and_receive, wait_for_sites
-from privseg.io import read_json, write_json
-from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
 
 SiteNodes = dict[int, str]
 """node id -> site name, from the server's own key registrations."""

@@ -29,9 +29,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+from privseg.core.io import atomic_write_text, private_file
 from privseg.federated.flower_compat import SUPEREXEC_POLL_ENV
 from privseg.federated.reaper import proc_start, reaping
-from privseg.io import atomic_write_text, private_file
 
 log = logging.getLogger(__name__)
 

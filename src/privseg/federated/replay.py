@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from privseg.core.io import atomic_torch_save
 from privseg.federated import messages as M
-from privseg.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from privseg.config import Config
-from privseg.errors import FederationError
+from privseg.core.errors import FederationError
+from privseg.core.io import make_folder
+from privseg.core.results import nanmean
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated.exchange import POLL, send_and_receive, wait_for_sites
 from privseg.federated.final_test import final_test
@@ -38,10 +41,7 @@ from privseg.federated.state import (
 )
 from privseg.federated.strategy import load_strategy_state, make_strategy
 from privseg.federated.validation import ModelSpec, model_norm
-from privseg.io import make_folder
 from privseg.privacy.plan import planned_steps
-from privseg.results import nanmean
-from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

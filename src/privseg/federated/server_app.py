@@ -15,12 +15,12 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from privseg.config import Config
-from privseg.data.classes import Classes
+from privseg.core.classes import Classes
+from privseg.core.results import FEDERATED, PRIVACY_KEYS, RunResult, SiteResult, nanmean
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated.rounds import ServerSettings, run_server
 from privseg.federated.state import load_state
-from privseg.results import FEDERATED, PRIVACY_KEYS, RunResult, SiteResult, nanmean
-from privseg.run_folder import RunFolder
 
 
 # ---- results.json ----------------------------------------------------------------------------

@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
-from privseg.errors import DataError, FederationError, PrivsegError
+from privseg.core.errors import DataError, FederationError, PrivsegError
+from privseg.core.io import make_folder, read_json
+from privseg.core.results import RunResult
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated.client_app import TrainerFactory, make_client_app, release_trainers
 from privseg.federated.flower_compat import in_process_simulation
 from privseg.federated.reaper import reaping
 from privseg.federated.rounds import RoundCallback, ServerSettings
 from privseg.federated.server_app import build_results, make_server_app, save_final
-from privseg.io import make_folder, read_json
-from privseg.results import RunResult
-from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 #: Replies land in an in-memory state: polling it every 5-50 ms costs nothing, while the

@@ -16,16 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from privseg.config import Config
+from privseg.core.device import resolve_device
+from privseg.core.errors import ConfigError, DataError, FederationError
+from privseg.core.io import atomic_write_text, make_folder
+from privseg.core.output import claimed_folder
+from privseg.core.run_folder import RunFolder
 from privseg.data.cache import MANIFEST
-from privseg.device import resolve_device
-from privseg.errors import ConfigError, DataError, FederationError
 from privseg.federated import messages as M
 from privseg.federated.app_files import toml_str
 from privseg.federated.certs import CertFiles
 from privseg.federated.processes import Processes, flower_bin, flower_env, service_port, stop_stale
-from privseg.io import atomic_write_text, make_folder
-from privseg.output import claimed_folder
-from privseg.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _serve_site(
 def check_accepted(site: str, out: Path, started: float) -> None:
     """FederationError when the server said (on this run's final test) that it refused every
     training reply of this site: its privacy was spent for nothing."""
-    from privseg.federated.client_app import SiteSettings  # flwr: only once a run is over
+    from privseg.federated.site_settings import SiteSettings
 
     note = SiteSettings(site, out, out).refused
     if note.is_file() and note.stat().st_mtime >= started:

@@ -12,11 +12,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from privseg.config import Config
-from privseg.errors import CheckpointError
+from privseg.core.errors import CheckpointError
+from privseg.core.io import atomic_torch_save, write_json
+from privseg.core.run_folder import RunFolder
 from privseg.federated import messages as M
 from privseg.federated.strategy import SiteAggregation, strategy_state
-from privseg.io import atomic_torch_save, write_json
-from privseg.run_folder import RunFolder
 
 
 def initial_state(cfg: Config) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """The server's built-in strategies and aggregation rules (Flower 1.42's), registered in
-:data:`privseg.plugins.STRATEGIES` and :data:`privseg.plugins.AGGREGATIONS`.
+:data:`privseg.core.plugins.STRATEGIES` and :data:`privseg.core.plugins.AGGREGATIONS`.
 
 Each gives a Flower strategy class and its own arguments; :func:`privseg.federated.strategy.
 make_strategy` adds the site-aware behaviour (per-site metrics, max epsilon, refusals) on top.
@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import (
 )
 
 from privseg.config import Config, FederatedConfig
-from privseg.plugins import AGGREGATIONS
+from privseg.core.plugins import AGGREGATIONS
 
 Built = tuple[type[Strategy], dict[str, Any]]
 

@@ -19,6 +19,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import Strategy
 
 from privseg.config import Config, FederatedConfig
+from privseg.core.plugins import STRATEGIES
+from privseg.core.results import nanmean
 from privseg.federated import messages as M
 from privseg.federated.identity import SiteIdentity
 from privseg.federated.validation import (
@@ -31,8 +33,6 @@ from privseg.federated.validation import (
     update_norm,
     update_norm_bound,
 )
-from privseg.plugins import STRATEGIES
-from privseg.results import nanmean
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class SiteAggregation(Strategy):
 
 def make_strategy(cfg: Config, identity: SiteIdentity | None = None) -> SiteAggregation:
     """The strategy named by ``cfg.federated`` (strategy, aggregation: looked up in
-    :mod:`privseg.plugins`), made site-aware; ``identity`` checks
+    :mod:`privseg.core.plugins`), made site-aware; ``identity`` checks
     which node is which site (default: no registrations, first come holds a name)."""
     fed = cfg.federated
     base, extra = STRATEGIES.get(fed.strategy)(cfg)

@@ -113,7 +113,7 @@ _RULES: dict[str, tuple] = {
     M.NOISE_MULTIPLIER: (lambda v: 0 <= v < math.inf, "a noise multiplier >= 0"),
     M.SAMPLE_RATE: (lambda v: 0 < v <= 1, "a sample rate in (0, 1]"),
     M.STEPS: (_count, "a count of steps"),
-    M.CLIP_NORM: (lambda v: 0 < v < math.inf, "a clipping norm > 0"),
+    M.MAX_GRAD_NORM: (lambda v: 0 < v < math.inf, "a clipping norm > 0"),
 }
 
 

@@ -15,9 +15,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from privseg import __version__
+from privseg.core.errors import DataError
+from privseg.core.io import atomic_write_bytes
 from privseg.data.dicom import series_datasets
-from privseg.errors import DataError
-from privseg.io import atomic_write_bytes
 
 # What each class name means, coded: (segmented property category, segmented property type).
 _CODES = {

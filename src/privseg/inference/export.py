@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from privseg.config import Config
-from privseg.errors import PrivsegError
-from privseg.io import atomic_write_bytes
-from privseg.output import check_output_file
+from privseg.core.errors import PrivsegError
+from privseg.core.io import atomic_write_bytes
+from privseg.core.output import check_output_file
 
 FORMATS = {"torchscript": (".pt",), "onnx": (".onnx",)}
 """Export format -> accepted file suffixes."""
@@ -145,7 +145,7 @@ def export_metadata(cfg: Config, checkpoint: Path, *, out_channels: int) -> dict
 
 def _classes(data: Any) -> list[dict[str, Any]]:
     """Channel k's class name and the label values it was trained on ([] = every value > 0)."""
-    from privseg.data.classes import Classes
+    from privseg.core.classes import Classes
 
     classes = Classes.of(data)
     return [

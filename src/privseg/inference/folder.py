@@ -1,5 +1,5 @@
 """Segment every CT of a folder: NIfTI files, DICOM series subfolders, or one DICOM series (any
-CT format of :data:`privseg.plugins.READERS`, one format per folder).
+CT format of :data:`privseg.core.plugins.READERS`, one format per folder).
 
 Every output name is checked before the first case is read, against each other as well as the
 inputs. A CT that cannot be read is reported and the others still run. The output folder's
@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from privseg.core.errors import DataError, PrivsegError
+from privseg.core.io import make_folder, read_json, write_json
+from privseg.core.output import check_not_in_rebuilt, check_not_input
 from privseg.data.sources import ct_kind
-from privseg.errors import DataError, PrivsegError
 from privseg.inference.volume import (
     claim_outputs,
     companions,
@@ -29,8 +31,6 @@ from privseg.inference.volume import (
     read_ct,
     write_outputs,
 )
-from privseg.io import make_folder, read_json, write_json
-from privseg.output import check_not_in_rebuilt, check_not_input
 
 log = logging.getLogger(__name__)
 RECORD = ".privseg-predictions.json"

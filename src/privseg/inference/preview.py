@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from privseg.io import atomic_write_bytes
+from privseg.core.io import atomic_write_bytes
 
 #: One outline colour per class (tab10), in class order.
 COLOURS = ("#ff7f0e", "#d62728", "#2ca02c", "#1f77b4", "#9467bd", "#8c564b", "#e377c2", "#17becf")

@@ -1,9 +1,9 @@
 """Inference on whole CT volumes with the same windowing, spacing and classes as training.
 
-An input is one CT any reader of :data:`privseg.plugins.READERS` reads (a NIfTI file, a DICOM
+An input is one CT any reader of :data:`privseg.core.plugins.READERS` reads (a NIfTI file, a DICOM
 series folder; :func:`privseg.data.sources.load_ct`); the mask is written in the input's own voxel
 grid and affine (for DICOM: the series' voxel order and RAS affine, as dicom2nifti writes it),
-with the label values of the training data (:meth:`~privseg.data.classes.Classes.output_values`).
+with the label values of the training data (:meth:`~privseg.core.classes.Classes.output_values`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from privseg.config import Config, DataConfig
-from privseg.io import atomic_write_bytes
-from privseg.output import check_output_file
+from privseg.core.io import atomic_write_bytes
+from privseg.core.output import check_output_file
 
 MASK_SUFFIXES = (".nii.gz", ".nii")
 # What predict writes a mask as: a NIfTI label map, or a DICOM Segmentation of its series.
@@ -75,7 +75,7 @@ def predict_ct(
     """(class bit sets uint8 ``[X, Y, Z]``, probabilities uint8 ``[C, X, Y, Z]`` in 1/255 or
     None), both on the canonical grid. The slices go through the case's own plane transform
     (``data.spacing``) and come back through its inverse, nearest neighbour."""
-    from privseg.data.classes import probabilities_to_bits
+    from privseg.core.classes import probabilities_to_bits
     from privseg.data.preprocess import PlaneTransform, image_to_model_input, mask_to_image_space
 
     plane = PlaneTransform.of(ct.hu.shape, ct.zooms, cfg.data)
@@ -163,7 +163,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Write the label map (and probabilities, preview) on the input's grid, each atomically
     and 0600 (patient data)."""
-    from privseg.data.classes import Classes
+    from privseg.core.classes import Classes
 
     classes = Classes.of(cfg.data)
     labels = _to_input_grid(classes.to_label_map(mask), ct)
@@ -187,7 +187,7 @@ def write_outputs(
 
 
 def load_model(checkpoint: Path, device: str) -> tuple[nn.Module, Config]:
-    from privseg.device import resolve_device
+    from privseg.core.device import resolve_device
     from privseg.models.checkpoint import load_checkpoint
 
     target = resolve_device(device, field="device")  # a GPU this machine lacks: refused first
@@ -215,9 +215,9 @@ def segment_nifti(
 
     Every output is checked before any work: a NIfTI name in an existing folder, never the
     input, an existing file only with ``overwrite``. ``device``: "auto", "cpu", "cuda" or
-    "cuda:N" (see :func:`privseg.device.resolve_device`).
+    "cuda:N" (see :func:`privseg.core.device.resolve_device`).
     """
-    from privseg.errors import ConfigError, DataError
+    from privseg.core.errors import ConfigError, DataError
 
     image, out = Path(image), Path(out)
     if fmt not in FORMATS:
@@ -244,7 +244,7 @@ def segment_nifti(
     )
     if fmt == "nifti":
         return write_outputs(files, ct, cfg, mask, probs)
-    from privseg.data.classes import Classes
+    from privseg.core.classes import Classes
     from privseg.inference.dicom_seg import write_dicom_seg
 
     classes = Classes.of(cfg.data)

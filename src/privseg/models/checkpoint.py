@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from privseg.config import Config
-from privseg.errors import CheckpointError, PrivsegError
-from privseg.io import atomic_torch_save
+from privseg.core.errors import CheckpointError, PrivsegError
+from privseg.core.io import atomic_torch_save
 from privseg.models.registry import build_model
 
 FORMAT = "privseg-checkpoint/1"

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from privseg.config import Config
-from privseg.errors import ConfigError
-from privseg.io import read_json
+from privseg.core.errors import ConfigError
+from privseg.core.io import read_json
+from privseg.core.run_folder import RunFolder
 from privseg.models.checkpoint import read_checkpoint
 from privseg.models.registry import initial_model
 
@@ -68,7 +69,7 @@ def load_init(cfg: Config) -> InitCheckpoint | None:
         "run_id": extra.get("run_id"),
         "mode": extra.get("mode"),
         "trained_on": origin,
-        "epsilon_max": _epsilon(path.parent / "results.json", extra.get("run_id")),
+        "epsilon_max": _epsilon(RunFolder(path.parent).results, extra.get("run_id")),
     }
     return InitCheckpoint(payload["state_dict"], record)
 

@@ -167,7 +167,7 @@ class MoNet(nn.Module):
 
 
 def build(cfg: ModelConfig, classes: int) -> MoNet:
-    """``model.name = "monet"`` (registered in :data:`privseg.plugins.MODELS`)."""
+    """``model.name = "monet"`` (registered in :data:`privseg.core.plugins.MODELS`)."""
     return MoNet(
         out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout
     )

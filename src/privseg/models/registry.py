@@ -1,4 +1,4 @@
-"""Building the configured model: ``model.name`` looked up in :data:`privseg.plugins.MODELS`."""
+"""Building the configured model: ``model.name`` looked up in ``core.plugins.MODELS``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from privseg.config import ModelConfig
-from privseg.plugins import MODELS
-from privseg.typed_config import validate
+from privseg.config.typed import validate
+from privseg.core.plugins import MODELS
 
 
 def build_model(cfg: ModelConfig, classes: int = 1) -> nn.Module:

@@ -86,5 +86,5 @@ class UNet(nn.Module):
 
 
 def build(cfg: ModelConfig, classes: int) -> UNet:
-    """``model.name = "unet"`` (registered in :data:`privseg.plugins.MODELS`)."""
+    """``model.name = "unet"`` (registered in :data:`privseg.core.plugins.MODELS`)."""
     return UNet(out_channels=classes, features=cfg.features, groups=cfg.groups, dropout=cfg.dropout)

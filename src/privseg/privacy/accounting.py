@@ -2,7 +2,7 @@
 
 No state lives here: the ledger stores releases and recomputes epsilon through these functions,
 so the spent budget is always derived from the durable record, never from a running counter.
-``privacy.accountant`` names an entry of :data:`privseg.plugins.ACCOUNTANTS` (Opacus's, loaded
+``privacy.accountant`` names an entry of :data:`privseg.core.plugins.ACCOUNTANTS` (Opacus's, loaded
 on first use: importing this module does not import Opacus).
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privseg.errors import ConfigError
-from privseg.plugins import ACCOUNTANTS
+from privseg.core.errors import ConfigError
+from privseg.core.plugins import ACCOUNTANTS
 
 # Beyond this the update is noise; it also bounds the search (accounting at huge sigma is slow).
 MAX_NOISE_MULTIPLIER = 200.0

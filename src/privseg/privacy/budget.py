@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
+from privseg.core.registry import choice_error
+from privseg.core.results import epsilon_json
 from privseg.privacy import accounting, history
 from privseg.privacy.ledger import PrivacyLedger
-from privseg.registry import choice_error
-from privseg.results import epsilon_json
 
 
 def recorded_sites(ledger: PrivacyLedger) -> dict[str, list[str]]:

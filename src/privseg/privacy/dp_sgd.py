@@ -9,7 +9,7 @@ Interchangeable per-unit gradient paths give identical results (speed: ``bench/d
 :mod:`privseg.privacy.per_sample`; chunks sharded over threads; the fastest on CPU),
 ``"loop"`` (one backward per unit, sharded over threads; the leanest), ``"opacus"`` (Opacus's
 per-layer hooks) and ``"functorch"`` (Opacus with ``vmap(grad)``); ``"auto"`` picks one per
-device (:data:`AUTO_GRAD_PATH`). Paths are looked up in :data:`privseg.plugins.GRAD_PATHS`: a
+device (:data:`AUTO_GRAD_PATH`). Paths are looked up in :data:`privseg.core.plugins.GRAD_PATHS`: a
 path is a :data:`GradPathFn`.
 
 Everything runs where the model's parameters are (CPU or CUDA); norms, clip factors and noise
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from privseg.plugins import GRAD_PATHS
+from privseg.core.plugins import GRAD_PATHS
 from privseg.privacy.canaries import GradientCanaries
 from privseg.privacy.sampling import secure_generator
 from privseg.privacy.unit_grads import (

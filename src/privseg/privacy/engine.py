@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from privseg.config import Config, PrivacyConfig
-from privseg.errors import PrivacyBudgetExceeded
+from privseg.core.errors import PrivacyBudgetExceeded
+from privseg.core.results import SLICE_UNIT_NOTE
 from privseg.privacy import history
 from privseg.privacy.dp_sgd import DPGradient, LossFn
 from privseg.privacy.history import Budget
@@ -26,7 +27,6 @@ from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.padding import Batch, ConstantShapeBatches
 from privseg.privacy.plan import DPPlan, unit_ids
 from privseg.privacy.sampling import PoissonUnitSampler
-from privseg.results import SLICE_UNIT_NOTE
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded, ResourceError
-from privseg.io import make_folder
+from privseg.core.errors import ConfigError, DataError, PrivacyBudgetExceeded, ResourceError
+from privseg.core.io import make_folder
 from privseg.privacy import accounting, history
 from privseg.privacy.history import Budget
 

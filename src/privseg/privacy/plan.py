@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config, PrivacyConfig
-from privseg.errors import ConfigError, DataError, PrivacyBudgetExceeded
+from privseg.core.errors import ConfigError, DataError, PrivacyBudgetExceeded
 
 Release = tuple[float, float, int]
 MIN_USEFUL_EPSILON = 0.05

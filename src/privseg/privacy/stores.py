@@ -30,8 +30,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from privseg.errors import DataError
-from privseg.io import write_json
+from privseg.core.errors import DataError
+from privseg.core.io import write_json
 from privseg.privacy.ledger import PrivacyLedger
 
 ENV = "PRIVSEG_LEDGER_DIR"
@@ -186,3 +186,8 @@ def _registry():  # type: ignore[no-untyped-def]
             write_json(path, registry)
     finally:
         os.close(fd)
+
+
+def stores_in(folder: Path) -> list[Path]:
+    """The ledger stores inside ``folder`` (a ``privacy.ledger_dir`` a run placed there)."""
+    return list(Path(folder).rglob(LEDGER_FILE)) if Path(folder).is_dir() else []

@@ -74,7 +74,7 @@ Slices = tuple[torch.Tensor, "torch.Tensor | None"]
 
 @dataclass(frozen=True)
 class UnitBatch:
-    """One DP step's batch as a gradient path (:data:`privseg.plugins.GRAD_PATHS`) gets it."""
+    """One DP step's batch as a gradient path (:data:`privseg.core.plugins.GRAD_PATHS`) gets it."""
 
     model: nn.Module
     params: Sequence[torch.Tensor]  # the trainable parameters, in model order

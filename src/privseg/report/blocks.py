@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from privseg.report.tables import Table
 
-REPORT_MD, REPORT_HTML = "report.md", "report.html"
 """The two renderings of a study's report, in the study folder."""
 
 

@@ -22,9 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from privseg.io import atomic_write_bytes
+from privseg.core.io import atomic_write_bytes
+from privseg.core.results import SETTINGS
 from privseg.report.format import fmt
-from privseg.results import SETTINGS
 
 DPI = 150
 STYLE = {

@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from privseg.io import atomic_write_text, make_folder
-from privseg.report.blocks import REPORT_HTML, REPORT_MD, to_html, to_markdown
+from privseg.core.io import atomic_write_text, make_folder
+from privseg.core.run_folder import REPORT_HTML, REPORT_MD
+from privseg.report.blocks import to_html, to_markdown
 from privseg.report.sections import build_blocks
 from privseg.report.tables import Table
 

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from privseg.io import atomic_write_bytes
+from privseg.core.io import atomic_write_bytes
+from privseg.core.results import LOCAL, NATIVE_UNITS, SLICE_UNIT_NOTE
 from privseg.report import figures
 from privseg.report.blocks import Block, Code, Heading, Image, Note, Para
 from privseg.report.format import MISSING, fmt_seconds, is_num
@@ -46,7 +47,6 @@ from privseg.report.tables import (
     epsilon_table,
     key_value_table,
 )
-from privseg.results import LOCAL, NATIVE_UNITS, SLICE_UNIT_NOTE
 
 SECTIONS = {
     "summary": "Summary",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from privseg.core.results import FEDERATED, LOCAL, SETTINGS
 from privseg.report.format import is_num
-from privseg.results import FEDERATED, LOCAL, SETTINGS
 
 DID_NOT_LEARN_DICE = 0.1
 """A setting whose mean test Dice is below this did not learn: reported so, never compared."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from privseg.core.results import CENTRAL, FEDERATED, LOCAL
 from privseg.report.format import fmt, fmt_eps, fmt_pm, is_num
 from privseg.report.study_view import (
     DID_NOT_LEARN_DICE,
@@ -20,7 +21,6 @@ from privseg.report.study_view import (
     sorted_runs,
     time_per_unit,
 )
-from privseg.results import CENTRAL, FEDERATED, LOCAL
 
 RECONSTRUCTION_MARGIN_DB = 3.0
 """An attack counts as reconstructing when its median PSNR beats the better of the two

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from privseg.core.results import CENTRAL, MODEL_GRID_UNITS
 from privseg.report.format import (
     MISSING,
     csv_cell,
@@ -36,7 +37,6 @@ from privseg.report.study_view import (
     time_per_unit,
     with_verdict,
 )
-from privseg.results import CENTRAL, MODEL_GRID_UNITS
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,16 @@ from privseg.attack.runner import (
     setting_key,
 )
 from privseg.config import Config
+from privseg.config.typed import apply_override
+from privseg.core.device import resolve_device
+from privseg.core.errors import DataError
+from privseg.core.io import write_json
+from privseg.core.output import claimed_folder
+from privseg.core.progress import Progress
+from privseg.core.results import RunResult
+from privseg.core.run_folder import ATTACK_JSON, ATTACK_PNG, AUDIT_JSON, RunFolder
 from privseg.data.cache import SliceCache, SliceSplit
-from privseg.device import resolve_device
-from privseg.errors import DataError
-from privseg.io import write_json
 from privseg.models.checkpoint import load_checkpoint
-from privseg.output import claimed_folder
-from privseg.progress import Progress
-from privseg.results import RunResult
-from privseg.run_folder import ATTACK_JSON, ATTACK_PNG, AUDIT_JSON, RunFolder
-from privseg.typed_config import apply_override
 
 
 def record_attack(cfg: Config, cache: SliceCache, site: str, what: str) -> None:
@@ -52,7 +52,7 @@ def load_run(run_dir: Path, site: str) -> tuple[nn.Module, Config, RunResult, Sl
     run = RunFolder(run_dir)
     results = run.load_results()
     cfg = run.load_config()
-    model = run.load_model()
+    model = load_checkpoint(run.checkpoint)[0]
     cache = _cache_of(run, results)
     cache_dir = cache.root
     recorded = run.recorded_inputs()

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 
 from privseg.attack.one_run import audit_scores, one_shot_estimate
-from privseg.errors import DataError
-from privseg.io import read_json, write_json
+from privseg.core.errors import DataError
+from privseg.core.io import read_json, write_json
+from privseg.core.run_folder import RunFolder
 from privseg.models.checkpoint import load_checkpoint
 from privseg.models.registry import initial_model
 from privseg.privacy.canaries import commitment, cosine_scores, flatten, inclusion
-from privseg.run_folder import RunFolder
 from privseg.training.trainer import CENTRAL
 
 #: The claim's fields copied from a site's results.json privacy entry.

@@ -3,7 +3,7 @@
 Compute, per site, is two numbers: the sequential optimiser steps the model takes, and the
 slices whose gradient is computed (steps x batch; for central training the pooled batch is
 shared by the sites). The rule of ``study.compute = "equal"`` is stated once, in
-:data:`privseg.study_result.COMPUTE_RULES`; :func:`equalise` applies it.
+:data:`privseg.core.study_result.COMPUTE_RULES`; :func:`equalise` applies it.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from privseg.config import Config
+from privseg.core.results import CENTRAL, FEDERATED
 from privseg.privacy.plan import planned_steps
-from privseg.results import CENTRAL, FEDERATED
 
 
 def equalise(cfg: Config, mode: str, n_sites: int) -> Config:

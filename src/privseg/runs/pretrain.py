@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
+from privseg.core.errors import ConfigError
+from privseg.core.progress import Progress, no_progress
 from privseg.data.phantom import synth_task
 from privseg.data.scanners import PUBLIC
-from privseg.errors import ConfigError
-from privseg.progress import Progress, no_progress
 from privseg.runs.train import train
 
 

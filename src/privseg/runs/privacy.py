@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from privseg.config import Config
-from privseg.errors import PrivacyBudgetExceeded
+from privseg.core.errors import PrivacyBudgetExceeded
 from privseg.privacy import accounting, history
 from privseg.privacy.budget import site_budgets
 from privseg.privacy.plan import DPPlan

@@ -19,12 +19,11 @@ from typing import Any
 from privseg import __version__
 from privseg.config import Config
 from privseg.config.privacy import DEFAULT_EPSILON
-from privseg.data.prepare import resolve_cache
-from privseg.device import describe_device, resolve_device
-from privseg.errors import PrivsegError
-from privseg.io import read_json, write_json
-from privseg.progress import Progress, logged, no_progress
-from privseg.results import (
+from privseg.core.device import describe_device, resolve_device
+from privseg.core.errors import PrivsegError
+from privseg.core.io import read_json, write_json
+from privseg.core.progress import Progress, logged, no_progress
+from privseg.core.results import (
     CENTRAL,
     FEDERATED,
     FEDERATED_DP,
@@ -33,11 +32,12 @@ from privseg.results import (
     SETTINGS,
     RunResult,
 )
-from privseg.run_folder import RunFolder, RunInputs
+from privseg.core.run_folder import RunFolder, RunInputs
+from privseg.core.study_result import StudyResult, StudyRun
+from privseg.data.prepare import resolve_cache
 from privseg.runs import privacy as study_privacy
 from privseg.runs.compute import equalise
 from privseg.runs.train import machine_info, train
-from privseg.study_result import StudyResult, StudyRun
 
 log = logging.getLogger(__name__)
 

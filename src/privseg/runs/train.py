@@ -19,21 +19,21 @@ from typing import Any
 import torch
 
 from privseg import __version__
-from privseg.choices import MODES, Mode
 from privseg.config import Config
+from privseg.core.choices import MODES, Mode
+from privseg.core.device import describe_device, resolve_device
+from privseg.core.errors import ConfigError, DataError
+from privseg.core.io import private_file
+from privseg.core.logs import OursOrAtLeast
+from privseg.core.progress import Progress, logged, no_progress
+from privseg.core.results import CENTRAL, FEDERATED, LOCAL, PUBLIC_ORIGIN, PUBLIC_PRIVACY, RunResult
+from privseg.core.run_folder import RunFolder, RunInputs
 from privseg.data.cache import SliceCache
 from privseg.data.prepare import resolve_cache
 from privseg.data.public import public_data
-from privseg.device import describe_device, resolve_device
-from privseg.errors import ConfigError, DataError
-from privseg.io import private_file
-from privseg.logs import OursOrAtLeast
 from privseg.models.init import load_init
-from privseg.progress import Progress, logged, no_progress
-from privseg.results import CENTRAL, FEDERATED, LOCAL, PUBLIC_ORIGIN, PUBLIC_PRIVACY, RunResult
-from privseg.run_folder import RunFolder, RunInputs
 from privseg.runs.compute import compute_of
-from privseg.training.modes import run_central, run_local
+from privseg.runs.modes import run_central, run_local
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from privseg.config import Config
-from privseg.data.classes import Classes, bits_to_target
-from privseg.device import describe_device, resolve_device
-from privseg.errors import ConfigError, DataError
-from privseg.evaluation.evaluate import evaluate_split
-from privseg.models import initial_model
-from privseg.results import (
+from privseg.core.classes import Classes, bits_to_target
+from privseg.core.device import describe_device, resolve_device
+from privseg.core.errors import ConfigError, DataError
+from privseg.core.results import (
     CENTRAL,  # also the site name of the pooled trainer: its releases name every site's patients
 )
+from privseg.evaluation.evaluate import evaluate_split
+from privseg.models import initial_model
 from privseg.training.losses import DiceBCELoss
 
 log = logging.getLogger(__name__)

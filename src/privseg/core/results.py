@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from privseg.choices import MODES
-from privseg.fields import INFINITE, Fields, read_fields
-from privseg.io import write_json
+from privseg.core.choices import MODES
+from privseg.core.fields import INFINITE, Fields, read_fields
+from privseg.core.io import write_json
 
 CENTRAL, LOCAL, FEDERATED = MODES  # a run's ``mode``, named (choices.Mode spells them)
 FEDERATED_DP = "federated_dp"
@@ -117,15 +117,13 @@ PROVENANCE_KEYS = (
 )
 """``device``: where the run computed (``"cpu"``, ``"cuda:0 (NVIDIA H200)"``), from
 ``train.device``; absent where this process trained nothing (a deployment's server).
-``data_origin``: ``{"kind": "private"}``, or privseg's public phantom (:data:`PUBLIC_ORIGIN`
-kind, its generator record). ``init``: the checkpoint the run started from (``train.init``:
-path, sha256, what it was trained on), None without one."""
+``data_origin``: ``{"kind": "private"}`` or the public phantom's (:data:`PUBLIC_ORIGIN`, its
+generator record); ``init``: the ``train.init`` checkpoint's path, sha256 and lineage."""
 
-PUBLIC_ORIGIN = "generated-public"
-"""``data_origin.kind`` of privseg's public phantom: generated, no patient, no ledger row."""
+PUBLIC_ORIGIN = "generated-public"  # data_origin.kind of privseg's public phantom
+# A sites[] entry's privacy on the public phantom: epsilon 0 by construction (no patient was
+# released), never a stand-in for a missing epsilon of private data.
 PUBLIC_PRIVACY = {"epsilon": 0.0, "epsilon_run": 0.0, "steps": 0, "releases": []}
-"""A ``sites[]`` entry's privacy on the public phantom: epsilon 0 by construction (no patient
-was released), never a stand-in for a missing epsilon of private data."""
 
 
 def nanmean(values: Iterable[float | None]) -> float:

@@ -14,13 +14,13 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from privseg.errors import ConfigError
-from privseg.registry import choice_error
+from privseg.core.errors import ConfigError
+from privseg.core.registry import choice_error
 
 
 def rule(**kwargs: Any) -> dict[str, Any]:
     """Field metadata: numeric bounds (gt, ge, lt, le), ``multiple_of``, a short help text, and
-    ``one_of`` (a :class:`~privseg.registry.Registry` or any collection of names, read when
+    ``one_of`` (a :class:`~privseg.core.registry.Registry` or any collection of names, read when
     the config is validated, so a plug-in registered later is allowed) with ``also`` (values
     allowed besides those, e.g. ``"auto"``)."""
     return kwargs

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import DataError
-from privseg.io import fsync_dir, make_folder, write_json
+from privseg.core.errors import DataError
+from privseg.core.io import fsync_dir, make_folder, write_json
 
 MARKER = ".privseg"
 LOCK = ".privseg.lock"

@@ -1,6 +1,6 @@
 """A study's ``results.json`` (``privseg run``): every setting's run, the attacks and audits.
 
-Written and read back here, typed; each run inside is a :class:`~privseg.results.RunResult`.
+Written and read back here, typed; each run inside is a :class:`~privseg.core.results.RunResult`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from privseg.fields import Fields, read_fields
-from privseg.io import write_json
-from privseg.results import SETTINGS, RunResult
+from privseg.core.fields import Fields, read_fields
+from privseg.core.io import write_json
+from privseg.core.results import SETTINGS, RunResult
 
 STUDY_KEYS = (
     "preset",

@@ -2,7 +2,7 @@
 
 The one place that decides it, so training, the DP step, evaluation, inference and the attack
 agree. ``"auto"`` is the first CUDA GPU when torch sees one, else the CPU; ``"cuda"`` means
-``"cuda:0"``. A GPU this machine does not have is a :class:`~privseg.errors.ConfigError` naming
+``"cuda:0"``. A GPU this machine does not have is a :class:`~privseg.core.errors.ConfigError` naming
 the field, raised before any output is written. Resolved devices always carry their index
 (``cuda:0``, never ``cuda``): tensors report it so, and ``torch.device("cuda") !=
 torch.device("cuda:0")``.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from privseg.config import DEVICE_PATTERN, DEVICE_VALUES
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 
 
 def resolve_device(name: str, *, field: str = "train.device") -> torch.device:

@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from torch import nn
-
 from privseg.config import Config
-from privseg.errors import DataError
-from privseg.io import atomic_write_text, make_folder, read_json, write_json
-from privseg.models.checkpoint import load_checkpoint
-from privseg.output import abandon_held, hold_folder
-from privseg.report.blocks import REPORT_HTML
-from privseg.results import RunResult
+from privseg.core.errors import DataError
+from privseg.core.io import atomic_write_text, make_folder, read_json, write_json
+from privseg.core.output import abandon_held, hold_folder
+from privseg.core.results import RunResult
 
+REPORT_MD, REPORT_HTML = "report.md", "report.html"
 ATTACK_JSON = "attack.json"
 """An attack's result in its folder (``RUN/attack/``, or a study's ``attack/<setting>/``)."""
 ATTACK_PNG = "attack.png"
@@ -182,20 +179,17 @@ class RunFolder:
 
         Refuses a non-empty folder privseg did not create, a folder of another kind (a cache,
         a study for a run), a folder that is or contains an input, and a folder another
-        process is writing to (see :mod:`privseg.output`). Re-entering our own run resumes it.
+        process is writing to (see :mod:`privseg.core.output`). Re-entering our own run resumes it.
         """
         hold_folder(self.root, kind, inputs=inputs)
         return self
 
-    def abandon(self) -> bool:
+    def abandon(self, keep: Iterable[Path] = ()) -> bool:
         """A run that failed (a full disk, an error) leaves no folder without results: removed
-        when this process created it, unless it holds resumable federated state or a privacy
-        ledger store (a ``privacy.ledger_dir`` inside it: what patients spent is never lost).
-        True when removed."""
-        from privseg.privacy.stores import LEDGER_FILE
-
-        stores = list(self.root.rglob(LEDGER_FILE)) if self.root.is_dir() else []
-        return abandon_held(self.root, keep=(self.results, self.federated_state, *stores))
+        when this process created it, unless it holds resumable federated state or what
+        ``keep`` names (a privacy ledger store inside it, ``privacy.stores.stores_in``: what
+        patients spent is never lost). True when removed."""
+        return abandon_held(self.root, keep=(self.results, self.federated_state, *keep))
 
     def admit(self, inputs: RunInputs, *, resume: bool = False) -> None:
         """Refuse to reuse this folder for other inputs (:meth:`check_reuse`), then record
@@ -263,7 +257,3 @@ class RunFolder:
         if not self.results.is_file():
             raise DataError(f"{self.results} does not exist: is {self.root} a finished run?")
         return RunResult.load(self.results)
-
-    def load_model(self) -> nn.Module:
-        """The run's final model (eval mode)."""
-        return load_checkpoint(self.checkpoint)[0]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 Progress = Callable[[str, int, int], None]
 """``progress(description, completed, total)``."""
 
-PROGRESS_LOGGER = "privseg.progress"
+PROGRESS_LOGGER = "privseg.core.progress"
 """The logger of progress lines: the CLI shows them on the console only where it draws no bars."""
 
 log = logging.getLogger(PROGRESS_LOGGER)

@@ -1,9 +1,9 @@
 """Typed reading of a JSON object privseg wrote: a bad field fails with the file and field named.
 
-``results.json`` is written typed (:mod:`privseg.results`) and read back through :class:`Fields`,
-so a hand-edited or truncated file is refused with "results.json: field 'sites[1].dice' must be
-a number, got 'high'" (a :class:`~privseg.errors.DataError`: exit status 2), not a KeyError
-deep inside the report.
+``results.json`` is written typed (:mod:`privseg.core.results`) and read back through
+:class:`Fields`, so a hand-edited or truncated file is refused with "results.json: field
+'sites[1].dice' must be a number, got 'high'" (a :class:`~privseg.core.errors.DataError`: exit
+status 2), not a KeyError deep inside the report.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from privseg.errors import DataError
-from privseg.io import read_json
+from privseg.core.errors import DataError
+from privseg.core.io import read_json
 
 INFINITE = "inf"
 """How an infinite epsilon (a release without DP) is written in JSON: never 0, never missing."""

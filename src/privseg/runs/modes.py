@@ -1,7 +1,7 @@
 """Central and local-only training (federated lives in :mod:`privseg.federated`).
 
 Both modes are thin schedules over :class:`~privseg.training.trainer.SiteTrainer`; each
-returns a :class:`~privseg.results.RunResult`.
+returns a :class:`~privseg.core.results.RunResult`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from typing import Any
 import numpy as np
 
 from privseg.config import Config
+from privseg.core.io import write_json
+from privseg.core.progress import Progress, no_progress
+from privseg.core.results import CENTRAL, LOCAL, RunResult, SiteResult, nanmean
+from privseg.core.run_folder import RunFolder
 from privseg.data.public import public_data
-from privseg.io import write_json
 from privseg.models.checkpoint import save_checkpoint
 from privseg.models.init import load_init, trained_on
 from privseg.privacy.canaries import attach_canaries
 from privseg.privacy.plan import count_units, planned_steps, unit_ids
-from privseg.progress import Progress, no_progress
-from privseg.results import CENTRAL, LOCAL, RunResult, SiteResult, nanmean
-from privseg.run_folder import RunFolder
 from privseg.training.trainer import SiteTrainer, open_privacy
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from privseg.registry import Registry
+from privseg.core.registry import Registry
 
 #: ``model.name`` -> ``build(cfg: ModelConfig, classes: int) -> nn.Module``. ``widths``: the
 #: model's channel counts as multiples of ``model.features`` (GroupNorm groups must divide each).

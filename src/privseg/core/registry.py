@@ -2,7 +2,7 @@
 ``look_up_option``, Opacus's ``accountants/registry.py``).
 
 An entry is an object, or a ``"module:attribute"`` reference imported on first use: the tables
-of :mod:`privseg.plugins` list the built-ins that way, so the config can check a name (and
+of :mod:`privseg.core.plugins` list the built-ins that way, so the config can check a name (and
 ``privseg config show`` can run) without importing torch, Opacus or Flower.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from privseg.errors import ConfigError
+from privseg.core.errors import ConfigError
 
 T = TypeVar("T")
 
