@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from privseg.config import Config
+from privseg.core.results import nanmean
 from privseg.data.cache import SliceCache
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.evaluation.evaluate import evaluate_split
 from privseg.models.checkpoint import load_checkpoint
-from privseg.core.results import nanmean
 from privseg.runs.pretrain import PublicPopulation, pretrain
 from privseg.runs.train import train
 

@@ -19,7 +19,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DS
 
-from privseg.data.msd import load_image, read_task
+from privseg.data.msd import read_task
+from privseg.data.nifti import load_image
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 INTERCEPT = -1024.0

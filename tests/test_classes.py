@@ -151,7 +151,8 @@ def test_a_class_value_the_task_does_not_declare_is_refused(phantom_dir, tmp_pat
 def test_a_two_class_cache_holds_both_classes_on_both_grids(phantom_dir, tmp_path) -> None:
     """The cache's labels are class bit sets: liver where 1 or 2, tumour where 2, on the model
     grid and on each test case's original grid."""
-    from privseg.data.msd import load_image, read_task
+    from privseg.data.msd import read_task
+    from privseg.data.nifti import load_image
     from privseg.data.prepare import prepare_cache
 
     cfg = DataConfig(resolution=32, classes={"liver": [1, 2], "tumour": [2]})

@@ -27,7 +27,7 @@ import privseg
 from privseg.cli.app import app
 from privseg.config import DataConfig
 from privseg.core.errors import DataError
-from privseg.data import msd
+from privseg.data import nifti
 from privseg.data.prepare import prepare_cache
 from task_formats import to_dicom
 
@@ -174,7 +174,7 @@ def test_memory_error_is_not_called_corruption(
     text = " ".join(result.output.split())
     assert "not enough memory" in text and "corrupt" not in text
     assert "imagesTr/liver_00" in text
-    assert DataConfig().max_voxels == msd.MAX_VOXELS
+    assert DataConfig().max_voxels == nifti.MAX_VOXELS
 
 
 # ---- a full disk -------------------------------------------------------------------------------

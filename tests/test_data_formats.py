@@ -19,7 +19,8 @@ from privseg.config import Config, DataConfig
 from privseg.core.errors import DataError
 from privseg.data.cache import SliceCache
 from privseg.data.dicom import load_dicom_image, read_dicom_series
-from privseg.data.msd import load_image, read_task
+from privseg.data.msd import read_task
+from privseg.data.nifti import load_image
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache, resolve_cache
 from privseg.data.sites import SPLITS

@@ -12,7 +12,8 @@ import pytest
 from monai.apps.datasets import load_decathlon_datalist, load_decathlon_properties
 
 from privseg.core.errors import DataError
-from privseg.data.msd import load_case, load_image, read_task, write_dataset_json
+from privseg.data.msd import load_case, read_task, write_dataset_json
+from privseg.data.nifti import load_image
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ import privseg.models.checkpoint as ckpt
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.core.classes import Classes, bits_to_target
-from privseg.data.msd import load_image, read_task
+from privseg.data.msd import read_task
+from privseg.data.nifti import load_image
 from privseg.data.preprocess import PlaneTransform, label_to_model_target
 from privseg.evaluation.metrics import dice
 from privseg.inference import segment_folder, segment_nifti

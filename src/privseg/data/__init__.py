@@ -2,7 +2,8 @@
 
 from privseg.data.cache import NativeGrid, SliceCache, SliceSplit
 from privseg.data.dicom import load_dicom_image, read_dicom_series
-from privseg.data.msd import load_case, load_image, read_task
+from privseg.data.msd import load_case, read_task
+from privseg.data.nifti import load_image
 from privseg.data.phantom import synth_task
 from privseg.data.prepare import prepare_cache
 from privseg.data.preprocess import (

@@ -35,7 +35,7 @@ import pydicom
 
 from privseg.core.errors import DataError
 from privseg.data.dicom_file import MAX_SPACING_MM, Slice, number, read_slice, slice_hu
-from privseg.data.msd import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
+from privseg.data.nifti import MAX_VOXELS, canonical_data, check_voxels, out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _check_tilt(folder: Path, step: np.ndarray, normal: np.ndarray) -> None:
 def load_dicom_image(
     folder: str | Path, max_voxels: int = MAX_VOXELS, series: str | None = None
 ) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """What :func:`~privseg.data.msd.load_image` gives for a NIfTI, for a DICOM series folder:
+    """What :func:`~privseg.data.nifti.load_image` gives for a NIfTI, for a DICOM series folder:
     float32 HU ``[X, Y, Z]`` in canonical RAS and the canonical image (its affine)."""
     folder = Path(folder)
     hu, affine = read_dicom_series(folder, max_voxels, series)

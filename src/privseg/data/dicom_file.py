@@ -17,7 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from privseg.core.errors import DataError
-from privseg.data.msd import HU_LIMIT
+from privseg.data.nifti import HU_LIMIT
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 # Bounds that no scanner reaches (a 10 km field of view, a 1 m pixel): beyond them a tag is

@@ -4,7 +4,7 @@ Columns: ``series`` (a series folder, relative to the CSV's folder), ``label`` (
 file, relative too) and optionally ``site`` (the hospital the patient belongs to: the site
 map) and ``series_uid`` (the SeriesInstanceUID to read when the folder holds several). A
 case's id is its ``series`` path. The label must lie on the series' voxel grid (same shape,
-affine within :data:`~privseg.data.msd.AFFINE_ATOL` after both are put in the same axis
+affine within :data:`~privseg.data.nifti.AFFINE_ATOL` after both are put in the same axis
 order), or both files are named in the error.
 """
 
@@ -18,7 +18,7 @@ import nibabel as nib
 from privseg.core.errors import DataError
 from privseg.core.output import check_site_name
 from privseg.data.dicom import read_dicom_series, series_files
-from privseg.data.msd import MAX_VOXELS, NIFTI_READ_ERRORS, open_nifti, out_of_memory, volume_of
+from privseg.data.nifti import MAX_VOXELS, NIFTI_READ_ERRORS, open_nifti, out_of_memory, volume_of
 from privseg.data.sites import SITE_MAP_FILE
 from privseg.data.task import Case, Reader, Task, Volume, duplicate_ids, task_path
 

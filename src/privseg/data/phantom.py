@@ -22,7 +22,8 @@ from privseg.core.io import write_json
 from privseg.core.output import claimed_folder
 from privseg.core.progress import Progress
 from privseg.data.anatomy import synth_patient
-from privseg.data.msd import DATASET_JSON, NIFTI_SUFFIX, write_dataset_json
+from privseg.data.msd import DATASET_JSON, write_dataset_json
+from privseg.data.nifti import NIFTI_SUFFIX
 from privseg.data.scanners import (
     PUBLIC,
     SITES,

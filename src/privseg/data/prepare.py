@@ -36,7 +36,7 @@ from privseg.data.cache import (
     read_manifest,
     split_digest,
 )
-from privseg.data.msd import check_label_values, replace_nan
+from privseg.data.nifti import check_label_values, replace_nan
 from privseg.data.preprocess import PlaneTransform, map_labels, volume_to_slices
 from privseg.data.public import MANIFEST_KEY as PUBLIC_DATA
 from privseg.data.public import verified_public

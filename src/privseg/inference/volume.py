@@ -50,7 +50,7 @@ def read_ct(
     """One CT (read by its format's reader: :func:`~privseg.data.sources.load_ct`), validated
     (a clear DataError naming it); ``series``: the SeriesInstanceUID to read from a DICOM
     folder holding several."""
-    from privseg.data.msd import canonical_data, replace_nan
+    from privseg.data.nifti import canonical_data, replace_nan
     from privseg.data.sources import load_ct
 
     path = Path(path)
