@@ -141,9 +141,7 @@ def train(sp: SitePrivacy, steps: int, *, crash_after: int | None = None) -> int
         if crash_after is not None and done == crash_after:
             raise RuntimeError("simulated crash")
         idx, groups, real = sp.sample_batch()  # unpadded: constant_time is off here by default
-        stats = sp.step_gradients(
-            model, loss_fn, images[idx], labels[idx], torch.as_tensor(groups), real
-        )
+        stats = sp.gradient(model, loss_fn, images[idx], labels[idx], torch.as_tensor(groups), real)
         assert all(p.grad is not None for p in model.parameters())
         assert stats["units"] == len(np.unique(groups[real]))
         done += 1
@@ -175,7 +173,7 @@ def test_empty_batch_steps_count(tmp_path: Path) -> None:
         idx, groups, real = sp.sample_batch()
         sizes.append(int(real.sum()))  # dummy slices pad the batch: only real ones count
         x = torch.rand(len(idx), 1, 8, 8, dtype=torch.float64)
-        sp.step_gradients(model, loss_fn, x, (x > 0.5).double(), groups, real)
+        sp.gradient(model, loss_fn, x, (x > 0.5).double(), groups, real)
         assert all(
             torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters()
         )

@@ -290,6 +290,15 @@ def setting_key(dp: DPPlan | None) -> str:
     return "no_dp" if dp is None else f"dp_eps{dp.stated_epsilon():g}"
 
 
+def attack_split(
+    model: nn.Module, split: Any, cfg: Config, dp: DPPlan | None, **options: Any
+) -> dict[str, Any]:
+    """:func:`run_attack_on_model` on a site's split: its slices, labels and patients."""
+    return run_attack_on_model(
+        model, split.images, split.labels, cfg=cfg, dp=dp, patients=split.patient, **options
+    )
+
+
 def attack_setting(
     model: nn.Module,
     split: Any,
@@ -308,13 +317,11 @@ def attack_setting(
     ``out_dir/<setting>/`` (``grid_png`` relative to ``relative_to``; ``device``, see
     :func:`run_attack_on_model`)."""
     key = setting_key(dp)
-    return run_attack_on_model(
+    return attack_split(
         model,
-        split.images,
-        split.labels,
-        cfg=cfg,
-        dp=dp,
-        patients=split.patient,
+        split,
+        cfg,
+        dp,
         out_dir=None if out_dir is None else Path(out_dir) / key,
         progress=progress,
         label=f" ({key})",

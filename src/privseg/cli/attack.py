@@ -8,16 +8,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from privseg.cli.common import (
-    DeviceOption,
-    OverwriteOption,
-    SetOption,
-    console,
-    load_config,
-    progress_bar,
-    say,
-    user_errors,
-)
+from privseg.cli.common import console, load_config, progress_bar, say, user_errors
+from privseg.cli.options import DeviceOption, OverwriteOption, SetOption
 from privseg.config.sections import AttackRound, MaskMode, Threat
 from privseg.core.choices import OutputFormat
 from privseg.report.format import fmt, fmt_bool, fmt_eps

@@ -37,22 +37,6 @@ err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file.", exists=False)
-OverwriteOption = typer.Option(
-    False,
-    "--overwrite",
-    help="Write into a non-empty folder privseg did not create (nothing privseg did not write "
-    "is replaced), or replace an existing output file.",
-)
-DeviceOption = typer.Option(
-    None,
-    "--device",
-    help="auto | cpu | cuda | cuda:N (overrides train.device; auto: a CUDA GPU when present).",
-)
-SetOption = typer.Option(
-    None, "--set", "-s", help="Override a config field: section.field=value (repeatable)."
-)
-
 
 def user_errors(fn: F) -> F:
     """Print PrivsegError messages (and a full disk or exhausted memory) in red and exit 2,

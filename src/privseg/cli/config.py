@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import ConfigOption, SetOption, load_config, say, user_errors
+from privseg.cli.common import load_config, say, user_errors
+from privseg.cli.options import ConfigOption, SetOption
 
 app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 

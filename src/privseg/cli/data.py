@@ -7,16 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from privseg.cli.common import (
-    ConfigOption,
-    OverwriteOption,
-    SetOption,
-    console,
-    load_config,
-    progress_bar,
-    say,
-    user_errors,
-)
+from privseg.cli.common import console, load_config, progress_bar, say, user_errors
+from privseg.cli.options import ConfigOption, OverwriteOption, SetOption
 from privseg.core.choices import Organ
 from privseg.core.plugins import input_formats
 

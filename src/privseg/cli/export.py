@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import OverwriteOption, say, user_errors
+from privseg.cli.common import say, user_errors
+from privseg.cli.options import OverwriteOption
 from privseg.core.choices import ExportFormat
 
 

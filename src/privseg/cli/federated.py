@@ -6,14 +6,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import (
-    ConfigOption,
-    DeviceOption,
-    SetOption,
-    load_config,
-    say,
-    user_errors,
-)
+from privseg.cli.common import load_config, say, user_errors
+from privseg.cli.options import ConfigOption, DeviceOption, SetOption
 from privseg.report.format import fmt, fmt_eps
 
 INSECURE_HELP = "No TLS and no site authentication: for tests on one machine only."

@@ -7,13 +7,8 @@ from typing import Any
 
 import typer
 
-from privseg.cli.common import (
-    DeviceOption,
-    OverwriteOption,
-    progress_bar,
-    say,
-    user_errors,
-)
+from privseg.cli.common import progress_bar, say, user_errors
+from privseg.cli.options import DeviceOption, OverwriteOption
 from privseg.core.choices import MaskFormat
 from privseg.core.errors import ConfigError
 from privseg.core.plugins import ct_formats

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import (
-    ConfigOption,
-    DeviceOption,
-    SetOption,
-    console,
-    load_config,
-    progress_bar,
-    user_errors,
-)
+from privseg.cli.common import console, load_config, progress_bar, user_errors
+from privseg.cli.options import ConfigOption, DeviceOption, SetOption
 
 
 @user_errors

@@ -8,9 +8,6 @@ import typer
 from rich.table import Table
 
 from privseg.cli.common import (
-    ConfigOption,
-    DeviceOption,
-    SetOption,
     console,
     interruptible,
     load_config,
@@ -19,6 +16,7 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
+from privseg.cli.options import ConfigOption, DeviceOption, SetOption
 from privseg.core.choices import Preset
 from privseg.core.plugins import input_formats
 from privseg.report.format import fmt, fmt_eps, fmt_pm

@@ -9,9 +9,6 @@ import typer
 from rich.table import Table
 
 from privseg.cli.common import (
-    ConfigOption,
-    DeviceOption,
-    SetOption,
     console,
     interruptible,
     load_config,
@@ -21,6 +18,7 @@ from privseg.cli.common import (
     say,
     user_errors,
 )
+from privseg.cli.options import ConfigOption, DeviceOption, SetOption
 from privseg.core.choices import Mode
 from privseg.core.io import read_json
 

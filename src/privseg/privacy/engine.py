@@ -14,14 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from privseg.config import Config, PrivacyConfig
 from privseg.core.errors import PrivacyBudgetExceeded
 from privseg.core.results import SLICE_UNIT_NOTE
 from privseg.privacy import history
-from privseg.privacy.dp_sgd import DPGradient, LossFn
+from privseg.privacy.dp_sgd import DPGradient
 from privseg.privacy.history import Budget
 from privseg.privacy.ledger import PrivacyLedger
 from privseg.privacy.padding import Batch, ConstantShapeBatches
@@ -128,20 +126,6 @@ class SitePrivacy:
         if self.padding is None:
             return Batch(idx, groups, np.ones(len(idx), dtype=bool))
         return self.padding.pad(idx, groups)
-
-    def step_gradients(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        groups: Any,
-        real: Any = None,
-    ) -> dict[str, float]:
-        """Set ``p.grad`` to the clipped, noised, averaged gradient (call every sampled batch,
-        empty ones included: they were reserved and are noise-only steps); ``real`` from
-        :meth:`sample_batch` (None: every slice real)."""
-        return self.gradient(model, loss_fn, images, labels, groups, real)
 
     def reserve(self, steps: int, *, run_id: str | None = None) -> None:
         """Durably record ``steps`` BEFORE they are run, unit and budget checked in the same

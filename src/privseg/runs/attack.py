@@ -16,10 +16,10 @@ from torch import nn
 
 from privseg.attack.runner import (
     attack_setting,
+    attack_split,
     attacked_model,
     audit_setting,
     dp_plan,
-    run_attack_on_model,
     setting_key,
 )
 from privseg.config import Config
@@ -133,13 +133,11 @@ def run_attack(
     with _attack_folder(
         run_dir, results, [ATTACK_JSON, ATTACK_PNG], overwrite=overwrite
     ) as out_dir:
-        return run_attack_on_model(
+        return attack_split(
             model,
-            split.images,
-            split.labels,
-            cfg=cfg,
-            dp=dp,
-            patients=split.patient,
+            split,
+            cfg,
+            dp,
             out_dir=out_dir,
             progress=progress,
             meta={"site": site, "weights": weights},

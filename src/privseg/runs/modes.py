@@ -7,7 +7,7 @@ returns a :class:`~privseg.core.results.RunResult`.
 from __future__ import annotations
 
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -109,17 +109,22 @@ def _so_far(history: list[dict[str, Any]]) -> str:
     )
 
 
-def run_central(
-    cfg: Config,
-    cache: Any,
-    folder: RunFolder,
-    progress: Progress = no_progress,
-    run_id: str | None = None,
-) -> RunResult:
+@dataclass(frozen=True)
+class RunContext:
+    """What a central or local run works with: its config, data, folder and id."""
+
+    cfg: Config
+    cache: Any
+    folder: RunFolder
+    run_id: str
+    progress: Progress = no_progress
+
+
+def run_central(run: RunContext) -> RunResult:
     """Pool every site's training data in one place (the non-federated upper bound)."""
     from privseg.data.cache import SliceSplit
 
-    run_id = run_id or uuid.uuid4().hex
+    cfg, cache, folder, progress, run_id = run.cfg, run.cache, run.folder, run.progress, run.run_id
     started = time.perf_counter()
     train = SliceSplit.concat([cache.split(s, "train") for s in cache.sites])
     vals = {s: cache.split(s, "val") for s in cache.sites}
@@ -153,15 +158,9 @@ def run_central(
     return _result(cfg, CENTRAL, sites, history, started, per_epoch)
 
 
-def run_local(
-    cfg: Config,
-    cache: Any,
-    folder: RunFolder,
-    progress: Progress = no_progress,
-    run_id: str | None = None,
-) -> RunResult:
+def run_local(run: RunContext) -> RunResult:
     """Each site trains alone; scored on its own test split and on every other site's."""
-    run_id = run_id or uuid.uuid4().hex
+    cfg, cache, folder, progress, run_id = run.cfg, run.cache, run.folder, run.progress, run.run_id
     started = time.perf_counter()
     sites: list[SiteResult] = []
     histories, per_epochs = [], []

@@ -33,7 +33,7 @@ from privseg.data.prepare import resolve_cache
 from privseg.data.public import public_data
 from privseg.models.init import load_init
 from privseg.runs.compute import compute_of
-from privseg.runs.modes import run_central, run_local
+from privseg.runs.modes import RunContext, run_central, run_local
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def train(
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
         log.info("privseg %s: %s run into %s on %s", __version__, mode, folder.root, device_name)
-        if mode == CENTRAL:
-            result = run_central(cfg, cache, folder, progress, run_id=run_id)
-        elif mode == LOCAL:
-            result = run_local(cfg, cache, folder, progress, run_id=run_id)
+        if mode in (CENTRAL, LOCAL):
+            run = RunContext(cfg, cache, folder, run_id, progress)
+            result = (run_central if mode == CENTRAL else run_local)(run)
         else:
             progress(
                 f"federated: round {rounds_done}/{cfg.federated.rounds}",

@@ -168,7 +168,7 @@ class SiteTrainer:
         if self.privacy is not None:
             idx, groups, real = self.privacy.sample_batch()  # constant shape: padded
             images, labels = self._load(split, idx, self.device)
-            stats = self.privacy.step_gradients(
+            stats = self.privacy.gradient(
                 self.model, self.loss_fn, images, labels, torch.as_tensor(groups), real
             )
             return float(stats.get("loss", math.nan))
