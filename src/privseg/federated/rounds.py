@@ -100,30 +100,14 @@ def run_server(grid: Grid, s: ServerSettings) -> dict[str, Any]:
 
 
 def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
+    """Restore or start, train every remaining round (each saved before the next), then the
+    final test."""
     cfg, fed = s.cfg, s.cfg.federated
     send = functools.partial(send_and_receive, poll=s.poll)
     make_folder(s.out_dir)
     strategy = make_strategy(cfg, SiteIdentity(s.site_nodes))
-    saved = load_state(s.out_dir, cfg) if s.resume else None
     model = initial_state(cfg)  # replies are checked against its names, shapes and dtypes
-    # The weights travel packed (one array per message, see M.pack); the layout goes with them.
-    if saved is not None:
-        start, history = int(saved["round"]), list(saved["history"])
-        run_id = str(saved.get("run_id") or s.run_id)  # the sites' ledgers know the run by it
-        layout = M.state_layout(saved["state_dict"])
-        arrays = M.pack_record(saved["state_dict"], layout)
-        load_strategy_state(
-            strategy,
-            {
-                k: M.pack({n: t.numpy() for n, t in d.items()}, layout)
-                for k, d in saved["strategy"].items()
-            },
-        )
-        log.info("resuming after round %d of %d", start, fed.rounds)
-    else:
-        run_id = s.run_id
-        start, history, layout = 0, [], M.state_layout(model)
-        arrays = M.pack_record(model, layout)
+    start, history, run_id, layout, arrays = _restore(s, strategy, model)
     base = {
         M.CFG_LAYOUT: layout,
         M.CFG_TOML: cfg.to_toml(),
@@ -131,115 +115,25 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         M.CFG_LOCAL_STEPS: fed.local_steps,
         M.CFG_PLANNED_STEPS: planned_steps(cfg, federated=True),
     }
-    strategy.spec = ModelSpec.of(M.pack(model, layout))
-    # the norm bound is anchored to the run's first model, also after a resume (never to a
-    # model a site may have grown round by round)
-    strategy.first_norm = model_norm(M.pack(model, layout))
     wait = s.node_wait if s.node_wait is not None else fed.round_timeout
     # Last known cumulative epsilon and training size of every site that ever answered: a
     # site that drops out still counts in the maximum.
-    eps_known: dict[str, float] = {}
-    n_train: dict[str, int] = {}
+    known: dict[str, dict[str, Any]] = {"epsilon_sites": {}, "n_train_sites": {}}
     for old in history:
-        eps_known.update(old.get("epsilon_sites", {}))
-        n_train.update(old.get("n_train_sites", {}))
-    strategy.sizes.update(n_train)  # a site's registered size holds across a resume
-    strategy.resumed = saved is not None
-    strategy.accepted_sites.update(s for h in history for s in h["sites"] + h["declined"])
-    dp = cfg.privacy.enabled
+        for key, values in known.items():
+            values.update(old.get(key, {}))
+    strategy.sizes.update(known["n_train_sites"])  # a registered size holds across a resume
     for rnd in range(start + 1, fed.rounds + 1):
         t0 = time.perf_counter()
-        nodes = wait_for_sites(
-            grid, fed.min_sites, wait, s.expected_sites if rnd == start + 1 else 0
+        want = s.expected_sites if rnd == start + 1 else 0
+        strategy.identity.keep_connected(wait_for_sites(grid, fed.min_sites, wait, want))
+        arrays, report, val, t_train = _train_round(
+            grid, s, strategy, rnd, arrays, base, history, send
         )
-        strategy.identity.keep_connected(nodes)
-        # the sites score the previous round's global model on val before they train
-        # (no separate evaluate exchange); only the last round has its own evaluate phase
-        previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
-        # a DP site keeps its val curve to itself (it would be an unaccounted query)
-        score_incoming = not dp and previous is not None and previous.get("val_dice") is None
-        train_cfg = {**base, M.CFG_EVAL_INCOMING: int(score_incoming)}
-        train_ins = strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid)
-        if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
-            new_arrays, _ = secure_train(grid, strategy, rnd, arrays, train_ins, fed, send=send)
-        else:
-            train_ins = list(train_ins)
-            replies = send(grid, train_ins, timeout=fed.round_timeout)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            strategy.last_train.failed.extend(
-                _timed_out(train_ins, replies, fed.round_timeout, strategy.identity)
-            )
-        report = strategy.last_train
-        if score_incoming and previous is not None:
-            _set_val(previous, {k: v.get(M.VAL_DICE, math.nan) for k, v in report.sites.items()})
-        for name in report.declined:
-            log.warning(
-                "round %d: site %s declined (its privacy budget, or the steps its noise was "
-                "calibrated for, would be passed; the site's log says which)",
-                rnd,
-                name,
-            )
-        for reason in report.failed:
-            log.warning("round %d: a site failed: %s", rnd, reason)
-        if new_arrays is None or len(report.contributors) < fed.min_sites:
-            message = (
-                f"round {rnd}: only {len(report.contributors)} site(s) trained "
-                f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
-                f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
-                f"{len(report.failed)} ({'; '.join(report.failed) or 'none'}). Stopped after "
-                f"round {rnd - 1}; the last global model is "
-                f"in {RunFolder(s.out_dir).federated_state}"
-            )
-            raise FederationError(message)
-        if not _finite(new_arrays):  # never replace the global model by a non-finite one
-            raise FederationError(
-                f"round {rnd}: the aggregated global model is not finite (NaN or Inf); stopped "
-                f"after round {rnd - 1}, whose model is in {RunFolder(s.out_dir).federated_state}"
-            )
-        arrays = new_arrays
-        t_train = time.perf_counter()
-        n_train.update({k: int(v[M.NUM_EXAMPLES]) for k, v in report.sites.items()})
-        eps_known.update(
-            {
-                k: v[M.EPSILON]
-                for k, v in report.sites.items()
-                if not math.isnan(v.get(M.EPSILON, math.nan))
-            }
-        )
-        val: dict[str, float] | None = None  # filled by the next round's train replies
-        if rnd == fed.rounds and not dp:
-            strategy.aggregate_evaluate(
-                rnd,
-                send(
-                    grid,
-                    strategy.configure_evaluate(
-                        rnd, arrays, ConfigRecord({**base, M.CFG_SPLIT: "val"}), grid
-                    ),
-                    timeout=fed.round_timeout,
-                ),
-            )
-            val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
-        t_end = time.perf_counter()
-        site_seconds = [v.get(M.SECONDS, math.nan) for v in report.sites.values()]
-        entry = {
-            "round": rnd,
-            "train_loss": report.train_loss(fed.weighted),
-            "val_dice": None,
-            "val_dice_sites": {},
-            "epsilon_max": max(eps_known.values(), default=None),
-            "epsilon_sites": dict(eps_known),
-            "n_train_sites": dict(n_train),
-            "sites": sorted(report.contributors),
-            "declined": sorted(report.declined),
-            "failed": len(report.failed),
-            "seconds": t_end - t0,
-            # where the round went: the train phase (send, site work, replies, aggregation),
-            # the slowest site's own training steps (without its accounting), and the
-            # validation phase
-            "train_seconds": t_train - t0,
-            "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
-            "evaluate_seconds": t_end - t_train,
-        }
+        for key, name in (("n_train_sites", M.NUM_EXAMPLES), ("epsilon_sites", M.EPSILON)):
+            got = {k: v.get(name, math.nan) for k, v in report.sites.items()}
+            known[key].update({k: v for k, v in got.items() if not math.isnan(v)})
+        entry = _round_entry(rnd, report, known, fed.weighted, (t0, t_train))
         if val is not None:
             _set_val(entry, val)
         history.append(entry)
@@ -264,7 +158,143 @@ def _run_rounds(grid: Grid, s: ServerSettings) -> dict[str, Any]:
         "history": history,
         "test": test,
         "releases": releases,
-        "n_train": n_train,
+        "n_train": {k: int(v) for k, v in known["n_train_sites"].items()},
+    }
+
+
+def _restore(
+    s: ServerSettings, strategy: Any, model: dict[str, Any]
+) -> tuple[int, list[dict[str, Any]], str, str, ArrayRecord]:
+    """(rounds done, history, run id, weight layout, global weights): the saved state of a
+    resumed run, else round 0 of ``model``. The strategy learns what the run already knew."""
+    saved = load_state(s.out_dir, s.cfg) if s.resume else None
+    # The weights travel packed (one array per message, see M.pack); the layout goes with them.
+    if saved is None:
+        layout = M.state_layout(model)
+        start, history, run_id, arrays = 0, [], s.run_id, M.pack_record(model, layout)
+    else:
+        start, history = int(saved["round"]), list(saved["history"])
+        run_id = str(saved.get("run_id") or s.run_id)  # the sites' ledgers know the run by it
+        layout = M.state_layout(saved["state_dict"])
+        arrays = M.pack_record(saved["state_dict"], layout)
+        load_strategy_state(
+            strategy,
+            {
+                k: M.pack({n: t.numpy() for n, t in d.items()}, layout)
+                for k, d in saved["strategy"].items()
+            },
+        )
+        log.info("resuming after round %d of %d", start, s.cfg.federated.rounds)
+    strategy.spec = ModelSpec.of(M.pack(model, layout))
+    # the norm bound is anchored to the run's first model, also after a resume (never to a
+    # model a site may have grown round by round)
+    strategy.first_norm = model_norm(M.pack(model, layout))
+    strategy.resumed = saved is not None
+    strategy.accepted_sites.update(n for h in history for n in h["sites"] + h["declined"])
+    return start, history, run_id, layout, arrays
+
+
+def _train_round(
+    grid: Grid,
+    s: ServerSettings,
+    strategy: Any,
+    rnd: int,
+    arrays: ArrayRecord,
+    base: dict[str, Any],
+    history: list[dict[str, Any]],
+    send: Callable[..., list[Message]],
+) -> tuple[ArrayRecord, Any, dict[str, float] | None, float]:
+    """One round's train phase (and, in the last round of a run without DP, its val phase):
+    the new global weights, the strategy's report, the val Dice per site (or None) and when
+    the train phase ended (``time.perf_counter``)."""
+    fed, dp = s.cfg.federated, s.cfg.privacy.enabled
+    # the sites score the previous round's global model on val before they train (no
+    # separate evaluate exchange); a DP site keeps its val curve to itself (an unaccounted
+    # query otherwise)
+    previous = history[-1] if history and history[-1]["round"] == rnd - 1 else None
+    score_incoming = not dp and previous is not None and previous.get("val_dice") is None
+    train_cfg = ConfigRecord({**base, M.CFG_EVAL_INCOMING: int(score_incoming)})
+    train_ins = strategy.configure_train(rnd, arrays, train_cfg, grid)
+    if fed.secure_aggregation:  # SecAgg+: the server sees only the sum of the updates
+        new_arrays, _ = secure_train(grid, strategy, rnd, arrays, train_ins, fed, send=send)
+    else:
+        train_ins = list(train_ins)
+        replies = send(grid, train_ins, timeout=fed.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        strategy.last_train.failed.extend(
+            _timed_out(train_ins, replies, fed.round_timeout, strategy.identity)
+        )
+    report = strategy.last_train
+    t_train = time.perf_counter()
+    if score_incoming and previous is not None:
+        _set_val(previous, {k: v.get(M.VAL_DICE, math.nan) for k, v in report.sites.items()})
+    _check_round(s, rnd, new_arrays, report)
+    if rnd < fed.rounds or dp:
+        return new_arrays, report, None, t_train  # val: from the next round's train replies
+    request = ConfigRecord({**base, M.CFG_SPLIT: "val"})
+    evaluate = strategy.configure_evaluate(rnd, new_arrays, request, grid)
+    strategy.aggregate_evaluate(rnd, send(grid, evaluate, timeout=fed.round_timeout))
+    val = {k: v.get(M.DICE, math.nan) for k, v in strategy.last_evaluate.items()}
+    return new_arrays, report, val, t_train
+
+
+def _check_round(s: ServerSettings, rnd: int, new_arrays: ArrayRecord | None, report: Any) -> None:
+    """Log who declined or failed; stop (FederationError) when too few sites trained or the
+    new global model is not finite: the last saved round stays the run's model."""
+    fed, saved = s.cfg.federated, RunFolder(s.out_dir).federated_state
+    for name in report.declined:
+        log.warning(
+            "round %d: site %s declined (its privacy budget, or the steps its noise was "
+            "calibrated for, would be passed; the site's log says which)",
+            rnd,
+            name,
+        )
+    for reason in report.failed:
+        log.warning("round %d: a site failed: %s", rnd, reason)
+    if new_arrays is None or len(report.contributors) < fed.min_sites:
+        raise FederationError(
+            f"round {rnd}: only {len(report.contributors)} site(s) trained "
+            f"({', '.join(report.contributors) or 'none'}), fewer than federated.min_sites = "
+            f"{fed.min_sites}; declined: {', '.join(report.declined) or 'none'}; failed: "
+            f"{len(report.failed)} ({'; '.join(report.failed) or 'none'}). Stopped after "
+            f"round {rnd - 1}; the last global model is in {saved}"
+        )
+    if not _finite(new_arrays):  # never replace the global model by a non-finite one
+        raise FederationError(
+            f"round {rnd}: the aggregated global model is not finite (NaN or Inf); stopped "
+            f"after round {rnd - 1}, whose model is in {saved}"
+        )
+
+
+def _round_entry(
+    rnd: int,
+    report: Any,
+    known: dict[str, dict[str, Any]],
+    weighted: bool,
+    times: tuple[float, float],
+) -> dict[str, Any]:
+    """The round's history entry (what results.json's ``history`` holds); ``times``: when the
+    round and its train phase began and ended (``time.perf_counter``)."""
+    (t0, t_train), t_end = times, time.perf_counter()
+    site_seconds = [v.get(M.SECONDS, math.nan) for v in report.sites.values()]
+    eps = known["epsilon_sites"]
+    return {
+        "round": rnd,
+        "train_loss": report.train_loss(weighted),
+        "val_dice": None,
+        "val_dice_sites": {},
+        "epsilon_max": max(eps.values(), default=None),
+        "epsilon_sites": dict(eps),
+        "n_train_sites": {k: int(v) for k, v in known["n_train_sites"].items()},
+        "sites": sorted(report.contributors),
+        "declined": sorted(report.declined),
+        "failed": len(report.failed),
+        "seconds": t_end - t0,
+        # where the round went: the train phase (send, site work, replies, aggregation), the
+        # slowest site's own training steps (without its accounting), and the validation phase
+        "train_seconds": t_train - t0,
+        "site_train_seconds_max": max(site_seconds) if site_seconds else math.nan,
+        "evaluate_seconds": t_end - t_train,
     }
 
 
