@@ -55,26 +55,11 @@ def serve(
     echo: Callable[[str], None] | None = None,
     startup_timeout: float = 60.0,
 ) -> dict[str, Any]:
-    """Run the whole federation from the server side; return ``results.json``."""
+    """Run the whole federation from the server side; return ``results.json``: check the
+    certificates and site keys, claim the run folder, start the SuperLink, register the
+    sites, submit the run and stream its log until it ends."""
     out = Path(out).resolve()
-    files = CertFiles(Path(certs).resolve()) if certs else None
-    if not insecure:
-        if files is None:
-            raise FederationError("--certs DIR is required (or --insecure, for tests only)")
-        for path in (files.ca, files.server_cert, files.server_key):
-            if not path.is_file():
-                raise FederationError(f"{path} is missing: run `privseg certs {files.root}`")
-    else:
-        log.warning("INSECURE: the SuperLink runs without TLS; weights travel in clear text")
-    keys = files.site_public_keys() if files else {}
-    if not keys and not insecure:
-        raise FederationError(f"no site public keys in {files.root / 'sites' if files else '?'}")
-    if len(keys) and len(keys) < cfg.federated.min_sites:
-        raise FederationError(
-            f"{len(keys)} site key(s) registered but federated.min_sites = "
-            f"{cfg.federated.min_sites}"
-        )
-    check_distinct_keys(keys)
+    files, keys = _credentials(cfg, certs, insecure)
     run = RunFolder(out).claim("run", inputs=[files.root] if files else [])
     run.admit(RunInputs("server", None), resume=resume)  # a finished run: only with --resume
     run_id = run_id or uuid.uuid4().hex
@@ -84,33 +69,12 @@ def serve(
     for stale in (run.federation_status, run.results):  # written anew when this run ends
         stale.unlink(missing_ok=True)
     env = flower_env(home)
-    argv = [
-        flower_bin("flower-superlink"),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-    ]
-    if insecure:
-        argv.append("--insecure")
-    else:
-        assert files is not None
-        argv += [
-            "--ssl-ca-certfile",
-            str(files.ca),
-            "--ssl-certfile",
-            str(files.server_cert),
-            "--ssl-keyfile",
-            str(files.server_key),
-        ]
-    if keys:
-        argv.append("--enable-supernode-auth")
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     link_log = run.process_log("superlink")
     if stop_stale(link_log.with_suffix(".pid")) is not None:
         echo("stopped the SuperLink an earlier `privseg server` left running in this folder")
     with Processes() as procs:
+        argv = _superlink_argv(host, port, None if insecure else files, auth=bool(keys))
         link = procs.start("superlink", argv, env=env, log_file=link_log)
         if not wait_for_port(host, port, startup_timeout, link):
             raise FederationError(
@@ -132,43 +96,89 @@ def serve(
             f"SuperLink on {address} ({'INSECURE' if insecure else 'TLS'}); "
             f"{len(keys)} site key(s) registered; waiting for sites..."
         )
-        with open(private_file(run.process_log("flwr-run")), "a") as run_log:
-            proc = subprocess.Popen(
-                [
-                    flower_bin("flwr"),
-                    "run",
-                    str(home / "app"),
-                    CONNECTION,
-                    "--run-config",
-                    str(run_config),
-                    "--stream",
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - only prctl, getppid
-            )
+        _stream_run(home, run_config, env, run, echo)
+    return _outcome(run)
+
+
+def _credentials(
+    cfg: Config, certs: Path | None, insecure: bool
+) -> tuple[CertFiles | None, dict[str, Path]]:
+    """The server's TLS files and the registered sites' public keys, checked (refused:
+    missing files, fewer keys than ``federated.min_sites``, two sites with one key)."""
+    files = CertFiles(Path(certs).resolve()) if certs else None
+    if not insecure:
+        if files is None:
+            raise FederationError("--certs DIR is required (or --insecure, for tests only)")
+        for path in (files.ca, files.server_cert, files.server_key):
+            if not path.is_file():
+                raise FederationError(f"{path} is missing: run `privseg certs {files.root}`")
+    else:
+        log.warning("INSECURE: the SuperLink runs without TLS; weights travel in clear text")
+    keys = files.site_public_keys() if files else {}
+    if not keys and not insecure:
+        raise FederationError(f"no site public keys in {files.root / 'sites' if files else '?'}")
+    if len(keys) and len(keys) < cfg.federated.min_sites:
+        raise FederationError(
+            f"{len(keys)} site key(s) registered but federated.min_sites = "
+            f"{cfg.federated.min_sites}"
+        )
+    check_distinct_keys(keys)
+    return files, keys
+
+
+def _superlink_argv(host: str, port: int, files: CertFiles | None, *, auth: bool) -> list[str]:
+    """The SuperLink's command line: TLS with the server's files (None: insecure), site
+    authentication when site keys are registered."""
+    argv = [flower_bin("flower-superlink"), "--host", host, "--port", str(port)]
+    argv.append("--disable-runtime-dependency-installation")
+    if files is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", str(files.ca), "--ssl-certfile", str(files.server_cert)]
+        argv += ["--ssl-keyfile", str(files.server_key)]
+    return [*argv, "--enable-supernode-auth"] if auth else argv
+
+
+def _stream_run(
+    home: Path, run_config: Path, env: dict[str, str], run: RunFolder, echo: Callable[[str], None]
+) -> None:
+    """Submit the run (``flwr run --stream``) and pass its log on until the run's status file
+    says it ended; the ``flwr`` process group is stopped whatever happens."""
+    argv = [flower_bin("flwr"), "run", str(home / "app"), CONNECTION]
+    argv += ["--run-config", str(run_config), "--stream"]
+    with open(private_file(run.process_log("flwr-run")), "a") as run_log:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(os.getpid()),  # noqa: PLW1509 - only prctl, getppid
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                run_log.write(line)
+                run_log.flush()
+                echo(line.rstrip())
+                if _finished(run.root):
+                    break
+        finally:
+            signal_group(proc, signal.SIGTERM)
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    run_log.write(line)
-                    run_log.flush()
-                    echo(line.rstrip())
-                    if _finished(out):
-                        break
-            finally:
-                signal_group(proc, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    signal_group(proc, signal.SIGKILL)
-                    proc.wait()
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+
+
+def _outcome(run: RunFolder) -> dict[str, Any]:
+    """The finished run's results, or FederationError saying how it ended."""
     status = read_json(run.federation_status) if run.federation_status.is_file() else None
     if status is None:
-        raise FederationError(f"the run ended without a result; see {out / 'logs'}")
+        raise FederationError(f"the run ended without a result; see {run.root / 'logs'}")
     if status["status"] == "stopped":
         raise FederationError(status["message"])
     if status["status"] != "completed" or not run.results.is_file():
