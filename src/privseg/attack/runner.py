@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,53 +164,19 @@ def run_attack_on_model(
     rows: list[dict[str, Any]] = []
     shown: list[tuple[np.ndarray, np.ndarray]] = []
     started = time.perf_counter()
+    victim = _Victim(model, loss_fn, victim_gen, device)
     for t, idx in enumerate(batches):
 
         def on_iteration(i: int, n: int, t: int = t) -> None:
             progress(f"attack{label}: target {t + 1}/{len(batches)}", t * n + i, len(batches) * n)
 
-        x, y = x_all[idx][:, None], y_all[idx]
-        payload = simulate_site_update(
-            model, x.to(device), y.to(device), threat, loss_fn=loss_fn, generator=victim_gen
+        scored, pairs = _attack_batch(
+            victim, threat, cfg, (x_all, y_all, pats), idx, attacker_gen, rng, on_iteration
         )
-        rec = reconstruct(
-            payload,
-            threat,
-            cfg.attack,
-            mask=y.to(device) if threat.mask == "given" else None,
-            generator=attacker_gen,
-            on_iteration=on_iteration,
-        )
-        rec.images, rec.masks, rec.prior = rec.images.cpu(), rec.masks.cpu(), rec.prior.cpu()
-        chance = [x_all[_others(int(i), pats, n, CHANCE_SLICES, rng)] for i in idx]
-        galleries = []
-        for i in idx:
-            others = _others(int(i), pats, n, GALLERY_OTHERS, rng)
-            gal = torch.cat([x_all[int(i)][None], x_all[others]])
-            galleries.append((0, gal))
-        scored = metrics.score(
-            rec.images,
-            x,
-            prior=rec.prior,
-            chance=chance,
-            galleries=galleries,
-            recon_masks=rec.masks if threat.mask != "given" else None,
-            target_masks=y if threat.mask != "given" else None,
-            matching_loss=rec.matching_loss,
-        )
-        perm = metrics.match(rec.images, x)
-        for row, i in zip(scored, idx, strict=True):
-            row.update(
-                {
-                    "batch": t,
-                    "slice_index": int(i),
-                    "patient": None if pats is None else int(pats[int(i)]),
-                    "restart_losses": rec.restart_losses,
-                }
-            )
+        for row in scored:
+            row["batch"] = t
         rows.extend(scored)
-        for b in range(len(idx)):
-            shown.append((x[b, 0].numpy(), rec.images[int(perm[b]), 0].numpy()))
+        shown.extend(pairs)
     progress(f"attack{label}: done", len(batches), len(batches))
     summary = metrics.summarise(rows)
     result: dict[str, Any] = {
@@ -240,6 +207,72 @@ def run_attack_on_model(
         result["grid_png"] = relative_path(png, relative_to if relative_to else out_dir)
         write_json(out_dir / ATTACK_JSON, result)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Victim:
+    """The site whose update is attacked: its model and loss, its noise, where it computes."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    generator: torch.Generator
+    device: torch.device
+
+
+def _attack_batch(
+    victim: _Victim,
+    threat: ThreatModel,
+    cfg: Config,
+    data: tuple[torch.Tensor, torch.Tensor, np.ndarray | None],
+    idx: np.ndarray,
+    attacker_gen: torch.Generator,
+    rng: np.random.Generator,
+    on_iteration: Callable[[int, int], None],
+) -> tuple[list[dict[str, Any]], list[tuple[np.ndarray, np.ndarray]]]:
+    """One target batch: the site's update, the attacker's reconstruction, every slice scored
+    against the truth, a chance baseline and a gallery of other slices; (rows, shown pairs)."""
+    x_all, y_all, pats = data
+    n, device = len(x_all), victim.device
+    x, y = x_all[idx][:, None], y_all[idx]
+    payload = simulate_site_update(
+        victim.model, x.to(device), y.to(device), threat, loss_fn=victim.loss_fn,
+        generator=victim.generator,
+    )  # fmt: skip
+    rec = reconstruct(
+        payload,
+        threat,
+        cfg.attack,
+        mask=y.to(device) if threat.mask == "given" else None,
+        generator=attacker_gen,
+        on_iteration=on_iteration,
+    )
+    rec.images, rec.masks, rec.prior = rec.images.cpu(), rec.masks.cpu(), rec.prior.cpu()
+    chance = [x_all[_others(int(i), pats, n, CHANCE_SLICES, rng)] for i in idx]
+    galleries = []
+    for i in idx:
+        others = _others(int(i), pats, n, GALLERY_OTHERS, rng)
+        galleries.append((0, torch.cat([x_all[int(i)][None], x_all[others]])))
+    scored = metrics.score(
+        rec.images,
+        x,
+        prior=rec.prior,
+        chance=chance,
+        galleries=galleries,
+        recon_masks=rec.masks if threat.mask != "given" else None,
+        target_masks=y if threat.mask != "given" else None,
+        matching_loss=rec.matching_loss,
+    )
+    for row, i in zip(scored, idx, strict=True):
+        row.update(
+            {
+                "slice_index": int(i),
+                "patient": None if pats is None else int(pats[int(i)]),
+                "restart_losses": rec.restart_losses,
+            }
+        )
+    perm = metrics.match(rec.images, x)
+    shown = [(x[b, 0].numpy(), rec.images[int(perm[b]), 0].numpy()) for b in range(len(idx))]
+    return scored, shown
 
 
 def _fields(threat: ThreatModel) -> dict[str, Any]:
