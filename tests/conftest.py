@@ -63,6 +63,19 @@ def _few_threads() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+class Bright(nn.Module):
+    """Logits from the input alone (bright pixels; with two channels, brighter ones too): a
+    deterministic stand-in for a trained model, sensitive to orientation and resampling."""
+
+    def __init__(self, channels: int = 1) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        levels = torch.tensor([0.55, 0.7][: self.channels]).view(1, -1, 1, 1)
+        return (x - levels) * 40.0
+
+
 class TinyNet(nn.Module):
     """Conv + GroupNorm + conv: a tiny per-sample segmenter (no batch coupling), covered by
     every per-sample gradient path."""

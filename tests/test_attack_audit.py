@@ -6,20 +6,9 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
+from conftest import TinyNet
 from privseg.attack import audit
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 1, 1)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def _data(n: int = 16, r: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +21,7 @@ def test_without_noise_the_attacker_always_wins() -> None:
     torch.manual_seed(0)
     x, y = _data()
     res = audit.audit_model(
-        Tiny(),
+        TinyNet(),
         x,
         y,
         max_grad_norm=1.0,
@@ -64,7 +53,7 @@ def test_with_noise_success_stays_within_the_bounds() -> None:
     x, y = _data()
     sigma = 4.0
     res = audit.audit_model(
-        Tiny(),
+        TinyNet(),
         x,
         y,
         max_grad_norm=1.0,
@@ -100,7 +89,7 @@ def test_an_audit_whose_release_the_reported_epsilon_does_not_cover_does_not_app
     torch.manual_seed(0)
     x, y = _data()
     res = audit.audit_model(
-        Tiny(), x, y, max_grad_norm=1.0, noise_multiplier=4.0, epsilon=1.0, delta=1e-5,
+        TinyNet(), x, y, max_grad_norm=1.0, noise_multiplier=4.0, epsilon=1.0, delta=1e-5,
         trials=20, candidates=2,
     )  # fmt: skip
     assert res["epsilon_release"] > 1.0 and not res["reported_bound_applies"]

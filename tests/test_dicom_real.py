@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
+from conftest import Bright
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.core.errors import DataError
@@ -182,13 +182,6 @@ def test_series_csv_chooses_a_series_by_uid(tmp_path: Path) -> None:
     (root / "series.csv").write_text(f"series,label,series_uid\np1,labels/p1.nii.gz,{uid}\n")
     volume = load_dicom_case(read_source(root).cases[0])
     assert volume.image.shape == (128, 128, 3)
-
-
-class Bright(torch.nn.Module):
-    """Foreground where the windowed CT is bright (about HU > 40): a mask with structure."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - 0.55) * 40.0
 
 
 def test_a_dicom_seg_overlays_the_nifti_mask_voxel_for_voxel(

@@ -8,10 +8,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import privseg.models.checkpoint as ckpt
+from conftest import Bright
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.data.msd import read_task
@@ -19,11 +19,6 @@ from privseg.models import build_model
 from privseg.models.checkpoint import save_checkpoint
 
 runner = CliRunner()
-
-
-class Bright(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - 0.55) * 40.0
 
 
 @pytest.fixture

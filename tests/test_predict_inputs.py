@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import privseg.models.checkpoint as ckpt
+from conftest import Bright
 from privseg.cli.app import app
 from privseg.config import Config
 from privseg.core.classes import Classes, bits_to_target
@@ -28,19 +29,6 @@ from privseg.models.checkpoint import save_checkpoint
 from task_formats import write_series
 
 TWO = ["data.classes={liver = [1, 2], tumour = [2]}"]
-
-
-class Bright(torch.nn.Module):
-    """Logits from the input alone (bright pixels; with two channels, brighter ones too): a
-    deterministic stand-in for a trained model, sensitive to orientation and resampling."""
-
-    def __init__(self, channels: int = 1) -> None:
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        levels = torch.tensor([0.55, 0.7][: self.channels]).view(1, -1, 1, 1)
-        return (x - levels) * 40.0
 
 
 class Oracle(torch.nn.Module):

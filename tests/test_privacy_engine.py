@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from conftest import TinyNet
 from privseg.config import PrivacyConfig
 from privseg.core.errors import ConfigError, DataError, PrivacyBudgetExceeded
 from privseg.privacy.accounting import epsilon
@@ -115,24 +115,13 @@ def test_budget_refusal_writes_nothing(tmp_path: Path) -> None:
     assert sp.ledger.rows() == before
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3, padding=1)
-        self.norm = nn.GroupNorm(1, 2)
-        self.out = nn.Conv2d(2, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.norm(self.conv(x))))
-
-
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2, 3))
 
 
 def train(sp: SitePrivacy, steps: int, *, crash_after: int | None = None) -> int:
     """The training loop contract: reserve, then run; returns the steps actually run."""
-    model = Net().double()
+    model = TinyNet().double()
     images = torch.rand(120, 1, 8, 8, dtype=torch.float64)
     labels = (images > 0.5).double()
     sp.reserve(steps)
@@ -167,7 +156,7 @@ def test_crash_can_only_over_count(tmp_path: Path, crash_after: int | None) -> N
 def test_empty_batch_steps_count(tmp_path: Path) -> None:
     sp = site(tmp_path, batch=1)  # q = 1/40: most batches are empty
     sizes = []
-    model = Net().double()
+    model = TinyNet().double()
     sp.reserve(20)
     for _ in range(20):
         idx, groups, real = sp.sample_batch()
