@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-PACKAGE = str(Path(__file__).resolve().parent)
+PACKAGE = str(Path(__file__).resolve().parents[1])  # privseg/, this module being in core/
 
 
 class OursOrAtLeast(logging.Filter):
