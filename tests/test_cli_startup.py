@@ -61,6 +61,7 @@ BAD_LR = ("train.lr = -1", "is invalid", "> 0.0")  # the field, the value and th
         (["server", "-o", "{tmp}/r", "--insecure", "-s", "train.lr=-1"], BAD_LR),
         (["attack", "{tmp}", "--site", "a", "-s", "attack.iterations=0"], (">= 1",)),
         (["data", "prepare", "{tmp}", "--out", "{tmp}/c", "-s", "data.sites=0"], (">= 1",)),
+        (["pretrain", "-o", "{tmp}/p", "-s", "train.lr=-1"], BAD_LR),
         (
             ["site", "-d", "{tmp}", "--site", "a", "--server", "x:1", "-c", "{tmp}/bad.toml"],
             ("privacy.delta = 2", "< 1.0"),

@@ -160,3 +160,26 @@ def test_a_refused_run_leaves_the_folder_cache_as_it_was(tmp_path):
     assert (out / "cache" / "manifest.json").read_bytes() == manifest
     assert {p: p.read_bytes() for p in (out / "cache").rglob("*.npy")} == arrays
     assert not [p for p in (out / "cache").iterdir() if p.name.startswith(".") and p.is_dir()]
+
+
+def test_an_interrupted_federated_setting_of_a_study_is_resumed(tmp_path, monkeypatch):
+    """Review of #23: a study stopped during a federated setting (its rounds saved, no
+    results) was refused on the rerun ("pass --resume"), which `privseg run` has no way to
+    give; it now finishes the setting from its saved rounds, under the same run id."""
+    import functools
+
+    import privseg.runs.study as study
+    from privseg.runs.train import train as real_train
+
+    monkeypatch.setattr(study, "train", functools.partial(real_train, simulation="in-process"))
+    cfg = _cfg(**{"study.settings": ["federated"], "data.sites": 2, "federated.rounds": 2})
+    task = synth_task(tmp_path / "T", sites=2, patients_per_site=3, size=32, slices=6, seed=0)
+    out = tmp_path / "study"
+    study.run_study(cfg, data=task, out=out, preset="quick")
+    setting = RunFolder(out).setting("federated")
+    first = json.loads(setting.results.read_text())
+    setting.results.unlink()  # as a stop after the last saved round leaves it
+    study.run_study(cfg, data=task, out=out, preset="quick")
+    again = json.loads(setting.results.read_text())
+    assert again["run_id"] == first["run_id"]
+    assert [h["round"] for h in again["history"]] == [1, 2]

@@ -25,6 +25,7 @@ from privseg.cli.common import say, setup_logging
 
 WORKFLOW = (
     "data",
+    "pretrain",
     "train",
     "run",
     "attack",

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from privseg.cli.common import console, load_config, progress_bar, user_errors
+from privseg.cli.common import interruptible, load_config, progress_bar, say, user_errors
 from privseg.cli.options import ConfigOption, DeviceOption, SetOption
+from privseg.core.choices import Organ
 
 
 @user_errors
@@ -18,7 +19,7 @@ def pretrain(
     seed: int = typer.Option(0, help="the public population's seed"),
     size: int = typer.Option(128, help="in-plane voxels"),
     slices: int = typer.Option(32, help="axial slices per volume"),
-    organ: str = typer.Option("liver", help="liver or pancreas"),
+    organ: Organ = typer.Option("liver", help="The organ segmented (and its cancer)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs."),
     device: str | None = DeviceOption,
     config: Path | None = ConfigOption,
@@ -26,25 +27,28 @@ def pretrain(
 ) -> None:
     """Train centrally on a freshly generated public phantom; its checkpoint may start any run
     (train.init = OUT/checkpoint.pt)."""
+    cfg = load_config(config, set_, **{"train.epochs": epochs, "train.device": device})
+    from privseg.core.results import RunResult  # torch loads only for a valid config
     from privseg.core.run_folder import RunFolder
     from privseg.privacy.stores import stores_in
+    from privseg.report.format import fmt
     from privseg.runs.pretrain import PublicPopulation
     from privseg.runs.pretrain import pretrain as run_pretrain
 
-    cfg = load_config(config, set_, **{"train.epochs": epochs, "train.device": device})
     population = PublicPopulation(scanners, patients, seed, size, slices, organ)
-    try:
-        with progress_bar() as progress:
-            results = run_pretrain(cfg, out=out, population=population, progress=progress)
-    except BaseException:
-        RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
-        raise
-    console.print(
+    stopped = f"the pretraining into {out} did not finish (a rerun starts afresh)"
+    with interruptible(lambda: stopped):
+        try:
+            with progress_bar() as progress:
+                run_pretrain(cfg, out=out, population=population, progress=progress)
+        except BaseException:
+            RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
+            raise
+    result = RunResult.load(RunFolder(out).results)
+    say(
         f"pretrained on privseg's public phantom (seed {seed}, {scanners} x {patients} "
-        f"patients; no patient released, epsilon 0): Dice {results['dice_mean']:.3f} on its "
-        f"own test split; checkpoint {RunFolder(out).checkpoint}",
-        soft_wrap=True,
-        markup=False,
+        f"patients; no patient released, epsilon 0): Dice {fmt(result.dice_mean)} on its "
+        f"own test split; checkpoint {RunFolder(out).checkpoint}"
     )
 
 

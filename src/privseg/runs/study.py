@@ -201,12 +201,18 @@ def _run_setting(
     if _finished(run, cfg, setting, cache):
         log.info("skipping %s: %s exists with the same config", setting.key, run.results)
     else:
+        # a federated setting an interrupted study left after some rounds is finished, not
+        # started over (that would spend the sites' privacy again)
+        resume = run.federated_state.is_file() and not run.results.is_file()
+        if resume:
+            log.info("resuming %s after its last saved round", setting.key)
         train(
             cfg,
             data=Path(cache.root),
             out=run.root,
             mode=setting.mode,  # type: ignore[arg-type]
             progress=progress,
+            resume=resume,
         )
     result = RunResult.load(run.results)
     result.target_epsilon = setting.epsilon
