@@ -119,9 +119,7 @@ def _toy_task(root: Path) -> Task:
         for p in sorted(root.glob("c*.npy"))
         if not p.name.endswith(".label.npy")
     ]
-    return Task(
-        root, "toy", {0: "background", 1: "organ"}, cases, index=root / "toy.txt", kind="toy"
-    )
+    return Task(root, "toy", {0: "background", 1: "organ"}, cases, index=root / "toy.txt")
 
 
 def _toy_case(case: Case, max_voxels: int) -> Volume:

@@ -71,7 +71,7 @@ def read_dicom_task(src: Path) -> Task:
             f"{index} has a 'site' column and {root / SITE_MAP_FILE} also maps patients to "
             "sites: keep one of the two"
         )
-    return Task(root, root.name, None, cases, index=index, kind="dicom", site_map=sites or None)
+    return Task(root, root.name, None, cases, index=index, site_map=sites or None)
 
 
 def load_dicom_case(case: Case, max_voxels: int = MAX_VOXELS) -> Volume:

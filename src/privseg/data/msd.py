@@ -53,7 +53,7 @@ def read_task(root: str | Path) -> Task:
     if dupes:
         raise DataError(f"{root / DATASET_JSON}: 'training' lists case ids twice: {dupes}")
     name = str(meta.get("name") or root.name)
-    return Task(root, name, labels, cases, index=root / DATASET_JSON, kind="msd", meta=meta)
+    return Task(root, name, labels, cases, index=root / DATASET_JSON, meta=meta)
 
 
 def read_dataset_json(path: Path) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def read_nnunet(root: Path, meta: dict[str, Any]) -> Task:
             f"training case(s) found in {root / 'imagesTr'}"
         )
     name = str(meta.get("name") or root.name)
-    return Task(root, name, labels, cases, index=path, kind="nnunet", meta=meta)
+    return Task(root, name, labels, cases, index=path, meta=meta)
 
 
 def _check_channels(raw: Any, path: Path) -> None:

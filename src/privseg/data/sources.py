@@ -9,6 +9,7 @@ a cache is one code path; :func:`load_ct` reads one CT for ``predict`` the same 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,9 +40,9 @@ def is_source(path: Path) -> bool:
 def read_source(src: str | Path) -> Task:
     """Detect the format of ``src`` and read it with its reader."""
     src = Path(src)
-    reader = find_reader(src)
-    if reader is not None:
-        return reader.read_task(src)
+    name = next((n for n in READERS if _reader(n).finds(src)), None)
+    if name is not None:  # the task's kind is the name it is registered under: one place
+        return dataclasses.replace(_reader(name).read_task(src), kind=name)
     if not src.exists():
         raise DataError(f"task folder {src} does not exist (expected {input_formats()})")
     raise DataError(f"{src} is no task privseg reads: expected {input_formats()}")

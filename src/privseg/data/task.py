@@ -38,7 +38,8 @@ class Task:
     ``labels`` maps label value to name (0 = background), or is ``None`` when the format
     declares none (DICOM: any integer 0..255 is accepted). ``index`` is the file that lists or
     describes the cases (``dataset.json``, ``series.csv``); ``kind`` is the reader's name in
-    :data:`privseg.core.plugins.READERS` (``msd``, ``nnunet``, ``dicom``); ``site_map`` is a
+    :data:`privseg.core.plugins.READERS` (``msd``, ``nnunet``, ``dicom``), set by
+    :func:`privseg.data.sources.read_source` from the table alone; ``site_map`` is a
     patient -> site map the index carries itself (the DICOM CSV's ``site`` column).
     """
 
@@ -47,7 +48,7 @@ class Task:
     labels: dict[int, str] | None
     cases: list[Case]
     index: Path
-    kind: str = "msd"
+    kind: str = ""
     site_map: dict[str, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
