@@ -147,7 +147,7 @@ def test_open_rejects_missing_or_corrupt_manifest(phantom_dir: Path, tmp_path: P
     out = tmp_path / "cache"
     prepare_cache(phantom_dir, out, SMALL, seed=0)
     (out / "manifest.json").write_text('{"version": 1, "sites"')
-    with pytest.raises(DataError, match="corrupt"):
+    with pytest.raises(DataError, match="manifest.json is not valid JSON"):
         SliceCache.open(out)
     rebuilt = prepare_cache(phantom_dir, out, SMALL, seed=0)  # a corrupt cache is not trusted
     assert not rebuilt.reused and SliceCache.open(out).sites == rebuilt.sites

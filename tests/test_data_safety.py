@@ -326,7 +326,9 @@ def test_an_undeclared_label_value_is_an_error(task: Path, tmp_path: Path) -> No
     data = np.asarray(nib.load(label).dataobj).copy()
     data[0, 0, 0] = 7
     _rewrite(label, data)
-    with pytest.raises(DataError, match=rf"{label.name}: label value\(s\) \[7\] are not declared"):
+    with pytest.raises(
+        DataError, match=rf"{label.name}: label value\(s\) \[7\] are not among the task's"
+    ):
         prepare_cache(task, tmp_path / "cache", CFG, seed=0)
 
 

@@ -76,6 +76,22 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_object(path: Path, what: str, missing: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` it is, for messages), or a DataError naming the
+    file: ``missing`` when it does not exist, else not JSON or not an object."""
+    from privseg.core.errors import DataError
+
+    if not path.is_file():
+        raise DataError(f"{what} {path} {missing}")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} {path}: expected a JSON object at the top level")
+    return obj
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "item"):
         return o.item()

@@ -29,6 +29,7 @@ import numpy as np
 from privseg.config import DataConfig
 from privseg.core.classes import Classes
 from privseg.core.errors import DataError
+from privseg.core.io import read_json_object
 from privseg.core.output import check_site_name
 from privseg.data.preprocess import PlaneTransform, mask_to_image_space
 from privseg.data.sites import SPLITS
@@ -280,13 +281,9 @@ def _native_grids(folder: Path, entry: dict[str, Any], ids: list[str]) -> dict[s
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} is missing: {root} is not a prepared slice cache")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is corrupt (not valid JSON): {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
+    missing = f"is missing: {root} is not a prepared slice cache"
+    manifest = read_json_object(path, "cache manifest", missing)
+    if manifest.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: not a privseg cache manifest of version {FORMAT_VERSION}")
     for key in ("fingerprint", "settings", "sites"):
         if key not in manifest:

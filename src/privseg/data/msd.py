@@ -7,12 +7,11 @@ Every problem a user can cause (missing files, bad JSON, mismatched image/label)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from privseg.core.errors import DataError
-from privseg.core.io import write_json
+from privseg.core.io import read_json_object, write_json
 from privseg.data.nifti import MAX_VOXELS, NIFTI_SUFFIX, is_nifti, open_nifti, volume_of
 from privseg.data.task import (
     Case,
@@ -58,15 +57,8 @@ def read_task(root: str | Path) -> Task:
 
 def read_dataset_json(path: Path) -> dict[str, Any]:
     """``dataset.json`` as a JSON object (MSD and nnU-Net v2 share the name)."""
-    if not path.is_file():
-        raise DataError(f"{path} is missing: an MSD or nnU-Net task folder needs a dataset.json")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object at the top level")
-    return meta
+    missing = "is missing: an MSD or nnU-Net task folder needs a dataset.json"
+    return read_json_object(path, "task index", missing)
 
 
 def _parse_labels(raw: Any, path: Path) -> dict[int, str]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from privseg.core.errors import DataError
+from privseg.core.io import read_json_object
 from privseg.core.output import check_site_name
 
 SPLITS = ("train", "val", "test")
@@ -35,15 +35,10 @@ def site_names(n_sites: int) -> list[str]:
 def load_site_map(path: str | Path) -> dict[str, str]:
     """Read a patient -> site map from JSON (``{"case": "site"}``) or CSV (``case_id,site``)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"site map {path} does not exist")
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() == ".csv" and path.is_file():
         return _read_csv_map(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"site map {path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict) or not all(isinstance(v, str) and v for v in raw.values()):
+    raw = read_json_object(path, "site map", "does not exist")
+    if not all(isinstance(v, str) and v for v in raw.values()):
         raise DataError(f'site map {path}: expected a JSON object {{"case_id": "site", ...}}')
     return {str(k): check_site_name(v, f"site map {path}") for k, v in raw.items()}
 
