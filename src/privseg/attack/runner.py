@@ -139,7 +139,7 @@ def run_attack_on_model(
     (``meta`` merged in) there; the result's ``grid_png`` is the PNG's path relative to
     ``relative_to`` (the run or study folder whose report shows it; default ``out_dir``).
     Seeded by ``seed`` (default ``cfg.seed``): target choice, the attacker's initial dummies,
-    the site's DP noise while the project's DP step is a stand-in. ``device`` runs victim and
+    the site's DP noise (the real ``DPGradient``). ``device`` runs victim and
     attacker there (the random draws stay on the CPU: a seed gives the same targets and dummies
     on any device).
     """

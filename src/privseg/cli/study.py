@@ -1,4 +1,4 @@
-"""`privseg run`: the whole study (the README's first Quick start command)."""
+"""`privseg run`: the whole study (what `make demo` runs on the phantom)."""
 
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ def run(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="Smoke test: a tiny grid (--preset quick; 47 s on 2 cores for the demo phantom).",
+        help="Smoke test: a tiny grid (--preset quick).",
     ),
     preset: Preset = typer.Option(
         "full",
         "--preset",
-        help="full (the demo's study: 7.3 min on 2 cores for 3 sites x 10 phantom patients), "
+        help="full (the demo's study; its time is in the README's Results), "
         "quick, or paper (Ziller et al.'s MoNet 256² setting; see README for its time).",
     ),
     device: str | None = DeviceOption,
