@@ -818,3 +818,20 @@ def test_a_kept_final_answer_is_replayed_only_for_the_same_request(tmp_path: Pat
     other = {k: v + 1 if v.is_floating_point() else v for k, v in state().items()}
     ca.handle_evaluate(final(other), settings, factory)  # another model: a new answer
     assert len(calls) == 2
+
+
+def test_a_deployed_sites_privacy_scalars_become_typed_results(tmp_path: Path) -> None:
+    """CI of #23: a deployed site's privacy arrives as float scalars; results.json then held
+    `steps: 1.0`, which its own typed reader refused ("must be a whole number")."""
+    from privseg.core.results import RunResult
+    from privseg.federated.server_app import build_results
+
+    cfg = small_cfg()
+    scalars = {M.DICE: 0.5, M.STEPS: 6.0, M.EPSILON: math.nan, M.NOISE_MULTIPLIER: 1.1}
+    summary = {"history": [], "test": {"a": scalars}, "n_train": {"a": 4}, "releases": {}}
+    result = build_results(cfg, summary, wall_seconds=1.0)
+    privacy = result.sites[0].privacy
+    assert privacy["steps"] == 6 and isinstance(privacy["steps"], int)
+    assert privacy["epsilon"] is None  # a missing epsilon is never 0
+    result.write(tmp_path / "results.json")
+    assert RunResult.load(tmp_path / "results.json").sites[0].privacy["steps"] == 6

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ def build_results(
         completed = name in summary["test"] or name in reports
         privacy = None
         if dp or name in sent or rep.get("privacy"):
-            privacy = dict(rep.get("privacy") or {k: scal[k] for k in PRIVACY_KEYS if k in scal})
+            privacy = dict(rep.get("privacy") or _privacy_of(scal))
             privacy.setdefault("releases", sent.get(name))
             privacy.setdefault("accountant", cfg.privacy.accountant)
             if not completed:  # dropped out: what it last reported, it may have spent more
@@ -71,6 +72,17 @@ def build_results(
         "secure_aggregation": fed.secure_aggregation,
     }
     return result
+
+
+def _privacy_of(scal: dict[str, float]) -> dict[str, Any]:
+    """A site's privacy fields from its final reply's scalars (all floats on the wire): counts
+    as whole numbers, a missing value (NaN) as None, never 0."""
+    out: dict[str, Any] = {}
+    for key in PRIVACY_KEYS:
+        if key in scal:
+            value = scal[key]
+            out[key] = None if math.isnan(value) else int(value) if key == "steps" else value
+    return out
 
 
 def _local_val_curves(history: list[dict[str, Any]], reports: dict[str, dict]) -> None:
