@@ -111,7 +111,7 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     hi = 1.0
     while d(hi) > 0:
         hi *= 2
-        if hi > 1e4:
+        if hi > 512:  # exp(eps) overflows a float near 709: beyond any meaningful epsilon
             return math.inf
     return float(optimize.brentq(d, 0.0, hi, xtol=1e-6))
 

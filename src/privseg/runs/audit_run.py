@@ -56,8 +56,12 @@ def audit_whole_run(run_dir: str | Path) -> dict[str, Any]:
             f"{folder.root} was trained without canaries: train with privacy.enabled = true "
             "and privacy.audit_canaries = m (docs/PRIVACY.md, one-run audit)"
         )
-    privacy = {s["name"]: s for s in results["sites"] if s.get("epsilon_run") is not None}
-    mode = results.get("mode")
+    privacy = {
+        s.name: s.privacy
+        for s in results.sites
+        if s.privacy and s.privacy.get("epsilon_run") is not None
+    }
+    mode = results.mode
     if mode not in ("central", "local"):
         raise DataError(f"the one-run audit covers central and local runs, not {mode!r} yet")
     trainers = [CENTRAL] if mode == "central" else sorted(privacy)
