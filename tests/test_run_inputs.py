@@ -183,3 +183,18 @@ def test_an_interrupted_federated_setting_of_a_study_is_resumed(tmp_path, monkey
     again = json.loads(setting.results.read_text())
     assert again["run_id"] == first["run_id"]
     assert [h["round"] for h in again["history"]] == [1, 2]
+
+
+def test_an_abandoned_run_never_takes_a_ledger_store_with_it(tmp_path):
+    """What patients spent is never lost: a failed run's folder holding a privacy ledger
+    store (privacy.ledger_dir inside it) is kept, whoever calls abandon."""
+    from privseg.core.run_folder import LEDGER_FILE
+
+    kept = RunFolder(tmp_path / "kept").claim("run")
+    store = kept.root / "ledger" / LEDGER_FILE
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"rows")
+    assert not kept.abandon() and store.read_bytes() == b"rows"
+    gone = RunFolder(tmp_path / "gone").claim("run")
+    (gone.root / "run.log").write_text("failed")
+    assert gone.abandon() and not gone.root.exists()

@@ -30,7 +30,6 @@ def pretrain(
     cfg = load_config(config, set_, **{"train.epochs": epochs, "train.device": device})
     from privseg.core.results import RunResult  # torch loads only for a valid config
     from privseg.core.run_folder import RunFolder
-    from privseg.privacy.stores import stores_in
     from privseg.report.format import fmt
     from privseg.runs.pretrain import PublicPopulation
     from privseg.runs.pretrain import pretrain as run_pretrain
@@ -42,7 +41,7 @@ def pretrain(
             with progress_bar() as progress:
                 run_pretrain(cfg, out=out, population=population, progress=progress)
         except BaseException:
-            RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
+            RunFolder(out).abandon()  # a folder this command created and never finished
             raise
     result = RunResult.load(RunFolder(out).results)
     say(

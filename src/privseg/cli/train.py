@@ -62,7 +62,6 @@ def train(
     )
     refuse_dp_options_without_dp(cfg, {"--epsilon": epsilon, "--delta": delta}, set_, config)
     from privseg.core.run_folder import RunFolder  # torch loads only for a valid config
-    from privseg.privacy.stores import stores_in
     from privseg.runs.train import train as run_train
 
     with interruptible(lambda: stopped(RunFolder(out), mode)):
@@ -77,7 +76,7 @@ def train(
                     resume=resume,
                 )
         except BaseException:
-            RunFolder(out).abandon(keep=stores_in(out))  # created here, never finished
+            RunFolder(out).abandon()  # a folder this command created and never finished
             raise
     from privseg.core.results import RunResult
     from privseg.report.format import fmt, fmt_eps

@@ -6,11 +6,14 @@ Patient data: every folder created here is 0700 and every file 0600, whatever th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from privseg.core.errors import DataError
 
 
 def fsync_dir(path: Path) -> None:
@@ -72,6 +75,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     )
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -79,8 +91,6 @@ def read_json(path: str | Path) -> Any:
 def read_json_object(path: Path, what: str, missing: str) -> dict[str, Any]:
     """The JSON object in ``path`` (``what`` it is, for messages), or a DataError naming the
     file: ``missing`` when it does not exist, else not JSON or not an object."""
-    from privseg.core.errors import DataError
-
     if not path.is_file():
         raise DataError(f"{what} {path} {missing}")
     try:

@@ -23,6 +23,7 @@ from privseg.core.output import abandon_held, hold_folder
 from privseg.core.results import RunResult
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
+LEDGER_FILE = "ledger.sqlite"  # a privacy ledger store (privacy.stores), wherever it lies
 ATTACK_JSON = "attack.json"
 """An attack's result in its folder (``RUN/attack/``, or a study's ``attack/<setting>/``)."""
 ATTACK_PNG = "attack.png"
@@ -184,12 +185,13 @@ class RunFolder:
         hold_folder(self.root, kind, inputs=inputs)
         return self
 
-    def abandon(self, keep: Iterable[Path] = ()) -> bool:
+    def abandon(self) -> bool:
         """A run that failed (a full disk, an error) leaves no folder without results: removed
-        when this process created it, unless it holds resumable federated state or what
-        ``keep`` names (a privacy ledger store inside it, ``privacy.stores.stores_in``: what
-        patients spent is never lost). True when removed."""
-        return abandon_held(self.root, keep=(self.results, self.federated_state, *keep))
+        when this process created it, unless it holds resumable federated state or a privacy
+        ledger store (a ``privacy.ledger_dir`` inside it: what patients spent is never lost).
+        True when removed."""
+        stores = list(self.root.rglob(LEDGER_FILE)) if self.root.is_dir() else []
+        return abandon_held(self.root, keep=(self.results, self.federated_state, *stores))
 
     def admit(self, inputs: RunInputs, *, resume: bool = False) -> None:
         """Refuse to reuse this folder for other inputs (:meth:`check_reuse`), then record

@@ -285,7 +285,7 @@ def handle_evaluate(
     state = M.unpack_torch(msg.content[M.ARRAYS], M.layout_of(config))
     final = bool(int(config.get(M.CFG_FINAL, 0)))
     kept = RunFolder(settings.out_dir).site_answer(settings.site)
-    digest = replay.request_digest(config, state)
+    digest = replay.request_digest(config, state) if final else ""  # only the final is kept
     answer = replay.stored_answer(kept, config, digest) if final else None
     if answer is None:
         answer = (

@@ -8,6 +8,7 @@ foreground. highdicom builds and validates it.
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,6 @@ def write_dicom_seg(
         device_serial_number="none",
         content_description="privseg segmentation",
     )
-    from io import BytesIO
-
     buffer = BytesIO()
     seg.save_as(buffer)
     atomic_write_bytes(out, buffer.getvalue())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from privseg.core.errors import DataError, PrivsegError
-from privseg.core.io import make_folder, read_json, write_json
+from privseg.core.io import file_sha256, make_folder, read_json, write_json
 from privseg.core.output import check_not_in_rebuilt, check_not_input
 from privseg.data.sources import ct_kind
 from privseg.inference.volume import (
@@ -97,7 +97,7 @@ def segment_folder(
     make_folder(out)
     try:
         model, cfg = load_model(checkpoint, device)
-        record = {"checkpoint": _sha256(checkpoint), "options": options, "cases": {}}
+        record = {"checkpoint": file_sha256(checkpoint), "options": options, "cases": {}}
         earlier = _earlier(out, record) if resume else {}
         digests = {n: _input_digest(p) for p, n in zip(inputs, names, strict=True)}
         result = FolderResult(
@@ -129,7 +129,7 @@ def segment_folder(
             record["cases"][name] = entry | {"status": "writing"}  # ours, should this stop
             write_json(out / RECORD, record)
             result.written.append(write_outputs(files, ct, cfg, mask, probs))
-            sha = {k: _sha256(p) for k, p in files.items()}
+            sha = {k: file_sha256(p) for k, p in files.items()}
             record["cases"][name] = entry | {"status": "done", "sha256": sha}
             write_json(out / RECORD, record)
             if progress is not None:
@@ -184,7 +184,7 @@ def _ours(out: Path, earlier: dict[str, dict[str, Any]]) -> frozenset[Path]:
         for kind, name in entry["files"].items():
             path = out / name
             sha = entry.get("sha256", {}).get(kind)
-            if entry.get("status") == "writing" or (path.is_file() and sha == _sha256(path)):
+            if entry.get("status") == "writing" or (path.is_file() and sha == file_sha256(path)):
                 ours.add(path)
     return frozenset(ours)
 
@@ -195,23 +195,15 @@ def _finished(entry: dict[str, Any] | None, files: dict[str, Path], digest: str)
         return False
     sha = entry.get("sha256", {})
     return entry["files"] == {k: p.name for k, p in files.items()} and all(
-        p.is_file() and sha.get(k) == _sha256(p) for k, p in files.items()
+        p.is_file() and sha.get(k) == file_sha256(p) for k, p in files.items()
     )
 
 
 def _input_digest(path: Path) -> str:
     """A CT's content: its file's sha256, or a DICOM series folder's files' (by name)."""
     if not Path(path).is_dir():
-        return _sha256(Path(path))
+        return file_sha256(Path(path))
     h = hashlib.sha256()
     for item in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(f"{item.relative_to(path)}:{_sha256(item)}\n".encode())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        h.update(f"{item.relative_to(path)}:{file_sha256(item)}\n".encode())
     return h.hexdigest()

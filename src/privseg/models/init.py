@@ -10,7 +10,6 @@ bound, so it is refused. Every checkpoint privseg writes says what it was traine
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from torch import nn
 
 from privseg.config import Config
 from privseg.core.errors import ConfigError
-from privseg.core.io import read_json
+from privseg.core.io import file_sha256, read_json
 from privseg.core.run_folder import RunFolder
 from privseg.models.checkpoint import read_checkpoint
 from privseg.models.registry import initial_model
@@ -65,7 +64,7 @@ def load_init(cfg: Config) -> InitCheckpoint | None:
     extra = dict(payload.get("extra") or {})
     record = {
         "path": str(path.resolve()),
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
         "run_id": extra.get("run_id"),
         "mode": extra.get("mode"),
         "trained_on": origin,
@@ -136,14 +135,6 @@ def _check_model(payload: dict[str, Any], cfg: Config, path: Path) -> None:
                 f"differs from this run's {name} = {value!r}; a run starts from a checkpoint "
                 f"of the same model: use {fix}, or another checkpoint"
             )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _epsilon(results: Path, run_id: Any) -> Any:

@@ -32,10 +32,11 @@ from pathlib import Path
 
 from privseg.core.errors import DataError
 from privseg.core.io import write_json
+from privseg.core.run_folder import LEDGER_FILE  # the store's file name, with the others
 from privseg.privacy.ledger import PrivacyLedger
 
 ENV = "PRIVSEG_LEDGER_DIR"
-LEDGER_FILE = "ledger.sqlite"
+
 REGISTRY_FILE = "stores.json"
 
 
@@ -186,8 +187,3 @@ def _registry():  # type: ignore[no-untyped-def]
             write_json(path, registry)
     finally:
         os.close(fd)
-
-
-def stores_in(folder: Path) -> list[Path]:
-    """The ledger stores inside ``folder`` (a ``privacy.ledger_dir`` a run placed there)."""
-    return list(Path(folder).rglob(LEDGER_FILE)) if Path(folder).is_dir() else []

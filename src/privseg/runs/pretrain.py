@@ -17,6 +17,7 @@ from typing import Any
 from privseg.config import Config
 from privseg.core.errors import ConfigError
 from privseg.core.progress import Progress, no_progress
+from privseg.core.results import CENTRAL
 from privseg.data.phantom import synth_task
 from privseg.data.scanners import PUBLIC
 from privseg.runs.train import train
@@ -65,4 +66,4 @@ def pretrain(
             population=PUBLIC,
             progress=progress,
         )
-        return train(cfg, data=task, out=out, mode="central", progress=progress)
+        return train(cfg, data=task, out=out, mode=CENTRAL, progress=progress)
